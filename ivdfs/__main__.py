@@ -1,0 +1,5 @@
+"""Allow `python -m ivdfs`."""
+
+from ivdfs.cli import main
+
+raise SystemExit(main())

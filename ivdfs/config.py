@@ -1,0 +1,137 @@
+"""Immutable configuration, built once from flags, environment and prompts.
+
+Secrets live in `Secret`, whose repr never shows the value, so a config can be logged safely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ivdfs.errors import ExitCode, UserError
+
+DEFAULT_PORT = 443
+DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+# Shown to VDDK and vCenter as who holds the disk; VDDK caps identities at 50 characters.
+ACCESS_IDENTITY = "ivdfs read-only snapshot access"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class Secret:
+    """A string that never appears in repr/str output."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'256M' -> 268435456. Binary units; a bare number is bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UserError(
+            f"invalid {what} {text!r}: use a number with an optional K, M, G or T suffix"
+        )
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """'vc.example.com[:port]' or '[::1]:443' -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise UserError("no vCenter/ESXi server given (--server or IVDFS_SERVER)")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host or "/" in host:
+        raise UserError(f"invalid server {text!r}: expected HOST or HOST:PORT")
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UserError(f"invalid port in server {text!r}")
+    return host, int(port_text)
+
+
+def normalize_thumbprint(text: str) -> str:
+    """Accept 'aa:bb:..', 'AABB..' or 'aa bb ..'; return VDDK's form, 'AA:BB:...'."""
+    digits = re.sub(r"[\s:]", "", text).upper()
+    if not re.fullmatch(r"[0-9A-F]{40}", digits):
+        raise UserError(
+            f"invalid SHA-1 thumbprint {text!r}: expected 20 hex pairs such as AA:BB:..."
+        )
+    return ":".join(digits[i : i + 2] for i in range(0, 40, 2))
+
+
+def read_password_file(path: Path) -> str:
+    try:
+        st = path.stat()
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise UserError(
+                f"password file {path} is readable by group or others; run: chmod 600 {path}",
+                ExitCode.CONFIG,
+            )
+        text = path.read_text(encoding="utf-8")
+    except UserError:
+        raise
+    except OSError as e:
+        raise UserError(f"cannot read password file {path}: {e.strerror}") from None
+    # Only the first line counts; a trailing newline from `echo pw > file` is not part of it.
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise UserError(f"password file {path} is empty")
+    return password
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    user: str
+    password: Secret
+    ca_file: Path | None = None
+    thumbprint: str | None = None  # pinned SHA-1, normalised
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    server: ServerConfig
+    vddk_libdir: Path
+    mountpoint: Path
+    foreground: bool = False
+    fuse_options: tuple[str, ...] = ()
+    cache_size: int = DEFAULT_CACHE_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
+    debug: bool = False
+    transport_modes: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None

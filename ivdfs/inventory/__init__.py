@@ -1,0 +1,1 @@
+"""What exists in vSphere: datastores, IVDs and their snapshots."""

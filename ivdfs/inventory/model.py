@@ -1,0 +1,44 @@
+"""Plain inventory records; no pyvmomi type escapes the inventory package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Datastore:
+    name: str
+    moref: str  # e.g. 'datastore-123'
+
+
+@dataclass(frozen=True)
+class Ivd:
+    id: str
+    name: str
+    datastore: Datastore
+    capacity_bytes: int
+    create_time: datetime | None = None
+    backing_path: str = ""
+    provisioning: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    ivd_id: str
+    create_time: datetime | None = None
+    description: str = ""
+
+
+class Inventory(Protocol):
+    """Blocking inventory queries; callers run them off the trio thread."""
+
+    def datastores(self) -> list[Datastore]: ...
+
+    def list_ivds(self, datastore: Datastore) -> list[str]: ...
+
+    def ivd(self, datastore: Datastore, ivd_id: str) -> Ivd: ...
+
+    def snapshots(self, ivd: Ivd) -> list[Snapshot]: ...

@@ -1,0 +1,267 @@
+"""pyvmomi session: TLS checks, login, and the VStorageObjectManager queries.
+
+Concurrency: every method blocks; callers on the trio thread use `trio.to_thread.run_sync`.
+One lock serialises use of the SOAP stub, which is not thread-safe, and re-login.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyVim import connect as pyvim_connect
+from pyVmomi import vim, vmodl
+
+from ivdfs.config import ServerConfig
+from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs.inventory.model import Datastore, Ivd, Snapshot
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CONNECT_TIMEOUT = 20.0
+
+
+def sha1_thumbprint(der: bytes) -> str:
+    digest = hashlib.sha1(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """Verified by default; a pinned thumbprint replaces CA checks; --insecure disables both."""
+    if server.insecure or server.thumbprint:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context()
+    if server.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(server.ca_file))
+        except (OSError, ssl.SSLError) as e:
+            raise UserError(f"cannot load CA file {server.ca_file}: {e}", ExitCode.TLS) from None
+    return ctx
+
+
+def probe_certificate(server: ServerConfig, ctx: ssl.SSLContext) -> str:
+    """Handshake once to verify the certificate and learn its SHA-1 thumbprint for VDDK."""
+    try:
+        with socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT) as raw:
+            with ctx.wrap_socket(raw, server_hostname=server.host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as e:
+        raise UserError(
+            f"TLS certificate of {server.host}:{server.port} failed verification "
+            f"({e.verify_message}); add its CA with --ca-file, pin it with --thumbprint, "
+            "or (lab only) use --insecure",
+            ExitCode.TLS,
+        ) from None
+    except ssl.SSLError as e:
+        raise UserError(
+            f"TLS handshake with {server.host}:{server.port} failed: {e}", ExitCode.TLS
+        ) from None
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise UserError(
+            f"cannot reach {server.host}:{server.port}: {reason}", ExitCode.CONNECT
+        ) from None
+    if not der:
+        raise UserError(f"{server.host}:{server.port} presented no certificate", ExitCode.TLS)
+    thumbprint = sha1_thumbprint(der)
+    if server.thumbprint and thumbprint != server.thumbprint:
+        raise UserError(
+            f"certificate thumbprint mismatch for {server.host}: the server presented "
+            f"{thumbprint}, --thumbprint pins {server.thumbprint}",
+            ExitCode.TLS,
+        )
+    if server.insecure:
+        log.warning(
+            "TLS verification disabled (--insecure); server certificate SHA-1 %s", thumbprint
+        )
+    return thumbprint
+
+
+class VSphere:
+    """A logged-in session to vCenter or ESXi."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.server = server
+        self._lock = threading.RLock()
+        self._si: Any = None
+        self.thumbprint = ""
+        self._ctx: ssl.SSLContext | None = None
+
+    # --- session -------------------------------------------------------------------------
+
+    def connect(self) -> str:
+        """Check TLS, log in; returns the server certificate's SHA-1 thumbprint."""
+        self._ctx = tls_context(self.server)
+        self.thumbprint = probe_certificate(self.server, self._ctx)
+        self._login()
+        return self.thumbprint
+
+    def _login(self) -> None:
+        s = self.server
+        try:
+            self._si = pyvim_connect.SmartConnect(
+                host=s.host,
+                port=s.port,
+                user=s.user,
+                pwd=s.password.reveal(),
+                sslContext=self._ctx,
+                connectionPoolTimeout=-1,
+            )
+        except vim.fault.InvalidLogin:
+            raise UserError(
+                f"vCenter at {s.host} rejected user {s.user!r} or its password", ExitCode.AUTH
+            ) from None
+        except vim.fault.NoPermission as e:
+            raise UserError(
+                f"user {s.user!r} lacks privileges on {s.host}: {e.msg}", ExitCode.AUTH
+            ) from None
+        except ssl.SSLError as e:
+            raise UserError(f"TLS failure talking to {s.host}: {e}", ExitCode.TLS) from None
+        except Exception as e:  # pyvmomi raises many shapes for "this is not vSphere"
+            raise UserError(
+                f"{s.host}:{s.port} does not answer as a vCenter or ESXi server "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".rstrip(),
+                ExitCode.CONNECT,
+            ) from None
+        about = self._si.content.about
+        log.info(
+            "logged in to %s %s (API %s) as %s",
+            about.fullName,
+            about.build,
+            about.apiVersion,
+            s.user,
+        )
+        if self._si.content.vStorageObjectManager is None:
+            raise UserError(
+                f"{s.host} has no VStorageObjectManager (needs vSphere 6.5 or later)",
+                ExitCode.CONNECT,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._si is not None:
+                try:
+                    pyvim_connect.Disconnect(self._si)
+                except Exception as e:  # logout at exit is best effort
+                    log.debug("logout failed: %s", e)
+                self._si = None
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run a query; log in again once if the session expired."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    return fn()
+                except vim.fault.NotAuthenticated:
+                    if attempt == 2:
+                        raise BackendError(f"{what}: vCenter session lost") from None
+                    log.info("vCenter session expired; logging in again")
+                    self._login()
+                except vim.fault.NotFound as e:
+                    raise NotFound(f"{what}: {e.msg or 'not found'}") from None
+                except vmodl.MethodFault as e:
+                    raise BackendError(f"{what}: {type(e).__name__}: {e.msg}") from None
+                except (OSError, ssl.SSLError) as e:
+                    raise BackendError(f"{what}: {e}") from None
+            raise AssertionError("unreachable")
+
+    @property
+    def _vsom(self) -> Any:
+        return self._si.content.vStorageObjectManager
+
+    def _ds(self, ds: Datastore) -> Any:
+        return vim.Datastore(ds.moref, self._si._stub)
+
+    # --- queries -------------------------------------------------------------------------
+
+    def datastores(self) -> list[Datastore]:
+        def run() -> list[Datastore]:
+            content = self._si.content
+            view = content.viewManager.CreateContainerView(
+                content.rootFolder, [vim.Datastore], True
+            )
+            try:
+                spec = vmodl.query.PropertyCollector.FilterSpec(
+                    objectSet=[
+                        vmodl.query.PropertyCollector.ObjectSpec(
+                            obj=view,
+                            skip=True,
+                            selectSet=[
+                                vmodl.query.PropertyCollector.TraversalSpec(
+                                    name="view",
+                                    path="view",
+                                    skip=False,
+                                    type=vim.view.ContainerView,
+                                )
+                            ],
+                        )
+                    ],
+                    propSet=[
+                        vmodl.query.PropertyCollector.PropertySpec(
+                            type=vim.Datastore, pathSet=["name"]
+                        )
+                    ],
+                )
+                result = content.propertyCollector.RetrieveContents([spec])
+            finally:
+                view.Destroy()
+            out = [
+                Datastore(name=str(oc.propSet[0].val), moref=str(oc.obj._moId))
+                for oc in result
+                if oc.propSet
+            ]
+            return sorted(out, key=lambda d: d.name)
+
+        return self._call("listing datastores", run)
+
+    def list_ivds(self, datastore: Datastore) -> list[str]:
+        def run() -> list[str]:
+            ids = self._vsom.ListVStorageObject(datastore=self._ds(datastore)) or []
+            return sorted(str(i.id) for i in ids)
+
+        return self._call(f"listing IVDs on {datastore.name}", run)
+
+    def ivd(self, datastore: Datastore, ivd_id: str) -> Ivd:
+        def run() -> Ivd:
+            obj = self._vsom.RetrieveVStorageObject(
+                id=vim.vslm.ID(id=ivd_id), datastore=self._ds(datastore)
+            )
+            cfg = obj.config
+            backing = cfg.backing
+            return Ivd(
+                id=ivd_id,
+                name=str(cfg.name or ""),
+                datastore=datastore,
+                capacity_bytes=int(cfg.capacityInMB or 0) * 1024 * 1024,
+                create_time=cfg.createTime,
+                backing_path=str(getattr(backing, "filePath", "") or ""),
+                provisioning=str(getattr(backing, "provisioningType", "") or ""),
+            )
+
+        return self._call(f"retrieving IVD {ivd_id}", run)
+
+    def snapshots(self, ivd: Ivd) -> list[Snapshot]:
+        def run() -> list[Snapshot]:
+            info = self._vsom.RetrieveSnapshotInfo(
+                id=vim.vslm.ID(id=ivd.id), datastore=self._ds(ivd.datastore)
+            )
+            return [
+                Snapshot(
+                    id=str(s.id.id),
+                    ivd_id=ivd.id,
+                    create_time=s.createTime,
+                    description=str(s.description or ""),
+                )
+                for s in (info.snapshots or [])
+            ]
+
+        return self._call(f"listing snapshots of IVD {ivd.id}", run)

@@ -1,0 +1,1 @@
+"""Byte-range reading: block cache, aligned reads, partition windows."""

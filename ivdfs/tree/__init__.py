@@ -1,0 +1,1 @@
+"""The filesystem tree, independent of FUSE."""

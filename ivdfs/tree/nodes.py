@@ -1,0 +1,81 @@
+"""Tree nodes: directories that load their children lazily, and read-only files.
+
+Concurrency: trio thread only. A directory loads its children once, under its own lock, so
+concurrent lookups cause one inventory query.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ivdfs.inventory.model import Datastore, Ivd, Snapshot
+from ivdfs.io.reader import DiskReader
+
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    name: str
+    mtime_ns: int
+
+    @property
+    def mode(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return 0
+
+
+@dataclass(eq=False)
+class DirNode(Node):
+    loader: Callable[[DirNode], Awaitable[None]] | None = None
+    children: dict[str, Node] = field(default_factory=dict)
+    loaded: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def mode(self) -> int:
+        return DIR_MODE
+
+
+@dataclass(eq=False)
+class DatastoreDir(DirNode):
+    datastore: Datastore | None = None
+
+
+@dataclass(eq=False)
+class IvdDir(DirNode):
+    datastore: Datastore | None = None
+    ivd_id: str = ""
+    ivd: Ivd | None = None
+
+
+@dataclass(eq=False)
+class SnapshotDir(DirNode):
+    ivd: Ivd | None = None
+    snapshot: Snapshot | None = None
+
+
+@dataclass(eq=False)
+class DiskFile(Node):
+    ivd: Ivd | None = None
+    snapshot: Snapshot | None = None
+    capacity: int = 0
+    reader: DiskReader | None = None
+    open_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def mode(self) -> int:
+        return FILE_MODE
+
+    @property
+    def size(self) -> int:
+        return self.capacity

@@ -1,0 +1,1 @@
+"""VDDK binding: the only package that touches libvixDiskLib."""

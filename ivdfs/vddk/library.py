@@ -1,0 +1,188 @@
+"""Finding, loading and initialising libvixDiskLib.
+
+Concurrency: `load_library` and `VddkLibrary.init`/`exit` run on the main thread (VDDK wants
+InitEx once per process, from the main thread, after any fork). Every other method may be called
+from any thread; the log callbacks may be called by the library on its own threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+from ivdfs.vddk import _cdefs
+from ivdfs.vddk.errors import VddkError, VddkLoadError, code_of
+
+log = logging.getLogger(__name__)
+vddk_log = logging.getLogger("ivdfs.vddk.library_messages")
+
+_SONAME_RE = re.compile(r"^libvixDiskLib\.so\.(\d+)$")
+# Messages VDDK prints on every run that say nothing about the user's disks.
+_NOISE_RE = re.compile(r"CEIP|phone.?home|VMware Customer Experience", re.IGNORECASE)
+
+ffi = cffi.FFI()
+ffi.cdef(_cdefs.CDEFS)
+_libc: Any = ffi.dlopen(None)
+
+
+@dataclass
+class CallStat:
+    calls: int = 0
+    errors: int = 0
+    micros: int = 0
+    bytes: int = 0
+
+
+class Stats:
+    """Per-function call counters, updated from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: dict[str, CallStat] = {}
+
+    def add(self, function: str, micros: int, nbytes: int = 0, failed: bool = False) -> None:
+        with self._lock:
+            st = self._stats.get(function)
+            if st is None:
+                st = self._stats[function] = CallStat()
+            st.calls += 1
+            st.micros += micros
+            st.bytes += nbytes
+            st.errors += failed
+
+    def snapshot(self) -> dict[str, CallStat]:
+        with self._lock:
+            return {
+                k: CallStat(v.calls, v.errors, v.micros, v.bytes) for k, v in self._stats.items()
+            }
+
+
+def find_library(libdir: Path) -> Path:
+    """The newest `libvixDiskLib.so.N` under `libdir/lib64`."""
+    if not libdir.is_dir():
+        raise VddkLoadError(f"VDDK directory {libdir} does not exist or is not a directory")
+    lib64 = libdir / "lib64"
+    candidates: list[tuple[int, Path]] = []
+    if lib64.is_dir():
+        for p in lib64.iterdir():
+            m = _SONAME_RE.match(p.name)
+            if m:
+                candidates.append((int(m.group(1)), p))
+    if not candidates:
+        raise VddkLoadError(
+            f"no libvixDiskLib.so.N in {lib64}; --vddk-libdir must name the directory where "
+            "VMware's VDDK (vmware-vix-disklib-distrib) was unpacked"
+        )
+    return max(candidates)[1]
+
+
+class VddkLibrary:
+    """A loaded libvixDiskLib: symbol probe, InitEx/Exit, checked and timed calls."""
+
+    def __init__(self, libdir: Path) -> None:
+        self.libdir = libdir
+        self.path = find_library(libdir)
+        self.soversion = int(_SONAME_RE.match(self.path.name).group(1))  # type: ignore[union-attr]
+        try:
+            self.lib: Any = ffi.dlopen(str(self.path))
+        except OSError as e:
+            raise VddkLoadError(f"cannot load {self.path}: {e}") from None
+        missing = [name for name in _cdefs.REQUIRED if not self._has(name)]
+        if missing:
+            raise VddkLoadError(
+                f"{self.path} is too old or not VDDK: it lacks {', '.join(missing)}; "
+                f"ivdfs needs VDDK {_cdefs.MINIMUM_VDDK} or later to open IVDs"
+            )
+        self.optional = frozenset(name for name in _cdefs.OPTIONAL if self._has(name))
+        self.stats = Stats()
+        self._callbacks: list[Any] = []
+        self._initialised = False
+
+    def _has(self, name: str) -> bool:
+        try:
+            getattr(self.lib, name)
+        except (AttributeError, NotImplementedError):
+            return False
+        return True
+
+    @property
+    def has_async(self) -> bool:
+        return {"VixDiskLib_ReadAsync", "VixDiskLib_Wait"} <= self.optional
+
+    @property
+    def has_query_allocated(self) -> bool:
+        return {"VixDiskLib_QueryAllocatedBlocks", "VixDiskLib_FreeBlockList"} <= self.optional
+
+    @property
+    def info_has_sector_sizes(self) -> bool:
+        # VixDiskLibInfo grew logical/physical sector sizes in VDDK 7; reading them from an older
+        # library's struct would read past its end.
+        return self.soversion >= 7
+
+    def init(self) -> None:
+        if self._initialised:
+            return
+
+        def make(level: int) -> Any:
+            def cb(fmt: Any, args: Any) -> None:
+                buf = ffi.new("char[]", 4096)
+                _libc.vsnprintf(buf, 4096, fmt, args)
+                msg = ffi.string(buf).decode("utf-8", "replace").rstrip()
+                lvl = logging.DEBUG if _NOISE_RE.search(msg) else level
+                vddk_log.log(lvl, "%s", msg)
+
+            return ffi.callback("VixDiskLibGenericLogFunc", cb)
+
+        # The library may call these at any time until Exit: keep them alive.
+        self._callbacks = [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
+        err = self.lib.VixDiskLib_InitEx(
+            6, 7, *self._callbacks, str(self.libdir).encode(), ffi.NULL
+        )
+        self.check(err, "VixDiskLib_InitEx", str(self.libdir))
+        self._initialised = True
+        log.debug("loaded %s (optional symbols: %s)", self.path, ", ".join(sorted(self.optional)))
+
+    def exit(self) -> None:
+        if self._initialised:
+            self.lib.VixDiskLib_Exit()
+            self._initialised = False
+
+    def error_text(self, err: int) -> str:
+        p = self.lib.VixDiskLib_GetErrorText(err, ffi.NULL)
+        if p == ffi.NULL:
+            return f"error {code_of(err)}"
+        try:
+            return str(ffi.string(p).decode("utf-8", "replace"))
+        finally:
+            self.lib.VixDiskLib_FreeErrorText(p)
+
+    def check(self, err: int, function: str, context: str = "") -> None:
+        if err != _cdefs.VIX_OK:
+            raise VddkError(err, function, self.error_text(err), context)
+
+    @contextmanager
+    def timed(self, function: str, nbytes: int = 0) -> Iterator[None]:
+        t0 = time.perf_counter_ns()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            self.stats.add(function, (time.perf_counter_ns() - t0) // 1000, nbytes, failed)
+
+    def call(self, function: str, *args: Any, context: str = "", nbytes: int = 0) -> None:
+        """Call a VixError-returning function, timed, raising VddkError on failure."""
+        fn: Callable[..., int] = getattr(self.lib, function)
+        t0 = time.perf_counter_ns()
+        err = fn(*args)
+        self.stats.add(function, (time.perf_counter_ns() - t0) // 1000, nbytes, err != 0)
+        self.check(err, function, context)
