@@ -93,6 +93,7 @@ class VSphere:
         self.server = server
         self._lock = threading.RLock()
         self._si: Any = None
+        self._content: Any = None
         self.thumbprint = ""
         self._ctx: ssl.SSLContext | None = None
 
@@ -132,7 +133,10 @@ class VSphere:
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".rstrip(),
                 ExitCode.CONNECT,
             ) from None
-        about = self._si.content.about
+        # RetrieveContent, not the `content` property: some servers (vcsim among them) leave
+        # vStorageObjectManager out of the property fetch that `content` uses.
+        self._content = self._si.RetrieveContent()
+        about = self._content.about
         log.info(
             "logged in to %s %s (API %s) as %s",
             about.fullName,
@@ -140,7 +144,7 @@ class VSphere:
             about.apiVersion,
             s.user,
         )
-        if self._si.content.vStorageObjectManager is None:
+        if self._content.vStorageObjectManager is None:
             raise UserError(
                 f"{s.host} has no VStorageObjectManager (needs vSphere 6.5 or later)",
                 ExitCode.CONNECT,
@@ -176,7 +180,7 @@ class VSphere:
 
     @property
     def _vsom(self) -> Any:
-        return self._si.content.vStorageObjectManager
+        return self._content.vStorageObjectManager
 
     def _ds(self, ds: Datastore) -> Any:
         return vim.Datastore(ds.moref, self._si._stub)
@@ -185,7 +189,7 @@ class VSphere:
 
     def datastores(self) -> list[Datastore]:
         def run() -> list[Datastore]:
-            content = self._si.content
+            content = self._content
             view = content.viewManager.CreateContainerView(
                 content.rootFolder, [vim.Datastore], True
             )
