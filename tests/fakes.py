@@ -1,0 +1,92 @@
+"""Plain-Python stand-ins for the layers below the tree (not mocks: they really serve bytes)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import trio
+
+from ivdfs.errors import BackendError, NotFound
+from ivdfs.inventory.model import Datastore, Ivd, Snapshot
+
+
+def pattern(size: int, seed: str) -> bytes:
+    """Deterministic, position-dependent bytes: a misplaced block never compares equal."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+@dataclass
+class FakeInventory:
+    datastores_: list[Datastore] = field(default_factory=list)
+    ivds: dict[str, Ivd] = field(default_factory=dict)
+    snaps: dict[str, list[Snapshot]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def add(self, ds: Datastore, ivd_id: str, capacity: int, snapshot_ids: list[str]) -> Ivd:
+        if ds not in self.datastores_:
+            self.datastores_.append(ds)
+        ivd = Ivd(ivd_id, f"name-{ivd_id}", ds, capacity, datetime(2026, 1, 1, tzinfo=UTC))
+        self.ivds[ivd_id] = ivd
+        self.snaps[ivd_id] = [
+            Snapshot(s, ivd_id, datetime(2026, 1, 2, i, tzinfo=UTC), f"snap {i}")
+            for i, s in enumerate(snapshot_ids)
+        ]
+        return ivd
+
+    def datastores(self) -> list[Datastore]:
+        self.calls.append("datastores")
+        return list(self.datastores_)
+
+    def list_ivds(self, datastore: Datastore) -> list[str]:
+        self.calls.append(f"list_ivds {datastore.name}")
+        return sorted(i for i, v in self.ivds.items() if v.datastore == datastore)
+
+    def ivd(self, datastore: Datastore, ivd_id: str) -> Ivd:
+        self.calls.append(f"ivd {ivd_id}")
+        try:
+            return self.ivds[ivd_id]
+        except KeyError:
+            raise NotFound(ivd_id) from None
+
+    def snapshots(self, ivd: Ivd) -> list[Snapshot]:
+        self.calls.append(f"snapshots {ivd.id}")
+        return list(self.snaps[ivd.id])
+
+
+@dataclass
+class FakeDisk:
+    data: bytes
+    reads: list[tuple[int, int]] = field(default_factory=list)
+    fail_sectors: set[int] = field(default_factory=set)
+    delay: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.data)
+
+    async def read(self, start_sector: int, nbytes: int) -> bytes:
+        self.reads.append((start_sector, nbytes))
+        if self.delay:
+            await trio.sleep(self.delay)
+        if start_sector in self.fail_sectors:
+            raise BackendError(f"injected failure at sector {start_sector}")
+        off = start_sector * 512
+        assert nbytes % 512 == 0 or off + nbytes == len(self.data)
+        return self.data[off : off + nbytes]
+
+
+@dataclass
+class FakeDiskSource:
+    disks: dict[tuple[str, str], FakeDisk] = field(default_factory=dict)
+    opens: list[tuple[str, str]] = field(default_factory=list)
+
+    async def open(self, ivd: Ivd, snapshot: Snapshot) -> FakeDisk:
+        self.opens.append((ivd.id, snapshot.id))
+        return self.disks[(ivd.id, snapshot.id)]
