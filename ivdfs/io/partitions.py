@@ -297,8 +297,10 @@ def _load_gpt(disk: _Disk, lba: int) -> tuple[_Gpt | None, str]:
     array_bytes = num_entries * entry_size
     if array_bytes > MAX_GPT_ARRAY_BYTES:
         return None, f"entry array of {num_entries} x {entry_size} bytes is implausibly large"
-    if first_usable > last_usable or last_usable >= disk.total_lbas:
-        return None, f"usable sectors {first_usable}-{last_usable} do not fit the disk"
+    # A last usable sector beyond the end is tolerated (unlike Linux): a truncated image still
+    # shows the partitions that fit, and each window is checked against the disk anyway.
+    if first_usable > last_usable:
+        return None, f"usable sectors {first_usable}-{last_usable} are reversed"
     entries = disk.read(entries_lba * ss, array_bytes) if array_bytes else b""
     if entries is None:
         return None, f"entry array at sector {entries_lba} lies beyond the end of the disk"
@@ -362,6 +364,11 @@ def _gpt_partitions(disk: _Disk, gpt: _Gpt, warnings: list[str]) -> list[Partiti
     ss = disk.sector_size
     hdr = gpt.header
     parts: list[Partition] = []
+    if hdr.last_usable >= disk.total_lbas:
+        warnings.append(
+            f"GPT describes sectors up to {hdr.last_usable} but the disk has {disk.total_lbas} "
+            "(truncated image?)"
+        )
     for index in range(hdr.num_entries):
         raw = gpt.entries[index * hdr.entry_size : index * hdr.entry_size + _GPT_MIN_ENTRY]
         type_guid = raw[0:16]
@@ -437,15 +444,20 @@ def parse(read: Reader, disk_size: int, sector_size: int = 512) -> PartitionTabl
             return PartitionTable("gpt", (), tuple(warnings))
         return _finish("gpt", _gpt_partitions(disk, gpt, warnings), warnings)
 
-    # FAT and NTFS boot sectors end in 0x55AA too; a whole-disk filesystem ("superfloppy") is
-    # not a partition table, and its boot code would parse as garbage entries.
-    if detect_filesystem(lba0) is not None:
-        return PartitionTable("none", (), ())
+    # FAT and NTFS boot sectors end in 0x55AA too: a whole-disk filesystem ("superfloppy") is no
+    # partition table, and its boot code would parse as garbage entries. Like Linux, trust the
+    # entries over the BPB when they look sane: GRUB keeps an old BPB when it takes over an MBR.
+    vbr = detect_filesystem(lba0)
     if any(e.status not in (0x00, 0x80) for e in entries):
-        warnings.append(
-            "sector 0 ends in 0x55AA but its boot indicators are invalid; not a partition table"
-        )
+        if vbr is None:
+            warnings.append(
+                "sector 0 ends in 0x55AA but its boot indicators are invalid; not a partition table"
+            )
         return PartitionTable("none", (), tuple(warnings))
+    if vbr is not None:
+        if all(e.type == 0 for e in entries):
+            return PartitionTable("none", (), ())
+        warnings.append(f"sector 0 holds both a {vbr} boot sector and partition entries")
     return _finish("mbr", _parse_mbr(disk, entries, warnings), warnings)
 
 
