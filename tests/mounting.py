@@ -1,0 +1,145 @@
+"""Running `ivdfs mount` for real in a subprocess against vcsim and the stand-in VDDK.
+
+Shared by the t4 tests, scripts/demo and scripts/bench. No sleeps: every wait polls with a
+deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.testbed.vsphere import TESTBED, Vcsim
+
+REPO = TESTBED.parent.parent
+VDDK_LIBDIR = TESTBED / "build" / "vddk"
+VDDK6_LIBDIR = TESTBED / "build" / "vddk6"
+IVDFS = [sys.executable, "-m", "ivdfs"]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def mounted_at(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def fuse_mounts() -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split()[4] for line in f if " fuse.ivdfs " in line]
+
+
+@dataclass
+class Bed:
+    """A vcsim plus an images directory and a stand-in call log."""
+
+    vcsim: Vcsim
+    root: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def standin_log(self) -> Path:
+        return self.root / "standin.log"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("IVDFS_", "VDDK_"))}
+        env.update(
+            IVDFS_PASSWORD=self.vcsim.password,
+            VDDK_STANDIN_IMAGES=str(self.images),
+            VDDK_STANDIN_LOG=str(self.standin_log),
+            VDDK_STANDIN_USER=self.vcsim.user,
+            VDDK_STANDIN_PASSWORD=self.vcsim.password,
+            VDDK_STANDIN_THUMBPRINT=self.vcsim.thumbprint,
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.extra_env)
+        env.update(overrides)
+        return env
+
+    def mount_args(self, mountpoint: Path, *extra: str) -> list[str]:
+        return [
+            *IVDFS, "mount", "--server", self.vcsim.server, "--user", self.vcsim.user,
+            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(VDDK_LIBDIR),
+            *extra, str(mountpoint),
+        ]  # fmt: skip
+
+    def log_lines(self) -> list[str]:
+        if not self.standin_log.exists():
+            return []
+        return self.standin_log.read_text().splitlines()
+
+
+class Mount:
+    """`ivdfs mount -f` in a subprocess; the context exit unmounts and checks exit status 0."""
+
+    def __init__(self, bed: Bed, mountpoint: Path, *extra: str, **env: str) -> None:
+        self.bed = bed
+        self.mountpoint = mountpoint
+        self.log_file = mountpoint.parent / f"{mountpoint.name}.ivdfs.log"
+        args = bed.mount_args(mountpoint, "--foreground", "--log", str(self.log_file), *extra)
+        mountpoint.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            args, env=bed.env(**env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: mounted_at(mountpoint) or self.proc.poll() is not None,
+                     what="the mount")  # fmt: skip
+        except TimeoutError:
+            self.proc.kill()
+            raise
+        if self.proc.poll() is not None:
+            _, err = self.proc.communicate()
+            raise RuntimeError(f"ivdfs exited with {self.proc.returncode}: {err}{self.log()}")
+
+    def log(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.unmount()
+
+    def unmount(self, how: str = "fusermount") -> int:
+        if how == "fusermount":
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+        else:
+            self.proc.send_signal(getattr(signal, how))
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.stderr = self.proc.stderr.read() if self.proc.stderr else ""
+        return self.proc.returncode
+
+    def unexpected_log_records(self, allowed: tuple[str, ...] = ()) -> list[str]:
+        """WARNING+ lines that no test asked for (s3ql-style log check)."""
+        bad = []
+        for line in self.log().splitlines():
+            if (" WARNING " in line or " ERROR " in line or " CRITICAL " in line) and not any(
+                a in line for a in allowed
+            ):
+                bad.append(line)
+        return bad
