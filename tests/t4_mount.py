@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Mount, Bed, fuse_mounts, mounted_at, wait_for
+from tests.mounting import Bed, Mount, fuse_mounts, mounted_at, wait_for
 from tests.testbed.vsphere import Ivd, place_image
 
 MiB = 1024 * 1024

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.tree.nodes import DirNode, Node
+from ivdfs.tree.nodes import DirNode, GeneratedFile, Node
 from ivdfs.tree.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,10 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.ino
         a.generation = 0
         is_dir = isinstance(node, DirNode)
-        a.entry_timeout = self.dir_timeout if is_dir else FILE_TIMEOUT
-        a.attr_timeout = self.dir_timeout if is_dir else FILE_TIMEOUT
+        timeout = self.dir_timeout if is_dir else FILE_TIMEOUT
+        if isinstance(node, GeneratedFile):
+            timeout = 0.0  # content changes (statistics): never cache its size
+        a.entry_timeout = a.attr_timeout = timeout
         a.st_mode = node.mode
         a.st_nlink = 2 if is_dir else 1
         a.st_uid = self.uid
@@ -139,6 +141,9 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = await self.tree.open(inode)
+        if isinstance(node, GeneratedFile):
+            # direct_io: reads are not bounded by a size the kernel cached earlier.
+            return pyfuse3.FileInfo(fh=node.ino, keep_cache=False, direct_io=True)
         # The inode doubles as file handle: an open needs no state of its own.
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True, direct_io=False, nonseekable=False)
 

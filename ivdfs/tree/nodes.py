@@ -79,3 +79,21 @@ class DiskFile(Node):
     @property
     def size(self) -> int:
         return self.capacity
+
+
+@dataclass(eq=False)
+class GeneratedFile(Node):
+    """Content rendered when opened; the size reported before that is the last render's."""
+
+    render: Callable[[], bytes] = lambda: b""
+    content: bytes | None = None
+
+    @property
+    def mode(self) -> int:
+        return FILE_MODE
+
+    @property
+    def size(self) -> int:
+        if self.content is None:
+            self.content = self.render()
+        return len(self.content)

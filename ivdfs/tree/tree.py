@@ -20,7 +20,15 @@ from ivdfs.errors import BackendError, NotFound
 from ivdfs.inventory.model import Inventory, Ivd, Snapshot
 from ivdfs.io.block_cache import Block, BlockCache
 from ivdfs.io.reader import DiskReader
-from ivdfs.tree.nodes import DatastoreDir, DirNode, DiskFile, IvdDir, Node, SnapshotDir
+from ivdfs.tree.nodes import (
+    DatastoreDir,
+    DirNode,
+    DiskFile,
+    GeneratedFile,
+    IvdDir,
+    Node,
+    SnapshotDir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,30 +149,61 @@ class Tree:
         ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
         d.ivd = ivd
         snaps = await self._query(lambda: self.inventory.snapshots(ivd))
-        snaps.sort(key=lambda s: (s.create_time or datetime.min, s.id))
+        snaps.sort(key=lambda s: (s.create_time.timestamp() if s.create_time else 0.0, s.id))
         for snap in snaps:
             mtime = to_ns(snap.create_time, self.mount_time_ns)
-            sd = SnapshotDir(self._ino(), snap.id, mtime, ivd=ivd, snapshot=snap)
-            sd.loaded = True
-            self._add(d, sd)
             self._add(
-                sd,
-                DiskFile(
-                    self._ino(),
-                    DISK_NAME,
-                    mtime,
-                    ivd=ivd,
-                    snapshot=snap,
-                    capacity=ivd.capacity_bytes,
+                d,
+                SnapshotDir(
+                    self._ino(), snap.id, mtime, loader=self._load_snapshot, ivd=ivd, snapshot=snap
                 ),
             )
 
+    async def _load_snapshot(self, d: DirNode) -> None:
+        """What a snapshot directory holds; the one place to add per-snapshot entries."""
+        assert isinstance(d, SnapshotDir) and d.ivd is not None and d.snapshot is not None
+        ivd, snap = d.ivd, d.snapshot
+        self._add(
+            d,
+            DiskFile(
+                self._ino(),
+                DISK_NAME,
+                d.mtime_ns,
+                ivd=ivd,
+                snapshot=snap,
+                capacity=ivd.capacity_bytes,
+            ),
+        )
+
+    def add_generated(
+        self, parent: DirNode, name: str, render: Callable[[], bytes], mtime_ns: int | None = None
+    ) -> GeneratedFile:
+        """A small read-only file whose content is rendered on open (stats, metadata)."""
+        node = GeneratedFile(self._ino(), name, mtime_ns or self.mount_time_ns, render=render)
+        self._add(parent, node)
+        return node
+
+    def add_dir(
+        self,
+        parent: DirNode,
+        name: str,
+        loader: Callable[[DirNode], Awaitable[None]] | None = None,
+        mtime_ns: int | None = None,
+    ) -> DirNode:
+        node = DirNode(self._ino(), name, mtime_ns or self.mount_time_ns, loader=loader)
+        node.loaded = loader is None
+        self._add(parent, node)
+        return node
+
     # --- files ---------------------------------------------------------------------------
 
-    async def open(self, ino: int) -> DiskFile:
+    async def open(self, ino: int) -> Node:
         node = self.get(ino)
         if isinstance(node, DirNode):
             raise IsADirectoryError(node.name)
+        if isinstance(node, GeneratedFile):
+            node.content = node.render()
+            return node
         assert isinstance(node, DiskFile) and node.ivd is not None and node.snapshot is not None
         if node.reader is None:
             async with node.open_lock:
@@ -192,6 +231,9 @@ class Tree:
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         node = self.get(ino)
+        if isinstance(node, GeneratedFile):
+            content = node.content if node.content is not None else node.render()
+            return content[offset : offset + size]
         if not isinstance(node, DiskFile) or node.reader is None:
             raise BackendError(f"inode {ino} is not an open disk")
         return await node.reader.read(offset, size)

@@ -148,7 +148,9 @@ class DiskHandle:
         lib, ctx = self._lib, self.target.describe()
         conn = ffi.new("VixDiskLibConnection *")
         modes = self._transport_modes.encode() if self._transport_modes else ffi.NULL
-        lib.call("VixDiskLib_ConnectEx", self._params.ptr, b"\x01", ffi.NULL, modes, conn, context=ctx)
+        lib.call(
+            "VixDiskLib_ConnectEx", self._params.ptr, b"\x01", ffi.NULL, modes, conn, context=ctx
+        )
         self._conn = conn[0]
         handle = ffi.new("VixDiskLibHandle *")
         # For an IVD the path may be NULL or the IVD id; naming the id reads better in VDDK's logs.
