@@ -1,0 +1,212 @@
+"""Bad input, table-driven: one clear line, a distinct exit code, nothing mounted (issue 5)."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import VDDK6_LIBDIR, Bed, Mount, fuse_mounts, mounted_at
+from tests.testbed.vsphere import make_certificates, place_image
+
+
+@pytest.fixture(scope="module")
+def not_vsphere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """An HTTPS server that is not vSphere (every request: 404)."""
+    d = tmp_path_factory.mktemp("https")
+    ca, cert, key = make_certificates(d)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"127.0.0.1:{server.server_address[1]}", str(ca)
+    server.shutdown()
+
+
+def replace_opt(args: list[str], opt: str, value: str | None) -> list[str]:
+    """Set (or with None, drop) an option's value in an argument list."""
+    out = list(args)
+    if opt in out:
+        i = out.index(opt)
+        del out[i : i + 2]
+    if value is not None:
+        out[-1:-1] = [opt, value]
+    return out
+
+
+def run_mount(args: list[str], env: dict[str, str], user: list[str] | None = None
+              ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        [*(user or []), *args], env=env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+CASES = [
+    # id, option changes, env changes, exit code, message fragment
+    ("wrong-password", {}, {"IVDFS_PASSWORD": "wrong"}, 4, "rejected user"),
+    ("unreachable", {"--server": "127.0.0.1:1"}, {}, 5, "cannot reach 127.0.0.1:1"),
+    (
+        "not-vsphere",
+        {"--server": "NOTVSPHERE", "--ca-file": "NOTVSPHERE_CA"},
+        {},
+        5,
+        "does not answer as a vCenter",
+    ),
+    ("unverified-cert", {"--ca-file": None}, {}, 6, "failed verification"),
+    (
+        "thumbprint-mismatch",
+        {"--ca-file": None, "--thumbprint": "00:" * 19 + "00"},
+        {},
+        6,
+        "thumbprint mismatch",
+    ),
+    ("thumbprint-invalid", {"--thumbprint": "xyz"}, {}, 3, "invalid SHA-1 thumbprint"),
+    (
+        "insecure-and-pinned",
+        {"--insecure": "", "--thumbprint": "00:" * 19 + "00"},
+        {},
+        3,
+        "contradict",
+    ),
+    ("libdir-missing", {"--vddk-libdir": "/nonexistent/vddk"}, {}, 7, "does not exist"),
+    ("libdir-empty", {"--vddk-libdir": "EMPTYDIR"}, {}, 7, "no libvixDiskLib.so.N"),
+    ("library-unloadable", {"--vddk-libdir": "GARBAGE"}, {}, 7, "cannot load"),
+    ("library-too-old", {"--vddk-libdir": str(VDDK6_LIBDIR)}, {}, 7, "VDDK 6.7 or later"),
+    ("no-server", {"--server": None}, {}, 3, "no server"),
+    ("no-password", {}, {"IVDFS_PASSWORD": ""}, 3, "no password"),
+    (
+        "password-file-open",
+        {"--password-file": "PWFILE644"},
+        {"IVDFS_PASSWORD": ""},
+        3,
+        "chmod 600",
+    ),
+    (
+        "password-file-missing",
+        {"--password-file": "/nonexistent/pw"},
+        {},
+        3,
+        "cannot read password file",
+    ),
+    ("ca-file-missing", {"--ca-file": "/nonexistent/ca.pem"}, {}, 6, "does not exist"),
+    ("cache-size-invalid", {"--cache-size": "lots"}, {}, 3, "invalid --cache-size"),
+    ("block-size-invalid", {"--block-size": "1000"}, {}, 3, "--block-size"),
+    ("cache-smaller-than-blocks", {"--cache-size": "1M"}, {}, 3, "at least two blocks"),
+    ("fuse-option-rw", {"-o": "rw"}, {}, 3, "-o rw is not allowed"),
+    ("fuse-option-unknown", {"-o": "bogus"}, {}, 3, "unsupported FUSE option"),
+    ("mountpoint-missing", {"MOUNTPOINT": "MISSING"}, {}, 8, "does not exist"),
+    ("mountpoint-file", {"MOUNTPOINT": "FILE"}, {}, 8, "not a directory"),
+    ("mountpoint-not-empty", {"MOUNTPOINT": "NONEMPTY"}, {}, 8, "not empty"),
+    ("mountpoint-mounted", {"MOUNTPOINT": "MOUNTED"}, {}, 8, "already a mount point"),
+]
+
+
+@pytest.mark.parametrize(("changes", "env_changes", "code", "fragment"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])  # fmt: skip
+def test_bad_input(
+    bed: Bed, not_vsphere: tuple[str, str], tmp_path: Path, changes: dict[str, str | None],
+    env_changes: dict[str, str], code: int, fragment: str,
+) -> None:  # fmt: skip
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    special = {
+        "NOTVSPHERE": not_vsphere[0],
+        "NOTVSPHERE_CA": not_vsphere[1],
+        "EMPTYDIR": str(tmp_path),
+        "MISSING": str(tmp_path / "missing"),
+        "FILE": str(tmp_path / "file"),
+        "NONEMPTY": str(tmp_path / "nonempty"),
+        "MOUNTED": str(tmp_path / "mounted"),
+    }
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "x").write_text("x")
+    garbage = tmp_path / "garbage"
+    (garbage / "lib64").mkdir(parents=True)
+    (garbage / "lib64" / "libvixDiskLib.so.8").write_bytes(b"not an ELF file")
+    special["GARBAGE"] = str(garbage)
+    pw = tmp_path / "pw644"
+    pw.write_text(bed.vcsim.password)
+    pw.chmod(0o644)
+    special["PWFILE644"] = str(pw)
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mounted)], check=True)
+    try:
+        args = bed.mount_args(mp)
+        for opt, value in changes.items():
+            if opt == "MOUNTPOINT":
+                assert value is not None
+                args[-1] = special[value]
+            elif value == "":
+                args.insert(-1, opt)
+            else:
+                args = replace_opt(args, opt, special.get(value, value) if value else value)
+        env = bed.env(**env_changes)
+        r = run_mount(args, env)
+        assert r.returncode == code, r.stderr
+        assert fragment in r.stderr
+        assert "Traceback" not in r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ivdfs:")]
+        assert len(errors) == 1, r.stderr  # one line says what is wrong
+        assert bed.vcsim.password not in r.stderr
+        assert not mounted_at(mp)
+        assert not [m for m in fuse_mounts() if m.startswith(str(tmp_path))]
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+
+
+def test_usage_errors_exit_2(bed: Bed, tmp_path: Path) -> None:
+    r = run_mount([*bed.mount_args(tmp_path)[:-1], "--no-such-option", str(tmp_path)], bed.env())
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_no_permission_on_dev_fuse(bed: Bed) -> None:
+    # pytest's own temporary directories are private to root: use one nobody can reach.
+    tmp_path = Path(tempfile.mkdtemp(prefix="ivdfs-nobody-"))
+    tmp_path.chmod(0o755)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    subprocess.run(["chown", "65534:65534", str(mp)], check=True)
+    args = replace_opt(bed.mount_args(mp), "--ca-file", None)
+    args.insert(-1, "--insecure")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = run_mount(args, bed.env(HOME=str(tmp_path)), user=nobody)
+    assert r.returncode == 9, r.stderr
+    assert "/dev/fuse" in r.stderr and "Traceback" not in r.stderr
+    assert not mounted_at(mp)
+    shutil.rmtree(tmp_path)
+
+
+def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_path: Path) -> None:
+    """VDDK's generic error on a wrong thumbprint: EIO for the reader, one log line with a
+    hint, and the rest of the mount keeps working."""
+    v = bed.vcsim
+    ivd = v.create_ivd("hint", 1, "LocalDS_2")
+    snap = v.create_snapshot(ivd, "x")
+    src = tmp_path / "img"
+    src.write_bytes(b"\x42" * (1 << 20))
+    place_image(bed.images, ivd.id, snap, src)
+    mp = tmp_path / "mnt"
+    with Mount(bed, mp, VDDK_STANDIN_THUMBPRINT="00:" * 19 + "00") as m:
+        disk = mp / ivd.datastore_name / ivd.id / snap / "disk.raw"
+        with pytest.raises(OSError) as e:
+            disk.read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (mp / ivd.datastore_name).is_dir()
+        assert m.unmount() == 0
+    log = m.log()
+    assert "VixDiskLib_ConnectEx" in log and "hint:" in log and "thumbprint" in log
+    assert "Traceback" not in log
