@@ -7,6 +7,7 @@ One lock serialises use of the SOAP stub, which is not thread-safe, and re-login
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import socket
 import ssl
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 20.0
+CALL_TIMEOUT = 120.0
 
 
 def sha1_thumbprint(der: bytes) -> str:
@@ -116,6 +118,8 @@ class VSphere:
                 pwd=s.password.reveal(),
                 sslContext=self._ctx,
                 connectionPoolTimeout=-1,
+                # A stalled vCenter must not hang listings forever.
+                httpConnectionTimeout=CALL_TIMEOUT,
             )
         except vim.fault.InvalidLogin:
             raise UserError(
@@ -160,23 +164,31 @@ class VSphere:
                 self._si = None
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a query; log in again once if the session expired."""
+        """Run a query; after an expired session or a broken connection, log in again once."""
         with self._lock:
             for attempt in (1, 2):
                 try:
                     return fn()
                 except vim.fault.NotAuthenticated:
-                    if attempt == 2:
-                        raise BackendError(f"{what}: vCenter session lost") from None
-                    log.info("vCenter session expired; logging in again")
-                    self._login()
+                    reason = "session expired"
                 except vim.fault.NotFound as e:
                     raise NotFound(f"{what}: {e.msg or 'not found'}") from None
                 except vmodl.MethodFault as e:
                     raise BackendError(f"{what}: {type(e).__name__}: {e.msg}") from None
-                except (OSError, ssl.SSLError) as e:
+                except (OSError, ssl.SSLError, http.client.HTTPException) as e:
+                    reason = f"connection failed ({e or type(e).__name__})"
+                if attempt == 2:
+                    break
+                log.info("vCenter %s; logging in again", reason)
+                try:
+                    # The certificate is checked again: VDDK keeps using the thumbprint seen first.
+                    assert self._ctx is not None
+                    if probe_certificate(self.server, self._ctx) != self.thumbprint:
+                        raise BackendError("the server certificate changed since mounting")
+                    self._login()
+                except (UserError, BackendError) as e:
                     raise BackendError(f"{what}: {e}") from None
-            raise AssertionError("unreachable")
+            raise BackendError(f"{what}: vCenter {reason}")
 
     @property
     def _vsom(self) -> Any:

@@ -151,7 +151,7 @@ class Vcsim:
         self.returncode: int | None = None  # the launcher's, once stopped (0: clean exit)
         self.url = self.server = self.thumbprint = ""
         self.port = 0
-        self.tmpdir = self.ca_file = self.cert_file = Path()
+        self.tmpdir = self.ca_file = self.cert_file = self._key_file = Path()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -172,38 +172,51 @@ class Vcsim:
         self._tmp = tempfile.TemporaryDirectory(prefix="ivdfs-vcsim-")
         self.tmpdir = Path(self._tmp.name)
         try:
-            self.ca_file, self.cert_file, key_file = make_certificates(
+            self.ca_file, self.cert_file, self._key_file = make_certificates(
                 self.tmpdir, self_signed=self.self_signed
             )
             # vcsim backs each datastore with a directory under TMPDIR: keep them here.
             (self.tmpdir / "datastores").mkdir()
-            env = dict(os.environ, TMPDIR=str(self.tmpdir / "datastores"))
-            env.update(VCSIM_USER=self.user, VCSIM_PASSWORD=self.password)
-            self._log = (self.tmpdir / "vcsim.log").open("wb")
-            # stdin stays an open pipe: the launcher exits on EOF, i.e. when we die.
-            self._proc = subprocess.Popen(
-                [
-                    str(LAUNCHER),
-                    "-listen",
-                    f"{self.host}:0",
-                    *self._args,
-                    "-cert",
-                    str(self.cert_file),
-                    "-key",
-                    str(key_file),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._log,
-                env=env,
-            )
-            info = json.loads(self._read_line(self._startup_timeout))
+            self._launch(f"{self.host}:0")
         except BaseException:
             self.stop()
             raise
+        return self
+
+    def _launch(self, listen: str) -> None:
+        env = dict(os.environ, TMPDIR=str(self.tmpdir / "datastores"))
+        env.update(VCSIM_USER=self.user, VCSIM_PASSWORD=self.password)
+        self._log = (self.tmpdir / "vcsim.log").open("ab")
+        # stdin stays an open pipe: the launcher exits on EOF, i.e. when we die.
+        self._proc = subprocess.Popen(
+            [
+                str(LAUNCHER),
+                "-listen",
+                listen,
+                *self._args,
+                "-cert",
+                str(self.cert_file),
+                "-key",
+                str(self._key_file),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+        )
+        info = json.loads(self._read_line(self._startup_timeout))
         self.url, self.port, self.thumbprint = info["url"], info["port"], info["thumbprint"]
         self.server = f"{self.host}:{self.port}"
-        return self
+
+    def kill_server(self) -> None:
+        """Stop the simulator process only (a vCenter outage); `restart_server` brings it back."""
+        self._si = None
+        self._end_process()
+
+    def restart_server(self) -> None:
+        """Start again on the same port and certificate, with an empty inventory (like a
+        vCenter whose sessions are gone)."""
+        self._launch(f"{self.host}:{self.port}")
 
     def _read_line(self, timeout: float) -> str:
         assert self._proc is not None and self._proc.stdout is not None
@@ -239,6 +252,12 @@ class Vcsim:
             with contextlib.suppress(Exception):
                 Disconnect(self._si)
             self._si = None
+        self._end_process()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _end_process(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -254,9 +273,6 @@ class Vcsim:
                     with contextlib.suppress(OSError):
                         stream.close()
             self._log.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     # -- pyvmomi ------------------------------------------------------------------------
 
