@@ -159,6 +159,29 @@ class VddkService:
             raise
         return OpenDisk(handle)
 
+    async def reopen(self, target: DiskTarget, broken: OpenDisk) -> OpenDisk:
+        """Replace a handle that failed (lost connection, host restarted) with a fresh
+        ConnectEx + Open; concurrent callers that saw the same broken handle share one reopen."""
+        async with self._opening.setdefault(target, trio.Lock()):
+            current = self._disks.get(target)
+            if current is not None and current is not broken:
+                return current  # someone else already reopened it
+            if self._closed:
+                raise BackendError("shutting down")
+            self._disks.pop(target, None)
+            broken.stop_io()
+            await self._control.run(lambda: self._close_quietly(broken))
+            disk = await self._control.run(lambda: self._open_blocking(target))
+            self._disks[target] = disk
+            return disk
+
+    @staticmethod
+    def _close_quietly(disk: OpenDisk) -> None:
+        try:
+            disk.handle.close()
+        except BackendError as e:
+            log.debug("closing a broken handle of %s: %s", disk.handle.target.describe(), e)
+
     def close_all(self) -> None:
         """Close every handle, then EndAccess every IVD; blocking, called once at unmount."""
         self._closed = True
