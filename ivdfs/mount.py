@@ -27,6 +27,7 @@ from ivdfs.tree.tree import Tree
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
+from ivdfs.vddk.retry import RetryingDisk
 from ivdfs.vddk.worker import OpenDisk, VddkService
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ class VddkDiskSource:
     def __init__(self, service: VddkService) -> None:
         self.service = service
 
-    async def open(self, ivd: Ivd, snapshot: Snapshot) -> OpenDisk:
-        return await self.service.open(DiskTarget(ivd.id, ivd.datastore.moref, snapshot.id))
+    async def open(self, ivd: Ivd, snapshot: Snapshot) -> RetryingDisk[OpenDisk]:
+        target = DiskTarget(ivd.id, ivd.datastore.moref, snapshot.id)
+        return RetryingDisk(self.service, target, await self.service.open(target))
 
 
 def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:

@@ -43,6 +43,8 @@ class ThreadWorker:
     def __init__(self, name: str) -> None:
         self.name = name
         self._q: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -63,7 +65,7 @@ class ThreadWorker:
         """Run `fn` on this thread; a cancelled caller still lets it finish (VDDK calls cannot
         be interrupted), but stops waiting."""
         job: _Job[T] = _Job(fn, trio.lowlevel.current_trio_token(), trio.Event())
-        self._q.put(job)
+        self._submit(job)
         assert job.done is not None
         await job.done.wait()
         return self._outcome(job)
@@ -71,7 +73,7 @@ class ThreadWorker:
     def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run `fn` on this thread from outside trio (teardown) and wait for it."""
         job: _Job[T] = _Job(fn, None, None)
-        self._q.put(job)
+        self._submit(job)
         job.finished.wait()
         return self._outcome(job)
 
@@ -81,8 +83,19 @@ class ThreadWorker:
             raise job.error
         return job.result  # type: ignore[return-value]
 
+    def _submit(self, job: _Job[Any]) -> None:
+        # Checked under the lock so no job can land behind the stop sentinel and wait forever.
+        with self._lock:
+            if self._stopped:
+                raise BackendError(f"{self.name}: the disk handle is closed")
+            self._q.put(job)
+
     def stop(self) -> None:
-        self._q.put(None)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._q.put(None)
         self._thread.join()
 
 

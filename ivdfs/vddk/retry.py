@@ -1,0 +1,78 @@
+"""Retries for reads that fail transiently (lost NFC connection, busy or restarted host).
+
+Concurrency: trio thread only. A failed read is retried with exponential backoff after the
+handle is reopened (a new ConnectEx + Open; concurrent failures share one reopen). A block
+that still fails is remembered and fails fast for a while, so a reader scanning a damaged
+region is not held up by every retry again. Nothing here caches data: a failed or short
+read never reaches the block cache, because it raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from ivdfs.errors import BackendError
+from ivdfs.vddk.connection import DiskTarget
+from ivdfs.vddk.errors import VddkError
+
+log = logging.getLogger(__name__)
+
+# Errors a new connection cannot fix: bad arguments, beyond the disk, unsupported.
+PERMANENT_CODES = frozenset({3, 6, 16007})
+
+
+class ReadableDisk(Protocol):
+    capacity: int
+
+    async def read(self, start_sector: int, nbytes: int) -> bytearray: ...
+
+
+D = TypeVar("D", bound=ReadableDisk)
+
+
+class Reopener(Protocol[D]):
+    async def reopen(self, target: DiskTarget, broken: D) -> D: ...
+
+
+class RetryingDisk(Generic[D]):
+    def __init__(self, service: Reopener[D], target: DiskTarget, disk: D,
+                 attempts: int = 4, backoff: float = 0.1, remember_failures: float = 30.0
+                 ) -> None:  # fmt: skip
+        self._service = service
+        self._target = target
+        self._disk = disk
+        self.capacity = disk.capacity
+        self.attempts = attempts
+        self.backoff = backoff
+        self.remember_failures = remember_failures
+        self._failed: dict[int, tuple[float, str]] = {}  # start sector -> (until, reason)
+
+    async def read(self, start_sector: int, nbytes: int) -> bytearray:
+        failed = self._failed.get(start_sector)
+        if failed is not None:
+            if time.monotonic() < failed[0]:
+                raise BackendError(f"{failed[1]} (failed recently; not retried yet)")
+            del self._failed[start_sector]
+        for attempt in range(1, self.attempts + 1):
+            disk = self._disk
+            try:
+                return await disk.read(start_sector, nbytes)
+            except BackendError as e:  # VddkError, or a handle closed by a failed reopen
+                permanent = isinstance(e, VddkError) and e.code in PERMANENT_CODES
+                if permanent or attempt == self.attempts:
+                    self._failed[start_sector] = (time.monotonic() + self.remember_failures,
+                                                  str(e))  # fmt: skip
+                    raise
+                log.warning("%s; reopening and retrying (attempt %d of %d)", e, attempt + 1,
+                            self.attempts)  # fmt: skip
+                await trio.sleep(self.backoff * 2 ** (attempt - 1))
+                try:
+                    self._disk = await self._service.reopen(self._target, disk)
+                except BackendError as reopen_error:
+                    log.warning("reopening %s failed: %s", self._target.describe(),
+                                reopen_error)  # fmt: skip
+        raise AssertionError("unreachable")
