@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -59,13 +60,16 @@ def check_fuse_options(options: tuple[str, ...]) -> None:
         )
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def mounted_paths() -> set[str]:
     paths: set[str] = set()
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             for line in f:
-                # Field 5 is the mount point, with spaces and such octal-escaped.
-                paths.add(line.split()[4].encode().decode("unicode_escape"))
+                # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
+                paths.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4]))
     except OSError:
         pass
     return paths
