@@ -1,18 +1,26 @@
 """Blocking wrappers around one VDDK connection and disk handle.
 
-Concurrency: nothing here is thread-safe on its own. `worker.py` calls `open`/`close` and the
-access functions on the single control thread, and the reads of one `DiskHandle` on that handle's
-own I/O thread, which is what VDDK's threading rules ask for.
+Concurrency: nothing here is thread-safe on its own, except the ReadAsync completion path.
+`worker.py` calls `open`/`close` and the access functions on the single control thread, and the
+reads (Read, ReadAsync, Wait, QueryAllocatedBlocks) of one `DiskHandle` on that handle's own I/O
+thread, which is what VDDK's threading rules ask for. A ReadAsync completion callback runs on a
+library thread, possibly before ReadAsync has returned: it touches only `_pending` (under its
+lock) and the request it completes, and hands the result on through the request's `on_done`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ivdfs.config import Secret
 from ivdfs.vddk import _cdefs
+from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary, ffi
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,29 @@ class Access:
         finally:
             self._params.free()
 
+    def recover(self) -> None:
+        """EndAccess with no Prepare in this process: undoes one that a crashed ivdfs left
+        behind (`ivdfs end-access`). The identity must be the one the crashed process used."""
+        self._attempted = True
+        self.end()
+
+
+@dataclass(eq=False)
+class AsyncRead:
+    """One ReadAsync in flight. `buf` and `cbuf` stay referenced (through the handle's pending
+    table) until the library has called back, even when the waiting task gave up."""
+
+    start_sector: int
+    buf: bytearray
+    on_done: Callable[[AsyncRead], None]
+    cbuf: Any = None
+    t0_ns: int = field(default_factory=time.perf_counter_ns)
+    error: BaseException | None = None
+
+
+# Network transports are the only ones where VDDK serves ReadAsync in the background.
+ASYNC_TRANSPORTS = frozenset({"nbd", "nbdssl"})
+
 
 class DiskHandle:
     """One ConnectEx + Open of a snapshot, read-only."""
@@ -143,6 +174,13 @@ class DiskHandle:
         self._params = ConnectParams(lib, server, target)
         self.capacity_sectors = 0
         self.transport = ""
+        # ReadAsync bookkeeping: cbData is a small integer naming the request, so no Python
+        # object has to be kept alive through a void pointer.
+        self._pending: dict[int, AsyncRead] = {}
+        self._pending_lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._callback: Any = None
+        self.async_used = False
 
     def open(self) -> None:
         lib, ctx = self._lib, self.target.describe()
@@ -195,6 +233,93 @@ class DiskHandle:
             nbytes=len(buf),
         )
 
+    @property
+    def can_query_allocated(self) -> bool:
+        return self._lib.has_query_allocated
+
+    @property
+    def truly_async(self) -> bool:
+        """Whether ReadAsync overlaps requests on this handle (VDDK does so only over NBD)."""
+        return self._lib.has_async and self.transport in ASYNC_TRANSPORTS
+
+    def read_async(self, req: AsyncRead) -> None:
+        """Start `req`; `req.on_done(req)` runs exactly once, on the library's thread or this
+        one, with `req.error` set on failure. Never raises."""
+        if self._callback is None:
+            self._callback = ffi.callback("void(void *, VixError)", self._on_complete)
+        token = next(self._tokens)
+        try:
+            req.cbuf = ffi.from_buffer("uint8_t[]", req.buf, require_writable=True)
+            with self._pending_lock:
+                self._pending[token] = req
+            self.async_used = True
+            err = self._lib.lib.VixDiskLib_ReadAsync(
+                self._handle,
+                req.start_sector,
+                len(req.buf) // _cdefs.SECTOR_SIZE,
+                req.cbuf,
+                self._callback,
+                ffi.cast("void *", token),
+            )
+        except BaseException as e:  # handed to the waiter, never lost
+            err, req.error = _cdefs.VIX_E_FAIL, e
+        if err == _cdefs.VIX_ASYNC:
+            return  # the callback completes it (it may already have)
+        # Anything else: VDDK will not call back, so this thread completes the request.
+        with self._pending_lock:
+            mine = self._pending.pop(token, None) is not None
+        if mine:
+            self._finish(req, err)
+
+    def _on_complete(self, data: Any, err: int) -> None:
+        # A library thread: no exception may escape into C, and nothing here may block.
+        try:
+            token = int(ffi.cast("uintptr_t", data))
+            with self._pending_lock:
+                req = self._pending.pop(token, None)
+            if req is not None:
+                self._finish(req, int(err))
+        except BaseException:
+            log.exception("ReadAsync completion")
+
+    def _finish(self, req: AsyncRead, err: int) -> None:
+        micros = (time.perf_counter_ns() - req.t0_ns) // 1000
+        self._lib.stats.add("VixDiskLib_ReadAsync", micros, len(req.buf), err != _cdefs.VIX_OK)
+        if err != _cdefs.VIX_OK and req.error is None:
+            req.error = VddkError(
+                err, "VixDiskLib_ReadAsync", self._lib.error_text(err), self.target.describe()
+            )
+        req.cbuf = None
+        req.on_done(req)
+
+    def wait(self) -> None:
+        """Block until every ReadAsync of this handle has called back."""
+        if self._handle is not None and self.async_used:
+            self._lib.call("VixDiskLib_Wait", self._handle, context=self.target.describe())
+
+    def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]:
+        """Allocated (start, length) runs in sectors, chunk-aligned, within the range."""
+        out = ffi.new("VixDiskLibBlockList **")
+        self._lib.call(
+            "VixDiskLib_QueryAllocatedBlocks",
+            self._handle,
+            start_sector,
+            num_sectors,
+            chunk_sectors,
+            out,
+            context=self.target.describe(),
+        )
+        try:
+            bl = out[0]
+            # `blocks[1]` is a C flexible array: index it through a plain pointer, as cffi
+            # bounds-checks fixed-size arrays.
+            blocks = ffi.cast("VixDiskLibBlock *", bl.blocks)
+            return [(int(blocks[i].offset), int(blocks[i].length)) for i in range(bl.numBlocks)]
+        finally:
+            self._lib.lib.VixDiskLib_FreeBlockList(out[0])
+
     def close(self) -> None:
         lib = self._lib
         try:
@@ -208,3 +333,43 @@ class DiskHandle:
                     lib.call("VixDiskLib_Disconnect", c, context=self.target.describe())
             finally:
                 self._params.free()
+
+
+class Connection:
+    """A bare ConnectEx/Disconnect of a snapshot, read-only, for libraries that open the disk
+    themselves (VixMntapi_OpenDisks). Control thread only, like DiskHandle."""
+
+    def __init__(
+        self,
+        lib: VddkLibrary,
+        server: ServerTarget,
+        target: DiskTarget,
+        transport_modes: str | None = None,
+    ) -> None:
+        self._lib = lib
+        self.target = target
+        self._transport_modes = transport_modes
+        self._params = ConnectParams(lib, server, target)
+        self.conn: Any = None
+
+    def open(self) -> None:
+        conn = ffi.new("VixDiskLibConnection *")
+        modes = self._transport_modes.encode() if self._transport_modes else ffi.NULL
+        self._lib.call(
+            "VixDiskLib_ConnectEx",
+            self._params.ptr,
+            b"\x01",
+            ffi.NULL,
+            modes,
+            conn,
+            context=self.target.describe(),
+        )
+        self.conn = conn[0]
+
+    def close(self) -> None:
+        try:
+            if self.conn is not None:
+                c, self.conn = self.conn, None
+                self._lib.call("VixDiskLib_Disconnect", c, context=self.target.describe())
+        finally:
+            self._params.free()

@@ -18,6 +18,7 @@ import trio
 from ivdfs.errors import BackendError
 from ivdfs.vddk.connection import DiskTarget
 from ivdfs.vddk.errors import VddkError
+from ivdfs.vddk.worker import BACKGROUND
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class RetryingDisk(Generic[D]):
         self._failed: dict[int, tuple[float, str]] = {}  # start sector -> (until, reason)
 
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
+        if BACKGROUND.get():
+            # Read-ahead: one attempt, neither retried nor remembered, so it never spends a
+            # fresh connection's reads or marks a block failed before anyone asked for it.
+            return await self._disk.read(start_sector, nbytes)
         failed = self._failed.get(start_sector)
         if failed is not None:
             if time.monotonic() < failed[0]:
@@ -76,3 +81,14 @@ class RetryingDisk(Generic[D]):
                     log.warning("reopening %s failed: %s", self._target.describe(),
                                 reopen_error)  # fmt: skip
         raise AssertionError("unreachable")
+
+    async def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]:
+        """The current handle's allocated runs; not retried, as callers fall back to reading
+        every block when it fails."""
+        query = getattr(self._disk, "query_allocated", None)
+        if query is None:
+            raise BackendError("the disk cannot report its allocated blocks")
+        runs: list[tuple[int, int]] = await query(start_sector, num_sectors, chunk_sectors)
+        return runs

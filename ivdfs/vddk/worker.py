@@ -2,9 +2,13 @@
 
 Concurrency: VDDK wants Open/Close of a handle on one thread and never two reads at once on one
 handle, and `trio.to_thread` has no thread affinity. So there is one control thread (connect,
-open, close, PrepareForAccess, EndAccess) and one I/O thread per open disk. Trio tasks hand them
-whole blocks and wait on a `trio.Event`; results come back through the trio token. Everything
-else in this module runs on the trio thread.
+open, close, PrepareForAccess, EndAccess) and one I/O thread per open handle; a snapshot may have
+several handles (`--vddk-handles`), each its own ConnectEx + Open. Trio tasks hand the I/O
+threads whole blocks and wait on a `trio.Event`; results come back through the trio token, from
+the I/O thread or, for ReadAsync, from the library's completion thread. With ReadAsync an I/O
+thread only starts requests, so one handle keeps several in flight; without it (or on transports
+where VDDK serves ReadAsync inline) a handle has one read at a time. Everything else in this
+module runs on the trio thread.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
 
 from ivdfs.errors import BackendError
-from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, DiskTarget, ServerTarget
 from ivdfs.vddk.library import VddkLibrary
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,10 @@ class ThreadWorker:
         await job.done.wait()
         return self._outcome(job)
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue `fn` without waiting for it; `fn` reports its own outcome and never raises."""
+        self._q.put(_Job(fn, None, None))
+
     def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run `fn` on this thread from outside trio (teardown) and wait for it."""
         job: _Job[T] = _Job(fn, None, None)
@@ -99,24 +109,130 @@ class ThreadWorker:
         self._thread.join()
 
 
-class OpenDisk:
-    """An open snapshot: its handle and the I/O thread that alone reads from it."""
+# Set in a task that reads ahead (the prefetcher's): its reads wait while a demand read waits.
+BACKGROUND: ContextVar[bool] = ContextVar("ivdfs_vddk_background", default=False)
 
-    def __init__(self, handle: DiskHandle) -> None:
+
+class _PrioritySlots:
+    """A counting semaphore whose released slots go to waiting demand reads before waiting
+    background reads, so read-ahead never queues in front of a read someone waits for."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._demand: deque[trio.Event] = deque()
+        self._background: deque[trio.Event] = deque()
+
+    async def acquire(self, background: bool) -> None:
+        if self.free > 0 and not self._demand and not (background and self._background):
+            self.free -= 1
+            return
+        event = trio.Event()
+        waiters = self._background if background else self._demand
+        waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        for waiters in (self._demand, self._background):
+            if waiters:
+                waiters.popleft().set()  # the slot passes directly to that waiter
+                return
+        self.free += 1
+
+
+# Requests one handle keeps in flight with ReadAsync over NBD: enough to cover a 16-block
+# prefetch window at WAN latency, few enough that a demand read never queues behind many.
+ASYNC_DEPTH = 16
+
+
+class _HandleIO:
+    """One handle, the I/O thread that alone reads from it, and its outstanding request count."""
+
+    def __init__(self, handle: DiskHandle, index: int) -> None:
         self.handle = handle
-        self.capacity = handle.capacity_bytes
-        self._io = ThreadWorker(f"vddk-io-{handle.target.ivd_id[:8]}")
+        self.worker = ThreadWorker(f"vddk-io-{handle.target.ivd_id[:8]}-{index}")
+        self.load = 0  # trio thread only
+
+
+class OpenDisk:
+    """An open snapshot: one or more handles, each read only by its own I/O thread."""
+
+    def __init__(self, handles: list[DiskHandle], use_async: bool = True) -> None:
+        self.handles = handles
+        self.handle = handles[0]
+        self.capacity = handles[0].capacity_bytes
+        self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
+        self.use_async = use_async and handles[0].truly_async
+        per_handle = ASYNC_DEPTH if self.use_async else 1
+        # More waiting requests than the handles can serve would only queue on their threads.
+        self._slots = _PrioritySlots(per_handle * len(handles))
+        self.depth = per_handle * len(handles)
 
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
-        def work() -> bytearray:
-            buf = bytearray(nbytes)
-            self.handle.read_into(start_sector, buf)
-            return buf
+        await self._slots.acquire(BACKGROUND.get())
+        try:
+            io = min(self._ios, key=lambda h: h.load)
+            io.load += 1
+            try:
+                if self.use_async:
+                    return await self._read_async(io, start_sector, nbytes)
 
-        return await self._io.run(work)
+                def work() -> bytearray:
+                    buf = bytearray(nbytes)
+                    io.handle.read_into(start_sector, buf)
+                    return buf
+
+                return await io.worker.run(work)
+            finally:
+                io.load -= 1
+        finally:
+            self._slots.release()
+
+    async def _read_async(self, io: _HandleIO, start_sector: int, nbytes: int) -> bytearray:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def on_done(_req: AsyncRead) -> None:
+            # Any thread: run_sync_soon is the thread-safe way back into trio.
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        req = AsyncRead(start_sector, bytearray(nbytes), on_done)
+        io.worker.post(lambda: io.handle.read_async(req))
+        # A cancelled waiter leaves `req` to finish on its own: the handle keeps its buffer.
+        await done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.buf
+
+    async def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]:
+        """QueryAllocatedBlocks on the first handle's I/O thread (it counts as a read there)."""
+        if not self.handle.can_query_allocated:
+            raise BackendError("VixDiskLib_QueryAllocatedBlocks is not available")
+        io = self._ios[0]
+        return await io.worker.run(
+            lambda: io.handle.query_allocated(start_sector, num_sectors, chunk_sectors)
+        )
 
     def stop_io(self) -> None:
-        self._io.stop()
+        """Drain each handle's ReadAsync requests on its own thread, then end the threads."""
+        for io in self._ios:
+            try:
+                io.worker.run_blocking(io.handle.wait)
+            except BackendError as e:
+                # Each read already reported its own failure to its reader.
+                log.debug("waiting for reads of %s: %s", io.handle.target.describe(), e)
+            io.worker.stop()
 
 
 class VddkService:
@@ -128,8 +244,12 @@ class VddkService:
         server: ServerTarget,
         identity: str,
         transport_modes: str | None = None,
+        handles_per_disk: int = 1,
+        use_async: bool = True,
     ) -> None:
         self.lib = lib
+        self._handles_per_disk = max(1, handles_per_disk)
+        self._use_async = use_async
         self._server = server
         self._identity = identity
         self._transport_modes = transport_modes
@@ -154,6 +274,25 @@ class VddkService:
             self._disks[target] = disk
             return disk
 
+    # --- for VixMntapi (ivdfs.volumes.vixmntapi): its calls belong on the control thread ---
+
+    @property
+    def server(self) -> ServerTarget:
+        return self._server
+
+    @property
+    def transport_modes(self) -> str | None:
+        return self._transport_modes
+
+    async def run_on_control(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise BackendError("shutting down")
+        return await self._control.run(fn)
+
+    def run_on_control_blocking(self, fn: Callable[[], T]) -> T:
+        """From outside trio (teardown), before `close_all` stops the thread."""
+        return self._control.run_blocking(fn)
+
     def _open_blocking(self, target: DiskTarget) -> OpenDisk:
         if target.ivd_id not in self._access:
             access = Access(self.lib, self._server, target, self._identity)
@@ -164,13 +303,26 @@ class VddkService:
             except BackendError as e:
                 # Prepare only guards against vMotion while we read; a snapshot stays readable.
                 log.warning("%s (reading anyway)", e)
-        handle = DiskHandle(self.lib, self._server, target, self._transport_modes)
+        handles: list[DiskHandle] = []
         try:
-            handle.open()
+            for _ in range(self._handles_per_disk):
+                handle = DiskHandle(self.lib, self._server, target, self._transport_modes)
+                handles.append(handle)
+                handle.open()
         except BaseException:
-            handle.close()
+            for h in handles:
+                try:
+                    h.close()
+                except BackendError as e:
+                    log.debug("closing after a failed open: %s", e)
             raise
-        return OpenDisk(handle)
+        disk = OpenDisk(handles, self._use_async)
+        if self._use_async and self.lib.has_async and not disk.use_async:
+            log.debug(
+                "transport %s serves ReadAsync inline; --vddk-handles gives parallel reads",
+                handles[0].transport or "?",
+            )
+        return disk
 
     async def reopen(self, target: DiskTarget, broken: OpenDisk) -> OpenDisk:
         """Replace a handle that failed (lost connection, host restarted) with a fresh
@@ -182,7 +334,8 @@ class VddkService:
             if self._closed:
                 raise BackendError("shutting down")
             self._disks.pop(target, None)
-            broken.stop_io()
+            # Joining the I/O thread waits for its queued reads: not on the trio thread.
+            await trio.to_thread.run_sync(broken.stop_io)
             await self._control.run(lambda: self._close_quietly(broken))
             disk = await self._control.run(lambda: self._open_blocking(target))
             self._disks[target] = disk
@@ -190,10 +343,11 @@ class VddkService:
 
     @staticmethod
     def _close_quietly(disk: OpenDisk) -> None:
-        try:
-            disk.handle.close()
-        except BackendError as e:
-            log.debug("closing a broken handle of %s: %s", disk.handle.target.describe(), e)
+        for handle in disk.handles:
+            try:
+                handle.close()
+            except BackendError as e:
+                log.debug("closing a broken handle of %s: %s", handle.target.describe(), e)
 
     def close_all(self) -> None:
         """Close every handle, then EndAccess every IVD; blocking, called once at unmount."""
@@ -206,10 +360,11 @@ class VddkService:
 
     def _close_blocking(self, disks: list[OpenDisk]) -> None:
         for disk in disks:
-            try:
-                disk.handle.close()
-            except BackendError as e:
-                log.warning("closing %s: %s", disk.handle.target.describe(), e)
+            for handle in disk.handles:
+                try:
+                    handle.close()
+                except BackendError as e:
+                    log.warning("closing %s: %s", handle.target.describe(), e)
         accesses, self._access = list(self._access.values()), {}
         for access in accesses:
             try:

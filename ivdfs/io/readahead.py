@@ -1,0 +1,59 @@
+"""Raising the kernel's read-ahead for a FUSE mount through its bdi in sysfs.
+
+By default the kernel reads ahead 128 KiB on a FUSE mount, so a sequential reader sends small
+requests with little in flight. libfuse 3 negotiates requests of up to 1 MiB (max_pages 256);
+a larger `read_ahead_kb` lets the kernel use them and keep several in flight. Writing it needs
+privilege; without it the mount works as before, which is only worth a debug line.
+
+Concurrency: called once from the main thread after the mount exists, before the FUSE loop
+runs. It must not stat the mountpoint (that would wait for the loop it runs before): the device
+number comes from /proc/self/mountinfo.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SYSFS_BDI = Path("/sys/class/bdi")
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def mount_device(mountpoint: Path) -> str | None:
+    """'major:minor' of the mount at `mountpoint`, from /proc/self/mountinfo."""
+    # Resolve the parent only: resolving the mountpoint itself would stat the mount's root.
+    target = str(mountpoint.parent.resolve() / mountpoint.name)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            found = None
+            for line in f:
+                fields = line.split()
+                # Space, tab, newline and backslash in a mount point appear as \ooo.
+                path = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+                if path == target:
+                    found = fields[2]  # the last (topmost) mount there wins
+            return found
+    except OSError:
+        return None
+
+
+def raise_read_ahead(mountpoint: Path, kib: int, bdi_root: Path = SYSFS_BDI) -> int | None:
+    """Set the mount's read_ahead_kb to at least `kib`; returns the value now in effect."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        log.debug("read-ahead: %s not found in mountinfo", mountpoint)
+        return None
+    knob = bdi_root / dev / "read_ahead_kb"
+    try:
+        current = int(knob.read_text().strip())
+        if current < kib:
+            knob.write_text(f"{kib}\n")
+            current = int(knob.read_text().strip())
+        log.debug("read-ahead of %s (bdi %s): %d KiB", mountpoint, dev, current)
+        return current
+    except (OSError, ValueError) as e:
+        log.debug("read-ahead of %s stays at the kernel's default: %s", mountpoint, e)
+        return None

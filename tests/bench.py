@@ -1,0 +1,486 @@
+"""Side-by-side benchmark of the read path (issue 3): one run, one table of ratios, one JSON.
+
+Everything is measured in the same run against the same stand-in settings: a global bandwidth
+cap (`--bw`, default 400 MiB/s, so cold 1 GiB reads take seconds, not minutes, and the peer
+gets the same cap through nbdkit's rate filter) and a per-read latency of 0, 1 and 4 ms.
+Rows:
+
+1. cold `dd bs=1M` of a 1 GiB disk.raw (fresh mount, --cache-size 128M), prefetch off and on,
+   vs the single-stream ceiling: an in-process loop of 1 MiB VixDiskLib_Read on the stand-in.
+2. the same dd through nbdkit (file plugin, delay + rate filters) behind nbdfuse.
+3. warm re-read through the mount vs the same image on tmpfs.
+4. eight concurrent readers of one 256 MiB region: VDDK reads per block (stand-in call log).
+5. random 4 KiB reads of cold blocks: p50/p99 minus a direct 1 MiB VixDiskLib_Read's p50.
+6. peak RSS of the ivdfs process during (1) vs --cache-size.
+7. a half-allocated 256 MiB disk: bytes VDDK read / allocated bytes (and without the query).
+
+Usage: scripts/bench [--size-mb 1024] [--bw 400] [--latencies 0,1,4] [--out FILE]. Never part
+of the test suite; about 3-4 minutes on a 2-core machine. Not a timed test: it reports, and
+marks each goal met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, wait_for
+from tests.testbed.images import random_disk, sparse_disk
+from tests.testbed.vsphere import Ivd, Vcsim, place_image
+
+MiB = 1 << 20
+CACHE = "128M"
+CACHE_BYTES = 128 * MiB
+ASYNC_DEPTH = 8  # ivdfs.io.prefetch.DEFAULT_IN_FLIGHT: blocks read ahead at once
+
+
+def dd(path: Path, *extra: str) -> float:
+    """Seconds to read `path` with dd bs=1M."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=1M", *extra],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def mount_stats(mp: Path) -> dict[str, Any]:
+    return json.loads((mp / ".ivdfs" / "stats").read_text())  # type: ignore[no-any-return]
+
+
+def reads_by_block(bed: Bed) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for line in bed.log_lines():
+        parts = line.split()
+        if parts[2:3] in (["Read"], ["ReadAsync"]):
+            kv = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+            b = int(kv["start"]) // 2048
+            counts[b] = counts.get(b, 0) + 1
+    return counts
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.bw = args.bw * MiB
+        self.rows: list[dict[str, Any]] = []
+
+    def row(
+        self, n: int, case: str, value: float, ref: float | None, unit: str, goal: str, ok: bool
+    ) -> None:
+        ratio = value / ref if ref else None
+        self.rows.append(
+            dict(
+                row=n,
+                case=case,
+                value=round(value, 3),
+                reference=None if ref is None else round(ref, 3),
+                unit=unit,
+                ratio=None if ratio is None else round(ratio, 3),
+                goal=goal,
+                met=ok,
+            )
+        )
+        r = f"{ratio:6.2f}" if ratio is not None else "     -"
+        print(f"  [{n}] {case}: {value:.1f} {unit} (ref {ref or 0:.1f}) ratio {r}", flush=True)
+
+    def env(self, latency_ms: float, **more: str) -> dict[str, str]:
+        return {
+            "VDDK_STANDIN_LATENCY_US": str(int(latency_ms * 1000)),
+            "VDDK_STANDIN_GLOBAL_BW": str(self.bw),
+            "VDDK_STANDIN_LOG_READS": "0",
+            **more,
+        }
+
+    @contextmanager
+    def mount(self, bed: Bed, name: str, *extra: str, **env: str) -> Iterator[Mount]:
+        mp = self.work / f"mnt-{name}"
+        mp.mkdir(exist_ok=True)
+        m = Mount(bed, mp, "--cache-size", CACHE, *extra, **env)
+        try:
+            yield m
+        finally:
+            if m.proc.poll() is None:
+                m.unmount()
+
+    def ceiling(self, bed: Bed, ivd: Ivd, snap: str, latency_ms: float, count: int) -> Any:
+        """The in-process loop of 1 MiB VixDiskLib_Read, in its own process (InitEx reads the
+        stand-in's settings once per process)."""
+        v = bed.vcsim
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.bench",
+                "ceiling",
+                ivd.id,
+                ivd.datastore_moref,
+                snap,
+                str(count),
+                v.server,
+                v.user,
+                v.thumbprint,
+            ],
+            env=bed.env(**self.env(latency_ms)),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        return json.loads(proc.stdout)
+
+    def peer(self, image: Path, latency_ms: float) -> float:
+        """Seconds for dd through nbdfuse + nbdkit (file, delay, rate) at the same settings."""
+        mp = self.work / "mnt-nbdfuse"
+        mp.mkdir(exist_ok=True)
+        filters = ["--filter=rate"]
+        params = [f"rate={self.bw * 8}"]
+        if latency_ms:
+            filters.insert(0, "--filter=delay")
+            params.append(f"delay-read={int(latency_ms)}ms")
+        proc = subprocess.Popen(
+            [
+                "nbdfuse",
+                "-r",
+                str(mp),
+                "--command",
+                "nbdkit",
+                "-s",
+                "--exit-with-parent",
+                *filters,
+                "file",
+                str(image),
+                *params,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: (mp / "nbd").exists(), 30, "nbdfuse")
+            return dd(mp / "nbd")
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+            proc.wait(timeout=30)
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        size = a.size_mb * MiB
+        print(f"building images ({a.size_mb} MiB random, 256 MiB half-allocated) ...", flush=True)
+        src = self.work / "src"
+        src.mkdir()
+        full = random_disk(src / "full.raw", a.size_mb, seed=21)
+        sparse = sparse_disk(src / "sparse.raw", 256, 0.5, seed=22)
+        with Vcsim() as v:
+            (self.work / "bed" / "images").mkdir(parents=True)
+            bed = Bed(v, self.work / "bed")
+            ivd = v.create_ivd("bench-full", a.size_mb, "LocalDS_0")
+            snap = v.create_snapshot(ivd, "bench")
+            place_image(bed.images, ivd.id, snap, full.path)
+            sivd = v.create_ivd("bench-sparse", 256, "LocalDS_0")
+            ssnap = v.create_snapshot(sivd, "bench")
+            place_image(bed.images, sivd.id, ssnap, sparse.path)
+            disk_rel = Path("LocalDS_0") / ivd.id / snap / "disk.raw"
+            mb = a.size_mb * MiB / 1e6  # dd's MB
+            rss: list[int] = []
+            direct_p50 = 0.0
+
+            for lat in a.latencies:
+                print(f"latency {lat} ms:", flush=True)
+                c = self.ceiling(bed, ivd, snap, lat, a.size_mb)
+                ceil_mbs = mb / c["seconds"]
+                if lat == 1:
+                    direct_p50 = c["p50_ms"]
+                for prefetch in ("0", "16"):
+                    with self.mount(
+                        bed, f"l{lat}p{prefetch}", "--prefetch", prefetch, **self.env(lat)
+                    ) as m:
+                        t = dd(m.mountpoint / disk_rel)
+                        got = mb / t
+                        if prefetch == "0":
+                            self.row(
+                                1,
+                                f"cold seq, {lat} ms, prefetch off vs VDDK loop",
+                                got,
+                                ceil_mbs,
+                                "MB/s",
+                                ">= 0.9",
+                                got >= 0.9 * ceil_mbs,
+                            )
+                        else:
+                            bound = self.bw / 1e6
+                            if lat:
+                                bound = min(ASYNC_DEPTH * MiB / (lat / 1000) / 1e6, bound)
+                            self.row(
+                                1,
+                                f"cold seq, {lat} ms, prefetch 16 vs min(8 MiB/lat, cap)",
+                                got,
+                                bound,
+                                "MB/s",
+                                ">= 0.8",
+                                got >= 0.8 * bound,
+                            )
+                            self.row(
+                                1,
+                                f"cold seq, {lat} ms, prefetch 16 vs VDDK loop",
+                                got,
+                                ceil_mbs,
+                                "MB/s",
+                                "(info)",
+                                True,
+                            )
+                            rss.append(peak_rss(m.proc.pid))
+                            if lat == 1:
+                                self.warm(m.mountpoint / disk_rel, full.path, mb)
+                if lat:
+                    peer_mbs = mb / self.peer(full.path, lat)
+                    best = max(
+                        r["value"]
+                        for r in self.rows
+                        if r["row"] == 1 and f", {lat} ms," in r["case"]
+                    )
+                    self.row(
+                        2,
+                        f"cold seq, {lat} ms, ivdfs vs nbdkit+nbdfuse",
+                        best,
+                        peer_mbs,
+                        "MB/s",
+                        ">= 2",
+                        best >= 2 * peer_mbs,
+                    )
+
+            # 4 and 5: one mount at 1 ms, reads logged by the stand-in.
+            print("latency 1 ms, concurrent and random readers:", flush=True)
+            bed.standin_log.unlink(missing_ok=True)
+            env = self.env(1, VDDK_STANDIN_LOG_READS="1")
+            with self.mount(bed, "readers", **env) as m:
+                region = min(256, a.size_mb // 4)
+                start_block = a.size_mb // 8
+                procs = [
+                    subprocess.Popen(
+                        [
+                            "dd",
+                            f"if={m.mountpoint / disk_rel}",
+                            "of=/dev/null",
+                            "bs=1M",
+                            f"skip={start_block}",
+                            f"count={region}",
+                        ],
+                        stderr=subprocess.DEVNULL,
+                    )
+                    for _ in range(8)
+                ]
+                for p in procs:
+                    p.wait()
+                counts = reads_by_block(bed)
+                in_region = [counts.get(b, 0) for b in range(start_block, start_block + region)]
+                worst = max(in_region)
+                self.row(
+                    4,
+                    f"8 readers of one {region} MiB region: VDDK reads per block (max)",
+                    worst,
+                    1,
+                    "reads",
+                    "== 1",
+                    worst == 1 and min(in_region) == 1,
+                )
+                # Blocks neither the readers nor their prefetch touched: cold.
+                touched = range(start_block, start_block + region + 2 * ASYNC_DEPTH)
+                lat_ms = self.random_reads(m.mountpoint / disk_rel, size, skip=touched)
+                p50, p99 = statistics.median(lat_ms), statistics.quantiles(lat_ms, n=100)[98]
+                self.row(
+                    5,
+                    "random 4 KiB cold read p50 minus direct 1 MiB Read p50",
+                    p50 - direct_p50,
+                    direct_p50,
+                    "ms",
+                    "(info)",
+                    True,
+                )
+                self.row(
+                    5,
+                    "random 4 KiB cold read p99 minus direct 1 MiB Read p50",
+                    p99 - direct_p50,
+                    direct_p50,
+                    "ms",
+                    "(info)",
+                    True,
+                )
+            peak = max(rss)
+            self.row(
+                6,
+                f"peak RSS during (1), --cache-size {CACHE}",
+                peak / MiB,
+                CACHE_BYTES / MiB,
+                "MiB",
+                "<= cache + 150 MiB",
+                peak <= CACHE_BYTES + 150 * MiB,
+            )
+
+            allocated = len(sparse.allocated) * MiB
+            for qab in (True, False):
+                env = self.env(1) if qab else self.env(1, VDDK_STANDIN_NO_QAB="1")
+                with self.mount(bed, f"sparse{qab}", **env) as m:
+                    dd(m.mountpoint / "LocalDS_0" / sivd.id / ssnap / "disk.raw")
+                    read = mount_stats(m.mountpoint)["read_bytes"]
+                what = "with" if qab else "without"
+                self.row(
+                    7,
+                    f"half-allocated disk {what} QueryAllocatedBlocks: bytes read / allocated",
+                    read / MiB,
+                    allocated / MiB,
+                    "MiB",
+                    "~1.0" if qab else "(info)",
+                    (abs(read - allocated) <= 16 * MiB) if qab else True,
+                )
+        return {
+            "settings": {
+                "size_mb": a.size_mb,
+                "bw_mib_s": a.bw,
+                "latencies_ms": a.latencies,
+                "cache": CACHE,
+                "block": "1M",
+                "async_depth": ASYNC_DEPTH,
+            },
+            "commit": _commit(),
+            "rows": self.rows,
+        }
+
+    def warm(self, disk: Path, image: Path, mb: float) -> None:
+        warm = mb / dd(disk)
+        shm = Path(tempfile.mkdtemp(prefix="ivdfs-bench-", dir="/dev/shm"))
+        try:
+            copy = shm / "disk.raw"
+            shutil.copyfile(image, copy)
+            dd(copy)  # into the page cache, as the mount's copy is
+            tmpfs = mb / dd(copy)
+        finally:
+            shutil.rmtree(shm)
+        self.row(3, "warm re-read vs tmpfs", warm, tmpfs, "MB/s", ">= 0.9", warm >= 0.9 * tmpfs)
+
+    def random_reads(self, disk: Path, size: int, skip: range) -> list[float]:
+        rng = random.Random(5)
+        blocks = [b for b in range(size // MiB) if b not in skip]
+        rng.shuffle(blocks)
+        out = []
+        fd = os.open(disk, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for b in blocks[:150]:
+                off = b * MiB + rng.randrange(0, MiB // 4096) * 4096
+                t0 = time.perf_counter()
+                os.pread(fd, 4096, off)
+                out.append((time.perf_counter() - t0) * 1000)
+        finally:
+            os.close(fd)
+        return out
+
+
+def _commit() -> str:
+    r = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "ivdfs"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return r.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
+def _ceiling(argv: list[str]) -> None:
+    """In-process single-stream ceiling: 1 MiB VixDiskLib_Read calls in a loop."""
+    from ivdfs.config import Secret
+    from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
+    from ivdfs.vddk.library import VddkLibrary
+
+    ivd, ds, snap, count, server, user, thumb = argv
+    host, _, port = server.rpartition(":")
+    lib = VddkLibrary(VDDK_LIBDIR)
+    lib.init()
+    password = os.environ["IVDFS_PASSWORD"]
+    h = DiskHandle(
+        lib, ServerTarget(host, int(port), user, Secret(password), thumb), DiskTarget(ivd, ds, snap)
+    )
+    h.open()
+    buf = bytearray(MiB)
+    times = []
+    t0 = time.perf_counter()
+    for i in range(int(count)):
+        t = time.perf_counter()
+        h.read_into(i * 2048, buf)
+        times.append((time.perf_counter() - t) * 1000)
+    seconds = time.perf_counter() - t0
+    h.close()
+    lib.exit()
+    print(json.dumps({"seconds": seconds, "p50_ms": statistics.median(times)}))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'#':>2}  {'case':<66} {'ivdfs':>9} {'ref':>9} {'unit':<5} {'ratio':>6}  goal"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        mark = "" if r["goal"] == "(info)" else (" ok" if r["met"] else " MISSED")
+        ref = "" if r["reference"] is None else f"{r['reference']:.1f}"
+        lines.append(
+            f"{r['row']:>2}  {r['case']:<66} {r['value']:>9.1f} {ref:>9} {r['unit']:<5} "
+            f"{ratio:>6}  {r['goal']}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["ceiling"]:
+        _ceiling(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=1024, help="disk size of rows 1-3 (1024)")
+    ap.add_argument("--bw", type=int, default=400, help="global bandwidth cap, MiB/s (400)")
+    ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
+    ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output")
+    args = ap.parse_args(argv)
+    args.latencies = [float(x) if "." in x else int(x) for x in args.latencies.split(",")]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ivdfs-bench-", dir="/var/tmp") as tmp:
+        result = Bench(args, Path(tmp)).run()
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    s = result["settings"]
+    print(
+        f"\nivdfs read-path benchmark, commit {result['commit']}: {s['size_mb']} MiB disk, "
+        f"bandwidth cap {s['bw_mib_s']} MiB/s, cache {s['cache']}, {result['seconds']} s"
+    )
+    print(format_table(result["rows"]))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""The read path above the VDDK threads, over an in-memory disk: scan resistance of the cache,
+the prefetch window (growth, cap, collapse), prefetch hits, clean cancellation, and demand
+reads going before read-ahead at the VDDK slots."""
+
+from __future__ import annotations
+
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from ivdfs.io.block_cache import BlockCache
+from ivdfs.io.prefetch import Prefetcher
+from ivdfs.io.reader import DiskReader
+from ivdfs.vddk.worker import _PrioritySlots
+from tests.fakes import FakeDisk, pattern
+
+BS = 64 * 1024
+
+
+async def test_a_sequential_scan_does_not_flush_the_hot_set() -> None:
+    disk = FakeDisk(pattern(64 * BS, "scan"))
+    reader = DiskReader("d", len(disk.data), BS, BlockCache(16 * BS, 4 * BS), disk.read)
+    hot = [3, 1, 5, 0, 4, 2]
+    for i in hot:
+        await reader.read(i * BS + 7, 100)
+    stream = reader.open_stream()
+    for off in range(8 * BS, 64 * BS, 16 * 1024):
+        assert bytes(await reader.read(off, 16 * 1024, stream)) == disk.data[off : off + 16384]
+    before = len(disk.reads)
+    for i in hot:
+        assert bytes(await reader.read(i * BS, 10)) == disk.data[i * BS : i * BS + 10]
+    assert len(disk.reads) == before  # every hot block still cached
+    assert reader.cache.current_bytes <= 16 * BS
+
+
+async def test_prefetch_window_grows_to_its_cap_and_collapses_on_a_jump() -> None:
+    disk = FakeDisk(pattern(200 * BS, "pf"))
+    disk.delay = 0.001  # a backend read yields, as VDDK's do, so prefetches get to start
+    cache = BlockCache(128 * BS, 48 * BS)
+    prefetcher = Prefetcher(max_in_flight=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetcher.run)
+        reader = DiskReader("d", len(disk.data), BS, cache, disk.read, None, prefetcher, 16)
+        stream = reader.open_stream()
+        windows = []
+        for i in range(12):
+            got = await reader.read(i * BS, BS, stream)
+            assert bytes(got) == disk.data[i * BS : (i + 1) * BS]
+            windows.append(stream.window)
+            while prefetcher.queued:  # let the read-ahead finish, whatever the machine's load
+                await trio.sleep(0)
+        assert windows == [0, 1, 2, 4, 8, 16, 16, 16, 16, 16, 16, 16]
+        assert stream.ahead == 11 + 16
+        # Every block up to the window's end was read exactly once.
+        assert sorted(s // (BS // 512) for s, _ in disk.reads) == list(range(28))
+        assert cache.stats.prefetch_hits == 10  # blocks 2-11: read ahead before asked for
+        reads_before = len(disk.reads)
+        await reader.read(150 * BS, 100, stream)  # a random jump
+        assert stream.window == 0
+        while prefetcher.queued:
+            await trio.sleep(0)
+        assert len(disk.reads) == reads_before + 1  # only the block asked for
+        nursery.cancel_scope.cancel()
+
+
+async def test_unmount_cancels_outstanding_prefetches_cleanly() -> None:
+    disk = FakeDisk(pattern(64 * BS, "cancel"))
+    disk.delay = 10.0
+    cache = BlockCache(64 * BS, 32 * BS)
+    prefetcher = Prefetcher(max_in_flight=4)
+    with trio.move_on_after(0.2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(prefetcher.run)
+            reader = DiskReader("d", len(disk.data), BS, cache, disk.read, None, prefetcher, 8)
+            stream = reader.open_stream()
+            stream.note(0, 1)
+            stream.note(1, 2)
+            stream.schedule()
+            await trio.sleep_forever()
+    assert not prefetcher.running and prefetcher.queued == 0
+    assert cache.current_bytes == 0 and not any((("d", i) in cache) for i in range(64))
+    assert cache.stats.prefetch_failures == 0
+
+
+async def test_demand_reads_take_vddk_slots_before_waiting_prefetches() -> None:
+    slots = _PrioritySlots(1)
+    await slots.acquire(background=False)
+    order: list[str] = []
+
+    async def take(name: str, background: bool) -> None:
+        await slots.acquire(background)
+        order.append(name)
+        slots.release()
+
+    async with trio.open_nursery() as n:
+        for name, background in (("prefetch-1", True), ("prefetch-2", True), ("demand", False)):
+            n.start_soon(take, name, background)
+            await wait_all_tasks_blocked()
+        slots.release()
+    assert order == ["demand", "prefetch-1", "prefetch-2"]
+    assert slots.free == 1

@@ -1,0 +1,194 @@
+"""The fast read path through real mounts: prefetch, one VDDK read per block under concurrent
+readers, holes read as zeros without VDDK reads, several handles per snapshot, statistics in
+/.ivdfs/stats, on SIGUSR1 and at unmount. Correctness only; speed is measured by scripts/bench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounting import Bed, Mount, wait_for
+from tests.testbed.images import DataManifest, random_disk, sparse_disk
+from tests.testbed.vsphere import Ivd, place_image
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Disk:
+    ivd: Ivd
+    snapshot: str
+    manifest: DataManifest
+
+    def path(self, mountpoint: Path) -> Path:
+        return mountpoint / self.ivd.datastore_name / self.ivd.id / self.snapshot / "disk.raw"
+
+
+@pytest.fixture(scope="module")
+def disks(bed: Bed) -> dict[str, Disk]:
+    v = bed.vcsim
+    out = {}
+    src = bed.root / "perf-src"
+    src.mkdir()
+    for name, size, build in (
+        ("full", 48, lambda p: random_disk(p, 48, seed=11)),
+        ("sparse", 64, lambda p: sparse_disk(p, 64, 0.5, seed=12)),
+    ):
+        ivd = v.create_ivd(f"perf-{name}", size, "LocalDS_0")
+        snap = v.create_snapshot(ivd, name)
+        manifest = build(src / f"{name}.raw")
+        place_image(bed.images, ivd.id, snap, manifest.path)
+        out[name] = Disk(ivd, snap, manifest)
+    return out
+
+
+def stats(mountpoint: Path) -> dict[str, Any]:
+    return json.loads((mountpoint / ".ivdfs" / "stats").read_text())  # type: ignore[no-any-return]
+
+
+def sha256_sequential(path: Path, chunk: int = MiB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def violations(bed: Bed) -> list[str]:
+    return [ln for ln in bed.log_lines() if ln.split()[2:3] == ["VIOLATION"]]
+
+
+def read_requests(bed: Bed) -> list[dict[str, str]]:
+    out = []
+    for line in bed.log_lines():
+        parts = line.split()
+        if parts[2:3] in (["Read"], ["ReadAsync"]):
+            out.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
+    return out
+
+
+@pytest.mark.parametrize("prefetch", ["16", "0"])
+def test_sequential_read_prefetches_and_reads_each_block_once(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, prefetch: str
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["full"]
+    with Mount(bed, mountpoint, "--prefetch", prefetch, VDDK_STANDIN_LATENCY_US="1000") as m:
+        assert sha256_sequential(d.path(mountpoint)) == d.manifest.sha256
+        s = stats(mountpoint)
+        assert s["reads"] == 48 and s["read_bytes"] == 48 * MiB  # every block exactly once
+        cache = s["cache"]
+        if prefetch == "0":
+            assert cache["prefetched"] == 0
+        else:
+            assert cache["prefetched"] > 0 and cache["prefetch_hits"] > 0
+            assert cache["prefetch_failures"] == 0
+        assert m.unmount() == 0
+    assert m.unexpected_log_records() == []
+    assert violations(bed) == []
+    reqs = read_requests(bed)
+    assert len(reqs) == 48 and all(int(r["n"]) == 2048 for r in reqs)
+
+
+def test_eight_readers_of_one_region_cause_one_vddk_read_per_block(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["full"]
+    region = (8 * MiB, 24 * MiB)
+    expected = hashlib.sha256(d.manifest.path.read_bytes()[region[0] : region[1]]).hexdigest()
+    with Mount(bed, mountpoint, VDDK_STANDIN_LATENCY_US="2000") as m:
+        path = d.path(mountpoint)
+        got: list[str] = []
+        start = threading.Barrier(8)
+
+        def reader(i: int) -> None:
+            h = hashlib.sha256()
+            with open(path, "rb", buffering=0) as f:
+                start.wait()
+                off = region[0]
+                while off < region[1]:
+                    h.update(os.pread(f.fileno(), 256 * 1024, off))
+                    off += 256 * 1024
+            got.append(h.hexdigest())
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [expected] * 8
+        s = stats(mountpoint)
+        starts = sorted(int(r["start"]) // 2048 for r in read_requests(bed))
+        # The region's blocks once each; prefetch may run a few blocks past its end.
+        assert [b for b in starts if 8 <= b < 24] == list(range(8, 24))
+        assert len(starts) == len(set(starts))  # never two reads of one block
+        # Read-ahead may still be finishing after the statistics were taken.
+        assert s["reads"] <= len(starts)
+        assert m.unmount() == 0
+    assert violations(bed) == []
+
+
+@pytest.mark.parametrize("qab", [True, False])
+def test_holes_read_as_zeros_without_vddk_reads(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, qab: bool
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["sparse"]
+    env = {} if qab else {"VDDK_STANDIN_NO_QAB": "1"}
+    with Mount(bed, mountpoint, **env) as m:
+        assert sha256_sequential(d.path(mountpoint)) == d.manifest.sha256
+        s = stats(mountpoint)
+        blocks = sorted(int(r["start"]) // 2048 for r in read_requests(bed))
+        if qab:
+            assert blocks == list(d.manifest.allocated)
+            assert s["cache"]["zero_blocks"] >= 64 - len(d.manifest.allocated)
+        else:
+            assert blocks == list(range(64))
+            assert s["cache"]["zero_blocks"] == 0
+        assert m.unmount() == 0
+    assert m.unexpected_log_records() == []
+    assert violations(bed) == []
+
+
+def test_several_handles_per_snapshot(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["full"]
+    with Mount(bed, mountpoint, "--vddk-handles", "3", VDDK_STANDIN_TRANSPORT="file") as m:
+        assert sha256_sequential(d.path(mountpoint)) == d.manifest.sha256
+        assert m.unmount() == 0
+    lines = bed.log_lines()
+    opens = [ln for ln in lines if ln.split()[2:3] == ["Open"]]
+    assert len(opens) == 3
+    assert len([ln for ln in lines if ln.split()[2:3] == ["PrepareForAccess"]]) == 1
+    assert len({r["handle"] for r in read_requests(bed)}) == 3
+    assert violations(bed) == []
+    assert m.unexpected_log_records() == []
+
+
+def test_statistics_on_sigusr1_and_at_unmount_with_debug(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path
+) -> None:
+    d = disks["full"]
+    with Mount(bed, mountpoint, "--debug") as m:
+        with open(d.path(mountpoint), "rb") as f:
+            assert f.read(4096) == d.manifest.path.read_bytes()[:4096]
+        st = (mountpoint / ".ivdfs" / "stats").stat()
+        assert st.st_mode & 0o777 == 0o444
+        with pytest.raises(OSError):
+            (mountpoint / ".ivdfs" / "stats").write_text("x")
+        m.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: " cache: " in m.log(), what="statistics after SIGUSR1")
+        assert m.unmount() == 0
+    lines = m.log().splitlines()
+    assert sum(" cache: " in ln for ln in lines) == 2
+    assert any("VixDiskLib_ReadAsync: " in ln for ln in lines)
