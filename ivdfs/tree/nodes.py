@@ -17,6 +17,7 @@ from ivdfs.io.reader import DiskReader
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
+LINK_MODE = stat.S_IFLNK | 0o777
 
 
 @dataclass(eq=False)
@@ -79,6 +80,52 @@ class DiskFile(Node):
     @property
     def size(self) -> int:
         return self.capacity
+
+
+@dataclass(eq=False)
+class PartitionFile(Node):
+    """``partN.raw``: a read-only byte window onto its disk, served from the disk's cache.
+
+    `start` and `length` come from `io.partitions.parse`, which guarantees the window lies
+    inside the disk, so a read never needs more than clamping to `length`.
+    """
+
+    disk: DiskFile | None = None
+    number: int = 0
+    start: int = 0
+    length: int = 0
+    fs: str | None = None
+
+    @property
+    def mode(self) -> int:
+        return FILE_MODE
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+
+@dataclass(eq=False)
+class VolumesDir(DirNode):
+    """``volumes/`` of a snapshot: its loader attaches the guest volumes on first listing."""
+
+    disk: DiskFile | None = None
+    partitions: tuple[PartitionFile, ...] = ()
+
+
+@dataclass(eq=False)
+class SymlinkNode(Node):
+    """A symbolic link; ``volumes/<n>`` points at where a guest volume is mounted."""
+
+    target: str = ""
+
+    @property
+    def mode(self) -> int:
+        return LINK_MODE
+
+    @property
+    def size(self) -> int:
+        return len(self.target.encode())
 
 
 @dataclass(eq=False)

@@ -35,3 +35,7 @@ fi
 if [[ -f "$here/standin/Makefile" ]]; then
     make -C "$here/standin"
 fi
+# The stand-in libvixMntapi links against the stand-in disk library built just above.
+if [[ -f "$here/mntapi/Makefile" ]]; then
+    make -C "$here/mntapi"
+fi

@@ -1603,3 +1603,15 @@ EXPORT VixError VixDiskLib_FreeBlockList(VixDiskLibBlockList *blockList) {
     free(blockList);
     return VIX_OK;
 }
+
+/* ---- test-bed extension for the stand-in libvixMntapi (not a VDDK symbol) ------------------
+ * The image file a connection serves (server mode), malloc'ed for the caller to free, or NULL
+ * for a local-file connection or a bad token. Lets ../mntapi/ loop-mount the very bytes that
+ * VixDiskLib_Read would return. */
+EXPORT char *VixDiskLibStandin_ConnectionImage(VixDiskLibConnection connection) {
+    conn_t *c = conn_get(connection, "StandinConnectionImage");
+    if (!c) return NULL;
+    char *s = c->image ? strdup(c->image) : NULL;
+    conn_put(c);
+    return s;
+}

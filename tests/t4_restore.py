@@ -1,0 +1,282 @@
+"""File-level restore through real mounts: partN.raw windows and guest volumes (issue 6).
+
+Images come from tests.testbed.images (parted, mkfs.*, mtools, ntfs-3g), built once per module:
+GPT (ext4 + FAT32 + NTFS), MBR (ext4 + extended with logicals ext4 and FAT), a bare ext4 and a
+GPT whose primary header is damaged. Every check compares bytes with the source images or the
+images' manifests; afterwards no loop device, mount or stand-in volume may be left, and the
+source images must be unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import Bed, Mount, mounted_at
+from tests.t4_mount import assert_standin_log_clean, call_lines, sha256_file
+from tests.testbed import images as imgs
+from tests.testbed.vsphere import Ivd, place_image
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Disk:
+    kind: str
+    ivd: Ivd
+    snapshot: str
+    manifest: imgs.DiskManifest
+    sha256: str
+
+    def snapdir(self, mp: Path) -> Path:
+        return mp / self.ivd.datastore_name / self.ivd.id / self.snapshot
+
+
+@pytest.fixture(scope="module")
+def disks(bed: Bed) -> dict[str, Disk]:
+    src = bed.root / "restore-src"
+    src.mkdir()
+    builders = {
+        "gpt": (lambda p: imgs.gpt_disk(p, 64), 64),
+        "mbr": (lambda p: imgs.mbr_disk(p, 64), 64),
+        "bare": (lambda p: imgs.bare_fs_disk(p, 32), 32),
+        "corrupt": (lambda p: imgs.corrupt_gpt_disk(p, 32, "primary-header"), 32),
+    }
+    out = {}
+    for kind, (build, size_mb) in builders.items():
+        manifest = build(src / f"{kind}.img")
+        ivd = bed.vcsim.create_ivd(f"restore-{kind}", size_mb, "LocalDS_0")
+        snap = bed.vcsim.create_snapshot(ivd, kind)
+        place_image(bed.images, ivd.id, snap, manifest.path)
+        out[kind] = Disk(kind, ivd, snap, manifest, sha256_file(manifest.path))
+    return out
+
+
+def entries(sd: Path) -> set[str]:
+    """A snapshot directory's disk entries (info.json and such belong to other features)."""
+    return {n for n in os.listdir(sd) if n.endswith(".raw") or n == "volumes"}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def loop_devices_of(*roots: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    return [ln for ln in out.splitlines() if any(str(r) in ln for r in roots)]
+
+
+def mounted_under(dirs: set[Path]) -> list[str]:
+    """Mount points (from mountinfo) at or below any of `dirs`. Only this test's own volume
+    directories are checked: other suites may mount volumes on this machine meanwhile."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        points = [ln.split()[4] for ln in f]
+    return [p for p in points if any(p == str(d) or p.startswith(f"{d}/") for d in dirs)]
+
+
+def volume_dirs(mp: Path, disks: dict[str, Disk], kinds: Iterable[str]) -> set[Path]:
+    """Where these disks' volumes/<n> links point (and their parent: the run directory)."""
+    out: set[Path] = set()
+    for d in (disks[k] for k in kinds):
+        vols = d.snapdir(mp) / "volumes"
+        if vols.is_dir():
+            for n in os.listdir(vols):
+                target = Path(os.readlink(vols / n))
+                out |= (
+                    {target, target.parent} if target.parent.name.startswith("ivdfs-") else {target}
+                )
+    return out
+
+
+def assert_nothing_left(
+    bed: Bed, disks: dict[str, Disk], mp: Path, dirs: set[Path] = frozenset()
+) -> None:
+    assert not mounted_at(mp)
+    assert loop_devices_of(mp, bed.images) == []
+    assert mounted_under(set(dirs)) == []
+    assert not [d for d in dirs if d.exists()], "volume directories left behind"
+    for d in disks.values():
+        assert sha256_file(d.manifest.path) == d.sha256, f"{d.kind} source image changed"
+        placed = bed.images / d.ivd.id / f"{d.snapshot}.raw"
+        assert sha256_file(placed) == d.sha256, f"{d.kind} served image changed"
+
+
+def find(root: Path, rel: str) -> Path:
+    """`rel` under `root`, matching names case-insensitively: fusefat shows the 8.3 names
+    that mcopy wrote (upper case) and ignores their lower-case flags."""
+    p = root
+    for part in rel.split("/"):
+        names = {n.lower(): n for n in os.listdir(p)}
+        p = p / names[part.lower()]
+    return p
+
+
+def check_volume(vol: Path, part: imgs.PartitionManifest, scratch: Path) -> None:
+    """cp, rsync -a and grep -r reach every known file with the manifest's content."""
+    assert vol.is_symlink() and vol.resolve().is_dir()
+    for rel, digest in part.files.items():
+        assert sha256_file(find(vol, rel)) == digest, f"{vol}/{rel}"
+    cp = scratch / f"cp-{part.number}"
+    subprocess.run(["cp", str(find(vol, "blob.bin")), str(cp)], check=True)
+    assert sha256_file(cp) == part.files["blob.bin"]
+    dest = scratch / f"rsync-{part.number}"
+    subprocess.run(["rsync", "-a", f"{vol}/", f"{dest}/"], check=True)
+    for rel, digest in part.files.items():
+        assert sha256_file(find(dest, rel)) == digest, f"rsync copy of {rel}"
+    grep = subprocess.run(
+        ["grep", "-rl", f"ivdfs-needle-{part.number}", f"{vol}/"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    hits = {Path(p).name.lower() for p in grep.stdout.split()}
+    assert {"needle.txt", "readme.txt"} <= hits
+
+
+def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, mountpoint) as m:
+        for kind in ("gpt", "mbr"):
+            d = disks[kind]
+            sd = d.snapdir(mountpoint)
+            expected = {"disk.raw"} | {f"part{p.number}.raw" for p in d.manifest.partitions}
+            assert entries(sd) == expected
+            src = d.manifest.path.read_bytes()
+            for p in d.manifest.partitions:
+                f = sd / f"part{p.number}.raw"
+                assert f.stat().st_size == p.length
+                assert f.stat().st_mode & 0o777 == 0o444
+                assert sha256_file(f) == sha(src[p.start : p.start + p.length]), f"{kind} {f}"
+                with open(f, "rb", buffering=0) as fh:  # exact at and across EOF
+                    end = p.start + p.length
+                    assert os.pread(fh.fileno(), 4096, p.length - 100) == src[end - 100 : end]
+                    assert os.pread(fh.fileno(), 4096, p.length) == b""
+                with pytest.raises(OSError) as e:
+                    os.open(f, os.O_WRONLY)
+                assert e.value.errno == errno.EROFS
+            assert sha256_file(sd / "disk.raw") == d.sha256
+        # No table: only disk.raw, which reads as before.
+        bare = disks["bare"]
+        assert entries(bare.snapdir(mountpoint)) == {"disk.raw"}
+        assert sha256_file(bare.snapdir(mountpoint) / "disk.raw") == bare.sha256
+        # A damaged primary GPT: the backup is used, with one log line.
+        bad = disks["corrupt"]
+        sd = bad.snapdir(mountpoint)
+        assert entries(sd) == {"disk.raw", "part1.raw", "part2.raw"}
+        src = bad.manifest.path.read_bytes()
+        p1 = bad.manifest.partitions[0]
+        assert sha256_file(sd / "part1.raw") == sha(src[p1.start : p1.start + p1.length])
+        assert sha256_file(sd / "disk.raw") == bad.sha256
+        assert m.unmount() == 0
+        table_lines = [ln for ln in m.log().splitlines() if "partition table" in ln]
+        assert len(table_lines) == 1 and "primary GPT is invalid" in table_lines[0]
+        assert m.unexpected_log_records(allowed=("partition table",)) == []
+    assert_standin_log_clean(bed, {d.ivd.id for d in disks.values()})
+    assert_nothing_left(bed, disks, mountpoint)
+
+
+def test_disk_that_fails_to_open_still_lists(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path
+) -> None:
+    with Mount(bed, mountpoint, VDDK_STANDIN_FAIL_OPEN="1") as m:
+        sd = disks["gpt"].snapdir(mountpoint)
+        assert entries(sd) == {"disk.raw"}
+        with pytest.raises(OSError) as e:
+            (sd / "disk.raw").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert m.unmount() == 0
+        assert "cannot open the disk to read its partition table" in m.log()
+
+
+# Volume numbers each image shows: partition numbers, 0 for the bare filesystem.
+EXPECTED_VOLUMES = {"gpt": ["1", "2", "3"], "mbr": ["1", "5", "6"], "bare": ["0"]}
+
+
+def parts_of(d: Disk) -> dict[str, imgs.PartitionManifest]:
+    if d.manifest.whole_disk is not None:
+        return {"0": d.manifest.whole_disk}
+    return {str(p.number): p for p in d.manifest.partitions if p.fs is not None}
+
+
+def test_kernel_volumes(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    m = Mount(bed, mountpoint, "--volumes", "kernel")
+    try:
+        for kind, names in EXPECTED_VOLUMES.items():
+            d = disks[kind]
+            vols = d.snapdir(mountpoint) / "volumes"
+            assert sorted(os.listdir(vols)) == names
+            for n, part in parts_of(d).items():
+                target = Path(os.readlink(vols / n))
+                assert target.parent.name.startswith("ivdfs-")
+                assert target.parent.stat().st_mode & 0o777 == 0o700
+                check_volume(vols / n, part, tmp_path)
+        # The corrupt disk's ext4 (via the backup GPT) mounts; its unformatted partition is
+        # skipped with a log line.
+        assert os.listdir(disks["corrupt"].snapdir(mountpoint) / "volumes") == ["1"]
+        assert loop_devices_of(mountpoint), "kernel volumes read through our own disk.raw"
+        # The loop devices keep the FUSE mount busy: fusermount3 -u is refused, nothing breaks.
+        r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        assert r.returncode != 0 and "busy" in r.stderr.lower()
+        assert mounted_at(mountpoint) and m.proc.poll() is None
+        dirs = volume_dirs(mountpoint, disks, disks)
+        assert len(dirs) == 1 + 3 + 3 + 1 + 1  # the run directory and 8 volumes
+        assert mounted_under(dirs) != []
+        assert m.unmount("SIGTERM") == 0, m.log()
+    finally:
+        if m.proc.poll() is None:
+            m.unmount("SIGTERM")
+    log = m.log()
+    assert "volume 2 skipped: no recognised filesystem" in log
+    assert m.unexpected_log_records(allowed=("partition table",)) == []
+    assert_standin_log_clean(bed, {d.ivd.id for d in disks.values()})
+    assert_nothing_left(bed, disks, mountpoint, dirs)
+
+
+@pytest.mark.parametrize("how", ["fusermount", "SIGINT"])
+def test_vixmntapi_volumes(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path, how: str
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, mountpoint, "--volumes", "vixmntapi") as m:
+        for kind in EXPECTED_VOLUMES:
+            d = disks[kind]
+            vols = d.snapdir(mountpoint) / "volumes"
+            # VixMntapi numbers volumes 1, 2, ... in its own (table) order: pair by position.
+            parts = sorted(parts_of(d).values(), key=lambda p: p.number)
+            names = [str(i + 1) for i in range(len(parts))]
+            assert sorted(os.listdir(vols)) == names
+            for n, part in zip(names, parts, strict=True):
+                assert "vixmntapi-standin" in os.readlink(vols / n)
+                check_volume(vols / n, part, tmp_path)
+        dirs = volume_dirs(mountpoint, disks, EXPECTED_VOLUMES)
+        assert len(dirs) == 3 + 3 + 1 and len(mounted_under(dirs)) == 7
+        assert m.unmount(how) == 0, m.log()
+    lines = bed.log_lines()
+    assert not [ln for ln in lines if "VIOLATION" in ln]
+    opens = call_lines(lines, "Mntapi_OpenDisks")
+    assert len(opens) == 3 and all(o["err"] == "0" and o["flags"] == "4" for o in opens)
+    assert {o["name"] for o in opens} == {disks[k].ivd.id for k in EXPECTED_VOLUMES}
+    mounted = [v for v in call_lines(lines, "Mntapi_MountVolume") if v["err"] == "0"]
+    assert all(v["readOnly"] == "1" for v in mounted) and len(mounted) == 7
+    dismounted = call_lines(lines, "Mntapi_DismountVolume")
+    assert sorted(v["volume"] for v in mounted) == sorted(v["volume"] for v in dismounted)
+    assert all(v["err"] == "0" for v in dismounted)
+    closes = call_lines(lines, "Mntapi_CloseDiskSet")
+    assert sorted(c["diskset"] for c in closes) == sorted(o["diskset"] for o in opens)
+    assert all(c["mounted"] == "0" for c in closes)
+    exits = call_lines(lines, "Mntapi_Exit")
+    assert len(exits) == 1 and exits[0]["disksets"] == "0"
+    # Order: every Dismount before its set's Close, Mntapi_Exit before VixDiskLib_Exit.
+    names = [ln.split()[2] for ln in lines]
+    assert names.index("Mntapi_Exit") < names.index("Exit")
+    assert max(i for i, n in enumerate(names) if n == "Mntapi_DismountVolume") < max(
+        i for i, n in enumerate(names) if n == "Mntapi_CloseDiskSet"
+    )
+    assert_standin_log_clean(bed, {disks[k].ivd.id for k in EXPECTED_VOLUMES})
+    assert_nothing_left(bed, disks, mountpoint, dirs)
