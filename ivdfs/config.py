@@ -1,6 +1,13 @@
-"""Immutable configuration, built once from flags, environment and prompts.
+"""Immutable configuration, built once from flags, environment, a config file and prompts.
+
+Precedence is flag > environment > config file > built-in default. The config file
+(`~/.config/ivdfs/config.toml`, `--config FILE` or IVDFS_CONFIG) is TOML with the long option
+names as keys (`server`, `user`, `password_file`, `ca_file`, `thumbprint`, `insecure`,
+`vddk_libdir`, `cache_size`, `options`, `refresh`, ...). It never holds a password: a `password`
+key is refused, so the file can be world-readable and the secret lives in a 0600 password file.
 
 Secrets live in `Secret`, whose repr never shows the value, so a config can be logged safely.
+Nothing here is shared between threads after start-up.
 """
 
 from __future__ import annotations
@@ -8,8 +15,10 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ivdfs.errors import ExitCode, UserError
 
@@ -129,9 +138,80 @@ class MountConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     debug: bool = False
     transport_modes: str | None = None
+    # Largest prefetch window of a sequential reader, in blocks (0: no prefetch).
+    prefetch: int = 16
+    # VDDK handles (each its own connection and I/O thread) per open snapshot.
+    vddk_handles: int = 1
+    # Use VixDiskLib_ReadAsync where the transport serves it in the background (NBD).
+    use_async: bool = True
+    # Seconds after which a directory listing re-queries vCenter; 0: load once, never refresh.
+    refresh: float = 60.0
+    # IVDs (UUID or unique name) to snapshot at mount and whose snapshots to delete at unmount.
+    snapshot_now: tuple[str, ...] = ()
+    # Guest volumes under <snapshot>/volumes/: "none", "kernel" or "vixmntapi" (issue 6).
+    volumes: str = "none"
     extra: dict[str, str] = field(default_factory=dict)
 
 
 def env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None
+
+
+# --- the config file ------------------------------------------------------------------------
+
+CONFIG_ENV = "IVDFS_CONFIG"
+# Settings an environment variable can give; it outranks the config file. IVDFS_PASSWORD
+# outranks the file's password_file for the same reason.
+ENV_KEYS = {
+    "server": "IVDFS_SERVER",
+    "user": "IVDFS_USER",
+    "vddk_libdir": "IVDFS_VDDK_LIBDIR",
+    "password_file": "IVDFS_PASSWORD",
+}
+# Keys holding paths: `~` expands, and a relative path is relative to the config file.
+PATH_KEYS = frozenset({"password_file", "ca_file", "vddk_libdir", "log"})
+# The TLS trust settings go together: any of them on the command line replaces all of the file's.
+TLS_KEYS = ("ca_file", "thumbprint", "insecure")
+
+
+def default_config_path() -> Path:
+    base = env("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "ivdfs" / "config.toml"
+
+
+def load_config_file(path: Path | None) -> tuple[Path | None, dict[str, Any]]:
+    """Read the config file: `path` if given (it must exist), else IVDFS_CONFIG, else the
+    default location if it exists. Returns (the file read or None, its settings)."""
+    explicit = path is not None or env(CONFIG_ENV) is not None
+    if path is None:
+        path = Path(env(CONFIG_ENV) or default_config_path())
+    path = path.expanduser()
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UserError(f"config file {path} does not exist") from None
+        return None, {}
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    if "password" in data:
+        raise UserError(
+            f"config file {path}: 'password' is not accepted here; put the password in a file "
+            "of its own (chmod 600) and name it with password_file"
+        )
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise UserError(f"config file {path}: [{key}] tables are not supported")
+        if name in PATH_KEYS:
+            if not isinstance(value, str):
+                raise UserError(f"config file {path}: {key} must be a string (a path)")
+            p = Path(value).expanduser()
+            value = str(p if p.is_absolute() else path.parent / p)
+        out[name] = value
+    return path, out

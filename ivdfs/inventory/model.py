@@ -22,6 +22,8 @@ class Ivd:
     create_time: datetime | None = None
     backing_path: str = ""
     provisioning: str = ""
+    # Ids of the VMs using the disk (VStorageObjectConfigInfo.consumerId), when the API says.
+    consumers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

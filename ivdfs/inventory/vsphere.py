@@ -1,7 +1,8 @@
-"""pyvmomi session: TLS checks, login, and the VStorageObjectManager queries.
+"""pyvmomi session: TLS checks, login, VStorageObjectManager queries and snapshot tasks.
 
 Concurrency: every method blocks; callers on the trio thread use `trio.to_thread.run_sync`.
-One lock serialises use of the SOAP stub, which is not thread-safe, and re-login.
+One lock serialises use of the SOAP stub, which is not thread-safe, and re-login. Waiting for a
+task holds the lock only for each poll, so queries from other threads interleave.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,6 +28,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 20.0
+TASK_TIMEOUT = 3600.0
+# Polls of a task's state start fast (vcsim and small disks finish in milliseconds) and back
+# off to this interval, which keeps a long snapshot task from hammering vCenter.
+TASK_POLL_MAX = 1.0
+
+# Called while a task runs with the seconds elapsed so far (for progress on a terminal).
+Progress = Callable[[float], None]
 CALL_TIMEOUT = 120.0
 
 
@@ -97,6 +106,7 @@ class VSphere:
         self._si: Any = None
         self._content: Any = None
         self.thumbprint = ""
+        self.about = ""  # product and API version, once logged in
         self._ctx: ssl.SSLContext | None = None
 
     # --- session -------------------------------------------------------------------------
@@ -141,6 +151,7 @@ class VSphere:
         # vStorageObjectManager out of the property fetch that `content` uses.
         self._content = self._si.RetrieveContent()
         about = self._content.about
+        self.about = f"{about.fullName} (API {about.apiVersion})"
         log.info(
             "logged in to %s %s (API %s) as %s",
             about.fullName,
@@ -261,6 +272,10 @@ class VSphere:
                 create_time=cfg.createTime,
                 backing_path=str(getattr(backing, "filePath", "") or ""),
                 provisioning=str(getattr(backing, "provisioningType", "") or ""),
+                # consumerId is 6.7+ and absent from some servers' replies (vcsim 0.24).
+                consumers=tuple(
+                    str(c.id) for c in (getattr(cfg, "consumerId", None) or []) if c is not None
+                ),
             )
 
         return self._call(f"retrieving IVD {ivd_id}", run)
@@ -281,3 +296,136 @@ class VSphere:
             ]
 
         return self._call(f"listing snapshots of IVD {ivd.id}", run)
+
+    # --- what users type: names or UUIDs ---------------------------------------------------
+
+    def find_datastore(self, name: str) -> Datastore:
+        stores = self.datastores()
+        for ds in stores:
+            if ds.name == name or ds.moref == name:
+                return ds
+        names = ", ".join(d.name for d in stores) or "none"
+        raise UserError(f"no datastore {name!r} (datastores: {names})", ExitCode.NOT_FOUND)
+
+    def all_ivds(self, datastore: Datastore | None = None) -> list[Ivd]:
+        """Every IVD (of one datastore), sorted by name, datastore and id; one query per IVD."""
+        stores = [datastore] if datastore is not None else self.datastores()
+        out = [self.ivd(ds, i) for ds in stores for i in self.list_ivds(ds)]
+        return sorted(out, key=lambda v: (v.name, v.datastore.name, v.id))
+
+    def find_ivd(self, text: str, datastore: Datastore | None = None) -> Ivd:
+        """The IVD whose UUID is `text`, else the one IVD named `text`."""
+        stores = [datastore] if datastore is not None else self.datastores()
+        # A UUID costs one listing per datastore; only a name needs every IVD's record.
+        for ds in stores:
+            if text in self.list_ivds(ds):
+                return self.ivd(ds, text)
+        matches = [ivd for ds in stores for ivd in self.all_ivds(ds) if ivd.name == text]
+        if len(matches) == 1:
+            return matches[0]
+        where = f" on datastore {datastore.name}" if datastore is not None else ""
+        if not matches:
+            raise UserError(f"no IVD with UUID or name {text!r}{where}", ExitCode.NOT_FOUND)
+        ids = ", ".join(f"{m.id} on {m.datastore.name}" for m in matches)
+        raise UserError(
+            f"{len(matches)} IVDs are named {text!r}{where} ({ids}); use the UUID",
+            ExitCode.USAGE,
+        )
+
+    def find_snapshot(self, ivd: Ivd, snapshot_id: str) -> Snapshot:
+        snaps = self.snapshots(ivd)
+        for snap in snaps:
+            if snap.id == snapshot_id:
+                return snap
+        raise UserError(
+            f"IVD {ivd.name or ivd.id} has no snapshot {snapshot_id!r} "
+            f"({len(snaps)} snapshot{'s' if len(snaps) != 1 else ''}: run ivdfs ls "
+            f"{ivd.datastore.name} {ivd.id})",
+            ExitCode.NOT_FOUND,
+        )
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def wait_task(
+        self,
+        task: Any,
+        what: str,
+        progress: Progress | None = None,
+        timeout: float = TASK_TIMEOUT,
+    ) -> Any:
+        """Wait for `task` to end; return its info.result or raise BackendError.
+
+        Reads only info.state, info.result and info.error through the PropertyCollector:
+        pyvmomi's WaitForTask deserialises the whole TaskInfo, which fails when info.entity is
+        not a ManagedEntity (the VStorageObjectManager's tasks on vcsim). This works on real
+        vCenter too.
+        """
+        pc = vmodl.query.PropertyCollector
+        moid = task._moId
+        start = time.monotonic()
+        interval = 0.01
+
+        def poll() -> dict[str, Any]:
+            # Bound to the current stub each time: a re-login in _call replaces it.
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=vim.Task(moid, self._si._stub), skip=False)],
+                propSet=[
+                    pc.PropertySpec(
+                        type=vim.Task, pathSet=["info.state", "info.result", "info.error"]
+                    )
+                ],
+            )
+            result = self._content.propertyCollector.RetrievePropertiesEx(
+                [spec], pc.RetrieveOptions()
+            )
+            return {p.name: p.val for o in (result.objects if result else []) for p in o.propSet}
+
+        while True:
+            props = self._call(what, poll)
+            state = props.get("info.state")
+            if state == vim.TaskInfo.State.success:
+                return props.get("info.result")
+            if state == vim.TaskInfo.State.error:
+                fault = props.get("info.error")
+                if isinstance(fault, vim.fault.NotFound):
+                    raise NotFound(f"{what}: {fault.msg or 'not found'}")
+                text = getattr(fault, "msg", "") or type(fault).__name__
+                raise BackendError(f"{what} failed: {text}")
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                raise BackendError(f"{what}: task {moid} still {state} after {timeout:.0f} s")
+            if progress is not None:
+                progress(elapsed)
+            time.sleep(interval)
+            interval = min(interval * 2, TASK_POLL_MAX)
+
+    def create_snapshot(
+        self, ivd: Ivd, description: str, progress: Progress | None = None
+    ) -> Snapshot:
+        what = f"snapshot of IVD {ivd.name or ivd.id}"
+        task = self._call(
+            what,
+            lambda: self._vsom.VStorageObjectCreateSnapshot_Task(
+                id=vim.vslm.ID(id=ivd.id),
+                datastore=self._ds(ivd.datastore),
+                description=description,
+            ),
+        )
+        result = self.wait_task(task, what, progress)
+        snap_id = str(result.id)
+        for snap in self.snapshots(ivd):
+            if snap.id == snap_id:
+                return snap
+        return Snapshot(id=snap_id, ivd_id=ivd.id, description=description)
+
+    def delete_snapshot(self, ivd: Ivd, snapshot_id: str, progress: Progress | None = None) -> None:
+        what = f"deleting snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
+        task = self._call(
+            what,
+            lambda: self._vsom.DeleteSnapshot_Task(
+                id=vim.vslm.ID(id=ivd.id),
+                datastore=self._ds(ivd.datastore),
+                snapshotId=vim.vslm.ID(id=snapshot_id),
+            ),
+        )
+        self.wait_task(task, what, progress)

@@ -1,0 +1,1 @@
+"""Subcommands other than mount: ls, snapshot, check, umount, end-access."""

@@ -1,0 +1,151 @@
+"""`ivdfs check`: validate a configuration without mounting, one line per step.
+
+Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (load, version,
+optional symbols, InitEx), and a test ConnectEx/Open/Read of one IVD snapshot if there is one.
+Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
+the result. Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ivdfs.config import ServerConfig
+from ivdfs.errors import BackendError, ExitCode, UserError
+from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.vsphere import VSphere, probe_certificate, tls_context
+from ivdfs.vddk import _cdefs
+from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.library import VddkLibrary
+
+TEST_READ_BYTES = 64 * 1024
+
+
+@dataclass
+class Report:
+    failures: list[tuple[str, UserError]] = field(default_factory=list)
+
+    def ok(self, step: str, text: str) -> None:
+        print(f"ok    {step:<12} {text}", flush=True)
+
+    def fail(self, step: str, error: UserError) -> None:
+        print(f"FAIL  {step:<12} {error.message}", flush=True)
+        self.failures.append((step, error))
+
+    def skip(self, step: str, text: str) -> None:
+        print(f"skip  {step:<12} {text}", flush=True)
+
+
+def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> int:
+    report = Report()
+    vs = VSphere(server)
+    lib: VddkLibrary | None = None
+    logged_in = False
+    try:
+        try:
+            thumbprint = probe_certificate(server, tls_context(server))
+            how = (
+                "NOT verified (--insecure)"
+                if server.insecure
+                else "matches the pinned thumbprint"
+                if server.thumbprint
+                else "verified"
+            )
+            report.ok("certificate", f"{server.host}:{server.port} {how}; SHA-1 {thumbprint}")
+            vs.connect()
+            logged_in = True
+            report.ok("login", f"{server.user} on {vs.about}")
+        except UserError as e:
+            report.fail("login" if e.exit_code == ExitCode.AUTH else "certificate", e)
+
+        try:
+            if libdir is None:
+                raise UserError(
+                    "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
+                )
+            lib = _load(libdir)
+            missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
+            report.ok(
+                "vddk",
+                f"{lib.path} (VDDK {lib.soversion}); optional functions "
+                + (f"missing: {', '.join(missing)}" if missing else "all present"),
+            )
+        except UserError as e:
+            report.fail("vddk", e)
+            lib = None
+
+        if logged_in and lib is not None:
+            _test_read(report, vs, lib, server, transport)
+        else:
+            report.skip("read", "needs a login and a VDDK library")
+    finally:
+        if lib is not None:
+            lib.exit()
+        vs.close()
+    if report.failures:
+        step, first = report.failures[0]
+        print(f"ivdfs: check failed at {step}: {first.message}", file=sys.stderr)
+        return first.exit_code
+    return ExitCode.OK
+
+
+def _load(libdir: Path) -> VddkLibrary:
+    try:
+        lib = VddkLibrary(libdir)
+    except BackendError as e:
+        raise UserError(str(e), ExitCode.VDDK) from None
+    try:
+        lib.init()
+    except BackendError as e:
+        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
+    return lib
+
+
+def _first_snapshot(vs: VSphere) -> tuple[Ivd, Snapshot] | None:
+    for ds in vs.datastores():
+        for ivd_id in vs.list_ivds(ds):
+            ivd = vs.ivd(ds, ivd_id)
+            snaps = vs.snapshots(ivd)
+            if snaps:
+                return ivd, snaps[0]
+    return None
+
+
+def _test_read(
+    report: Report, vs: VSphere, lib: VddkLibrary, server: ServerConfig, transport: str | None
+) -> None:
+    try:
+        found = _first_snapshot(vs)
+    except BackendError as e:
+        report.fail("read", UserError(f"listing IVDs: {e}", ExitCode.CONNECT))
+        return
+    if found is None:
+        report.skip("read", "no IVD has a snapshot to test with")
+        return
+    ivd, snap = found
+    target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
+    handle = DiskHandle(
+        lib,
+        ServerTarget(server.host, server.port, server.user, server.password, vs.thumbprint),
+        target,
+        transport,
+    )
+    try:
+        handle.open()
+        n = min(TEST_READ_BYTES, handle.capacity_bytes) // _cdefs.SECTOR_SIZE * _cdefs.SECTOR_SIZE
+        if n:
+            handle.read_into(0, bytearray(n))
+        report.ok(
+            "read",
+            f"{n} bytes of IVD {ivd.name} ({ivd.id}) snapshot {snap.id} "
+            f"via {handle.transport or 'VDDK'}",
+        )
+    except BackendError as e:
+        report.fail("read", UserError(str(e), ExitCode.VDDK))
+    finally:
+        try:
+            handle.close()
+        except BackendError:
+            pass  # the read's own failure is the one to report

@@ -1,0 +1,78 @@
+"""Helpers shared by the subcommands: a logged-in session, tables, progress on a terminal.
+
+Main thread only; every call blocks.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from ivdfs.config import ServerConfig
+from ivdfs.inventory.vsphere import Progress, VSphere
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@contextmanager
+def session(server: ServerConfig) -> Iterator[VSphere]:
+    vs = VSphere(server)
+    try:
+        vs.connect()
+        yield vs
+    finally:
+        vs.close()
+
+
+def cell(text: str) -> str:
+    """One table cell: control characters (newlines in descriptions) would break the rows."""
+    return _CONTROL.sub(" ", text)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    cells = [list(headers), *[[cell(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        padded = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*padded, r[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'; exact byte counts are in --json."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+@contextmanager
+def progress(what: str) -> Iterator[Progress | None]:
+    """On a terminal, a one-line '<what> ... N s' that updates while a task runs."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    shown = [False]
+
+    def update(elapsed: float) -> None:
+        if elapsed >= 1.0:
+            shown[0] = True
+            sys.stderr.write(f"\r{what} ... {elapsed:.0f} s")
+            sys.stderr.flush()
+
+    start = time.monotonic()
+    try:
+        yield update
+    finally:
+        if shown[0]:
+            sys.stderr.write(f"\r{what} ... {time.monotonic() - start:.0f} s, done\n")
+            sys.stderr.flush()
