@@ -20,18 +20,30 @@ import trio
 
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
 from ivdfs.errors import ExitCode, UserError
-from ivdfs.fs.operations import Operations
+from ivdfs.fs.operations import FILE_TIMEOUT, Operations
 from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
-from ivdfs.io.block_cache import BlockCache
+from ivdfs.io import stats as io_stats
+from ivdfs.io.block_cache import BlockCache, scan_segment_bytes
+from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
+from ivdfs.io.prefetch import Prefetcher
+from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.tree.tree import Tree
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.retry import RetryingDisk
 from ivdfs.vddk.worker import OpenDisk, VddkService
+from ivdfs.volumes import setup as volumes_setup
+from ivdfs.volumes.base import VolumeBackend
 
 log = logging.getLogger(__name__)
+
+# /.ivdfs/stats: run-time statistics, readable by whoever can read the mount.
+STATS_DIR = ".ivdfs"
+# Kernel read-ahead of the mount, in blocks (raised through sysfs when permitted).
+READ_AHEAD_BLOCKS = 4
 
 # FUSE options a user may add with -o; anything that could make the mount writable is refused.
 ALLOWED_FUSE_OPTIONS = {
@@ -120,25 +132,45 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
         lib = VddkLibrary(cfg.vddk_libdir)
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
+    volumes_factory = volumes_setup.prepare(cfg.volumes, lib)
 
     vs = VSphere(cfg.server)
     service: VddkService | None = None
+    volumes: VolumeBackend | None = None
+    temporary = TemporarySnapshots(vs)
     try:
         thumbprint = vs.connect()
         try:
             lib.init()
         except Exception as e:
             raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
+        # Last of the start-up steps that can fail cheaply; every later failure, and the
+        # unmount, deletes exactly these snapshots in the `finally` below.
+        temporary.create(cfg.snapshot_now, str(cfg.mountpoint))
         s = cfg.server
         service = VddkService(
             lib,
             ServerTarget(s.host, s.port, s.user, s.password, thumbprint),
             ACCESS_IDENTITY,
             cfg.transport_modes,
+            handles_per_disk=cfg.vddk_handles,
+            use_async=cfg.use_async,
         )
-        cache = BlockCache(cfg.cache_size)
-        tree = Tree(vs, VddkDiskSource(service), cache, cfg.block_size)
-        ops = Operations(tree, block_size=cfg.block_size)
+        cache = BlockCache(
+            cfg.cache_size, scan_segment_bytes(cfg.cache_size, cfg.block_size, cfg.prefetch)
+        )
+        tree = Tree(vs, VddkDiskSource(service), cache, cfg.block_size, refresh=cfg.refresh)
+        if volumes_factory is not None:
+            volumes = volumes_factory(service)
+            tree.volumes, tree.mountpoint = volumes, cfg.mountpoint
+        prefetcher = Prefetcher(min(cfg.prefetch, PREFETCH_IN_FLIGHT)) if cfg.prefetch else None
+        tree.prefetcher, tree.max_prefetch = prefetcher, cfg.prefetch
+        stats_dir = tree.add_dir(tree.root, STATS_DIR)
+        tree.add_generated(stats_dir, "stats", lambda: io_stats.render(lib, cache, prefetcher))
+        # The kernel keeps directory entries as long as the tree keeps a listing (no refresh:
+        # as long as file attributes), so new and deleted entries show up together.
+        dir_timeout = cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT
+        ops = Operations(tree, dir_timeout=dir_timeout, block_size=cfg.block_size)
         options = {"fsname=ivdfs", "subtype=ivdfs", "ro", "default_permissions", *cfg.fuse_options}
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), options)
@@ -149,7 +181,13 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             ready()
         clean = False
         try:
-            trio.run(_serve)
+            trio.run(
+                _serve,
+                prefetcher,
+                lambda: _log_stats(lib, cache, True, prefetcher),
+                volumes,
+                lambda: _tune_read_ahead(cfg),
+            )
             clean = True
         finally:
             # Unmount only on a clean exit: after a crash the mountpoint stays visibly broken
@@ -158,46 +196,75 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             pyfuse3.close(unmount=clean and still_mounted)
             if clean:
                 log.info("unmounted %s", cfg.mountpoint)
-        _log_stats(lib, cache, cfg.debug)
+        _log_stats(lib, cache, cfg.debug, prefetcher)
         return ExitCode.OK
     finally:
+        # Volumes go first: VixMntapi needs the VDDK control thread and must Exit before
+        # VixDiskLib does. Kernel volumes were normally detached in _stop_on_signal while FUSE
+        # still served; after a crash this runs once the FUSE connection is gone.
+        if volumes is not None:
+            volumes.close_blocking()
         if service is not None:
             service.close_all()
+        # After every handle is closed: vSphere may refuse to delete a snapshot in use.
+        temporary.delete_all()
         lib.exit()
         vs.close()
 
 
-async def _serve() -> None:
+async def _serve(
+    prefetcher: Prefetcher | None,
+    log_stats: Callable[[], None],
+    volumes: VolumeBackend | None = None,
+    after_init: Callable[[], None] | None = None,
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_stop_on_signal, volumes)
+        nursery.start_soon(_stats_on_signal, log_stats)
+        if after_init is not None:
+            nursery.start_soon(trio.to_thread.run_sync, after_init)
+        if prefetcher is not None:
+            # Owned by this nursery: the cancel below ends every outstanding prefetch.
+            await nursery.start(prefetcher.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal() -> None:
+def _tune_read_ahead(cfg: MountConfig) -> None:
+    """Runs in a thread once the loop serves requests: the kernel sets a FUSE mount's
+    read-ahead when INIT is answered, undoing an earlier change, and a stat of the mount
+    returns only after INIT."""
+    try:
+        os.stat(cfg.mountpoint)
+    except OSError as e:
+        log.debug("read-ahead left alone: %s", e)
+        return
+    # Whole-block requests with several in flight, instead of the default 128 KiB.
+    raise_read_ahead(cfg.mountpoint, READ_AHEAD_BLOCKS * cfg.block_size // 1024)
+
+
+async def _stats_on_signal(log_stats: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            log_stats()
+
+
+async def _stop_on_signal(volumes: VolumeBackend | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            if volumes is not None:
+                # While pyfuse3.main still serves: loop devices read through this mount, and
+                # their umount/detach would hang (and FUSE stay busy) if nobody answered.
+                await volumes.aclose()
             pyfuse3.terminate()
             return
 
 
-def _log_stats(lib: VddkLibrary, cache: BlockCache, debug: bool) -> None:
-    level = logging.INFO if debug else logging.DEBUG
-    for name, st in sorted(lib.stats.snapshot().items()):
-        avg = st.bytes // st.calls if st.calls else 0
-        log.log(
-            level,
-            "%s: %d calls, %d errors, %.3f s, %d bytes (avg %d)",
-            name,
-            st.calls,
-            st.errors,
-            st.micros / 1e6,
-            st.bytes,
-            avg,
-        )
-    c = cache.stats
-    log.log(level, "cache: %d hits, %d misses, %d shared misses", c.hits, c.misses, c.shared_misses)
+def _log_stats(
+    lib: VddkLibrary, cache: BlockCache, debug: bool, prefetcher: Prefetcher | None = None
+) -> None:
+    io_stats.log_stats(log, logging.INFO if debug else logging.DEBUG, lib, cache, prefetcher)
 
 
 def daemonize_and_run(cfg: MountConfig) -> int:

@@ -101,10 +101,10 @@ def test_tree_bytes_and_read_only(bed: Bed, images: list[Image], mountpoint: Pat
         assert a.id in ds0 and b.id not in ds0 and len(ds0) == 2
         assert os.listdir(mountpoint / "LocalDS_1") == [b.id]
         assert sorted(os.listdir(mountpoint / "LocalDS_0" / a.id)) == sorted(
-            i.snapshot for i in images[:2]
+            [*(i.snapshot for i in images[:2]), "info.json"]
         )
         empty = next(n for n in ds0 if n != a.id)
-        assert os.listdir(mountpoint / "LocalDS_0" / empty) == []
+        assert os.listdir(mountpoint / "LocalDS_0" / empty) == ["info.json"]
         assert not (mountpoint / "LocalDS_0" / "no-such-ivd").exists()
 
         for img in images:

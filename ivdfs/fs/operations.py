@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.tree.nodes import DirNode, GeneratedFile, Node
+from ivdfs.tree.nodes import DirNode, DiskFile, GeneratedFile, Node, SymlinkNode
 from ivdfs.tree.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.ino
         a.generation = 0
         is_dir = isinstance(node, DirNode)
-        timeout = self.dir_timeout if is_dir else FILE_TIMEOUT
+        # Directory entries and links come and go as the tree refreshes: the kernel must ask
+        # again after the refresh interval. What a snapshot directory holds never changes.
+        timeout = self.dir_timeout if is_dir or isinstance(node, SymlinkNode) else FILE_TIMEOUT
         if isinstance(node, GeneratedFile):
             timeout = 0.0  # content changes (statistics): never cache its size
         a.entry_timeout = a.attr_timeout = timeout
@@ -110,6 +112,24 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self.attrs(self.tree.get(inode))
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.tree.get(inode)
+        if not isinstance(node, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self.tree.xattrs(inode).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self.tree.xattrs(inode)]
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -144,15 +164,17 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, GeneratedFile):
             # direct_io: reads are not bounded by a size the kernel cached earlier.
             return pyfuse3.FileInfo(fh=node.ino, keep_cache=False, direct_io=True)
-        # The inode doubles as file handle: an open needs no state of its own.
-        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True, direct_io=False, nonseekable=False)
+        # A disk open gets its own handle (sequential detection is per open file); other files
+        # need no state of their own, so their inode doubles as file handle.
+        fh = self.tree.open_stream(node) if isinstance(node, DiskFile) else node.ino
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # pyfuse3 replies from any buffer
         return await self.tree.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
-        pass
+        self.tree.release(fh)
 
     async def forget(self, inode_list: Any) -> None:
         # Nodes live as long as the mount; inode numbers are never reused.
