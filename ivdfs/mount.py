@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
 from ivdfs.errors import ExitCode, UserError
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations
@@ -72,21 +72,6 @@ def check_fuse_options(options: tuple[str, ...]) -> None:
         )
 
 
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def mounted_paths() -> set[str]:
-    paths: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                # Field 5 is the mount point, with space, tab, newline and backslash as \ooo.
-                paths.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4]))
-    except OSError:
-        pass
-    return paths
-
-
 def check_mountpoint(mp: Path) -> None:
     try:
         st = mp.stat()
@@ -94,7 +79,7 @@ def check_mountpoint(mp: Path) -> None:
         raise UserError(f"mountpoint {mp} does not exist", ExitCode.MOUNTPOINT) from None
     except OSError as e:
         raise UserError(f"mountpoint {mp}: {e.strerror}", ExitCode.MOUNTPOINT) from None
-    if str(mp.resolve()) in mounted_paths() or os.path.ismount(mp):
+    if mountinfo.find(mp) is not None or os.path.ismount(mp):
         raise UserError(f"mountpoint {mp} is already a mount point", ExitCode.MOUNTPOINT)
     import stat as stat_mod
 
@@ -192,7 +177,7 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
         finally:
             # Unmount only on a clean exit: after a crash the mountpoint stays visibly broken
             # ("Transport endpoint is not connected") instead of looking like an empty snapshot.
-            still_mounted = str(cfg.mountpoint.resolve()) in mounted_paths()
+            still_mounted = mountinfo.find(cfg.mountpoint) is not None
             pyfuse3.close(unmount=clean and still_mounted)
             if clean:
                 log.info("unmounted %s", cfg.mountpoint)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, UserError
 from ivdfs.inventory.vsphere import VSphere
@@ -23,21 +25,10 @@ log = logging.getLogger(__name__)
 FSTYPE = "fuse.ivdfs"
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo octal-escapes space, tab, newline and backslash.
-    return field.encode().decode("unicode_escape")
-
-
 def mount_type(path: Path) -> str | None:
     """The filesystem type mounted at `path` (the topmost mount), or None."""
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if _unescape(fields[4]) == str(path):
-                found = fields[sep + 1]
-    return found
+    entry = mountinfo.find(path)
+    return entry.fstype if entry is not None else None
 
 
 def _is_ivdfs_mount_process(pid: int, mountpoint: Path) -> bool:
@@ -83,7 +74,12 @@ def umount(mountpoint: Path, timeout: float) -> int:
     )
     if r.returncode != 0:
         reason = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"status {r.returncode}"
-        raise UserError(f"cannot unmount {mp}: {reason}", ExitCode.MOUNTPOINT)
+        if pid is None or "busy" not in reason.lower():
+            raise UserError(f"cannot unmount {mp}: {reason}", ExitCode.MOUNTPOINT)
+        # Busy: with --volumes kernel, guest filesystems hold our files open and only ivdfs
+        # can take them down first; SIGTERM makes it detach them, then unmount itself.
+        log.info("%s is busy; asking ivdfs (pid %d) to detach its volumes and stop", mp, pid)
+        os.kill(pid, signal.SIGTERM)
     if pid is None:
         return ExitCode.OK  # mounted by other means (another namespace): nothing to wait for
     # The process still closes VDDK handles, ends access and deletes --snapshot-now snapshots.
@@ -98,6 +94,8 @@ def umount(mountpoint: Path, timeout: float) -> int:
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+    if mount_type(mp) == FSTYPE:
+        raise UserError(f"cannot unmount {mp}: it is still busy", ExitCode.MOUNTPOINT)
     return ExitCode.OK
 
 

@@ -13,31 +13,19 @@ number comes from /proc/self/mountinfo.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
+
+from ivdfs import mountinfo
 
 log = logging.getLogger(__name__)
 
 SYSFS_BDI = Path("/sys/class/bdi")
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 def mount_device(mountpoint: Path) -> str | None:
-    """'major:minor' of the mount at `mountpoint`, from /proc/self/mountinfo."""
-    # Resolve the parent only: resolving the mountpoint itself would stat the mount's root.
-    target = str(mountpoint.parent.resolve() / mountpoint.name)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            found = None
-            for line in f:
-                fields = line.split()
-                # Space, tab, newline and backslash in a mount point appear as \ooo.
-                path = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-                if path == target:
-                    found = fields[2]  # the last (topmost) mount there wins
-            return found
-    except OSError:
-        return None
+    """'major:minor' of the mount at `mountpoint`."""
+    entry = mountinfo.find(mountpoint)
+    return entry.device if entry is not None else None
 
 
 def raise_read_ahead(mountpoint: Path, kib: int, bdi_root: Path = SYSFS_BDI) -> int | None:
