@@ -305,9 +305,11 @@ def add_other_commands(sub: Any) -> None:
 
 
 def get_password(args: argparse.Namespace) -> Secret:
+    # Taken out of the environment either way, so that no program ivdfs starts (losetup,
+    # mount, ntfs-3g for --volumes kernel) inherits it.
+    value = os.environ.pop("IVDFS_PASSWORD", None)
     if args.password_file is not None:
         return Secret(read_password_file(args.password_file.expanduser()))
-    value = os.environ.get("IVDFS_PASSWORD")
     if value:
         return Secret(value)
     if sys.stdin.isatty():
