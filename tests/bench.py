@@ -369,13 +369,15 @@ class Bench:
         }
 
     def warm(self, disk: Path, image: Path, mb: float) -> None:
-        warm = mb / dd(disk)
+        # Best of three passes on each side: one pass is at the mercy of whatever else the
+        # two cores are doing at that moment, and both sides get the same treatment.
+        warm = max(mb / dd(disk) for _ in range(3))
         shm = Path(tempfile.mkdtemp(prefix="ivdfs-bench-", dir="/dev/shm"))
         try:
             copy = shm / "disk.raw"
             shutil.copyfile(image, copy)
             dd(copy)  # into the page cache, as the mount's copy is
-            tmpfs = mb / dd(copy)
+            tmpfs = max(mb / dd(copy) for _ in range(3))
         finally:
             shutil.rmtree(shm)
         self.row(3, "warm re-read vs tmpfs", warm, tmpfs, "MB/s", ">= 0.9", warm >= 0.9 * tmpfs)
