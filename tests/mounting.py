@@ -6,6 +6,7 @@ deadline.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ REPO = TESTBED.parent.parent
 VDDK_LIBDIR = TESTBED / "build" / "vddk"
 VDDK6_LIBDIR = TESTBED / "build" / "vddk6"
 IVDFS = [sys.executable, "-m", "ivdfs"]
+MiB = 1 << 20
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -143,3 +145,41 @@ class Mount:
             ):
                 bad.append(line)
         return bad
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def call_lines(lines: list[str], fn: str) -> list[dict[str, str]]:
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == fn:
+            out.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
+    return out
+
+
+def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:
+    lines = bed.log_lines()
+    assert lines, "the stand-in wrote no call log"
+    assert not [ln for ln in lines if " VIOLATION " in ln or ln.split()[2:3] == ["VIOLATION"]]
+    assert not call_lines(lines, "Write")
+    prepares = call_lines(lines, "PrepareForAccess")
+    ends = call_lines(lines, "EndAccess")
+    assert sorted(p["id"] for p in prepares) == sorted(e["id"] for e in ends)
+    assert {p["id"] for p in prepares} == ivd_ids
+    opens = call_lines(lines, "Open")
+    closes = call_lines(lines, "Close")
+    assert opens and len(opens) == len(closes)
+    assert all(o["flags"] == "4" for o in opens)
+    assert all(c["readOnly"] == "1" for c in call_lines(lines, "ConnectEx"))
+    # Open and Close of each handle on one thread (VDDK's rule).
+    open_tid = {o["handle"]: o["tid"] for o in opens}
+    assert all(open_tid[c["handle"]] == c["tid"] for c in closes)
+    assert len(call_lines(lines, "Disconnect")) == len(call_lines(lines, "ConnectEx"))
+    assert call_lines(lines, "Exit")

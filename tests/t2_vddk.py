@@ -22,21 +22,12 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import REPO, VDDK_LIBDIR
+from tests.mounting import REPO, VDDK_LIBDIR, call_lines
 from tests.testbed.images import block_data, random_disk, sparse_disk
 
 MiB = 1 << 20
 IVD = "6c4ad1b1-0000-4000-8000-00000000c0de"
 SNAP = "snap-1"
-
-
-def call_lines(lines: list[str], fn: str) -> list[dict[str, str]]:
-    out = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == fn:
-            out.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
-    return out
 
 
 def run_scenario(

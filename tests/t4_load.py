@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount
-from tests.t4_mount import assert_standin_log_clean, sha256_file
+from tests.mounting import Bed, Mount, assert_standin_log_clean, sha256_file
 from tests.testbed.vsphere import place_image
 
 MiB = 1 << 20

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount, fuse_mounts, mounted_at, wait_for
+from tests.mounting import (
+    Bed,
+    Mount,
+    assert_standin_log_clean,
+    fuse_mounts,
+    mounted_at,
+    sha256_file,
+    wait_for,
+)
 from tests.testbed.vsphere import Ivd, place_image
 
 MiB = 1024 * 1024
@@ -52,44 +60,6 @@ def images(bed: Bed) -> list[Image]:
             place_image(bed.images, ivd.id, snap, p)
             out.append(Image(ivd, snap, p, digest))
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def call_lines(lines: list[str], fn: str) -> list[dict[str, str]]:
-    out = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == fn:
-            out.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
-    return out
-
-
-def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:
-    lines = bed.log_lines()
-    assert lines, "the stand-in wrote no call log"
-    assert not [ln for ln in lines if " VIOLATION " in ln or ln.split()[2:3] == ["VIOLATION"]]
-    assert not call_lines(lines, "Write")
-    prepares = call_lines(lines, "PrepareForAccess")
-    ends = call_lines(lines, "EndAccess")
-    assert sorted(p["id"] for p in prepares) == sorted(e["id"] for e in ends)
-    assert {p["id"] for p in prepares} == ivd_ids
-    opens = call_lines(lines, "Open")
-    closes = call_lines(lines, "Close")
-    assert opens and len(opens) == len(closes)
-    assert all(o["flags"] == "4" for o in opens)
-    assert all(c["readOnly"] == "1" for c in call_lines(lines, "ConnectEx"))
-    # Open and Close of each handle on one thread (VDDK's rule).
-    open_tid = {o["handle"]: o["tid"] for o in opens}
-    assert all(open_tid[c["handle"]] == c["tid"] for c in closes)
-    assert len(call_lines(lines, "Disconnect")) == len(call_lines(lines, "ConnectEx"))
-    assert call_lines(lines, "Exit")
 
 
 def test_tree_bytes_and_read_only(bed: Bed, images: list[Image], mountpoint: Path) -> None:
@@ -211,9 +181,7 @@ def test_mount_is_private_to_the_mounting_user(
         assert m.unmount() == 0
 
 
-def test_password_never_in_argv_or_logs(
-    bed: Bed, images: list[Image], mountpoint: Path
-) -> None:
+def test_password_never_in_argv_or_logs(bed: Bed, images: list[Image], mountpoint: Path) -> None:
     with Mount(bed, mountpoint, "--debug") as m:
         with open(f"/proc/{m.proc.pid}/cmdline", "rb") as f:
             assert bed.vcsim.password.encode() not in f.read()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount
+from tests.mounting import Bed, Mount, sha256_file
 from tests.testbed.vsphere import Ivd, place_image
 
 MiB = 1024 * 1024
@@ -38,10 +38,6 @@ def disks(bed: Bed) -> dict[str, tuple[Ivd, list[tuple[str, str]]]]:
             snaps.append((snap, hashlib.sha256(data).hexdigest()))
         out[f"{name}@{ds}"] = (ivd, snaps)
     return out
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_by_name_links_resolve_to_the_right_bytes(
@@ -73,7 +69,7 @@ def test_by_name_links_resolve_to_the_right_bytes(
                 ]
                 assert matching, (snap, entries)
                 for e in matching:
-                    assert sha256(by_name / link_dir / e / "disk.raw") == digest
+                    assert sha256_file(by_name / link_dir / e / "disk.raw") == digest
             newest = snaps[-1][0]
             assert os.readlink(by_name / link_dir / "latest").endswith(newest)
         # Two snapshots with one description in one second: the later one gets its id.

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import IVDFS, Bed, Mount, mounted_at
-from tests.t4_mount import assert_standin_log_clean, call_lines, sha256_file
+from tests.mounting import (
+    IVDFS,
+    Bed,
+    Mount,
+    assert_standin_log_clean,
+    call_lines,
+    mounted_at,
+    sha256_file,
+)
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, place_image
 

@@ -66,6 +66,15 @@ class Stats:
             }
 
 
+def has_symbol(lib: Any, name: str) -> bool:
+    """Whether a cffi-dlopened library exports `name` (cffi resolves symbols lazily)."""
+    try:
+        getattr(lib, name)
+    except (AttributeError, NotImplementedError):
+        return False
+    return True
+
+
 def find_library(libdir: Path) -> Path:
     """The newest `libvixDiskLib.so.N` under `libdir/lib64`."""
     if not libdir.is_dir():
@@ -108,11 +117,7 @@ class VddkLibrary:
         self._initialised = False
 
     def _has(self, name: str) -> bool:
-        try:
-            getattr(self.lib, name)
-        except (AttributeError, NotImplementedError):
-            return False
-        return True
+        return has_symbol(self.lib, name)
 
     @property
     def has_async(self) -> bool:
@@ -179,9 +184,12 @@ class VddkLibrary:
         finally:
             self.stats.add(function, (time.perf_counter_ns() - t0) // 1000, nbytes, failed)
 
-    def call(self, function: str, *args: Any, context: str = "", nbytes: int = 0) -> None:
-        """Call a VixError-returning function, timed, raising VddkError on failure."""
-        fn: Callable[..., int] = getattr(self.lib, function)
+    def call(
+        self, function: str, *args: Any, context: str = "", nbytes: int = 0, lib: Any = None
+    ) -> None:
+        """Call a VixError-returning function (of this library, or of `lib`, e.g. VixMntapi,
+        whose errors VixDiskLib explains), timed, raising VddkError on failure."""
+        fn: Callable[..., int] = getattr(self.lib if lib is None else lib, function)
         t0 = time.perf_counter_ns()
         err = fn(*args)
         self.stats.add(function, (time.perf_counter_ns() - t0) // 1000, nbytes, err != 0)

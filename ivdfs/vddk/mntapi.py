@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import cffi
 
 from ivdfs.vddk import _cdefs, _mntapi_cdefs
 from ivdfs.vddk.errors import VddkLoadError
-from ivdfs.vddk.library import VddkLibrary, _libc
+from ivdfs.vddk.library import VddkLibrary, _libc, has_symbol
 from ivdfs.vddk.library import ffi as disklib_ffi
 
 log = logging.getLogger(__name__)
@@ -71,25 +69,14 @@ class Mntapi:
             self.lib: Any = ffi.dlopen(str(self.path))
         except OSError as e:
             raise VddkLoadError(f"cannot load {self.path}: {e}") from None
-        missing = [n for n in _mntapi_cdefs.REQUIRED if not self._has(n)]
+        missing = [n for n in _mntapi_cdefs.REQUIRED if not has_symbol(self.lib, n)]
         if missing:
             raise VddkLoadError(f"{self.path} is not VixMntapi: it lacks {', '.join(missing)}")
         self._callbacks: list[Any] = []
         self.initialised = False
 
-    def _has(self, name: str) -> bool:
-        try:
-            getattr(self.lib, name)
-        except (AttributeError, NotImplementedError):
-            return False
-        return True
-
     def call(self, function: str, *args: Any, context: str = "") -> None:
-        fn: Callable[..., int] = getattr(self.lib, function)
-        t0 = time.perf_counter_ns()
-        err = fn(*args)
-        self.disklib.stats.add(function, (time.perf_counter_ns() - t0) // 1000, 0, err != 0)
-        self.disklib.check(err, function, context)
+        self.disklib.call(function, *args, context=context, lib=self.lib)
 
     def init(self) -> None:
         if self.initialised:

@@ -9,7 +9,6 @@ disk.raw is checked against its source image.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,19 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.mounting import REPO, VDDK_LIBDIR, fuse_mounts, mounted_at, wait_for
+from tests.mounting import REPO, VDDK_LIBDIR, fuse_mounts, mounted_at, sha256_file, wait_for
 from tests.testbed import images
 from tests.testbed.vsphere import Vcsim, place_image
 
 MiB = 1024 * 1024
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def print_tree(root: Path, depth: int = 4) -> None:
@@ -146,7 +137,7 @@ def main() -> int:
             print("\nverifying every disk.raw against its source image:")
             total = 0
             for rel, src, name in sources:
-                got, want = sha256(mp / rel), sha256(src)
+                got, want = sha256_file(mp / rel), sha256_file(src)
                 total += src.stat().st_size
                 status = "OK" if got == want else "MISMATCH"
                 print(f"  {status}  {name:9s} sha256 {got[:16]}…  {rel[:60]}…")
@@ -158,8 +149,10 @@ def main() -> int:
                     "unmount and stop the simulator. "
                 )
             else:
-                print(f"\nMounted at {mp}; unmounting now (run scripts/demo --keep to explore "
-                      "it; a real mount ends with: fusermount3 -u MOUNTPOINT)")
+                print(
+                    f"\nMounted at {mp}; unmounting now (run scripts/demo --keep to explore "
+                    "it; a real mount ends with: fusermount3 -u MOUNTPOINT)"
+                )
         finally:
             subprocess.run(["fusermount3", "-u", str(mp)], check=False)
             wait_for(lambda: str(mp) not in fuse_mounts(), what="unmount")
