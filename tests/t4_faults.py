@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -100,4 +101,23 @@ def test_persistent_failures_are_eio_fail_fast_and_never_wrong(
         # The mount survives.
         assert rel.parts[1] in os.listdir(m.mountpoint / rel.parts[0])
         assert m.unmount() == 0
+    assert_standin_log_clean(bed, {ivd_id})
+
+
+def test_host_down_for_good_gives_eio_not_a_hang(
+    bed: Bed, disk: tuple[Path, bytes, str], tmp_path: Path
+) -> None:
+    """The connection drops and every reconnect fails: readers get EIO in bounded time (on the
+    asynchronous NBD path too), the mount stays usable, and everything is closed at the end."""
+    rel, _, ivd_id = disk
+    bed.standin_log.unlink(missing_ok=True)
+    env = {"VDDK_STANDIN_DROP_AFTER": "3", "VDDK_STANDIN_FAIL_CONNECT_AFTER": "1"}
+    with Mount(bed, tmp_path / "mnt", **env) as m:
+        for _ in range(2):  # the second pass meets a disk whose reopen already failed
+            r = subprocess.run(["dd", f"if={m.mountpoint / rel}", "of=/dev/null", "bs=1M"],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert r.returncode != 0 and "Input/output error" in r.stderr
+        assert rel.parts[1] in os.listdir(m.mountpoint / rel.parts[0])
+        assert m.unmount() == 0
+    assert "reopening" in m.log()
     assert_standin_log_clean(bed, {ivd_id})

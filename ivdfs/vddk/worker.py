@@ -77,8 +77,9 @@ class ThreadWorker:
         return self._outcome(job)
 
     def post(self, fn: Callable[[], object]) -> None:
-        """Queue `fn` without waiting for it; `fn` reports its own outcome and never raises."""
-        self._q.put(_Job(fn, None, None))
+        """Queue `fn` without waiting for it; `fn` reports its own outcome and never raises.
+        Raises BackendError, like `run`, once the thread is stopped."""
+        self._submit(_Job(fn, None, None))
 
     def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run `fn` on this thread from outside trio (teardown) and wait for it."""
@@ -173,10 +174,15 @@ class OpenDisk:
         # More waiting requests than the handles can serve would only queue on their threads.
         self._slots = _PrioritySlots(per_handle * len(handles))
         self.depth = per_handle * len(handles)
+        # Set on the trio thread before the I/O threads stop: a reader that was waiting for a
+        # slot must fail (and be retried on a new handle), never queue behind a dead thread.
+        self.closed = False
 
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
         await self._slots.acquire(BACKGROUND.get())
         try:
+            if self.closed:
+                raise BackendError(f"{self.handle.target.describe()}: the handle was closed")
             io = min(self._ios, key=lambda h: h.load)
             io.load += 1
             try:
@@ -270,9 +276,12 @@ class VddkService:
                 return disk
             if self._closed:
                 raise BackendError("shutting down")
-            disk = await self._control.run(lambda: self._open_blocking(target))
-            self._disks[target] = disk
-            return disk
+            # Shielded: a handle opened for a cancelled caller must still be registered, or
+            # close_all would never close it.
+            with trio.CancelScope(shield=True):
+                opened = await self._control.run(lambda: self._open_blocking(target))
+                self._disks[target] = opened
+            return opened
 
     # --- for VixMntapi (ivdfs.volumes.vixmntapi): its calls belong on the control thread ---
 
@@ -334,11 +343,15 @@ class VddkService:
             if self._closed:
                 raise BackendError("shutting down")
             self._disks.pop(target, None)
-            # Joining the I/O thread waits for its queued reads: not on the trio thread.
-            await trio.to_thread.run_sync(broken.stop_io)
-            await self._control.run(lambda: self._close_quietly(broken))
-            disk = await self._control.run(lambda: self._open_blocking(target))
-            self._disks[target] = disk
+            broken.closed = True
+            # Shielded: a handle opened for a cancelled caller must still be registered, or
+            # nothing would ever close it.
+            with trio.CancelScope(shield=True):
+                # Joining the I/O thread waits for its queued reads: not on the trio thread.
+                await trio.to_thread.run_sync(broken.stop_io)
+                await self._control.run(lambda: self._close_quietly(broken))
+                disk = await self._control.run(lambda: self._open_blocking(target))
+                self._disks[target] = disk
             return disk
 
     @staticmethod
@@ -354,6 +367,7 @@ class VddkService:
         self._closed = True
         disks, self._disks = list(self._disks.values()), {}
         for disk in disks:
+            disk.closed = True
             disk.stop_io()
         self._control.run_blocking(lambda: self._close_blocking(disks))
         self._control.stop()

@@ -129,6 +129,7 @@ typedef struct {
     uint64_t global_bw;
     int64_t connect_latency_ns;
     int no_qab, fail_prepare, fail_connect, fail_open, log_reads;
+    uint64_t fail_connect_after;
     uint64_t fail_nth[MAX_NTH];
     int n_fail_nth;
     double fail_rate;
@@ -188,6 +189,7 @@ static void config_load(config_t *c) {
     c->no_qab = env_u64("VDDK_STANDIN_NO_QAB", 0) != 0;
     c->fail_prepare = env_u64("VDDK_STANDIN_FAIL_PREPARE", 0) != 0;
     c->fail_connect = env_u64("VDDK_STANDIN_FAIL_CONNECT", 0) != 0;
+    c->fail_connect_after = env_u64("VDDK_STANDIN_FAIL_CONNECT_AFTER", 0);
     c->fail_open = env_u64("VDDK_STANDIN_FAIL_OPEN", 0) != 0;
     c->log_reads = env_u64("VDDK_STANDIN_LOG_READS", 1) != 0;
     const char *nth = env_str("VDDK_STANDIN_FAIL_READ_NTH");
@@ -1027,7 +1029,10 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
     }
     if (!readOnly) violation("connect-not-readonly", "server=%s", nz(p->serverName));
     sleep_ns(g_cfg.connect_latency_ns);
-    if (g_cfg.fail_connect) {
+    /* FAIL_CONNECT_AFTER=N: the first N connects work, then the host is "down" for good. */
+    static uint64_t connects;
+    uint64_t nth = __atomic_add_fetch(&connects, 1, __ATOMIC_SEQ_CST);
+    if (g_cfg.fail_connect || (g_cfg.fail_connect_after && nth > g_cfg.fail_connect_after)) {
         err = FAIL_CONNECT_CODE;
         WARN_MSG("VixDiskLib stand-in: injected ConnectEx failure: error %llu.\n",
                  (unsigned long long)err);
