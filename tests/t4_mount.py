@@ -191,3 +191,27 @@ def test_password_never_in_argv_or_logs(bed: Bed, images: list[Image], mountpoin
         assert m.unmount() == 0
     assert bed.vcsim.password not in m.log()
     assert bed.vcsim.password not in bed.standin_log.read_text()
+
+
+def test_size_is_the_disks_own(bed: Bed, mountpoint: Path) -> None:
+    """vCenter gives an IVD's current capacity in whole MiB; a snapshot taken before the IVD
+    grew, or a disk that is not a whole number of MiB, must still show and read every byte."""
+    v = bed.vcsim
+    ivd = v.create_ivd("grown", 8, "LocalDS_2")
+    small, odd = v.create_snapshot(ivd, "before growing"), v.create_snapshot(ivd, "odd")
+    sources = {
+        small: random.Random(1).randbytes(4 * MiB),
+        odd: random.Random(2).randbytes(MiB + 1536),
+    }
+    for snap, data in sources.items():
+        src = bed.root / f"grown-{snap}.raw"
+        src.write_bytes(data)
+        place_image(bed.images, ivd.id, snap, src)
+    with Mount(bed, mountpoint) as m:
+        for snap, data in sources.items():
+            snapdir = mountpoint / ivd.datastore_name / ivd.id / snap
+            os.listdir(snapdir)  # listing opens the disk (for its partition table)
+            disk = snapdir / "disk.raw"
+            assert disk.stat().st_size == len(data)
+            assert disk.read_bytes() == data
+        assert m.unmount() == 0

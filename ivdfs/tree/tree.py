@@ -508,22 +508,24 @@ class Tree:
             async with node.open_lock:
                 if node.reader is None:
                     node.reader = await self._open_reader(node.ivd, node.snapshot, node.capacity)
+                    # From now on the size is the disk's own (see _open_reader).
+                    node.capacity = node.reader.size
         return node
 
     async def _open_reader(self, ivd: Ivd, snap: Snapshot, capacity: int) -> DiskReader:
         disk = await self.disks.open(ivd, snap)
-        size = capacity
-        if disk.capacity != capacity:
-            # vCenter rounds capacity to whole MiB; the disk itself is the authority on bytes.
-            log.warning(
-                "IVD %s snapshot %s: vCenter reports %d bytes, the disk has %d; "
-                "reading stops at the smaller",
+        size = disk.capacity
+        if size != capacity:
+            # vCenter reports the IVD's current capacity in whole MiB; a snapshot taken before
+            # the IVD grew, or a disk that is not a whole number of MiB, differs. The disk's
+            # own GetInfo is the authority on its bytes.
+            log.info(
+                "IVD %s snapshot %s: %d bytes (vCenter reports the IVD at %d)",
                 ivd.id,
                 snap.id,
+                size,
                 capacity,
-                disk.capacity,
             )
-            size = min(capacity, disk.capacity)
         key: Hashable = (ivd.id, snap.id)
         fetch: Callable[[int, int], Awaitable[Block]] = disk.read
         return DiskReader(
