@@ -19,7 +19,7 @@ import trio
 
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
@@ -187,14 +187,24 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
         # Volumes go first: VixMntapi needs the VDDK control thread and must Exit before
         # VixDiskLib does. Kernel volumes were normally detached in _stop_on_signal while FUSE
         # still served; after a crash this runs once the FUSE connection is gone.
+        # Each step runs even when an earlier one failed: a stuck volume must not cost the
+        # EndAccess calls (vMotion) or leave --snapshot-now snapshots behind.
+        steps: list[tuple[str, Callable[[], object]]] = []
         if volumes is not None:
-            volumes.close_blocking()
+            steps.append(("detaching volumes", volumes.close_blocking))
         if service is not None:
-            service.close_all()
+            steps.append(("closing VDDK handles", service.close_all))
         # After every handle is closed: vSphere may refuse to delete a snapshot in use.
-        temporary.delete_all()
-        lib.exit()
-        vs.close()
+        steps += [
+            ("deleting --snapshot-now snapshots", temporary.delete_all),
+            ("VixDiskLib_Exit", lib.exit),
+            ("logging out of vCenter", vs.close),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception as e:
+                log.error("%s failed: %s", what, e)
 
 
 async def _serve(
@@ -291,6 +301,12 @@ def daemonize_and_run(cfg: MountConfig) -> int:
     except UserError as e:
         _report(w, e.exit_code, e.message)
         code = e.exit_code
+    except NotFound as e:  # e.g. --snapshot-now names no IVD
+        _report(w, ExitCode.NOT_FOUND, str(e))
+        code = ExitCode.NOT_FOUND
+    except BackendError as e:  # vCenter failed an operation at start-up
+        _report(w, ExitCode.VSPHERE, str(e))
+        code = ExitCode.VSPHERE
     except BaseException as e:
         _report(w, ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
         log.exception("internal error")
