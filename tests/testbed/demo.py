@@ -163,8 +163,9 @@ def main() -> int:
     reads, nbytes = int(fields.get("reads", 0)), int(fields.get("read_bytes", 0))
     print(
         f"\ndemo figures: {len(samples)} IVDs, {len(sources)} snapshots, "
-        f"{total // MiB} MiB verified, VDDK reads {reads}, bytes read {nbytes}, "
-        f"average read {nbytes // max(reads, 1) // 1024} KiB, "
+        f"{total // MiB} MiB verified byte for byte; {reads} VDDK reads of "
+        f"{nbytes // max(reads, 1) // 1024} KiB on average ({nbytes} bytes: the rest is "
+        f"unallocated and was answered with zeros without a read); "
         f"{time.monotonic() - t0:.1f} s in all"
     )
     print(f"logs: {work}/ivdfs.log (ivdfs), {log} (stand-in VDDK call log)")
