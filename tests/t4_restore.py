@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterable
@@ -159,6 +160,10 @@ def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -
                 assert f.stat().st_size == p.length
                 assert f.stat().st_mode & 0o777 == 0o444
                 assert sha256_file(f) == sha(src[p.start : p.start + p.length]), f"{kind} {f}"
+                if kind == "gpt" and p.number == 1:  # nothing but this partition read so far
+                    st = json.loads((mountpoint / ".ivdfs" / "stats").read_text())
+                    # A partition read from start to end is a scan, read ahead like disk.raw.
+                    assert st["cache"]["prefetched"] > 0
                 with open(f, "rb", buffering=0) as fh:  # exact at and across EOF
                     end = p.start + p.length
                     assert os.pread(fh.fileno(), 4096, p.length - 100) == src[end - 100 : end]

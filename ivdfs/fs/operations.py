@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.tree.nodes import DirNode, DiskFile, GeneratedFile, Node, SymlinkNode
+from ivdfs.tree.nodes import DirNode, DiskFile, GeneratedFile, Node, PartitionFile, SymlinkNode
 from ivdfs.tree.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, GeneratedFile):
             # direct_io: reads are not bounded by a size the kernel cached earlier.
             return pyfuse3.FileInfo(fh=node.ino, keep_cache=False, direct_io=True)
-        # A disk open gets its own handle (sequential detection is per open file); other files
-        # need no state of their own, so their inode doubles as file handle.
-        fh = self.tree.open_stream(node) if isinstance(node, DiskFile) else node.ino
+        # A disk or partition open gets its own handle (sequential detection is per open
+        # file); other files need no state of their own, so their inode doubles as handle.
+        fh = node.ino
+        if isinstance(node, DiskFile | PartitionFile):
+            fh = self.tree.open_stream(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard

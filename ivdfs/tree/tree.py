@@ -112,6 +112,7 @@ class Tree:
         self.max_prefetch = 0
         # Per-open state of disk.raw (sequential detection); numbered above any inode.
         self._streams: dict[int, ReadStream] = {}
+        self._windows: dict[int, PartitionFile] = {}  # fh -> window, for partition opens
         self._next_fh = STREAM_FH_BASE
 
     # --- inode bookkeeping ---------------------------------------------------------------
@@ -539,19 +540,36 @@ class Tree:
             max_prefetch=self.max_prefetch,
         )
 
-    def open_stream(self, node: DiskFile) -> int:
-        """A file handle with its own sequential-read state, for an opened disk."""
-        assert node.reader is not None
+    def open_stream(self, node: DiskFile | PartitionFile) -> int:
+        """A file handle with its own sequential-read state, for an opened disk or partition
+        (a partition's stream works on its disk's reader, at the window's offset)."""
+        disk = node.disk if isinstance(node, PartitionFile) else node
+        assert disk is not None and disk.reader is not None
         fh, self._next_fh = self._next_fh, self._next_fh + 1
-        self._streams[fh] = node.reader.open_stream()
+        self._streams[fh] = disk.reader.open_stream()
+        if isinstance(node, PartitionFile):
+            self._windows[fh] = node
         return fh
 
     def release(self, fh: int) -> None:
         self._streams.pop(fh, None)
+        self._windows.pop(fh, None)
+
+    @staticmethod
+    def _window_span(node: PartitionFile, offset: int, size: int) -> tuple[int, int]:
+        """(disk offset, size) of a read of a partition window, clamped at the window's end."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        return node.start + offset, max(0, min(size, node.length - offset))
 
     async def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         stream = self._streams.get(ino)
         if stream is not None:
+            window = self._windows.get(ino)
+            if window is not None:
+                offset, size = self._window_span(window, offset, size)
+                if size == 0:
+                    return b""
             return await stream.reader.read(offset, size, stream)
         node = self.get(ino)
         if isinstance(node, GeneratedFile):
@@ -560,12 +578,10 @@ class Tree:
         if isinstance(node, PartitionFile):
             if node.disk is None or node.disk.reader is None:
                 raise BackendError(f"inode {ino} is not an open partition")
-            if offset < 0 or size < 0:
-                raise ValueError("negative offset or size")
-            size = max(0, min(size, node.length - offset))
+            offset, size = self._window_span(node, offset, size)
             if size == 0:
                 return b""
-            return await node.disk.reader.read(node.start + offset, size)
+            return await node.disk.reader.read(offset, size)
         if not isinstance(node, DiskFile) or node.reader is None:
             raise BackendError(f"inode {ino} is not an open disk")
         return await node.reader.read(offset, size)
