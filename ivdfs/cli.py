@@ -31,6 +31,7 @@ from ivdfs.config import (
     read_password_file,
 )
 from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs.vddk import _cdefs
 
 log = logging.getLogger("ivdfs")
 
@@ -369,7 +370,9 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
     libdir = vddk_libdir(args)
     cache_size = parse_size(args.cache_size, "--cache-size")
     block_size = parse_size(args.block_size, "--block-size")
-    if block_size % 512 or not 64 * 1024 <= block_size <= 2 * 1024 * 1024:
+    # At least one QueryAllocatedBlocks chunk (64K), at most one VDDK request (2M).
+    smallest = _cdefs.VIXDISKLIB_MIN_CHUNK_SIZE * _cdefs.SECTOR_SIZE
+    if block_size % _cdefs.SECTOR_SIZE or not smallest <= block_size <= _cdefs.MAX_REQUEST_BYTES:
         raise UserError(
             f"--block-size {args.block_size}: must be a multiple of 512 between 64K and 2M"
         )

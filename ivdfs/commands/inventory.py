@@ -12,7 +12,7 @@ from typing import Any
 from ivdfs.commands.common import human_size, progress, session, table
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, UserError
-from ivdfs.inventory.model import Snapshot
+from ivdfs.inventory.model import creation_order
 from ivdfs.tree import info
 from ivdfs.tree.naming import time_label
 
@@ -60,17 +60,13 @@ def ls(server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bo
             )
             return ExitCode.OK
         target = vs.find_ivd(ivd, ds)
-        snaps = sorted(vs.snapshots(target), key=_created)
+        snaps = sorted(vs.snapshots(target), key=creation_order)
         if as_json:
             _print_json([info.snapshot_fields(s) for s in snaps])
         else:
             rows2 = [[s.id, time_label(s.create_time), s.description] for s in snaps]
             print(table(["SNAPSHOT", "CREATED", "DESCRIPTION"], rows2))
         return ExitCode.OK
-
-
-def _created(s: Snapshot) -> tuple[float, str]:
-    return (s.create_time.timestamp() if s.create_time else 0.0, s.id)
 
 
 def snapshot_create(server: ServerConfig, ivd_text: str, description: str) -> int:

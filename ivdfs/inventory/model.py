@@ -34,6 +34,11 @@ class Snapshot:
     description: str = ""
 
 
+def creation_order(obj: Ivd | Snapshot) -> tuple[float, str]:
+    """Oldest first; records without a creation time first; the id breaks ties."""
+    return (obj.create_time.timestamp() if obj.create_time else 0.0, obj.id)
+
+
 class Inventory(Protocol):
     """Blocking inventory queries; callers run them off the trio thread."""
 

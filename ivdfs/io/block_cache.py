@@ -70,10 +70,6 @@ class BlockCache:
         self._unused_prefetch: set[Hashable] = set()
         self.stats = CacheStats()
 
-    def peek(self, key: Hashable) -> Block | None:
-        value = self._main.get(key)
-        return value if value is not None else self._scan.get(key)
-
     def __contains__(self, key: Hashable) -> bool:
         return key in self._main or key in self._scan or key in self._inflight
 
@@ -173,11 +169,6 @@ class BlockCache:
         finally:
             del self._inflight[key]
             pending.event.set()
-
-    def clear(self) -> None:
-        self._main.clear()
-        self._scan.clear()
-        self._unused_prefetch.clear()
 
 
 class _PrefetchGaveUp(Exception):

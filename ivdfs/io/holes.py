@@ -17,12 +17,10 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ivdfs.errors import BackendError
+from ivdfs.vddk._cdefs import SECTOR_SIZE, VIXDISKLIB_MIN_CHUNK_SIZE
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
-# QueryAllocatedBlocks refuses chunks below 128 sectors (64 KiB).
-MIN_CHUNK_SECTORS = 128
 REGION_BLOCKS = 1024
 
 QueryAllocated = Callable[[int, int, int], Awaitable[list[tuple[int, int]]]]
@@ -38,10 +36,10 @@ class AllocationMap:
     ) -> None:
         self._query = query
         self.block_size = block_size
-        self.chunk_sectors = block_size // SECTOR
+        self.chunk_sectors = block_size // SECTOR_SIZE
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.region_blocks = region_blocks
-        self.enabled = query is not None and self.chunk_sectors >= MIN_CHUNK_SECTORS
+        self.enabled = query is not None and self.chunk_sectors >= VIXDISKLIB_MIN_CHUNK_SIZE
         self._regions: dict[int, frozenset[int]] = {}  # region -> allocated block indexes
         self._loading: dict[int, trio.Event] = {}
         self.queries = 0

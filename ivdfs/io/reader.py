@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from ivdfs.io.block_cache import Block, BlockCache
 from ivdfs.io.holes import AllocationMap, QueryAllocated
 from ivdfs.io.prefetch import Prefetcher
+from ivdfs.vddk._cdefs import SECTOR_SIZE
 
-SECTOR = 512
 # Reads this many blocks behind the last one still count as in order: the kernel's concurrent
 # read-ahead requests can reach us slightly out of order.
 SEQ_SLACK = 2
@@ -79,7 +79,7 @@ class DiskReader:
         prefetcher: Prefetcher | None = None,
         max_prefetch: int = 0,
     ) -> None:
-        if block_size % SECTOR or block_size <= 0:
+        if block_size % SECTOR_SIZE or block_size <= 0:
             raise ValueError("block size must be a positive multiple of 512")
         self.key = key
         self.size = disk_size
@@ -101,7 +101,7 @@ class DiskReader:
 
     def _fetcher(self, index: int) -> Callable[[], Awaitable[Block]]:
         nbytes = self._block_bytes(index)
-        start_sector = index * self.block_size // SECTOR
+        start_sector = index * self.block_size // SECTOR_SIZE
         return lambda: self._fetch(start_sector, nbytes)
 
     def _zero_block(self, index: int) -> Block:
@@ -110,10 +110,8 @@ class DiskReader:
         return self._zeros if nbytes == self.block_size else bytes(nbytes)
 
     async def block(self, index: int, scan: bool = False) -> Block:
-        allocated = self.holes.known(index)
-        if allocated is None:
-            allocated = await self.holes.is_allocated(index)
-        if not allocated:
+        # Known regions are answered without awaiting anything (a cache hit stays a hit).
+        if not await self.holes.is_allocated(index):
             return self._zero_block(index)
         return await self.cache.get((self.key, index), self._fetcher(index), scan)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ivdfs.inventory.model import Snapshot
+from ivdfs.inventory.model import Snapshot, creation_order
 
 # Leaves room for a "~<id>" suffix within NAME_MAX (255 bytes).
 MAX_BASE_BYTES = 200
@@ -74,7 +74,7 @@ def snapshot_names(snapshots: Sequence[Snapshot]) -> dict[str, Snapshot]:
     wanted = []
     for s in snapshots:
         label = " ".join(p for p in (time_label(s.create_time), s.description) if p)
-        rank = (s.create_time.timestamp() if s.create_time else 0.0, s.id)
+        rank = creation_order(s)
         wanted.append(Wanted(safe_name(label, s.id), rank, s.id))
     names = {name: by_id[w.ident] for name, w in unique_names(wanted, reserved=[LATEST]).items()}
     if wanted:

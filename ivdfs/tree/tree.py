@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.inventory.model import Datastore, Inventory, Ivd, Snapshot
+from ivdfs.inventory.model import Datastore, Inventory, Ivd, Snapshot, creation_order
 from ivdfs.io.block_cache import Block, BlockCache
 from ivdfs.io.partitions import FS_PROBE_SIZE, Partition, detect_filesystem, parse
 from ivdfs.io.prefetch import Prefetcher
@@ -257,7 +257,7 @@ class Tree:
         ds, ivd_id = d.datastore, d.ivd_id
         ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
         snaps = await self._query(lambda: self.inventory.snapshots(ivd))
-        snaps.sort(key=lambda s: (s.create_time.timestamp() if s.create_time else 0.0, s.id))
+        snaps.sort(key=creation_order)
         d.ivd = ivd
 
         def make(snap: Snapshot) -> Make:
@@ -279,7 +279,7 @@ class Tree:
         snaps = [
             c.snapshot for c in d.children.values() if isinstance(c, SnapshotDir) and c.snapshot
         ]
-        snaps.sort(key=lambda s: (s.create_time.timestamp() if s.create_time else 0.0, s.id))
+        snaps.sort(key=creation_order)
         return info.ivd_json(d.ivd, snaps)
 
     def _add_snapshot_info(self, d: SnapshotDir) -> None:
@@ -314,7 +314,7 @@ class Tree:
             ivd = ivd_dir.ivd
             if ivd is None:
                 continue
-            rank = (ivd.create_time.timestamp() if ivd.create_time else 0.0, ivd.id)
+            rank = creation_order(ivd)
             wanted.append(naming.Wanted(naming.safe_name(ivd.name, ivd.id), rank, ivd.id))
             dirs[ivd.id] = ivd_dir
 

@@ -11,8 +11,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,12 +126,6 @@ class VddkLibrary:
     def has_query_allocated(self) -> bool:
         return {"VixDiskLib_QueryAllocatedBlocks", "VixDiskLib_FreeBlockList"} <= self.optional
 
-    @property
-    def info_has_sector_sizes(self) -> bool:
-        # VixDiskLibInfo grew logical/physical sector sizes in VDDK 7; reading them from an older
-        # library's struct would read past its end.
-        return self.soversion >= 7
-
     def init(self) -> None:
         if self._initialised:
             return
@@ -173,16 +166,6 @@ class VddkLibrary:
     def check(self, err: int, function: str, context: str = "") -> None:
         if err != _cdefs.VIX_OK:
             raise VddkError(err, function, self.error_text(err), context)
-
-    @contextmanager
-    def timed(self, function: str, nbytes: int = 0) -> Iterator[None]:
-        t0 = time.perf_counter_ns()
-        failed = True
-        try:
-            yield
-            failed = False
-        finally:
-            self.stats.add(function, (time.perf_counter_ns() - t0) // 1000, nbytes, failed)
 
     def call(
         self, function: str, *args: Any, context: str = "", nbytes: int = 0, lib: Any = None
