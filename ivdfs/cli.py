@@ -1,9 +1,10 @@
-"""Command line: argument parsing, the config file, and dispatch to the subcommands.
+"""Command line: the parser (built from ivdfs.settings), credentials, and dispatch.
 
-`ivdfs mount|ls|snapshot|check|umount|end-access`. This module turns flags, environment and the
-config file (flag > environment > file) into the frozen configs of `ivdfs.config`; the work
-happens in `ivdfs.mount` and `ivdfs.commands.*`. Exit codes come from errors.ExitCode; users
-never see a traceback. Runs on the main thread only.
+`ivdfs mount|ls|snapshot|check|umount|status|refresh|end-access`. Settings come from
+`ivdfs.settings` (flag > environment > config file > default); this module adds the positional
+arguments, reads the password, builds the frozen configs of `ivdfs.config`, and hands over to
+`ivdfs.mount` and `ivdfs.commands.*`. Every failure ends here as one line on stderr and the exit
+code of `errors.exit_code_of`; users never see a traceback. Runs on the main thread only.
 """
 
 from __future__ import annotations
@@ -13,409 +14,278 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ivdfs import __version__
+from ivdfs import __version__, settings
 from ivdfs.config import (
-    ENV_KEYS,
-    TLS_KEYS,
+    CONFIG_ENV,
     MountConfig,
     Secret,
     ServerConfig,
-    env,
     load_config_file,
     normalize_thumbprint,
     parse_server,
-    parse_size,
     read_password_file,
 )
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
-from ivdfs.vddk import _cdefs
+from ivdfs.errors import ExitCode, IvdfsError, UserError, exit_code_of
+from ivdfs.settings import Values
 
 log = logging.getLogger("ivdfs")
 
-ENV_HELP = """environment:
+ENV_HELP = f"""environment:
   IVDFS_SERVER, IVDFS_USER, IVDFS_PASSWORD, IVDFS_VDDK_LIBDIR  stand in for the matching options
   (a password is never accepted on the command line: use --password-file, IVDFS_PASSWORD or
   the prompt)
-  IVDFS_CONFIG  the config file (default ~/.config/ivdfs/config.toml, read if it exists)
+  {CONFIG_ENV}  the config file (default ~/.config/ivdfs/config.toml, read if it exists)
 
-config file: TOML, keys are the long option names (server, user, password_file, ca_file,
-thumbprint, insecure, vddk_libdir, cache_size, options = ["allow_other"], refresh, ...);
-precedence: flag > environment > config file. It never holds the password itself.
+config file: TOML, keys are the long option names with '_' (server, user, password_file,
+ca_file, thumbprint, insecure, vddk_libdir, cache_size, options = ["allow_other"], refresh,
+...); precedence: flag > environment > config file. It never holds the password itself.
 
 exit codes: 0 ok, 2 usage, 3 bad configuration, 4 login refused, 5 server unreachable or not
-vSphere, 6 TLS certificate problem, 7 VDDK library problem, 8 bad mountpoint, 9 FUSE failure,
-10 no such datastore/IVD/snapshot, 11 a vCenter task failed
+vSphere, 6 TLS certificate problem, 7 VDDK library problem, 8 bad mountpoint or busy mount,
+9 FUSE failure, 10 no such datastore/IVD/snapshot, 11 a vCenter task failed,
+128+N stopped by signal N during start-up
 """
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(ExitCode.USAGE)
 
 
-def add_server_options(p: argparse.ArgumentParser) -> None:
-    # Commands with server options read the config file; the parser is kept for its defaults.
-    p.set_defaults(_cmd_parser=p)
-    p.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="config file (default ~/.config/ivdfs/config.toml if it exists) [IVDFS_CONFIG]",
-    )
-    g = p.add_argument_group("vCenter / ESXi")
-    g.add_argument(
-        "--server",
-        metavar="HOST[:PORT]",
-        help="vCenter or ESXi host (default port 443) [IVDFS_SERVER]",
-    )
-    g.add_argument("--user", help="user name, e.g. backup@vsphere.local [IVDFS_USER]")
-    g.add_argument(
-        "--password-file",
-        type=Path,
-        metavar="FILE",
-        help="file whose first line is the password (must not be group/other "
-        "readable) [or IVDFS_PASSWORD, or a prompt on a terminal]",
-    )
-    g.add_argument(
-        "--ca-file",
-        type=Path,
-        metavar="FILE",
-        help="PEM file of CA certificates to trust besides the system's",
-    )
-    g.add_argument(
-        "--thumbprint",
-        metavar="AA:BB:...",
-        help="pin the server certificate's SHA-1 thumbprint instead of CA checks",
-    )
-    g.add_argument(
-        "--insecure",
-        action="store_true",
-        help="do not verify the server certificate (lab use only)",
-    )
-
-
-def add_libdir_option(p: Any) -> None:
-    p.add_argument(
-        "--vddk-libdir",
-        type=Path,
-        metavar="DIR",
-        help="VDDK root; the library is DIR/lib64/libvixDiskLib.so.N [IVDFS_VDDK_LIBDIR]",
-    )
+def _command(sub: Any, name: str, key: str, help_text: str, description: str = "") -> Any:
+    p = sub.add_parser(name, help=help_text, description=description or help_text, epilog=ENV_HELP)
+    p.set_defaults(_command=key)
+    settings.add_arguments(p, key)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ivdfs",
-        description="Read-only FUSE filesystem for vSphere Improved "
-        "Virtual Disk (First Class Disk) snapshots.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read-only FUSE filesystem for vSphere Improved Virtual Disk (First Class "
+        "Disk) snapshots.",
         epilog=ENV_HELP,
     )
     parser.add_argument("--version", action="version", version=f"ivdfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    m = sub.add_parser(
+    m = _command(
+        sub,
         "mount",
-        help="mount IVD snapshots as /<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw",
-        description="Mount every IVD snapshot the user can see, read-only, at MOUNTPOINT as "
-        "/<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw. Unmount with fusermount3 -u.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=ENV_HELP,
+        "mount",
+        "mount IVD snapshots as /<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw",
+        "Mount every IVD snapshot the user can see, read-only, at MOUNTPOINT as "
+        "/<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw. Stop with ivdfs umount.",
     )
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
-    add_server_options(m)
-    v = m.add_argument_group("VDDK and data path")
-    add_libdir_option(v)
-    v.add_argument(
-        "--transport",
-        metavar="MODES",
-        help="VDDK transport modes in order of preference, e.g. nbdssl:nbd "
-        "(default: VDDK's choice)",
-    )
-    v.add_argument(
-        "--cache-size", default="256M", metavar="SIZE", help="block cache size (default 256M)"
-    )
-    v.add_argument(
-        "--block-size",
-        default="1M",
-        metavar="SIZE",
-        help="cache block size, a multiple of 512 from 64K to 2M (default 1M)",
-    )
-    v.add_argument(
-        "--prefetch",
-        type=int,
-        default=16,
-        metavar="N",
-        help="read up to N blocks ahead of a sequential reader, in the background; the window "
-        "starts at 1 block, doubles while reads stay in order and collapses on a random jump "
-        "(default 16; 0: off)",
-    )
-    v.add_argument(
-        "--vddk-handles",
-        type=int,
-        default=1,
-        metavar="N",
-        help="VDDK handles per open snapshot, each its own connection and I/O thread; more "
-        "than 1 gives parallel reads on transports without asynchronous reads (SAN, HotAdd) "
-        "(default 1)",
-    )
-    v.add_argument(
-        "--no-async",
-        dest="use_async",
-        action="store_false",
-        help="do not use VixDiskLib_ReadAsync (by default up to 16 reads per handle are in "
-        "flight over NBD/NBDSSL)",
-    )
-    t = m.add_argument_group("tree")
-    t.add_argument(
-        "--volumes",
-        choices=("none", "kernel", "vixmntapi"),
-        default="none",
-        help="guest volumes as <snapshot>/volumes/<n> symlinks to read-only mounts, set up "
-        "when volumes/ is first listed: 'kernel' mounts each partition from a read-only loop "
-        "device (ext2/3/4, XFS, btrfs, NTFS via ntfs-3g, FAT via vfat or fusefat; n is the "
-        "partition number, 0 for a whole-disk filesystem; stop with SIGTERM or Ctrl-C, since "
-        "the loop devices keep fusermount3 -u from unmounting), 'vixmntapi' asks VDDK's "
-        "libvixMntapi (root needed for both; default none)",
-    )
-    t.add_argument(
-        "--refresh",
-        default="60",
-        metavar="SECONDS",
-        help="list a directory again from vCenter when its listing is older than this, so new "
-        "IVDs and snapshots appear and deleted ones go (default 60; 0: never)",
-    )
-    t.add_argument(
-        "--snapshot-now",
-        dest="snapshot_now",
-        action="append",
-        default=[],
-        metavar="IVD",
-        help="snapshot IVD (UUID or unique name) when mounting and delete that snapshot at "
-        "unmount; repeat for several IVDs",
-    )
-    f = m.add_argument_group("FUSE and process")
-    f.add_argument(
-        "-f",
-        "--foreground",
-        action="store_true",
-        help="stay in the foreground (default: detach once the mount is ready)",
-    )
-    f.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPT[,OPT]",
-        help="FUSE options, e.g. allow_other (the mount is private to you without it)",
-    )
-    f.add_argument(
-        "--debug", action="store_true", help="verbose logging, and VDDK call statistics at unmount"
-    )
-    f.add_argument(
-        "--log",
-        type=Path,
-        metavar="FILE",
-        help="append log lines to FILE (default: standard error)",
-    )
-    add_other_commands(sub)
-    return parser
 
-
-def add_other_commands(sub: Any) -> None:
-    ls = sub.add_parser(
+    ls = _command(
+        sub,
         "ls",
-        help="list datastores, the IVDs of a datastore, or the snapshots of an IVD",
-        description="Without arguments: datastores. With DATASTORE: its IVDs. With DATASTORE "
-        "and IVD (UUID or unique name): that IVD's snapshots.",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "ls",
+        "list datastores, the IVDs of a datastore, or the snapshots of an IVD",
+        "Without arguments: datastores. With DATASTORE: its IVDs. With DATASTORE and "
+        "IVD (UUID or unique name): that IVD's snapshots. --all: every datastore's "
+        "IVDs with their snapshots.",
     )
     ls.add_argument("datastore", nargs="?", metavar="DATASTORE")
     ls.add_argument("ivd", nargs="?", metavar="IVD")
     ls.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
-    add_server_options(ls)
+    ls.add_argument("--all", action="store_true", help="every IVD of every datastore")
 
     snap = sub.add_parser("snapshot", help="create or delete an IVD snapshot")
     snap_sub = snap.add_subparsers(dest="snapshot_command", metavar="ACTION", parser_class=_Parser)
     snap_sub.required = True
-    create = snap_sub.add_parser(
+    create = _command(
+        snap_sub,
         "create",
-        help="snapshot an IVD",
-        description="Snapshot an IVD (UUID or unique name); prints the new snapshot's id.",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "snapshot create",
+        "snapshot an IVD",
+        "Snapshot an IVD (UUID or unique name); prints the new snapshot's id.",
     )
     create.add_argument("ivd", metavar="IVD")
     create.add_argument("--description", default="", metavar="TEXT", help="snapshot description")
-    add_server_options(create)
-    delete = snap_sub.add_parser(
-        "delete",
-        help="delete one snapshot of an IVD",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    delete = _command(snap_sub, "delete", "snapshot delete", "delete one snapshot of an IVD")
     delete.add_argument("ivd", metavar="IVD")
     delete.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id (see ivdfs ls)")
-    add_server_options(delete)
 
-    check = sub.add_parser(
+    _command(
+        sub,
         "check",
-        help="validate a configuration without mounting",
-        description="Check the vCenter certificate and login, load the VDDK library, and read "
-        "from one IVD snapshot if there is one. Exits with the code mount would give.",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "check",
+        "validate a configuration without mounting",
+        "Check the vCenter certificate and login, load the VDDK library, and read from "
+        "one IVD snapshot if there is one. Exits with the code mount would give.",
     )
-    add_server_options(check)
-    add_libdir_option(check)
-    check.add_argument("--transport", metavar="MODES", help="VDDK transport modes to try")
 
-    umount = sub.add_parser(
+    um = _command(
+        sub,
         "umount",
-        help="unmount an ivdfs mount and wait for its process to finish",
-        description="Unmount MOUNTPOINT (fusermount3 -u) and wait until the ivdfs process "
-        "serving it has ended (its snapshots deleted, VDDK access ended).",
+        "umount",
+        "unmount an ivdfs mount and wait for its process; undo a dead mount",
+        "Unmount MOUNTPOINT and wait until the ivdfs process serving it has ended "
+        "(snapshots deleted, VDDK access ended). Refuses while files are open there "
+        "(exit 8), unless --force or --lazy. If the process died (kill -9, a crash), "
+        "undoes what the mount's journal says it held: guest volumes, loop devices, "
+        "the FUSE mount, --snapshot-now snapshots and PrepareForAccess (the last two "
+        "need the connection options, as for end-access).",
     )
-    umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    umount.add_argument(
+    um.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    um.add_argument(
         "--timeout",
         type=float,
         default=120.0,
         metavar="SECONDS",
         help="how long to wait for the process to end (default 120)",
     )
+    um.add_argument(
+        "--force", action="store_true", help="stop the mount even while programs read from it"
+    )
+    um.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach now; the mount ends when the last file is closed",
+    )
 
-    end = sub.add_parser(
+    st = _command(sub, "status", "status", "list ivdfs mounts, live and dead, and what they hold")
+    st.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="JSON for scripts")
+
+    rf = _command(
+        sub,
+        "refresh",
+        "refresh",
+        "list a directory of a mount from vCenter again now",
+        "Make the ivdfs mount list PATH (a directory of the mount; default its root) "
+        "from vCenter again at once, instead of waiting for --refresh.",
+    )
+    rf.add_argument("path", type=Path, metavar="PATH")
+
+    end = _command(
+        sub,
         "end-access",
-        help="call VDDK EndAccess for an IVD (recovery after a crash)",
-        description="When ivdfs was killed while reading an IVD it could not call "
-        "VixDiskLib_EndAccess, so vMotion stays disabled for the VMs the IVD is attached to. "
-        "This calls it.",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "end-access",
+        "call VDDK EndAccess for an IVD (recovery after a crash)",
+        "When ivdfs was killed while reading an IVD it could not call "
+        "VixDiskLib_EndAccess, so vMotion stays disabled for the VMs the IVD is "
+        "attached to. This calls it. (ivdfs umount MOUNTPOINT does it for a dead "
+        "mount from its journal.)",
     )
     end.add_argument("ivd", metavar="IVD", help="UUID or unique name")
-    add_server_options(end)
-    add_libdir_option(end)
+    return parser
 
 
-def get_password(args: argparse.Namespace) -> Secret:
+# --- credentials and configs -----------------------------------------------------------------
+
+
+def get_password(v: Values) -> Secret:
     # Taken out of the environment either way, so that no program ivdfs starts (losetup,
     # mount, ntfs-3g for --volumes kernel) inherits it.
     value = os.environ.pop("IVDFS_PASSWORD", None)
-    if args.password_file is not None:
-        return Secret(read_password_file(args.password_file.expanduser()))
+    if v.password_file is not None:
+        return Secret(read_password_file(v.password_file.expanduser()))
     if value:
         return Secret(value)
     if sys.stdin.isatty():
         try:
-            return Secret(getpass.getpass(f"Password for {args.user}@{args.server}: "))
+            return Secret(getpass.getpass(f"Password for {v.user}@{v.server}: "))
         except (EOFError, KeyboardInterrupt):
             raise UserError("no password entered") from None
     raise UserError("no password: use --password-file FILE, IVDFS_PASSWORD, or run on a terminal")
 
 
-def server_config(args: argparse.Namespace) -> ServerConfig:
-    server = args.server or env("IVDFS_SERVER")
-    if not server:
+def server_config(v: Values) -> ServerConfig:
+    if not v.server:
         raise UserError("no server: use --server HOST[:PORT] or IVDFS_SERVER")
-    host, port = parse_server(server)
-    args.server = server
-    user = args.user or env("IVDFS_USER")
-    if not user:
+    host, port = parse_server(v.server)
+    if not v.user:
         raise UserError("no user: use --user USER or IVDFS_USER")
-    args.user = user
-    if args.insecure and args.thumbprint:
+    if v.insecure and v.thumbprint:
         raise UserError("--insecure and --thumbprint contradict each other; choose one")
-    ca_file = args.ca_file.expanduser() if args.ca_file else None
+    ca_file = v.ca_file.expanduser() if v.ca_file else None
     if ca_file is not None and not ca_file.is_file():
         raise UserError(f"CA file {ca_file} does not exist", ExitCode.TLS)
     return ServerConfig(
         host=host,
         port=port,
-        user=user,
-        password=get_password(args),
+        user=v.user,
+        password=get_password(v),
         ca_file=ca_file,
-        thumbprint=normalize_thumbprint(args.thumbprint) if args.thumbprint else None,
-        insecure=args.insecure,
+        thumbprint=normalize_thumbprint(v.thumbprint) if v.thumbprint else None,
+        insecure=v.insecure,
     )
 
 
-def vddk_libdir(args: argparse.Namespace) -> Path:
-    libdir_text = str(args.vddk_libdir) if args.vddk_libdir else env("IVDFS_VDDK_LIBDIR")
-    if not libdir_text:
+def vddk_libdir(v: Values) -> Path:
+    if v.vddk_libdir is None:
         raise UserError(
             "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
         )
-    return Path(libdir_text).expanduser().absolute()
+    return Path(v.vddk_libdir).expanduser().absolute()
 
 
-def parse_refresh(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1e9:
-        raise UserError(f"invalid --refresh {text!r}: use a number of seconds (0: never)")
-    return value
-
-
-def mount_config(args: argparse.Namespace) -> MountConfig:
-    libdir = vddk_libdir(args)
-    cache_size = parse_size(args.cache_size, "--cache-size")
-    block_size = parse_size(args.block_size, "--block-size")
-    # At least one QueryAllocatedBlocks chunk (64K), at most one VDDK request (2M).
-    smallest = _cdefs.VIXDISKLIB_MIN_CHUNK_SIZE * _cdefs.SECTOR_SIZE
-    if block_size % _cdefs.SECTOR_SIZE or not smallest <= block_size <= _cdefs.MAX_REQUEST_BYTES:
-        raise UserError(
-            f"--block-size {args.block_size}: must be a multiple of 512 between 64K and 2M"
-        )
-    if cache_size < 2 * block_size:
-        raise UserError(
-            f"--cache-size {args.cache_size}: must hold at least two blocks "
-            f"({2 * block_size} bytes)"
-        )
-    options = tuple(
+def _options(values: tuple[str, ...]) -> tuple[str, ...]:
+    # config=FILE is ours (fstab lines can only pass -o options), not a FUSE option.
+    return tuple(
         o.strip()
-        for opt in args.options
+        for opt in values
         for o in opt.split(",")
-        # config=FILE is ours (fstab lines can only pass -o options), not a FUSE option.
         if o.strip() and not o.strip().startswith("config=")
     )
-    refresh = parse_refresh(str(args.refresh))
-    if not 0 <= args.prefetch <= 256:
-        raise UserError(f"--prefetch {args.prefetch}: must be between 0 and 256 blocks")
-    if not 1 <= args.vddk_handles <= 16:
-        raise UserError(f"--vddk-handles {args.vddk_handles}: must be between 1 and 16")
+
+
+def mount_config(v: Values, mountpoint: Path) -> MountConfig:
+    libdir = vddk_libdir(v)
+    if v.cache_size < 2 * v.block_size:
+        raise UserError(f"--cache-size: must hold at least two blocks ({2 * v.block_size} bytes)")
+    if v.max_connections < v.vddk_handles:
+        raise UserError("--max-connections must be at least --vddk-handles")
     return MountConfig(
-        server=server_config(args),
+        server=server_config(v),
         vddk_libdir=libdir,
-        mountpoint=args.mountpoint.expanduser().absolute(),
-        foreground=args.foreground,
-        fuse_options=options,
-        cache_size=cache_size,
-        block_size=block_size,
-        debug=args.debug,
-        transport_modes=args.transport,
-        prefetch=args.prefetch,
-        vddk_handles=args.vddk_handles,
-        use_async=args.use_async,
-        refresh=refresh,
-        snapshot_now=tuple(args.snapshot_now),
-        volumes=args.volumes,
+        mountpoint=mountpoint.expanduser().absolute(),
+        foreground=v.foreground,
+        fuse_options=_options(v.options),
+        cache_size=v.cache_size,
+        block_size=v.block_size,
+        debug=v.debug,
+        log_file=v.log.expanduser().absolute() if v.log else None,
+        transport_modes=v.transport,
+        vddk_config=v.vddk_config.expanduser().absolute() if v.vddk_config else None,
+        nfc_host_port=v.nfc_host_port,
+        prefetch=v.prefetch,
+        vddk_handles=v.vddk_handles,
+        use_async=v.use_async,
+        in_flight_bytes=v.max_in_flight,
+        max_connections=v.max_connections,
+        idle_timeout=v.idle_timeout,
+        refresh=v.refresh,
+        snapshot_now=v.snapshot_now,
+        datastores=v.datastores,
+        ivds=v.ivds,
+        volumes=v.volumes,
     )
 
 
-def setup_logging(debug: bool, log_file: Path | None) -> None:
+def setup_logging(debug: bool, log_file: Path | None) -> IO[str] | None:
+    """Returns the log file's stream, for crash traces."""
     handler: logging.Handler
+    stream: IO[str] | None = None
     if log_file is not None:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        stream = fh.stream
+        handler = fh
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -424,84 +294,116 @@ def setup_logging(debug: bool, log_file: Path | None) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("pyVmomi", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return stream
 
 
-def _config_settings(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Every setting a config file may hold: the long options of the commands that read it."""
-    out: dict[str, argparse.Action] = {}
-    stack = [parser]
-    while stack:
-        p = stack.pop()
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                stack.extend(action.choices.values())
-            elif (
-                action.option_strings
-                and action.dest not in ("help", "version", "config")
-                and p.get_default("_cmd_parser") is p
-            ):
-                out.setdefault(action.dest, action)
-    return out
-
-
-def apply_config_file(
-    parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
-) -> argparse.Namespace:
-    """Re-parse with the config file's settings as defaults: a flag still wins, and an
-    environment variable (read later, when its option is unset) beats the file."""
-    cmd_parser: argparse.ArgumentParser | None = getattr(args, "_cmd_parser", None)
-    if cmd_parser is None:
-        return args
-    path = args.config
+def _config_path(args: argparse.Namespace) -> Path | None:
+    given = getattr(args, "config", None)
+    path = Path(given) if given else None
     for opt in getattr(args, "options", None) or []:
         for o in opt.split(","):
             if o.strip().startswith("config="):
                 path = Path(o.strip().removeprefix("config="))
-    source, values = load_config_file(path)
-    if source is None:
-        return args
-    known = _config_settings(parser)
-    mine = {a.dest: a for a in cmd_parser._actions if a.option_strings}
-    defaults: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in known:
-            raise UserError(
-                f"config file {source}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
-            )
-        if key not in mine:
-            continue  # a setting for another command, e.g. cache_size for ls
-        env_name = ENV_KEYS.get(key)
-        if env_name and env(env_name):
-            continue
-        if key in TLS_KEYS and any(
-            a.split("=")[0] in ("--ca-file", "--thumbprint", "--insecure") for a in argv
-        ):
-            continue
-        defaults[key] = _setting_value(source, key, value, mine[key])
-    cmd_parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    return path
 
 
-def _setting_value(source: Path, key: str, value: Any, action: argparse.Action) -> Any:
-    bad = f"config file {source}: invalid {key} {value!r}"
-    if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise UserError(f"{bad}: use true or false")
-        return value
-    if isinstance(action, argparse._AppendAction):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise UserError(f"{bad}: use a string or a list of strings")
-        return list(items)
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise UserError(f"{bad}: use a string or a number")
-    text = str(value)
-    if callable(action.type):
-        try:
-            return action.type(text)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise UserError(bad) from None
-    return text
+def resolve(args: argparse.Namespace) -> Values:
+    command: str = args._command
+    file_values: dict[str, Any] = {}
+    source = None
+    if command in settings.SERVER_COMMANDS:
+        source, file_values = load_config_file(_config_path(args), settings.PATH_KEYS)
+        if source is not None:
+            settings.check_file_keys(file_values, source)
+    return settings.resolve(command, args, file_values, source)
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def _mount(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs import mount
+
+    cfg = mount_config(v, args.mountpoint)
+    stream = setup_logging(cfg.debug, cfg.log_file)
+    mount.enable_crash_traces(stream)
+    if cfg.foreground:
+        return mount.run(cfg)
+    return mount.daemonize_and_run(cfg)
+
+
+def _ls(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import inventory
+
+    if args.all:
+        if args.datastore is not None:
+            raise UserError("ls --all takes no DATASTORE", ExitCode.USAGE)
+        return inventory.ls_all(server_config(v), args.json)
+    return inventory.ls(server_config(v), args.datastore, args.ivd, args.json)
+
+
+def _snapshot_create(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import inventory
+
+    return inventory.snapshot_create(server_config(v), args.ivd, args.description)
+
+
+def _snapshot_delete(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import inventory
+
+    return inventory.snapshot_delete(server_config(v), args.ivd, args.snapshot)
+
+
+def _check(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import check
+
+    try:
+        libdir: Path | None = vddk_libdir(v)
+    except UserError:
+        libdir = None  # reported by the check itself, after the vCenter steps
+    return check.check(server_config(v), libdir, v.transport)
+
+
+def _umount(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import umount
+
+    def connection(used: Path | None) -> tuple[ServerConfig, Path]:
+        if v.vddk_libdir is None and used is not None:
+            return server_config(v), used
+        return server_config(v), vddk_libdir(v)
+
+    return umount.umount(args.mountpoint, args.timeout, args.force, args.lazy, connection)
+
+
+def _status(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import status
+
+    return status.status(args.mountpoint, args.json)
+
+
+def _refresh(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import status
+
+    return status.refresh(args.path)
+
+
+def _end_access(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import admin
+
+    return admin.end_access(server_config(v), vddk_libdir(v), args.ivd)
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, Values], int]] = {
+    "mount": _mount,
+    "ls": _ls,
+    "snapshot create": _snapshot_create,
+    "snapshot delete": _snapshot_delete,
+    "check": _check,
+    "umount": _umount,
+    "status": _status,
+    "refresh": _refresh,
+    "end-access": _end_access,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,51 +414,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE
     try:
-        args = apply_config_file(parser, argv, args)
-        setup_logging(getattr(args, "debug", False), getattr(args, "log", None))
-        if args.command != "mount":
+        values = resolve(args)
+        if args._command != "mount":
             # Commands report on stdout/stderr themselves; the log says only what went wrong.
+            setup_logging(False, None)
             logging.getLogger().setLevel(logging.WARNING)
-        if args.command == "mount":
-            from ivdfs import mount
-
-            cfg = mount_config(args)
-            if cfg.foreground:
-                return mount.run(cfg)
-            return mount.daemonize_and_run(cfg)
-        if args.command == "umount":
-            from ivdfs.commands.admin import umount
-
-            return umount(args.mountpoint, args.timeout)
-        from ivdfs.commands import admin, check, inventory
-
-        if args.command == "ls":
-            return inventory.ls(server_config(args), args.datastore, args.ivd, args.json)
-        if args.command == "snapshot":
-            if args.snapshot_command == "create":
-                return inventory.snapshot_create(server_config(args), args.ivd, args.description)
-            return inventory.snapshot_delete(server_config(args), args.ivd, args.snapshot)
-        if args.command == "check":
-            try:
-                libdir: Path | None = vddk_libdir(args)
-            except UserError:
-                libdir = None  # reported by the check itself, after the vCenter steps
-            return check.check(server_config(args), libdir, args.transport)
-        if args.command == "end-access":
-            return admin.end_access(server_config(args), vddk_libdir(args), args.ivd)
-        raise UserError(f"unknown command {args.command}", ExitCode.USAGE)
-    except UserError as e:
-        print(f"ivdfs: {e.message}", file=sys.stderr)
-        return e.exit_code
-    except NotFound as e:
+        return HANDLERS[args._command](args, values)
+    except IvdfsError as e:
         print(f"ivdfs: {e}", file=sys.stderr)
-        return ExitCode.NOT_FOUND
-    except BackendError as e:
-        print(f"ivdfs: {e}", file=sys.stderr)
-        return ExitCode.VSPHERE
+        return exit_code_of(e)
     except KeyboardInterrupt:
         print("ivdfs: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"ivdfs: {e}", file=sys.stderr)
+        return ExitCode.INTERNAL
+    except Exception as e:  # a bug: one line for the user, the trace for the log
+        log.debug("internal error", exc_info=True)
+        print(f"ivdfs: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return ExitCode.INTERNAL

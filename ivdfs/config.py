@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class MountConfig:
+    """What `ivdfs mount` needs, resolved and validated (see ivdfs.settings for each one)."""
+
     server: ServerConfig
     vddk_libdir: Path
     mountpoint: Path
@@ -137,20 +139,21 @@ class MountConfig:
     cache_size: int = DEFAULT_CACHE_SIZE
     block_size: int = DEFAULT_BLOCK_SIZE
     debug: bool = False
+    log_file: Path | None = None
     transport_modes: str | None = None
-    # Largest prefetch window of a sequential reader, in blocks (0: no prefetch).
+    vddk_config: Path | None = None
+    nfc_host_port: int = 0
     prefetch: int = 16
-    # VDDK handles (each its own connection and I/O thread) per open snapshot.
     vddk_handles: int = 1
-    # Use VixDiskLib_ReadAsync where the transport serves it in the background (NBD).
     use_async: bool = True
-    # Seconds after which a directory listing re-queries vCenter; 0: load once, never refresh.
+    in_flight_bytes: int = 8 << 20
+    max_connections: int = 8
+    idle_timeout: float = 60.0
     refresh: float = 60.0
-    # IVDs (UUID or unique name) to snapshot at mount and whose snapshots to delete at unmount.
     snapshot_now: tuple[str, ...] = ()
-    # Guest volumes under <snapshot>/volumes/: "none", "kernel" or "vixmntapi" (issue 6).
+    datastores: tuple[str, ...] = ()
+    ivds: tuple[str, ...] = ()
     volumes: str = "none"
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def env(name: str) -> str | None:
@@ -161,18 +164,6 @@ def env(name: str) -> str | None:
 # --- the config file ------------------------------------------------------------------------
 
 CONFIG_ENV = "IVDFS_CONFIG"
-# Settings an environment variable can give; it outranks the config file. IVDFS_PASSWORD
-# outranks the file's password_file for the same reason.
-ENV_KEYS = {
-    "server": "IVDFS_SERVER",
-    "user": "IVDFS_USER",
-    "vddk_libdir": "IVDFS_VDDK_LIBDIR",
-    "password_file": "IVDFS_PASSWORD",
-}
-# Keys holding paths: `~` expands, and a relative path is relative to the config file.
-PATH_KEYS = frozenset({"password_file", "ca_file", "vddk_libdir", "log"})
-# The TLS trust settings go together: any of them on the command line replaces all of the file's.
-TLS_KEYS = ("ca_file", "thumbprint", "insecure")
 
 
 def default_config_path() -> Path:
@@ -180,9 +171,12 @@ def default_config_path() -> Path:
     return Path(base) / "ivdfs" / "config.toml"
 
 
-def load_config_file(path: Path | None) -> tuple[Path | None, dict[str, Any]]:
+def load_config_file(
+    path: Path | None, path_keys: frozenset[str] = frozenset()
+) -> tuple[Path | None, dict[str, Any]]:
     """Read the config file: `path` if given (it must exist), else IVDFS_CONFIG, else the
-    default location if it exists. Returns (the file read or None, its settings)."""
+    default location if it exists. Returns (the file read or None, its settings); values of
+    `path_keys` expand `~` and are made relative to the file."""
     explicit = path is not None or env(CONFIG_ENV) is not None
     if path is None:
         path = Path(env(CONFIG_ENV) or default_config_path())
@@ -208,7 +202,7 @@ def load_config_file(path: Path | None) -> tuple[Path | None, dict[str, Any]]:
         name = key.replace("-", "_")
         if isinstance(value, dict):
             raise UserError(f"config file {path}: [{key}] tables are not supported")
-        if name in PATH_KEYS:
+        if name in path_keys:
             if not isinstance(value, str):
                 raise UserError(f"config file {path}: {key} must be a string (a path)")
             p = Path(value).expanduser()

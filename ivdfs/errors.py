@@ -8,6 +8,7 @@ them apart.
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class ExitCode(enum.IntEnum):
@@ -44,4 +45,33 @@ class NotFound(IvdfsError):
 
 
 class BackendError(IvdfsError):
-    """vCenter or VDDK failed while serving a request (EIO at the FUSE boundary)."""
+    """vCenter or VDDK failed while serving a request (EIO at the FUSE boundary).
+
+    `quiet`: the failure was already logged (a remembered failure answered again without a new
+    attempt), so the FUSE boundary turns it into EIO without another log line.
+    """
+
+    def __init__(self, message: str = "", *, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+class Interrupted(IvdfsError):
+    """A stop signal arrived during start-up; what was acquired is released on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"received {signal.Signals(signum).name} during start-up; nothing mounted")
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The one mapping from a failure to the process exit code (CLI and detached start-up)."""
+    if isinstance(e, UserError):
+        return e.exit_code
+    if isinstance(e, Interrupted):
+        return 128 + e.signum  # as a shell reports a process ended by that signal
+    if isinstance(e, NotFound):
+        return ExitCode.NOT_FOUND
+    if isinstance(e, BackendError):
+        return ExitCode.VSPHERE
+    return ExitCode.INTERNAL

@@ -1,4 +1,13 @@
-"""Mount orchestration: cheap checks first, then library, vCenter, tree, FUSE, ordered teardown.
+"""Mount orchestration: cheap checks first, then everything acquired in order and released in
+the reverse order, whatever happens.
+
+Role: `run` builds the mount inside an ExitStack (as s3ql's mount.py does): each resource's
+release is registered right after it is acquired, and each release step runs even when an
+earlier one failed (a stuck volume must not cost the EndAccess calls or leave --snapshot-now
+snapshots behind). The journal (`ivdfs.journal`) records what is held, so `ivdfs umount` can
+undo a mount whose process was killed. Signals: SIGTERM, SIGINT and SIGHUP stop the mount at any
+stage (during start-up: what was acquired is released and the exit is 128+signal); signals that
+arrive while stopping are logged and never interrupt the teardown; SIGUSR1 logs statistics.
 
 Concurrency: runs on the main thread. Detaching forks before anything starts threads or calls
 VDDK's InitEx (VDDK wants InitEx after any fork); the parent waits on a pipe until the child's
@@ -7,20 +16,29 @@ mount is ready, so start-up errors still reach the terminal with a non-zero exit
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import faulthandler
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import IO, Any
 
 import pyfuse3
 import trio
 
+from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
-from ivdfs.fs.operations import FILE_TIMEOUT, Operations
+from ivdfs.errors import ExitCode, Interrupted, UserError, exit_code_of
+from ivdfs.fs.connection import tune_connection
+from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
@@ -29,14 +47,14 @@ from ivdfs.io.block_cache import BlockCache, scan_segment_bytes
 from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.readahead import raise_read_ahead
-from ivdfs.tree.tree import Tree
+from ivdfs.journal import Journal
+from ivdfs.tree.catalog import Subset
+from ivdfs.tree.tree import Tree, TreeSettings
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.retry import RetryingDisk
-from ivdfs.vddk.worker import OpenDisk, VddkService
+from ivdfs.vddk.service import DiskService, Limits, Slot
 from ivdfs.volumes import setup as volumes_setup
-from ivdfs.volumes.base import VolumeBackend
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +62,50 @@ log = logging.getLogger(__name__)
 STATS_DIR = ".ivdfs"
 # Kernel read-ahead of the mount, in blocks (raised through sysfs when permitted).
 READ_AHEAD_BLOCKS = 4
+# pyfuse3 worker tasks: requests that wait for a slow disk must not hold up the others.
+MAX_FUSE_TASKS = 512
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-# FUSE options a user may add with -o; anything that could make the mount writable is refused.
+
+class Signals:
+    """Stop and statistics signals for the whole life of the process (main thread)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopping = False
+        self.log_stats: Callable[[], None] | None = None
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None and not self.stopping:
+            self.received = signum
+            log.info("received %s; stopping", name)
+        else:
+            log.warning("received %s while stopping; the teardown goes on", name)
+
+    def _on_usr1(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.log_stats is not None:
+            self.log_stats()
+
+    def check(self) -> None:
+        """Between start-up steps: stop now if asked to."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    libfuse: tuple[str, ...]
+    look: Presentation
+
+
+# FUSE options a user may add with -o; anything that could make the mount writable, or that
+# libfuse would reject at INIT (after we reported the mount ready), is refused up front.
 ALLOWED_FUSE_OPTIONS = {
     "allow_other",
     "allow_root",
@@ -57,33 +117,76 @@ ALLOWED_FUSE_OPTIONS = {
     "ro",
     "auto_unmount",
 }
-ALLOWED_FUSE_PREFIXES = ("fsname=", "subtype=", "max_read=")
+# fsname=/subtype= replace ours; uid=/gid=/umask= are ivdfs's own (as sshfs and rclone).
+NAMED_OPTIONS = ("fsname", "subtype", "uid", "gid", "umask")
 
 
-def check_fuse_options(options: tuple[str, ...]) -> None:
+def fuse_options(options: tuple[str, ...], dir_timeout: float, block_size: int) -> FuseOptions:
+    named: dict[str, str] = {}
+    flags: list[str] = []
     for opt in options:
-        if opt in ALLOWED_FUSE_OPTIONS or opt.startswith(ALLOWED_FUSE_PREFIXES):
-            continue
-        if opt in ("rw", "suid", "dev"):
+        key, eq, value = opt.partition("=")
+        if eq and key in NAMED_OPTIONS:
+            if not value or not value.isascii() or "," in value:
+                raise UserError(f"-o {opt}: a non-empty ASCII value without commas is needed")
+            named[key] = value
+        elif opt in ALLOWED_FUSE_OPTIONS:
+            if opt not in flags:
+                flags.append(opt)
+        elif opt in ("rw", "suid", "dev"):
             raise UserError(f"-o {opt} is not allowed: ivdfs mounts are read-only and safe")
-        raise UserError(
-            f"unsupported FUSE option -o {opt}; supported: "
-            f"{', '.join(sorted(ALLOWED_FUSE_OPTIONS))}, fsname=, subtype="
-        )
+        else:
+            raise UserError(
+                f"unsupported FUSE option -o {opt}; supported: "
+                f"{', '.join(sorted(ALLOWED_FUSE_OPTIONS))}, "
+                + ", ".join(f"{k}=" for k in NAMED_OPTIONS)
+            )
+    try:
+        uid = int(named.get("uid", os.getuid()))
+        gid = int(named.get("gid", os.getgid()))
+        umask = int(named.get("umask", "022"), 8)
+    except ValueError:
+        raise UserError("-o uid=, gid= take numbers and umask= an octal mask") from None
+    if not (0 <= uid < 2**32 and 0 <= gid < 2**32 and 0 <= umask <= 0o777):
+        raise UserError("-o uid=, gid= or umask= out of range")
+    libfuse = [
+        f"fsname={named.get('fsname', 'ivdfs')}",
+        f"subtype={named.get('subtype', 'ivdfs')}",
+        "ro",
+        # The kernel checks permissions against the modes ivdfs reports (uid/gid/umask).
+        "default_permissions",
+    ]
+    libfuse += [f for f in flags if f not in libfuse]
+    look = Presentation(uid, gid, umask, dir_timeout, block_size)
+    return FuseOptions(tuple(libfuse), look)
 
 
 def check_mountpoint(mp: Path) -> None:
+    stale = journal_mod.find(mp)
+    if stale is not None:
+        if stale.alive:
+            raise UserError(
+                f"{mp} is already served by ivdfs (pid {stale.pid})", ExitCode.MOUNTPOINT
+            )
+        raise UserError(
+            f"{mp} has the leftovers of an ivdfs mount whose process (pid {stale.pid}) died; "
+            f"run `ivdfs umount {mp}` first, which undoes them",
+            ExitCode.MOUNTPOINT,
+        )
     try:
         st = mp.stat()
     except FileNotFoundError:
         raise UserError(f"mountpoint {mp} does not exist", ExitCode.MOUNTPOINT) from None
     except OSError as e:
-        raise UserError(f"mountpoint {mp}: {e.strerror}", ExitCode.MOUNTPOINT) from None
+        hint = (
+            "; a FUSE mount there has died: clear it with fusermount3 -u"
+            if e.errno == errno.ENOTCONN
+            else ""
+        )
+        raise UserError(f"mountpoint {mp}: {e.strerror}{hint}", ExitCode.MOUNTPOINT) from None
     if mountinfo.find(mp) is not None or os.path.ismount(mp):
         raise UserError(f"mountpoint {mp} is already a mount point", ExitCode.MOUNTPOINT)
-    import stat as stat_mod
-
-    if not stat_mod.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mountpoint {mp} is not a directory", ExitCode.MOUNTPOINT)
     try:
         if any(os.scandir(mp)):
@@ -98,168 +201,305 @@ def check_mountpoint(mp: Path) -> None:
         )
 
 
-class VddkDiskSource:
-    """Adapts VddkService to the tree's DiskSource protocol."""
+class ServiceDisk:
+    """The tree's view of one snapshot's disk, over the disk service."""
 
-    def __init__(self, service: VddkService) -> None:
+    def __init__(self, service: DiskService, slot: Slot) -> None:
+        self._service = service
+        self._slot = slot
+
+    async def capacity(self) -> int:
+        return await self._service.capacity(self._slot)
+
+    async def read(self, start_sector: int, nbytes: int) -> bytearray:
+        return await self._service.read(self._slot, start_sector, nbytes)
+
+    async def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]:
+        return await self._service.query_allocated(
+            self._slot, start_sector, num_sectors, chunk_sectors
+        )
+
+    def hold(self) -> None:
+        self._service.hold(self._slot)
+
+    def release(self) -> None:
+        self._service.release(self._slot)
+
+    def forget(self) -> None:
+        self._service.forget(self._slot.target)
+
+
+class ServiceDisks:
+    def __init__(self, service: DiskService) -> None:
         self.service = service
 
-    async def open(self, ivd: Ivd, snapshot: Snapshot) -> RetryingDisk[OpenDisk]:
+    def disk(self, ivd: Ivd, snapshot: Snapshot) -> ServiceDisk:
         target = DiskTarget(ivd.id, ivd.datastore.moref, snapshot.id)
-        return RetryingDisk(self.service, target, await self.service.open(target))
+        return ServiceDisk(self.service, self.service.slot(target))
+
+
+def _step(what: str, fn: Callable[[], object]) -> Callable[[], None]:
+    """A teardown step whose failure is logged and does not stop the steps after it."""
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:
+            log.error("%s failed: %s", what, e, exc_info=not isinstance(e, OSError | UserError))
+
+    return run
 
 
 def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
-    """Mount and serve until unmounted or signalled. Raises UserError for start-up failures."""
+    """Mount and serve until unmounted or signalled. Raises UserError (or Interrupted) for
+    start-up failures, after releasing whatever was acquired."""
+    signals = Signals()
+    signals.install()
+    journal: list[Journal] = []  # set by _run as soon as it exists
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                code = _run(cfg, ready, signals, stack, journal)
+            finally:
+                signals.stopping = True  # from here on the ExitStack tears down
+    except BaseException as e:
+        if journal:
+            journal[0].finish(exit_code_of(e))
+        raise
+    if journal:
+        journal[0].finish(code)
+    return code
+
+
+def _run(
+    cfg: MountConfig,
+    ready: Callable[[], None] | None,
+    signals: Signals,
+    stack: contextlib.ExitStack,
+    journal: list[Journal],
+) -> int:
     check_mountpoint(cfg.mountpoint)
-    check_fuse_options(cfg.fuse_options)
+    options = fuse_options(
+        cfg.fuse_options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
+    )
     try:
         lib = VddkLibrary(cfg.vddk_libdir)
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     volumes_factory = volumes_setup.prepare(cfg.volumes, lib)
+    s = cfg.server
+    record = Journal(
+        cfg.mountpoint,
+        server=s.host,
+        port=s.port,
+        user=s.user,
+        identity=ACCESS_IDENTITY,
+        vddk_libdir=str(cfg.vddk_libdir),
+        log=str(cfg.log_file) if cfg.log_file else None,
+    )
+    journal.append(record)
+    signals.check()
 
     vs = VSphere(cfg.server)
-    service: VddkService | None = None
-    volumes: VolumeBackend | None = None
-    temporary = TemporarySnapshots(vs)
+    stack.callback(_step("logging out of vCenter", vs.close))
+    thumbprint = vs.connect()
+    record.set("thumbprint", thumbprint)
+    signals.check()
     try:
-        thumbprint = vs.connect()
-        try:
-            lib.init()
-        except Exception as e:
-            raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
-        # Last of the start-up steps that can fail cheaply; every later failure, and the
-        # unmount, deletes exactly these snapshots in the `finally` below.
-        temporary.create(cfg.snapshot_now, str(cfg.mountpoint))
-        s = cfg.server
-        service = VddkService(
-            lib,
-            ServerTarget(s.host, s.port, s.user, s.password, thumbprint),
-            ACCESS_IDENTITY,
-            cfg.transport_modes,
+        lib.init(cfg.vddk_config)
+    except Exception as e:
+        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
+    stack.callback(_step("VixDiskLib_Exit", lib.exit))
+    service = DiskService(
+        lib,
+        ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),
+        ACCESS_IDENTITY,
+        cfg.transport_modes,
+        Limits(
+            max_connections=cfg.max_connections,
+            idle_timeout=cfg.idle_timeout,
             handles_per_disk=cfg.vddk_handles,
             use_async=cfg.use_async,
+            in_flight_bytes=cfg.in_flight_bytes,
+            block_size=cfg.block_size,
+        ),
+        holdings=record,
+    )
+    # After every later step's release: handles, then EndAccess of whatever is still prepared.
+    stack.callback(_step("closing VDDK handles", service.close_all))
+    subset = Subset(
+        frozenset(cfg.datastores) if cfg.datastores else None,
+        frozenset(vs.find_ivd(i).id for i in cfg.ivds) if cfg.ivds else None,
+    )
+    temporary = TemporarySnapshots(
+        vs, service, record, advice=f" --server {s.host}:{s.port} --user {s.user}"
+    )
+    # Registered before creating: a failure half way still deletes what was made. Runs before
+    # the VDDK teardown, so a crash there cannot leave these snapshots behind.
+    stack.callback(_step("deleting --snapshot-now snapshots", temporary.delete_all))
+    temporary.create(
+        [vs.find_ivd(text) for text in cfg.snapshot_now], str(cfg.mountpoint), signals.check
+    )
+    signals.check()
+
+    cache = BlockCache(
+        cfg.cache_size, scan_segment_bytes(cfg.cache_size, cfg.block_size, cfg.prefetch)
+    )
+    prefetcher = Prefetcher(min(cfg.prefetch, PREFETCH_IN_FLIGHT)) if cfg.prefetch else None
+    volumes = volumes_factory(service) if volumes_factory is not None else None
+    if volumes is not None:
+        stack.callback(_step("detaching volumes", volumes.close_blocking))
+    tree = Tree(
+        vs,
+        ServiceDisks(service),
+        cache,
+        TreeSettings(cfg.block_size, cfg.refresh, cfg.prefetch, subset),
+        prefetcher=prefetcher,
+        volumes=volumes,
+        mountpoint=cfg.mountpoint,
+        on_detach=_invalidate_entry,
+    )
+    stats_dir = tree.add_dir(tree.root, STATS_DIR)
+
+    def report() -> dict[str, Any]:
+        return {
+            **io_stats.collect(lib, cache, prefetcher),
+            "disks": service.report(),
+            "tree": tree.report(),
+        }
+
+    tree.add_generated(stats_dir, "stats", lambda: io_stats.dump(report()))
+    signals.log_stats = lambda: io_stats.log_report(log, logging.INFO, report())
+    ops = Operations(tree, options.look)
+    try:
+        # A list, not a set: the order is ours, and a set's would change with the hash seed.
+        pyfuse3.init(ops, str(cfg.mountpoint), list(options.libfuse))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        raise UserError(f"cannot mount on {cfg.mountpoint}: {e}", ExitCode.FUSE) from None
+    served = _Served()
+    stack.callback(_step("unmounting", lambda: _close_fuse(cfg.mountpoint, served)))
+    record.set("state", "serving")
+    log.info("mounted %s on %s", s.host, cfg.mountpoint)
+    signals.check()
+    if ready is not None:
+        ready()
+    try:
+        trio.run(_serve, signals, service, prefetcher, volumes, lambda: _after_init(cfg))
+    except Exception as e:
+        raise UserError(f"the FUSE session failed: {e}", ExitCode.FUSE) from None
+    if not ops.initialized:
+        raise UserError(
+            f"the kernel ended the FUSE session of {cfg.mountpoint} before it started "
+            "(libfuse refused it; see the log)",
+            ExitCode.FUSE,
         )
-        cache = BlockCache(
-            cfg.cache_size, scan_segment_bytes(cfg.cache_size, cfg.block_size, cfg.prefetch)
-        )
-        tree = Tree(vs, VddkDiskSource(service), cache, cfg.block_size, refresh=cfg.refresh)
-        if volumes_factory is not None:
-            volumes = volumes_factory(service)
-            tree.volumes, tree.mountpoint = volumes, cfg.mountpoint
-        prefetcher = Prefetcher(min(cfg.prefetch, PREFETCH_IN_FLIGHT)) if cfg.prefetch else None
-        tree.prefetcher, tree.max_prefetch = prefetcher, cfg.prefetch
-        stats_dir = tree.add_dir(tree.root, STATS_DIR)
-        tree.add_generated(stats_dir, "stats", lambda: io_stats.render(lib, cache, prefetcher))
-        # The kernel keeps directory entries as long as the tree keeps a listing (no refresh:
-        # as long as file attributes), so new and deleted entries show up together.
-        dir_timeout = cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT
-        ops = Operations(tree, dir_timeout=dir_timeout, block_size=cfg.block_size)
-        options = {"fsname=ivdfs", "subtype=ivdfs", "ro", "default_permissions", *cfg.fuse_options}
-        try:
-            pyfuse3.init(ops, str(cfg.mountpoint), options)
-        except RuntimeError as e:
-            raise UserError(f"cannot mount on {cfg.mountpoint}: {e}", ExitCode.FUSE) from None
-        log.info("mounted %s on %s", cfg.server.host, cfg.mountpoint)
-        if ready is not None:
-            ready()
-        clean = False
-        try:
-            trio.run(
-                _serve,
-                prefetcher,
-                lambda: _log_stats(lib, cache, True, prefetcher),
-                volumes,
-                lambda: _tune_read_ahead(cfg),
-            )
-            clean = True
-        finally:
-            # Unmount only on a clean exit: after a crash the mountpoint stays visibly broken
-            # ("Transport endpoint is not connected") instead of looking like an empty snapshot.
-            still_mounted = mountinfo.find(cfg.mountpoint) is not None
-            pyfuse3.close(unmount=clean and still_mounted)
-            if clean:
-                log.info("unmounted %s", cfg.mountpoint)
-        _log_stats(lib, cache, cfg.debug, prefetcher)
-        return ExitCode.OK
-    finally:
-        # Volumes go first: VixMntapi needs the VDDK control thread and must Exit before
-        # VixDiskLib does. Kernel volumes were normally detached in _stop_on_signal while FUSE
-        # still served; after a crash this runs once the FUSE connection is gone.
-        # Each step runs even when an earlier one failed: a stuck volume must not cost the
-        # EndAccess calls (vMotion) or leave --snapshot-now snapshots behind.
-        steps: list[tuple[str, Callable[[], object]]] = []
-        if volumes is not None:
-            steps.append(("detaching volumes", volumes.close_blocking))
-        if service is not None:
-            steps.append(("closing VDDK handles", service.close_all))
-        # After every handle is closed: vSphere may refuse to delete a snapshot in use.
-        steps += [
-            ("deleting --snapshot-now snapshots", temporary.delete_all),
-            ("VixDiskLib_Exit", lib.exit),
-            ("logging out of vCenter", vs.close),
-        ]
-        for what, step in steps:
-            try:
-                step()
-            except Exception as e:
-                log.error("%s failed: %s", what, e)
+    served.clean = True
+    record.set("state", "stopping")
+    log.info("unmounting %s", cfg.mountpoint)
+    stack.callback(
+        _step("statistics", lambda: io_stats.log_report(log, _stats_level(cfg), report()))
+    )
+    return ExitCode.OK
+
+
+@dataclass
+class _Served:
+    clean: bool = False
+
+
+def _close_fuse(mountpoint: Path, served: _Served) -> None:
+    # Unmount only on a clean exit: after a crash the mountpoint stays visibly broken
+    # ("Transport endpoint is not connected") instead of looking like an empty snapshot.
+    still_mounted = mountinfo.find(mountpoint) is not None
+    pyfuse3.close(unmount=served.clean and still_mounted)
+
+
+def _stats_level(cfg: MountConfig) -> int:
+    return logging.INFO if cfg.debug else logging.DEBUG
+
+
+def _invalidate_entry(parent_ino: int, name: str) -> None:
+    # Asynchronous (a thread of pyfuse3's): safe from a request handler; the kernel then
+    # drops the entry and forgets its inode, which frees the node.
+    pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
 
 
 async def _serve(
+    signals: Signals,
+    service: DiskService,
     prefetcher: Prefetcher | None,
-    log_stats: Callable[[], None],
-    volumes: VolumeBackend | None = None,
-    after_init: Callable[[], None] | None = None,
+    volumes: Any,
+    after_init: Callable[[], None],
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, volumes)
-        nursery.start_soon(_stats_on_signal, log_stats)
-        if after_init is not None:
-            nursery.start_soon(trio.to_thread.run_sync, after_init)
+        nursery.start_soon(_stop_on_signal, signals, volumes)
+        nursery.start_soon(_stats_on_signal, signals)
+        nursery.start_soon(trio.to_thread.run_sync, after_init)
+        await nursery.start(service.run)
         if prefetcher is not None:
             # Owned by this nursery: the cancel below ends every outstanding prefetch.
             await nursery.start(prefetcher.run)
-        await pyfuse3.main()
+        await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
         nursery.cancel_scope.cancel()
 
 
-def _tune_read_ahead(cfg: MountConfig) -> None:
+def _after_init(cfg: MountConfig) -> None:
     """Runs in a thread once the loop serves requests: the kernel sets a FUSE mount's
     read-ahead when INIT is answered, undoing an earlier change, and a stat of the mount
     returns only after INIT."""
     try:
         os.stat(cfg.mountpoint)
     except OSError as e:
-        log.debug("read-ahead left alone: %s", e)
+        log.debug("FUSE connection left alone: %s", e)
         return
     # Whole-block requests with several in flight, instead of the default 128 KiB.
     raise_read_ahead(cfg.mountpoint, READ_AHEAD_BLOCKS * cfg.block_size // 1024)
+    tune_connection(cfg.mountpoint)
 
 
-async def _stats_on_signal(log_stats: Callable[[], None]) -> None:
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-        async for _ in signals:
-            log_stats()
+async def _stats_on_signal(signals: Signals) -> None:
+    with trio.open_signal_receiver(signal.SIGUSR1) as received:
+        async for _ in received:
+            if signals.log_stats is not None:
+                signals.log_stats()
 
 
-async def _stop_on_signal(volumes: VolumeBackend | None = None) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s; unmounting", signal.Signals(signum).name)
-            if volumes is not None:
-                # While pyfuse3.main still serves: loop devices read through this mount, and
-                # their umount/detach would hang (and FUSE stay busy) if nobody answered.
-                await volumes.aclose()
-            pyfuse3.terminate()
-            return
+async def _stop_on_signal(signals: Signals, volumes: Any) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+        if signals.received is None:  # one that came before this receiver existed counts too
+            async for signum in received:
+                signals.received = signum
+                log.info("received %s; unmounting", signal.Signals(signum).name)
+                break
+    # The receiver is closed: from now on, our own handlers log further signals and ignore
+    # them, so nothing interrupts the teardown.
+    signals.stopping = True
+    if volumes is not None:
+        # While pyfuse3.main still serves: loop devices read through this mount, and their
+        # umount/detach would hang (and FUSE stay busy) if nobody answered.
+        await volumes.aclose()
+    pyfuse3.terminate()
 
 
-def _log_stats(
-    lib: VddkLibrary, cache: BlockCache, debug: bool, prefetcher: Prefetcher | None = None
-) -> None:
-    io_stats.log_stats(log, logging.INFO if debug else logging.DEBUG, lib, cache, prefetcher)
+class _ReadyPipe:
+    """The detached child's report to its waiting parent: written once, then closed."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def send(self, text: str) -> bool:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return False  # already reported; the fd may belong to another file by now
+        try:
+            os.write(fd, text.encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return True
 
 
 def daemonize_and_run(cfg: MountConfig) -> int:
@@ -268,28 +508,16 @@ def daemonize_and_run(cfg: MountConfig) -> int:
     pid = os.fork()
     if pid > 0:
         os.close(w)
-        with os.fdopen(r, "rb") as pipe:
-            msg = pipe.read().decode("utf-8", "replace")
-        if msg.startswith("OK"):
-            return ExitCode.OK
-        if msg.startswith("ERR "):
-            code_text, _, text = msg[4:].partition("\t")
-            print(f"ivdfs: {text}", file=sys.stderr)
-            return int(code_text)
-        _, status = os.waitpid(pid, 0)
-        print(
-            "ivdfs: the mount process ended before the mount was ready "
-            f"(status {os.waitstatus_to_exitcode(status)})",
-            file=sys.stderr,
-        )
-        return ExitCode.INTERNAL
+        return _wait_for_child(pid, r)
 
     os.close(r)
     os.setsid()
+    # Keep no directory of the caller busy (its filesystem could not be unmounted).
+    os.chdir("/")
+    pipe = _ReadyPipe(w)
 
     def ready() -> None:
-        os.write(w, b"OK")
-        os.close(w)
+        pipe.send("OK")
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
@@ -298,24 +526,48 @@ def daemonize_and_run(cfg: MountConfig) -> int:
     code: int = ExitCode.INTERNAL
     try:
         code = run(cfg, ready)
-    except UserError as e:
-        _report(w, e.exit_code, e.message)
-        code = e.exit_code
-    except NotFound as e:  # e.g. --snapshot-now names no IVD
-        _report(w, ExitCode.NOT_FOUND, str(e))
-        code = ExitCode.NOT_FOUND
-    except BackendError as e:  # vCenter failed an operation at start-up
-        _report(w, ExitCode.VSPHERE, str(e))
-        code = ExitCode.VSPHERE
+    except (UserError, Interrupted) as e:
+        code = exit_code_of(e)
+        if not pipe.send(f"ERR {code}\t{e}"):
+            log.error("%s", e)
     except BaseException as e:
-        _report(w, ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        code = exit_code_of(e)
         log.exception("internal error")
+        pipe.send(f"ERR {code}\tinternal error: {type(e).__name__}: {e}")
     os._exit(int(code))
 
 
-def _report(w: int, code: int, message: str) -> None:
-    try:
-        os.write(w, f"ERR {int(code)}\t{message}".encode())
-        os.close(w)
-    except OSError:
-        pass  # already reported ready; the error goes to the log only
+def _wait_for_child(pid: int, r: int) -> int:
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while True:
+            try:
+                chunk = f.read()
+            except KeyboardInterrupt:
+                # Ctrl-C reaches only us (the child has its own session): pass it on, and wait
+                # for the child to undo its start-up and report.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                continue
+            chunks.append(chunk)
+            break
+    msg = b"".join(chunks).decode("utf-8", "replace")
+    if msg.startswith("OK"):
+        return ExitCode.OK
+    if msg.startswith("ERR "):
+        code_text, _, text = msg[4:].partition("\t")
+        print(f"ivdfs: {text}", file=sys.stderr)
+        return int(code_text)
+    _, status = os.waitpid(pid, 0)
+    print(
+        "ivdfs: the mount process ended before the mount was ready "
+        f"(status {os.waitstatus_to_exitcode(status)})",
+        file=sys.stderr,
+    )
+    return ExitCode.INTERNAL
+
+
+def enable_crash_traces(log_stream: IO[str] | None) -> None:
+    """faulthandler writes a Python trace of every thread to the log if VDDK (or anything)
+    crashes the process, so a dead mount leaves a reason behind."""
+    faulthandler.enable(file=log_stream if log_stream is not None else sys.stderr)

@@ -62,14 +62,36 @@ class FakeInventory:
 
 @dataclass
 class FakeDisk:
+    """The tree's Disk protocol over bytes: counts probes, reads and users."""
+
     data: bytes
     reads: list[tuple[int, int]] = field(default_factory=list)
     fail_sectors: set[int] = field(default_factory=set)
+    fail_open: bool = False
     delay: float = 0.0
+    probes: int = 0
+    users: int = 0
+    forgotten: bool = False
 
-    @property
-    def capacity(self) -> int:
+    async def capacity(self) -> int:
+        self.probes += 1
+        if self.fail_open:
+            raise BackendError("injected open failure")
         return len(self.data)
+
+    async def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]:
+        raise BackendError("no allocation map")
+
+    def hold(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+
+    def forget(self) -> None:
+        self.forgotten = True
 
     async def read(self, start_sector: int, nbytes: int) -> bytes:
         self.reads.append((start_sector, nbytes))
@@ -85,8 +107,9 @@ class FakeDisk:
 @dataclass
 class FakeDiskSource:
     disks: dict[tuple[str, str], FakeDisk] = field(default_factory=dict)
-    opens: list[tuple[str, str]] = field(default_factory=list)
 
-    async def open(self, ivd: Ivd, snapshot: Snapshot) -> FakeDisk:
-        self.opens.append((ivd.id, snapshot.id))
-        return self.disks[(ivd.id, snapshot.id)]
+    def disk(self, ivd: Ivd, snapshot: Snapshot) -> FakeDisk:
+        key = (ivd.id, snapshot.id)
+        if key not in self.disks:
+            self.disks[key] = FakeDisk(b"", fail_open=True)
+        return self.disks[key]

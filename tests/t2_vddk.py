@@ -116,12 +116,13 @@ def test_parallel_reads_return_the_right_bytes_within_vddk_rules(
 
 @pytest.mark.parametrize("transport", ["nbdssl", "file"])
 def test_failed_reads_reach_their_reader_only(root: Path, transport: str) -> None:
+    # A permanent code, so the service does not retry it on a fresh connection.
     res, _ = run_scenario(
         root, "reads", "1", "1", VDDK_STANDIN_TRANSPORT=transport,
-        VDDK_STANDIN_FAIL_READ_NTH="3,7",
+        VDDK_STANDIN_FAIL_READ_NTH="3,7", VDDK_STANDIN_FAIL_CODE="3014",
     )  # fmt: skip
     assert sorted(res["errors"]) == [2, 6]  # 0-based blocks, read in order here
-    assert all("VixError 36" in e for e in res["error_texts"])
+    assert all("VixError 3014" in e for e in res["error_texts"])
     data = (root / "full.raw").read_bytes()
     for i, digest in enumerate(res["digests"]):
         if i not in (2, 6):
@@ -168,7 +169,7 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
     from ivdfs.io.reader import DiskReader
     from ivdfs.vddk.connection import DiskTarget, ServerTarget
     from ivdfs.vddk.library import VddkLibrary
-    from ivdfs.vddk.worker import VddkService
+    from ivdfs.vddk.service import DiskService, Limits
 
     warnings: list[str] = []
 
@@ -183,15 +184,16 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
     scenario = argv[0]
     handles = int(argv[1]) if len(argv) > 1 else 1
     use_async = argv[2] == "1" if len(argv) > 2 else True
-    service = VddkService(
+    service = DiskService(
         lib, ServerTarget("standin.invalid", 443, "user", Secret("pw"), "AA:BB"),
-        "ivdfs test", handles_per_disk=handles, use_async=use_async,
+        "ivdfs test", limits=Limits(handles_per_disk=handles, use_async=use_async),
     )  # fmt: skip
     out: dict[str, Any] = {}
 
     async def reads() -> None:
-        disk = await service.open(DiskTarget(IVD, "datastore-1", SNAP))
-        nblocks = (disk.capacity + MiB - 1) // MiB
+        slot = service.slot(DiskTarget(IVD, "datastore-1", SNAP))
+        capacity = await service.capacity(slot)
+        nblocks = (capacity + MiB - 1) // MiB
         digests: list[str] = [""] * nblocks
         errors: list[int] = []
         texts: list[str] = []
@@ -203,7 +205,7 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
         async def one(i: int) -> None:
             async with limit:
                 try:
-                    buf = await disk.read(i * 2048, min(MiB, disk.capacity - i * MiB))
+                    buf = await service.read(slot, i * 2048, min(MiB, capacity - i * MiB))
                     digests[i] = hashlib.sha256(buf).hexdigest()
                 except BackendError as e:
                     errors.append(i)
@@ -217,10 +219,18 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
         out.update(digests=digests, errors=errors, error_texts=texts)
 
     async def holes() -> None:
-        disk = await service.open(DiskTarget(IVD, "datastore-1", "sparse"))
+        slot = service.slot(DiskTarget(IVD, "datastore-1", "sparse"))
+        capacity = await service.capacity(slot)
         cache = BlockCache(64 * MiB)
-        reader = DiskReader("d", disk.capacity, MiB, cache, disk.read, disk.query_allocated)
-        digests: list[str] = [""] * (disk.capacity // MiB)
+
+        async def read(start: int, n: int) -> bytearray:
+            return await service.read(slot, start, n)
+
+        async def query(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
+            return await service.query_allocated(slot, start, n, chunk)
+
+        reader = DiskReader("d", capacity, MiB, cache, read, query)
+        digests: list[str] = [""] * (capacity // MiB)
 
         async def one(i: int) -> None:
             digests[i] = hashlib.sha256(bytes(await reader.read(i * MiB, MiB))).hexdigest()

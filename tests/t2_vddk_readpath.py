@@ -10,7 +10,7 @@ from trio.testing import wait_all_tasks_blocked
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.reader import DiskReader
-from ivdfs.vddk.worker import _PrioritySlots
+from ivdfs.vddk.threads import PrioritySlots
 from tests.fakes import FakeDisk, pattern
 
 BS = 64 * 1024
@@ -82,7 +82,7 @@ async def test_unmount_cancels_outstanding_prefetches_cleanly() -> None:
 
 
 async def test_demand_reads_take_vddk_slots_before_waiting_prefetches() -> None:
-    slots = _PrioritySlots(1)
+    slots = PrioritySlots(1)
     await slots.acquire(background=False)
     order: list[str] = []
 

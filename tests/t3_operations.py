@@ -14,7 +14,7 @@ import trio
 from ivdfs.fs.operations import Operations
 from ivdfs.inventory.model import Datastore
 from ivdfs.io.block_cache import BlockCache
-from ivdfs.tree.tree import ROOT_INO, Tree
+from ivdfs.tree.tree import ROOT_INO, Tree, TreeSettings
 from tests.fakes import FakeDisk, FakeDiskSource, FakeInventory, pattern
 
 DS1 = Datastore("DS1", "datastore-1")
@@ -30,7 +30,7 @@ def build() -> tuple[Operations, FakeInventory, FakeDiskSource]:
     inv.add(DS2, "ivd-b", CAP, [])
     for snap in ("snap-1", "snap-2"):
         src.disks[("ivd-a", snap)] = FakeDisk(pattern(CAP, snap))
-    tree = Tree(inv, src, BlockCache(8 << 20), 1 << 20)
+    tree = Tree(inv, src, BlockCache(8 << 20), TreeSettings(block_size=1 << 20))
     return Operations(tree), inv, src
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from ivdfs.fs.operations import Operations
 from ivdfs.inventory.model import Datastore
 from ivdfs.io.block_cache import BlockCache
-from ivdfs.tree.tree import Tree
+from ivdfs.tree.tree import Tree, TreeSettings
 from tests.fakes import FakeDisk, FakeDiskSource, FakeInventory, pattern
 
 DISK = 96 * 1024
@@ -44,7 +44,7 @@ async def windows_match(data: bytes, reads: list[tuple[int, int]]) -> int:
     inv, src = FakeInventory(), FakeDiskSource()
     inv.add(Datastore("DS", "ds-1"), "ivd", len(data), ["snap"])
     src.disks[("ivd", "snap")] = FakeDisk(data)
-    ops = Operations(Tree(inv, src, BlockCache(1 << 20), 4096))
+    ops = Operations(Tree(inv, src, BlockCache(1 << 20), TreeSettings(block_size=4096)))
     ino = 1
     for name in ("DS", "ivd", "snap"):
         ino = (await ops.lookup(ino, name.encode(), CTX)).st_ino
@@ -55,7 +55,7 @@ async def windows_match(data: bytes, reads: list[tuple[int, int]]) -> int:
     for name, node in sorted(children.items()):
         if not (name.startswith("part") and name.endswith(".raw")):
             continue
-        start, length = node.start, node.length  # type: ignore[attr-defined]
+        ((_, start, length),) = node.extents  # type: ignore[attr-defined]
         assert 0 <= start and length > 0 and start + length <= len(data)
         fi = await ops.open(node.ino, os.O_RDONLY, CTX)
         for off, size in reads:

@@ -64,7 +64,7 @@ def images(bed: Bed) -> list[Image]:
 
 def test_tree_bytes_and_read_only(bed: Bed, images: list[Image], mountpoint: Path) -> None:
     bed.standin_log.unlink(missing_ok=True)
-    with Mount(bed, mountpoint, "--block-size", "384K") as m:
+    with Mount(bed, mountpoint, "--block-size", "256K") as m:
         assert {"LocalDS_0", "LocalDS_1"} <= set(os.listdir(mountpoint))
         a, b = images[0].ivd, images[2].ivd
         ds0 = os.listdir(mountpoint / "LocalDS_0")

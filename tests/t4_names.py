@@ -105,7 +105,9 @@ def test_info_json_and_xattrs(
 
         snap_doc = json.loads((ivd_dir / snap / "info.json").read_text())
         assert snap_doc["ivd"] == {k: v for k, v in doc.items() if k != "snapshots"}
-        assert snap_doc["snapshot"] == doc["snapshots"][0]
+        # The snapshot's own size, what disk.raw has (here the IVD's too).
+        size = (ivd_dir / snap / "disk.raw").stat().st_size
+        assert snap_doc["snapshot"] == {**doc["snapshots"][0], "capacity_bytes": size}
 
         disk = ivd_dir / snap / "disk.raw"
         names = os.listxattr(disk)
@@ -114,7 +116,9 @@ def test_info_json_and_xattrs(
         assert os.getxattr(disk, "user.ivdfs.uuid") == ivd.id.encode()
         assert os.getxattr(disk, "user.ivdfs.snapshot_id") == snap.encode()
         assert os.getxattr(disk, "user.ivdfs.snapshot_description") == b"before upgrade"
-        assert os.getxattr(disk, "user.ivdfs.capacity_bytes") == str(ivd.capacity_bytes).encode()
+        assert os.getxattr(disk, "user.ivdfs.capacity_bytes") == str(size).encode()
+        vcenter_size = str(ivd.capacity_bytes).encode()
+        assert os.getxattr(disk, "user.ivdfs.ivd_capacity_bytes") == vcenter_size
         # Every field of info.json is an attribute too.
         for key in snap_doc["ivd"]:
             assert f"user.ivdfs.{key}" in names

@@ -195,6 +195,7 @@ def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -
 def test_disk_that_fails_to_open_still_lists(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
+    bed.standin_log.unlink(missing_ok=True)
     with Mount(bed, mountpoint, VDDK_STANDIN_FAIL_OPEN="1") as m:
         sd = disks["gpt"].snapdir(mountpoint)
         assert entries(sd) == {"disk.raw"}
@@ -202,7 +203,14 @@ def test_disk_that_fails_to_open_still_lists(
             (sd / "disk.raw").read_bytes()
         assert e.value.errno == errno.EIO
         assert m.unmount() == 0
-        assert "cannot open the disk to read its partition table" in m.log()
+        assert "cannot open the disk (will try again)" in m.log()
+    # Every failed Open released its connection and its PrepareForAccess.
+    lines = bed.log_lines()
+    connects = [c for c in call_lines(lines, "ConnectEx") if c["err"] == "0"]
+    assert connects and len(call_lines(lines, "Disconnect")) == len(connects)
+    prepares = call_lines(lines, "PrepareForAccess")
+    assert prepares and len(prepares) == len(call_lines(lines, "EndAccess"))
+    assert not [ln for ln in lines if "VIOLATION" in ln]
 
 
 # Volume numbers each image shows: partition numbers, 0 for the bare filesystem.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from ivdfs.config import ServerConfig
@@ -75,4 +75,27 @@ def progress(what: str) -> Iterator[Progress | None]:
     finally:
         if shown[0]:
             sys.stderr.write(f"\r{what} ... {time.monotonic() - start:.0f} s, done\n")
+            sys.stderr.flush()
+
+
+@contextmanager
+def progress_count(what: str) -> Iterator[Callable[[], None]]:
+    """On a terminal, a one-line '<what> ... N' counter for long listings."""
+    count = [0]
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def step() -> None:
+        count[0] += 1
+        now = time.monotonic()
+        if tty and now - last[0] >= 0.2:
+            last[0] = now
+            sys.stderr.write(f"\r{what} ... {count[0]}")
+            sys.stderr.flush()
+
+    try:
+        yield step
+    finally:
+        if tty and last[0]:
+            sys.stderr.write(f"\r{what} ... {count[0]}, done\n")
             sys.stderr.flush()

@@ -9,10 +9,10 @@ import json
 import sys
 from typing import Any
 
-from ivdfs.commands.common import human_size, progress, session, table
+from ivdfs.commands.common import human_size, progress, progress_count, session, table
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, UserError
-from ivdfs.inventory.model import creation_order
+from ivdfs.inventory.model import Ivd, Snapshot, creation_order
 from ivdfs.tree import info
 from ivdfs.tree.naming import time_label
 
@@ -95,4 +95,34 @@ def snapshot_delete(server: ServerConfig, ivd_text: str, snapshot_id: str) -> in
         except BackendError as e:
             raise UserError(str(e), ExitCode.VSPHERE) from None
         print(f"deleted snapshot {snapshot_id} of IVD {ivd.name} ({ivd.id})")
+        return ExitCode.OK
+
+
+def ls_all(server: ServerConfig, as_json: bool) -> int:
+    """Every datastore's IVDs with their snapshots, in one command."""
+    with session(server) as vs:
+        stores = vs.datastores()
+        rows: list[tuple[Ivd, list[Snapshot]]] = []
+        with progress_count("listing IVDs") as step:
+            for ds in stores:
+                for ivd in vs.all_ivds(ds):
+                    rows.append((ivd, sorted(vs.snapshots(ivd), key=creation_order)))
+                    step()
+        if as_json:
+            _print_json(
+                [
+                    {**info.ivd_fields(v), "snapshots": [info.snapshot_fields(s) for s in snaps]}
+                    for v, snaps in rows
+                ]
+            )
+            return ExitCode.OK
+        headers = ["DATASTORE", "NAME", "UUID", "CAPACITY", "SNAPSHOT", "CREATED", "DESCRIPTION"]
+        table_rows = []
+        for v, snaps in rows:
+            base = [v.datastore.name, v.name, v.id, human_size(v.capacity_bytes)]
+            if not snaps:
+                table_rows.append([*base, "-", "", ""])
+            for s in snaps:
+                table_rows.append([*base, s.id, time_label(s.create_time), s.description])
+        print(table(headers, table_rows))
         return ExitCode.OK

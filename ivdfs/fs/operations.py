@@ -1,7 +1,10 @@
 """pyfuse3.Operations over the tree: thin, read-only, exceptions mapped to errno here only.
 
 Concurrency: pyfuse3 runs handlers as concurrent tasks on the trio thread. Anything other than
-FUSEError escaping a handler would end the mount, so every handler goes through `_guard`.
+FUSEError escaping a handler would end the mount, so every handler goes through `_guard`, the
+one place where an exception becomes an errno: NotFound is ENOENT, an OSError carries its own
+errno, a BackendError (vCenter or VDDK) is EIO with one log line, and anything else is a bug,
+logged with its trace, and EIO.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.tree.nodes import DirNode, DiskFile, GeneratedFile, Node, PartitionFile, SymlinkNode
-from ivdfs.tree.tree import Tree
+from ivdfs.tree.nodes import DirNode, GeneratedFile, Node, SymlinkNode
+from ivdfs.tree.tree import REFRESH_XATTR, Tree
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +32,19 @@ R = TypeVar("R")
 FILE_TIMEOUT = 86400.0
 
 
-def _errno_of(e: BaseException) -> int:
+def errno_of(e: BaseException, where: str) -> int:
+    """The errno for an exception raised by the tree; logs what the user should see."""
+    if isinstance(e, pyfuse3.FUSEError):
+        return e.errno
     if isinstance(e, NotFound):
         return errno.ENOENT
-    if isinstance(e, IsADirectoryError):
-        return errno.EISDIR
-    if isinstance(e, NotADirectoryError):
-        return errno.ENOTDIR
-    if isinstance(e, ValueError):
-        return errno.EINVAL
+    if isinstance(e, BackendError):
+        if not e.quiet:
+            log.error("%s: %s", where, e)
+        return errno.EIO
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    log.error("unexpected error in %s", where, exc_info=e)
     return errno.EIO
 
 
@@ -45,18 +53,8 @@ def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except BackendError as e:
-            log.error("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except (IsADirectoryError, NotADirectoryError, ValueError) as e:
-            raise pyfuse3.FUSEError(_errno_of(e)) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(errno_of(e, fn.__name__)) from None
 
     return wrapper
 
@@ -65,20 +63,33 @@ async def _async_erofs(*_args: Any, **_kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
+@dataclass(frozen=True)
+class Presentation:
+    """How files look to users: owner, permission mask, cache lifetimes, block size."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+    dir_timeout: float = 60.0
+    block_size: int = 1 << 20
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, dir_timeout: float = 60.0, block_size: int = 1 << 20) -> None:
+    def __init__(self, tree: Tree, look: Presentation | None = None) -> None:
         super().__init__()
         self.tree = tree
-        self.dir_timeout = dir_timeout
-        self.block_size = block_size
-        self.uid = os.getuid()
-        self.gid = os.getgid()
-        self._dir_handles: dict[int, list[Node]] = {}
+        self.look = look or Presentation(os.getuid(), os.getgid())
+        self._dir_handles: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
+        # Set when the kernel's INIT was answered: a session that ends before this failed.
+        self.initialized = False
+
+    def init(self) -> None:
+        self.initialized = True
 
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -86,18 +97,23 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         is_dir = isinstance(node, DirNode)
         # Directory entries and links come and go as the tree refreshes: the kernel must ask
-        # again after the refresh interval. What a snapshot directory holds never changes.
-        timeout = self.dir_timeout if is_dir or isinstance(node, SymlinkNode) else FILE_TIMEOUT
-        if isinstance(node, GeneratedFile):
-            timeout = 0.0  # content changes (statistics): never cache its size
+        # again after the refresh interval. A file whose size is final is kept for a day; one
+        # that is not (statistics, a disk not probed yet) is asked for every time.
+        if is_dir or isinstance(node, SymlinkNode):
+            timeout = self.look.dir_timeout
+        else:
+            timeout = FILE_TIMEOUT if node.stable else 0.0
         a.entry_timeout = a.attr_timeout = timeout
-        a.st_mode = node.mode
+        mode = node.mode
+        if not isinstance(node, SymlinkNode):
+            mode &= ~self.look.umask
+        a.st_mode = mode
         a.st_nlink = 2 if is_dir else 1
-        a.st_uid = self.uid
-        a.st_gid = self.gid
+        a.st_uid = self.look.uid
+        a.st_gid = self.look.gid
         a.st_rdev = 0
         a.st_size = node.size
-        a.st_blksize = self.block_size
+        a.st_blksize = self.look.block_size
         a.st_blocks = (node.size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
@@ -107,7 +123,13 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         node = await self.tree.lookup(parent_inode, os.fsdecode(name))
-        return self.attrs(node)
+        attrs = self.attrs(node)
+        self.tree.remember(node.ino)
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.tree.forget(ino, n)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -117,41 +139,53 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.tree.get(inode)
         if not isinstance(node, SymlinkNode):
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise OSError(errno.EINVAL, "not a symbolic link")
         return os.fsencode(node.target)
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self.tree.xattrs(inode).get(os.fsdecode(name))
+        text = os.fsdecode(name)
+        if text == REFRESH_XATTR:
+            await self.tree.refresh(inode)
+            return b"refreshed"
+        value = (await self.tree.xattrs(inode)).get(text)
         if value is None:
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            raise OSError(errno.ENODATA, text)
         return value
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self.tree.xattrs(inode)]
+        return [os.fsencode(n) for n in await self.tree.xattrs(inode)]
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.tree.get(inode)
         if not isinstance(node, DirNode):
-            raise NotADirectoryError(node.name)
+            raise OSError(errno.ENOTDIR, node.name)
         children = await self.tree.children(node)
         fh = self._next_fh
         self._next_fh += 1
-        # A stable listing per handle, so offsets mean the same thing across readdir calls.
-        self._dir_handles[fh] = sorted(children.values(), key=lambda n: n.name)
+        # A stable listing per handle, so offsets mean the same thing across readdir calls;
+        # '.' and '..' first, as ls and find expect.
+        parent = self.tree.inodes.parent_of(node)
+        self._dir_handles[fh] = [
+            (".", node),
+            ("..", parent),
+            *sorted(children.items()),
+        ]
         return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dir_handles.get(fh)
         if entries is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise OSError(errno.EBADF, "directory handle")
         for i in range(start_id, len(entries)):
-            node = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(node.name), self.attrs(node), i + 1):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(node), i + 1):
                 break
+            if i >= 2:  # the kernel counts a lookup for every entry but '.' and '..'
+                self.tree.remember(node.ino)
 
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
@@ -159,16 +193,11 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        node = await self.tree.open(inode)
+            raise OSError(errno.EROFS, "read-only")
+        fh, node = await self.tree.open(inode)
         if isinstance(node, GeneratedFile):
             # direct_io: reads are not bounded by a size the kernel cached earlier.
-            return pyfuse3.FileInfo(fh=node.ino, keep_cache=False, direct_io=True)
-        # A disk or partition open gets its own handle (sequential detection is per open
-        # file); other files need no state of their own, so their inode doubles as handle.
-        fh = node.ino
-        if isinstance(node, DiskFile | PartitionFile):
-            fh = self.tree.open_stream(node)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard
@@ -178,14 +207,10 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self.tree.release(fh)
 
-    async def forget(self, inode_list: Any) -> None:
-        # Nodes live as long as the mount; inode numbers are never reused.
-        pass
-
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
-        s.f_bsize = self.block_size
+        s.f_bsize = self.look.block_size
         s.f_frsize = 512
         s.f_blocks = s.f_bfree = s.f_bavail = 0
         s.f_files = len(self.tree.nodes)

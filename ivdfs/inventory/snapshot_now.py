@@ -1,45 +1,93 @@
 """`mount --snapshot-now`: snapshots made for one mount and deleted when it ends.
 
 Only the snapshots this object created are ever deleted, by id; a snapshot someone else made in
-the meantime is never touched. Blocking; used by mount.py on the main thread before the mount
-starts serving and after it has stopped (after every VDDK handle on them is closed).
+the meantime is never touched. VMware's order is followed: PrepareForAccess before creating a
+snapshot, EndAccess after deleting it (the access is pinned in the disk service meanwhile).
+Each snapshot is in the mount's journal from before its task starts (with its description,
+which names the mount and pid) until it is deleted, so a killed mount's snapshot is found and
+deleted by `ivdfs umount`.
+
+Blocking; used by mount.py on the main thread before the mount serves and after it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.vsphere import VSphere
+from ivdfs.vddk.connection import DiskTarget
 
 log = logging.getLogger(__name__)
 
 
-class TemporarySnapshots:
-    def __init__(self, vs: VSphere) -> None:
-        self._vs = vs
-        self.created: list[tuple[Ivd, Snapshot]] = []
+class Pins(Protocol):
+    def pin_access_blocking(self, target: DiskTarget) -> None: ...
 
-    def create(self, ivds: Sequence[str], where: str) -> None:
-        """Snapshot each IVD (UUID or unique name). Raises UserError; what was created before
-        the failure is in `created` and still gets deleted by `delete_all`."""
-        # The description says who made it, so a snapshot left by a killed process is
-        # recognisable (and safe to delete by hand).
-        description = f"ivdfs --snapshot-now, mount {where}, pid {os.getpid()}"
-        resolved = [self._vs.find_ivd(text) for text in ivds]
-        for ivd in resolved:
+    def unpin_access_blocking(self, target: DiskTarget) -> None: ...
+
+    def close_targets_blocking(self, targets: Sequence[DiskTarget]) -> None: ...
+
+
+class Record(Protocol):
+    def add(self, kind: str, entry: dict[str, Any]) -> None: ...
+
+    def update(self, kind: str, match: dict[str, Any], **fields: Any) -> None: ...
+
+    def drop(self, kind: str, match: dict[str, Any]) -> None: ...
+
+
+def description_for(mountpoint: str, pid: int) -> str:
+    # Says who made it, so a snapshot left by a killed process is recognisable (and safe to
+    # delete by hand); recovery finds a snapshot whose task outlived its process by it.
+    return f"ivdfs --snapshot-now, mount {mountpoint}, pid {pid}"
+
+
+class TemporarySnapshots:
+    def __init__(self, vs: VSphere, pins: Pins, journal: Record, advice: str = "") -> None:
+        """`advice`: the connection options a user needs to delete a leftover by hand."""
+        self._vs = vs
+        self._pins = pins
+        self._journal = journal
+        self._advice = advice
+        self.created: list[tuple[Ivd, Snapshot]] = []
+        self._pinned: list[DiskTarget] = []
+
+    def create(self, ivds: Sequence[Ivd], where: str, check: Callable[[], None]) -> None:
+        """Snapshot each IVD; `check` raises when the start-up must stop (a signal). What was
+        created before a failure is in `created` and still gets deleted by `delete_all`."""
+        description = description_for(where, os.getpid())
+        for ivd in ivds:
+            target = DiskTarget(ivd.id, ivd.datastore.moref)
+            self._pins.pin_access_blocking(target)
+            self._pinned.append(target)
+            entry = {
+                "ivd": ivd.id,
+                "datastore": ivd.datastore.moref,
+                "snapshot": None,
+                "description": description,
+            }
+            self._journal.add("snapshots", entry)
             try:
                 snap = self._vs.create_snapshot(ivd, description)
             except BackendError as e:
+                self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": None})
                 raise UserError(f"--snapshot-now: {e}", ExitCode.VSPHERE) from None
+            self._journal.update("snapshots", {"ivd": ivd.id, "snapshot": None}, snapshot=snap.id)
             self.created.append((ivd, snap))
             log.info("created snapshot %s of IVD %s (%s)", snap.id, ivd.id, ivd.name)
+            check()
 
     def delete_all(self) -> None:
-        """Delete every snapshot `create` made; failures are logged with what to do by hand."""
+        """Close their handles, delete every snapshot `create` made, then end the access.
+        Failures are logged with what to do by hand and stay in the journal."""
+        self._pins.close_targets_blocking(
+            [DiskTarget(ivd.id, ivd.datastore.moref, snap.id) for ivd, snap in self.created]
+        )
         while self.created:
             ivd, snap = self.created.pop()
             try:
@@ -49,11 +97,16 @@ class TemporarySnapshots:
                 log.warning("snapshot %s of IVD %s was already deleted", snap.id, ivd.id)
             except BackendError as e:
                 log.error(
-                    "could not delete snapshot %s of IVD %s (%s); delete it with: "
-                    "ivdfs snapshot delete %s %s",
+                    "could not delete snapshot %s of IVD %s (%s); `ivdfs umount` of this "
+                    "mountpoint tries again, or delete it with: ivdfs snapshot delete%s %s %s",
                     snap.id,
                     ivd.id,
                     e,
+                    self._advice,
                     ivd.id,
                     snap.id,
                 )
+                continue
+            self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": snap.id})
+        while self._pinned:
+            self._pins.unpin_access_blocking(self._pinned.pop())

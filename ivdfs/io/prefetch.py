@@ -3,7 +3,7 @@
 A `Prefetcher` owns one nursery, started inside the mount's main nursery, so unmounting
 cancels every outstanding prefetch with it. Readers hand it zero-argument coroutine functions
 (each reads one block into the cache's scan segment); at most `max_in_flight` run at once, and
-their VDDK reads are marked as background (`ivdfs.vddk.worker.BACKGROUND`), so a demand read
+their VDDK reads are marked as background (`ivdfs.vddk.threads.BACKGROUND`), so a demand read
 waiting for a VDDK slot always goes first.
 
 Concurrency: trio thread only. Without a running nursery (tests that build a reader directly,
@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ivdfs.vddk.worker import BACKGROUND
+from ivdfs.vddk.threads import BACKGROUND
 
 log = logging.getLogger(__name__)
 

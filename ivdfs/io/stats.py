@@ -1,9 +1,10 @@
-"""Run-time statistics of a mount: VDDK calls, cache, prefetch, as one JSON-able dict.
+"""Run-time statistics of a mount as one JSON-able dict: VDDK calls, cache, prefetch.
 
-Rendered for the read-only `/.ivdfs/stats` file, logged on SIGUSR1 and at unmount with
---debug. Concurrency: called on the trio thread (file render, signal task) or the main thread
-after the loop ended; the VDDK counters are copied under their own lock, the cache's are only
-ever written on the trio thread.
+`collect` gathers the data path's part; mount.py adds the disk service's and the tree's, then
+renders the whole for the read-only `/.ivdfs/stats` file (`dump`), logs it on SIGUSR1 and at
+unmount with --debug (`log_report`). Concurrency: called on the trio thread (file render,
+signal task) or the main thread after the loop ended; the VDDK counters are copied under their
+own lock, the cache's are only ever written on the trio thread.
 """
 
 from __future__ import annotations
@@ -40,18 +41,11 @@ def collect(
     }
 
 
-def render(lib: VddkLibrary, cache: BlockCache, prefetcher: Prefetcher | None = None) -> bytes:
-    return (json.dumps(collect(lib, cache, prefetcher), indent=1) + "\n").encode()
+def dump(report: dict[str, Any]) -> bytes:
+    return (json.dumps(report, indent=1) + "\n").encode()
 
 
-def log_stats(
-    logger: logging.Logger,
-    level: int,
-    lib: VddkLibrary,
-    cache: BlockCache,
-    prefetcher: Prefetcher | None = None,
-) -> None:
-    report = collect(lib, cache, prefetcher)
+def log_report(logger: logging.Logger, level: int, report: dict[str, Any]) -> None:
     for name, st in report["vddk"].items():
         avg = st["bytes"] // st["calls"] if st["calls"] else 0
         logger.log(
@@ -78,3 +72,18 @@ def log_stats(
         c["bytes"],
         c["max_bytes"],
     )
+    d = report.get("disks")
+    if d:
+        logger.log(
+            level,
+            "disks: %d opens, %d closes (%d idle, %d to make room), %d waits for a connection "
+            "(%.3f s), %d open now, %d prepared IVDs",
+            d["opens"],
+            d["closes"],
+            d["idle_closes"],
+            d["evictions"],
+            d["waits"],
+            d["wait_seconds"],
+            d["open_disks"],
+            d["prepared_ivds"],
+        )

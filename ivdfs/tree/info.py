@@ -50,13 +50,21 @@ def ivd_json(ivd: Ivd, snapshots: Sequence[Snapshot]) -> bytes:
     return _dump({**ivd_fields(ivd), "snapshots": [snapshot_fields(s) for s in snapshots]})
 
 
-def snapshot_json(ivd: Ivd, snap: Snapshot) -> bytes:
-    return _dump({"ivd": ivd_fields(ivd), "snapshot": snapshot_fields(snap)})
+def snapshot_json(ivd: Ivd, snap: Snapshot, capacity: int | None) -> bytes:
+    """`capacity`: the snapshot's own size in bytes (what disk.raw has), None while unknown;
+    the IVD's current size as vCenter reports it stays in `ivd.capacity_bytes`."""
+    return _dump(
+        {"ivd": ivd_fields(ivd), "snapshot": {**snapshot_fields(snap), "capacity_bytes": capacity}}
+    )
 
 
-def disk_xattrs(ivd: Ivd, snap: Snapshot) -> dict[str, bytes]:
-    """user.ivdfs.<field> -> UTF-8 value; lists are comma-separated, missing times empty."""
+def disk_xattrs(ivd: Ivd, snap: Snapshot, capacity: int | None) -> dict[str, bytes]:
+    """user.ivdfs.<field> -> UTF-8 value; lists are comma-separated, missing times empty.
+    `capacity_bytes` is the snapshot's own size (what the file has), `ivd_capacity_bytes`
+    the IVD's current size as vCenter reports it."""
     fields = dict(ivd_fields(ivd))
+    fields["ivd_capacity_bytes"] = fields["capacity_bytes"]
+    fields["capacity_bytes"] = capacity
     for key, value in snapshot_fields(snap).items():
         fields[f"snapshot_{key}"] = value
     out: dict[str, bytes] = {}

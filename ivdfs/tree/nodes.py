@@ -1,23 +1,34 @@
-"""Tree nodes: directories that load their children lazily, and read-only files.
+"""Tree nodes: directories that load their children lazily, read-only files and links.
 
-Concurrency: trio thread only. A directory loads its children once, under its own lock, so
+Role: plain records. Behaviour lives in the tree modules (`catalog`, `snapshots`, `files`);
+a node knows its name, inode, times and what its content comes from. `identity` is what a
+refreshed listing compares to keep a node (and its inode) or replace it.
+
+Concurrency: trio thread only. A directory loads its children under its own lock, so
 concurrent lookups cause one inventory query.
 """
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
-from ivdfs.inventory.model import Datastore, Ivd, Snapshot
-from ivdfs.io.reader import DiskReader
+from ivdfs.inventory.model import Datastore, Ivd
+
+if TYPE_CHECKING:
+    from ivdfs.tree.snapshots import SnapshotDisk
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
+
+# A loader fills a directory; it returns False when the listing is incomplete (a disk that
+# could not be probed yet), so the next lookup or listing runs it again.
+Loader = Callable[["DirNode"], Awaitable[bool]]
 
 
 @dataclass(eq=False)
@@ -25,6 +36,7 @@ class Node:
     ino: int
     name: str
     mtime_ns: int
+    identity: Hashable = None
 
     @property
     def mode(self) -> int:
@@ -34,13 +46,22 @@ class Node:
     def size(self) -> int:
         return 0
 
+    @property
+    def stable(self) -> bool:
+        """Whether the kernel may keep this node's attributes for long (the size is final)."""
+        return True
+
 
 @dataclass(eq=False)
 class DirNode(Node):
-    loader: Callable[[DirNode], Awaitable[None]] | None = None
+    loader: Loader | None = None
     children: dict[str, Node] = field(default_factory=dict)
     loaded: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Monotonic time its listing goes stale, for directories that refresh from vCenter;
+    # 0.0: refreshes, not loaded yet; None: never refreshes.
+    refresh_due: float | None = None
+    last_loaded: float = 0.0
 
     @property
     def mode(self) -> int:
@@ -60,18 +81,29 @@ class IvdDir(DirNode):
 
 
 @dataclass(eq=False)
+class ByNameDir(DirNode):
+    """``by-name/<ivd name>``: links to the snapshots of `target`."""
+
+    target: IvdDir | None = None
+
+
+@dataclass(eq=False)
 class SnapshotDir(DirNode):
-    ivd: Ivd | None = None
-    snapshot: Snapshot | None = None
+    disk: SnapshotDisk | None = None
+
+
+@dataclass(eq=False)
+class VolumesDir(DirNode):
+    """``volumes/`` of a snapshot: its loader attaches the guest volumes on first listing."""
+
+    disk: SnapshotDisk | None = None
 
 
 @dataclass(eq=False)
 class DiskFile(Node):
-    ivd: Ivd | None = None
-    snapshot: Snapshot | None = None
-    capacity: int = 0
-    reader: DiskReader | None = None
-    open_lock: trio.Lock = field(default_factory=trio.Lock)
+    """``disk.raw``: the whole snapshot."""
+
+    disk: SnapshotDisk | None = None
 
     @property
     def mode(self) -> int:
@@ -79,22 +111,23 @@ class DiskFile(Node):
 
     @property
     def size(self) -> int:
-        return self.capacity
+        assert self.disk is not None
+        return self.disk.size
+
+    @property
+    def stable(self) -> bool:
+        return self.disk is not None and self.disk.probed
 
 
 @dataclass(eq=False)
-class PartitionFile(Node):
-    """``partN.raw``: a read-only byte window onto its disk, served from the disk's cache.
+class WindowFile(Node):
+    """A read-only view of parts of its disk, served from the disk's cache: ``partN.raw`` (one
+    extent) or a guest logical volume (several). `extents` are (file offset, disk offset,
+    length), sorted by file offset, contiguous from 0 to `length`, and inside the disk."""
 
-    `start` and `length` come from `io.partitions.parse`, which guarantees the window lies
-    inside the disk, so a read never needs more than clamping to `length`.
-    """
-
-    disk: DiskFile | None = None
-    number: int = 0
-    start: int = 0
+    disk: SnapshotDisk | None = None
+    extents: tuple[tuple[int, int, int], ...] = ()
     length: int = 0
-    fs: str | None = None
 
     @property
     def mode(self) -> int:
@@ -103,14 +136,6 @@ class PartitionFile(Node):
     @property
     def size(self) -> int:
         return self.length
-
-
-@dataclass(eq=False)
-class VolumesDir(DirNode):
-    """``volumes/`` of a snapshot: its loader attaches the guest volumes on first listing."""
-
-    disk: DiskFile | None = None
-    partitions: tuple[PartitionFile, ...] = ()
 
 
 @dataclass(eq=False)
@@ -130,10 +155,9 @@ class SymlinkNode(Node):
 
 @dataclass(eq=False)
 class GeneratedFile(Node):
-    """Content rendered when opened; the size reported before that is the last render's."""
+    """Content rendered when opened (each open gets its own copy); stat renders it too."""
 
     render: Callable[[], bytes] = lambda: b""
-    content: bytes | None = None
 
     @property
     def mode(self) -> int:
@@ -141,6 +165,8 @@ class GeneratedFile(Node):
 
     @property
     def size(self) -> int:
-        if self.content is None:
-            self.content = self.render()
-        return len(self.content)
+        return len(self.render())
+
+    @property
+    def stable(self) -> bool:
+        return False

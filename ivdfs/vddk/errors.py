@@ -46,3 +46,14 @@ class VddkError(BackendError):
 
 class VddkLoadError(BackendError):
     """The library could not be found, loaded or is too old."""
+
+
+# Codes a new connection cannot fix, so a read is not retried on a fresh one: every reconnect
+# is a fresh vCenter login, and repeated failed logins lock service accounts. Bad arguments
+# (3), not supported (6), beyond the disk (16007), bad login (35), host permissions (3014),
+# file access (13), not found (4), VDDK subsystems not initialised (16053), 16054.
+PERMANENT_CODES = frozenset({3, 4, 6, 13, 35, 3014, 16007, 16053, 16054})
+
+
+def is_permanent(code: int) -> bool:
+    return code in PERMANENT_CODES

@@ -126,7 +126,8 @@ class VddkLibrary:
     def has_query_allocated(self) -> bool:
         return {"VixDiskLib_QueryAllocatedBlocks", "VixDiskLib_FreeBlockList"} <= self.optional
 
-    def init(self) -> None:
+    def init(self, config_file: Path | None = None) -> None:
+        """InitEx once; `config_file` is handed to VDDK as its configuration file."""
         if self._initialised:
             return
 
@@ -142,9 +143,8 @@ class VddkLibrary:
 
         # The library may call these at any time until Exit: keep them alive.
         self._callbacks = [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
-        err = self.lib.VixDiskLib_InitEx(
-            6, 7, *self._callbacks, str(self.libdir).encode(), ffi.NULL
-        )
+        config = str(config_file).encode() if config_file is not None else ffi.NULL
+        err = self.lib.VixDiskLib_InitEx(6, 7, *self._callbacks, str(self.libdir).encode(), config)
         self.check(err, "VixDiskLib_InitEx", str(self.libdir))
         self._initialised = True
         log.debug("loaded %s (optional symbols: %s)", self.path, ", ".join(sorted(self.optional)))

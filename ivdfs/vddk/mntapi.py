@@ -6,7 +6,7 @@ undoing it with DismountVolume -> FreeVolumeHandles -> CloseDiskSet (then Exit o
 path. OpenDisks always gets the IVD id as its one disk name: a NULL name array crashes real VDDK.
 
 Concurrency contract: nothing here is thread-safe. Every call after `__init__` (Init included)
-runs on the VDDK control thread (`VddkService.run_on_control`), which also owns the connection
+runs on the VDDK control thread (`DiskService.run_on_control`), which also owns the connection
 that OpenDisks uses. Errors become `VddkError` through the disk library's error text.
 """
 

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from ivdfs.errors import ExitCode, UserError
 from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.worker import VddkService
+from ivdfs.vddk.service import DiskService
 from ivdfs.volumes.base import VolumeBackend
 
 MODES = ("none", "kernel", "vixmntapi")
 
-Factory = Callable[[VddkService], VolumeBackend]
+Factory = Callable[[DiskService], VolumeBackend]
 
 
 def prepare(mode: str, lib: VddkLibrary) -> Factory | None:

@@ -1,0 +1,314 @@
+"""Undoing a dead mount: what a killed ivdfs left attached, mounted, prepared or snapshotted.
+
+Role: `leftovers` finds, from the kernel, what a mount's guest volumes left: mounts under its
+run directories (and the FUSE helpers serving them: ntfs-3g, fusefat), loop devices whose
+backing file is inside the mountpoint, and the FUSE mount itself. `recover` undoes those, then
+(with a vCenter session and VDDK, only if the journal holds any) deletes the temporary
+snapshots and calls EndAccess for every prepared IVD, VMware's order. Each step prints one
+line; what cannot be undone is named with the command that would undo it. The journal is
+removed only when nothing is left.
+
+Concurrency: main thread; blocking (commands, vCenter, VDDK).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ivdfs import journal, mountinfo
+from ivdfs.config import ServerConfig
+from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError
+from ivdfs.inventory.model import Datastore, Ivd
+from ivdfs.inventory.vsphere import VSphere
+from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
+from ivdfs.vddk.library import VddkLibrary
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 60.0
+SYS_BLOCK = Path("/sys/block")
+
+# Resolves the connection options (flags, environment, config file) when they are needed; the
+# argument is the VDDK directory the mount used, for when none is configured.
+Connection = Callable[[Path | None], tuple[ServerConfig, Path]]
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass
+class Leftovers:
+    volume_mounts: list[str] = field(default_factory=list)  # deepest first
+    helpers: list[int] = field(default_factory=list)  # FUSE drivers serving them
+    loops: list[str] = field(default_factory=list)  # /dev/loopN
+    fuse_mounted: bool = False
+
+
+def _run_dirs(rec: journal.Record) -> list[str]:
+    dirs = set(rec.run_dirs)
+    # A crash between mkdtemp and the journal write: the name says whose it is.
+    for base in (Path("/run"), Path("/tmp")):
+        with contextlib.suppress(OSError):
+            dirs |= {str(p) for p in base.glob(f"ivdfs-{rec.pid}-*")}
+    return sorted(dirs)
+
+
+def loop_devices_under(root: str) -> list[str]:
+    out = []
+    for dev in sorted(SYS_BLOCK.glob("loop*")):
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        # The kernel appends " (deleted)" when the backing file is gone.
+        if _under(backing.removesuffix(" (deleted)"), root):
+            out.append(f"/dev/{dev.name}")
+    return out
+
+
+def _helpers(paths: list[str]) -> list[int]:
+    """Processes whose command line names one of `paths` (a FUSE driver's device or target)."""
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = {os.fsdecode(a) for a in argv if a}
+        if args & set(paths):
+            out.append(int(entry))
+    return out
+
+
+def leftovers(rec: journal.Record) -> Leftovers:
+    found = Leftovers()
+    roots = _run_dirs(rec)
+    mounts = [
+        e.mountpoint for e in mountinfo.entries() if any(_under(e.mountpoint, r) for r in roots)
+    ]
+    found.volume_mounts = sorted(set(mounts), key=len, reverse=True)
+    found.loops = loop_devices_under(str(rec.mountpoint))
+    found.helpers = _helpers(found.volume_mounts + found.loops)
+    entry = mountinfo.find(rec.mountpoint)
+    found.fuse_mounted = entry is not None and entry.fstype.startswith("fuse")
+    return found
+
+
+def _cmd(argv: list[str]) -> str | None:
+    """Run a command; None if it worked, else its reason."""
+    try:
+        r = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if r.returncode == 0:
+        return None
+    return (r.stderr.strip().splitlines() or [f"status {r.returncode}"])[-1]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def ok(self, text: str) -> None:
+        print(f"ok    {text}", flush=True)
+
+    def fail(self, text: str, remedy: str) -> None:
+        print(f"FAIL  {text}; to undo it: {remedy}", flush=True)
+        self.failed.append(text)
+
+
+def undo_local(rec: journal.Record, report: Report) -> None:
+    """Volume mounts, their helpers, loop devices and the FUSE mount: no credentials needed."""
+    found = leftovers(rec)
+    for mp in found.volume_mounts:
+        err = _cmd(["umount", "--lazy", mp])
+        if err is None:
+            report.ok(f"unmounted guest volume {mp}")
+        else:
+            report.fail(f"guest volume {mp}: {err}", f"umount --lazy {mp}")
+    for pid in found.helpers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a FUSE driver reading a dead mount never finishes
+            report.ok(f"stopped volume driver process {pid}")
+    for loop in found.loops:
+        err = _cmd(["losetup", "--detach", loop])
+        if err is None:
+            report.ok(f"detached {loop}")
+        else:
+            report.fail(f"{loop}: {err}", f"losetup --detach {loop}")
+    for d in _run_dirs(rec):
+        with contextlib.suppress(FileNotFoundError):
+            for sub in sorted(Path(d).iterdir(), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            try:
+                Path(d).rmdir()
+                report.ok(f"removed {d}")
+            except OSError as e:
+                report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
+        with contextlib.suppress(Exception):
+            _journal_drop(rec, "run_dirs", d)
+    if found.fuse_mounted:
+        err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
+        if err is not None:
+            err = _cmd(["umount", "--lazy", str(rec.mountpoint)])
+        if err is None:
+            report.ok(f"unmounted the dead FUSE mount {rec.mountpoint}")
+        else:
+            report.fail(f"{rec.mountpoint}: {err}", f"fusermount3 -u -z {rec.mountpoint}")
+
+
+def _journal_drop(rec: journal.Record, kind: str, value: object) -> None:
+    items = rec.doc.get(kind, [])
+    rec.doc[kind] = [i for i in items if i != value]
+    _save(rec)
+
+
+def _save(rec: journal.Record) -> None:
+    tmp = rec.path.with_name(f".{rec.path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec.doc, indent=1), encoding="utf-8")
+    os.replace(tmp, rec.path)
+
+
+def undo_remote(rec: journal.Record, connection: Connection, report: Report) -> None:
+    """Temporary snapshots, then EndAccess: needs vCenter and VDDK."""
+    if not rec.snapshots and not rec.prepared:
+        return
+    advice = "ivdfs umount with the connection options (--server, --user, ...)"
+    try:
+        known = rec.doc.get("vddk_libdir")
+        server, libdir = connection(Path(known) if known else None)
+    except UserError as e:
+        for s in rec.snapshots:
+            report.fail(
+                f"snapshot {s.get('snapshot') or '(being created)'} of IVD {s['ivd']} "
+                f"left: {e.message}",
+                advice,
+            )
+        for p in rec.prepared:
+            report.fail(f"IVD {p['ivd']} left prepared: {e.message}", advice)
+        return
+    vs = VSphere(server)
+    try:
+        thumbprint = vs.connect()
+        for s in rec.snapshots:
+            _delete_snapshot(vs, rec, s, report, server)
+        if rec.prepared:
+            _end_access(rec, server, thumbprint, libdir, report)
+    finally:
+        vs.close()
+
+
+def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
+    for ds in vs.datastores():
+        if ds.moref == moref:
+            return vs.ivd(ds, ivd_id)
+    return vs.ivd(Datastore(moref, moref), ivd_id)
+
+
+def _delete_snapshot(
+    vs: VSphere, rec: journal.Record, s: dict[str, str], report: Report, server: ServerConfig
+) -> None:
+    advice = f"ivdfs snapshot delete --server {server.host}:{server.port} --user {server.user}"
+    try:
+        ivd = _ivd(vs, s["ivd"], s["datastore"])
+        snap_id = s.get("snapshot")
+        if not snap_id:
+            # Killed while the task ran: the description (mount and pid) names it.
+            matches = [x.id for x in vs.snapshots(ivd) if x.description == s["description"]]
+            if not matches:
+                report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")
+                _journal_drop(rec, "snapshots", s)
+                return
+            snap_id = matches[0]
+        vs.delete_snapshot(ivd, snap_id)
+        report.ok(f"deleted snapshot {snap_id} of IVD {ivd.id} ({ivd.name})")
+    except NotFound:
+        report.ok(f"snapshot {s.get('snapshot')} of IVD {s['ivd']} was already gone")
+    except (BackendError, UserError) as e:
+        report.fail(
+            f"snapshot {s.get('snapshot')} of IVD {s['ivd']}: {e}",
+            f"{advice} {s['ivd']} {s.get('snapshot')}",
+        )
+        return
+    _journal_drop(rec, "snapshots", s)
+
+
+def _end_access(
+    rec: journal.Record,
+    server: ServerConfig,
+    thumbprint: str,
+    libdir: Path,
+    report: Report,
+) -> None:
+    identity = str(rec.doc.get("identity") or "")
+    try:
+        lib = VddkLibrary(libdir)
+        lib.init()
+    except (BackendError, OSError) as e:
+        for p in rec.prepared:
+            report.fail(
+                f"IVD {p['ivd']} left prepared: VDDK: {e}",
+                f"ivdfs end-access {p['ivd']} --vddk-libdir DIR",
+            )
+        return
+    try:
+        target_server = ServerTarget(
+            server.host, server.port, server.user, server.password, thumbprint
+        )
+        for p in rec.prepared:
+            try:
+                Access(lib, target_server, DiskTarget(p["ivd"], p["datastore"]), identity).recover()
+            except BackendError as e:
+                report.fail(f"EndAccess for IVD {p['ivd']}: {e}", f"ivdfs end-access {p['ivd']}")
+                continue
+            report.ok(f"EndAccess for IVD {p['ivd']} (vMotion enabled again)")
+            _journal_drop(rec, "prepared", p)
+    finally:
+        lib.exit()
+
+
+def recover(rec: journal.Record, connection: Connection) -> int:
+    """Undo everything a dead mount holds; 0 only when nothing is left."""
+    report = Report()
+    undo_local(rec, report)
+    try:
+        undo_remote(rec, connection, report)
+    except IvdfsError as e:
+        report.fail(str(e), "ivdfs umount again once the server is reachable")
+    if report.failed:
+        return ExitCode.MOUNTPOINT
+    with contextlib.suppress(FileNotFoundError):
+        rec.path.unlink()
+    return ExitCode.OK
+
+
+def wait_gone(pid: int, start: str | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while journal.process_start(pid) == start and start is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    return True

@@ -1,0 +1,524 @@
+"""Every setting declared once: flags, type, default, environment variable, config key, range,
+help, and which commands take it.
+
+Role: the one table (as nbdkit's vddk_config switch and s3ql's shared option declarations)
+from which the argument parser, the config file's accepted keys and the validation are all
+derived, so a default lives in one place. `resolve` applies the precedence flag > environment
+> config file > default to one command's settings and returns typed, validated values. Argparse
+defaults are left unset (None), so "given on the command line" is always knowable, and
+abbreviated long options are refused (an abbreviation would slip past the config override).
+
+Concurrency: pure; main thread only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ivdfs.config import env, parse_size
+from ivdfs.errors import UserError
+
+# Commands that talk to vCenter (and read the config file).
+SERVER_COMMANDS = frozenset(
+    {
+        "mount",
+        "ls",
+        "snapshot create",
+        "snapshot delete",
+        "check",
+        "end-access",
+        "umount",
+        "status",
+        "changes",
+        "hash",
+    }
+)
+VDDK_COMMANDS = frozenset({"mount", "check", "end-access", "umount", "hash"})
+TRANSPORTS = ("file", "san", "hotadd", "nbdssl", "nbd")
+
+
+def _transport(text: str) -> str:
+    modes = text.split(":")
+    bad = [m for m in modes if m not in TRANSPORTS]
+    if bad or not text:
+        raise ValueError(f"use modes from {', '.join(TRANSPORTS)} separated by ':'")
+    return text
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError:
+        raise ValueError("use a number with an optional K, M, G or T suffix") from None
+
+
+def _block_size(text: str) -> int:
+    n = _size(text)
+    # QueryAllocatedBlocks wants a power-of-two chunk of 64K..64M: a block that is one can be
+    # the chunk; at most one VDDK request (2M).
+    if n & (n - 1) or not 64 << 10 <= n <= 2 << 20:
+        raise ValueError("must be a power of two from 64K to 2M")
+    return n
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1e9:
+        raise ValueError("use a number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the dest, and the config-file key
+    flags: tuple[str, ...]
+    help: str
+    commands: frozenset[str]
+    parse: Callable[[str], Any] | None = None  # text -> value; ValueError is a bad value
+    default: Any = None
+    kind: str = "value"  # "value", "flag" (store_true), "list" (repeatable)
+    env: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    config: bool = True  # may appear in the config file
+    # An environment variable that replaces this setting without being its value: a password
+    # in IVDFS_PASSWORD outranks the config file's password_file.
+    shadowed_by: str | None = None
+    group: str = "options"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check_range(self, value: Any) -> None:
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {self.maximum:g}")
+
+
+_SERVER = "vCenter / ESXi"
+_VDDK = "VDDK and data path"
+_TREE = "tree"
+_PROC = "FUSE and process"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "config",
+        ("--config",),
+        "config file (default ~/.config/ivdfs/config.toml if it exists) [IVDFS_CONFIG]",
+        SERVER_COMMANDS,
+        Path,
+        metavar="FILE",
+        config=False,
+    ),
+    Setting(
+        "server",
+        ("--server",),
+        "vCenter or ESXi host (default port 443) [IVDFS_SERVER]",
+        SERVER_COMMANDS,
+        str,
+        env="IVDFS_SERVER",
+        metavar="HOST[:PORT]",
+        group=_SERVER,
+    ),
+    Setting(
+        "user",
+        ("--user",),
+        "user name, e.g. backup@vsphere.local [IVDFS_USER]",
+        SERVER_COMMANDS,
+        str,
+        env="IVDFS_USER",
+        group=_SERVER,
+    ),
+    Setting(
+        "password_file",
+        ("--password-file",),
+        "file whose first line is the password "
+        "(must not be group/other readable) [or IVDFS_PASSWORD, or a prompt on a terminal]",
+        SERVER_COMMANDS,
+        Path,
+        metavar="FILE",
+        group=_SERVER,
+        shadowed_by="IVDFS_PASSWORD",
+    ),
+    Setting(
+        "ca_file",
+        ("--ca-file",),
+        "PEM file of CA certificates to trust besides the system's",
+        SERVER_COMMANDS,
+        Path,
+        metavar="FILE",
+        group=_SERVER,
+    ),
+    Setting(
+        "thumbprint",
+        ("--thumbprint",),
+        "pin the server certificate's SHA-1 thumbprint instead of CA checks",
+        SERVER_COMMANDS,
+        str,
+        metavar="AA:BB:...",
+        group=_SERVER,
+    ),
+    Setting(
+        "insecure",
+        ("--insecure",),
+        "do not verify the server certificate (lab use only)",
+        SERVER_COMMANDS,
+        kind="flag",
+        default=False,
+        group=_SERVER,
+    ),
+    Setting(
+        "vddk_libdir",
+        ("--vddk-libdir",),
+        "VDDK root; the library is DIR/lib64/libvixDiskLib.so.N [IVDFS_VDDK_LIBDIR]",
+        VDDK_COMMANDS,
+        Path,
+        env="IVDFS_VDDK_LIBDIR",
+        metavar="DIR",
+        group=_VDDK,
+    ),
+    Setting(
+        "vddk_config",
+        ("--vddk-config",),
+        "VDDK configuration file handed to "
+        "VixDiskLib_InitEx (default: one of ivdfs's with a private tmpDirectory)",
+        VDDK_COMMANDS,
+        Path,
+        metavar="FILE",
+        group=_VDDK,
+    ),
+    Setting(
+        "transport",
+        ("--transport",),
+        "VDDK transport modes in order of preference, e.g. "
+        "nbdssl:nbd (file, san, hotadd, nbdssl, nbd; default: VDDK's choice)",
+        frozenset({"mount", "check", "hash"}),
+        _transport,
+        metavar="MODES",
+        group=_VDDK,
+    ),
+    Setting(
+        "nfc_host_port",
+        ("--nfc-host-port",),
+        "ESXi NFC port when it is not 902 (default: VDDK's)",
+        VDDK_COMMANDS,
+        int,
+        default=0,
+        metavar="PORT",
+        minimum=0,
+        maximum=65535,
+        group=_VDDK,
+    ),
+    Setting(
+        "cache_size",
+        ("--cache-size",),
+        "block cache size (default 256M)",
+        frozenset({"mount"}),
+        _size,
+        default=256 << 20,
+        metavar="SIZE",
+        group=_VDDK,
+    ),
+    Setting(
+        "block_size",
+        ("--block-size",),
+        "cache block and VDDK request size, a power of two from 64K to 2M (default 1M)",
+        frozenset({"mount"}),
+        _block_size,
+        default=1 << 20,
+        metavar="SIZE",
+        group=_VDDK,
+    ),
+    Setting(
+        "prefetch",
+        ("--prefetch",),
+        "read up to N blocks ahead of a sequential reader, in "
+        "the background; the window starts at 1 block, doubles while reads stay in order "
+        "and collapses on a random jump (default 16; 0: off)",
+        frozenset({"mount"}),
+        int,
+        default=16,
+        metavar="N",
+        minimum=0,
+        maximum=256,
+        group=_VDDK,
+    ),
+    Setting(
+        "vddk_handles",
+        ("--vddk-handles",),
+        "VDDK handles per open snapshot, each its own "
+        "connection and I/O thread; more than 1 gives parallel reads on transports without "
+        "asynchronous reads (SAN, HotAdd) (default 1)",
+        frozenset({"mount"}),
+        int,
+        default=1,
+        metavar="N",
+        minimum=1,
+        maximum=16,
+        group=_VDDK,
+    ),
+    Setting(
+        "use_async",
+        ("--no-async",),
+        "do not use VixDiskLib_ReadAsync (by default reads "
+        "overlap over NBD/NBDSSL, up to --max-in-flight per handle)",
+        frozenset({"mount"}),
+        kind="flag",
+        default=True,
+        group=_VDDK,
+        extra={"action": "store_false"},
+    ),
+    Setting(
+        "max_in_flight",
+        ("--max-in-flight",),
+        "bytes of ReadAsync requests in flight per "
+        "VDDK handle; ESXi's NFC server limits each session's memory (default 8M)",
+        frozenset({"mount"}),
+        _size,
+        default=8 << 20,
+        metavar="SIZE",
+        minimum=64 << 10,
+        maximum=64 << 20,
+        group=_VDDK,
+    ),
+    Setting(
+        "max_connections",
+        ("--max-connections",),
+        "VDDK connections (NFC sessions) open at "
+        "once across the mount; idle disks close first, then reads wait (default 8)",
+        frozenset({"mount"}),
+        int,
+        default=8,
+        metavar="N",
+        minimum=1,
+        maximum=1024,
+        group=_VDDK,
+    ),
+    Setting(
+        "idle_timeout",
+        ("--idle-timeout",),
+        "close a snapshot's VDDK connection this long "
+        "after its last file closed (and EndAccess its IVD when none is open) (default 60)",
+        frozenset({"mount"}),
+        _seconds,
+        default=60.0,
+        metavar="SECONDS",
+        group=_VDDK,
+    ),
+    Setting(
+        "volumes",
+        ("--volumes",),
+        "guest volumes as <snapshot>/volumes/<n> symlinks to "
+        "read-only mounts, set up when volumes/ is first listed: 'kernel' mounts each "
+        "partition from a read-only loop device, 'vixmntapi' asks VDDK's libvixMntapi "
+        "(needs libfuse2); root only (default none)",
+        frozenset({"mount"}),
+        str,
+        default="none",
+        choices=("none", "kernel", "vixmntapi"),
+        group=_TREE,
+    ),
+    Setting(
+        "refresh",
+        ("--refresh",),
+        "list a directory again from vCenter when its listing is "
+        "older than this, so new IVDs and snapshots appear and deleted ones go (default "
+        "60; 0: never)",
+        frozenset({"mount"}),
+        _seconds,
+        default=60.0,
+        metavar="SECONDS",
+        group=_TREE,
+    ),
+    Setting(
+        "snapshot_now",
+        ("--snapshot-now",),
+        "snapshot IVD (UUID or unique name) when "
+        "mounting and delete that snapshot at unmount; repeatable",
+        frozenset({"mount"}),
+        str,
+        kind="list",
+        default=(),
+        metavar="IVD",
+        group=_TREE,
+    ),
+    Setting(
+        "datastores",
+        ("--datastore",),
+        "show only this datastore (name or moref); repeatable",
+        frozenset({"mount"}),
+        str,
+        kind="list",
+        default=(),
+        metavar="NAME",
+        group=_TREE,
+    ),
+    Setting(
+        "ivds",
+        ("--ivd",),
+        "show only this IVD (UUID or unique name); repeatable",
+        frozenset({"mount"}),
+        str,
+        kind="list",
+        default=(),
+        metavar="IVD",
+        group=_TREE,
+    ),
+    Setting(
+        "foreground",
+        ("-f", "--foreground"),
+        "stay in the foreground (default: detach once the mount is ready)",
+        frozenset({"mount"}),
+        kind="flag",
+        default=False,
+        config=False,
+        group=_PROC,
+    ),
+    Setting(
+        "options",
+        ("-o",),
+        "FUSE options, e.g. allow_other (the mount is private to you "
+        "without it), uid=N, gid=N, umask=OOO",
+        frozenset({"mount"}),
+        str,
+        kind="list",
+        default=(),
+        metavar="OPT[,OPT]",
+        group=_PROC,
+    ),
+    Setting(
+        "debug",
+        ("--debug",),
+        "verbose logging, and VDDK call statistics at unmount",
+        frozenset({"mount"}),
+        kind="flag",
+        default=False,
+        group=_PROC,
+    ),
+    Setting(
+        "log",
+        ("--log",),
+        "append log lines to FILE (default: standard error)",
+        frozenset({"mount"}),
+        Path,
+        metavar="FILE",
+        group=_PROC,
+    ),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+# Keys holding paths: `~` expands, and a relative path is relative to the config file.
+PATH_KEYS = frozenset(s.name for s in SETTINGS if s.parse is Path)
+# The TLS trust settings go together: any of them on the command line replaces all of the file's.
+TLS_KEYS = ("ca_file", "thumbprint", "insecure")
+
+
+def settings_of(command: str) -> list[Setting]:
+    return [s for s in SETTINGS if command in s.commands]
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    groups: dict[str, Any] = {}
+    for s in settings_of(command):
+        target = parser if s.group == "options" else groups.get(s.group)
+        if target is None:
+            target = groups[s.group] = parser.add_argument_group(s.group)
+        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
+        if s.kind == "flag":
+            kw["action"] = s.extra.get("action", "store_true")
+        elif s.kind == "list":
+            kw.update(action="append", metavar=s.metavar)
+        else:
+            kw.update(metavar=s.metavar, choices=s.choices)
+        target.add_argument(*s.flags, **kw)
+
+
+class Values(dict[str, Any]):
+    """Resolved settings of one command; also readable as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _convert(s: Setting, text: str, name: str, prefix: str = "") -> Any:
+    """`text` as the setting's value; `name` is what the user wrote (flag, key, variable)."""
+    try:
+        value = s.parse(text) if s.parse is not None else text
+        s.check_range(value)
+    except (TypeError, ValueError) as e:
+        reason = f": {e}" if str(e) and "invalid literal" not in str(e) else ""
+        raise UserError(f"{prefix}invalid {name} {text!r}{reason}") from None
+    if s.choices is not None and value not in s.choices:
+        raise UserError(f"{prefix}{name}: choose one of {', '.join(s.choices)}")
+    return value
+
+
+def _from_file(s: Setting, value: Any, source: Path) -> Any:
+    bad = f"config file {source}: invalid {s.name} {value!r}"
+    prefix = f"config file {source}: "
+    if s.kind == "flag":
+        if not isinstance(value, bool):
+            raise UserError(f"{bad}: use true or false")
+        return value
+    if s.kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise UserError(f"{bad}: use a string or a list of strings")
+        return tuple(_convert(s, i, s.name, prefix) for i in items)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise UserError(f"{bad}: use a string or a number")
+    return _convert(s, str(value), s.name, prefix)
+
+
+def check_file_keys(values: dict[str, Any], source: Path) -> None:
+    known = {s.name for s in SETTINGS if s.config}
+    for key in values:
+        if key not in known:
+            raise UserError(
+                f"config file {source}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
+            )
+
+
+def resolve(
+    command: str,
+    args: argparse.Namespace,
+    file_values: dict[str, Any],
+    source: Path | None,
+) -> Values:
+    """flag > environment > config file > default, for every setting of `command`."""
+    tls_flag = any(getattr(args, k, None) not in (None, False) for k in TLS_KEYS)
+    out = Values()
+    for s in settings_of(command):
+        given = getattr(args, s.name, None)
+        flag = s.flags[-1]
+        if s.kind == "list" and given is not None:
+            # Lists add up: an fstab line's `-o config=FILE,ro` keeps the file's options.
+            from_file = s.name in file_values and source is not None
+            base = _from_file(s, file_values[s.name], source) if from_file else ()  # type: ignore[arg-type]
+            out[s.name] = base + tuple(_convert(s, str(v), flag) for v in given)
+            continue
+        if given is not None:
+            if s.kind == "flag":
+                out[s.name] = given
+            else:
+                out[s.name] = _convert(s, str(given), flag)
+            continue
+        if s.env and env(s.env):
+            out[s.name] = _convert(s, env(s.env) or "", s.env)
+            continue
+        if s.shadowed_by and env(s.shadowed_by):
+            out[s.name] = s.default
+            continue
+        if source is not None and s.name in file_values and not (s.name in TLS_KEYS and tls_flag):
+            out[s.name] = _from_file(s, file_values[s.name], source)
+            continue
+        out[s.name] = s.default
+    return out

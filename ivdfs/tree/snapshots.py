@@ -1,0 +1,279 @@
+"""What a snapshot directory holds: disk.raw, partition windows, info.json, volumes/.
+
+Role: one `SnapshotDisk` per snapshot the tree shows: the VDDK-backed `Disk`, and, once probed,
+the disk's own size, its reader (block cache, holes, read-ahead) and its partition table. The
+probe opens the disk through the service, reads its size and table sectors, and lets go (the
+service closes the disk soon after unless a file holds it); the result never changes, so
+`stat` and `ls` of a probed snapshot cost no VDDK call. A failed probe is tried again on the
+next lookup or listing (the service remembers the failure for a growing interval, so a storm of
+lookups costs no storm of connections), and until then disk.raw shows vCenter's capacity with
+attributes the kernel must not keep: a file's size is never a guess the kernel can hold on to.
+
+Concurrency: trio thread only. Table sectors are read in the caller's task (so in its cancel
+scope); `parse` stays pure and synchronous by being re-run over the bytes read so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ivdfs.errors import BackendError
+from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.io.block_cache import Block
+from ivdfs.io.partitions import FS_PROBE_SIZE, Partition, PartitionTable, detect_filesystem, parse
+from ivdfs.io.reader import DiskReader
+from ivdfs.tree import info
+from ivdfs.tree.catalog import INFO_NAME, to_ns
+from ivdfs.tree.inodes import InodeTable
+from ivdfs.tree.nodes import (
+    DirNode,
+    DiskFile,
+    GeneratedFile,
+    SnapshotDir,
+    SymlinkNode,
+    VolumesDir,
+    WindowFile,
+)
+from ivdfs.volumes.base import WHOLE_DISK, Candidate, VolumeBackend, VolumeRequest
+
+log = logging.getLogger(__name__)
+
+# parse() reads a bounded number of structures (MBR, two GPT headers and arrays, 128 EBRs);
+# each round of the bridge below adds one of them.
+MAX_TABLE_ROUNDS = 512
+DISK_NAME = "disk.raw"
+VOLUMES_NAME = "volumes"
+
+
+class Disk(Protocol):
+    """A snapshot's disk as the tree sees it (vddk.service behind it in a mount)."""
+
+    async def capacity(self) -> int: ...
+
+    async def read(self, start_sector: int, nbytes: int) -> Block: ...
+
+    async def query_allocated(
+        self, start_sector: int, num_sectors: int, chunk_sectors: int
+    ) -> list[tuple[int, int]]: ...
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def forget(self) -> None: ...
+
+
+class DiskSource(Protocol):
+    def disk(self, ivd: Ivd, snapshot: Snapshot) -> Disk:
+        """The disk of a snapshot; no I/O until it is used."""
+        ...
+
+
+MakeReader = Callable[[object, int, Disk], DiskReader]
+
+
+@dataclass(eq=False)
+class SnapshotDisk:
+    ivd: Ivd
+    snapshot: Snapshot
+    disk: Disk
+    size: int  # vCenter's capacity until probed, then the disk's own
+    reader: DiskReader | None = None
+    partitions: tuple[Partition, ...] = ()
+    table: PartitionTable | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def probed(self) -> bool:
+        return self.reader is not None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        # Cache key: vCenter never reuses an IVD or snapshot id, so it never returns other data.
+        return (self.ivd.id, self.snapshot.id)
+
+    def where(self) -> str:
+        return f"IVD {self.ivd.id} snapshot {self.snapshot.id}"
+
+
+class _NeedBytes(Exception):
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset, self.length = offset, length
+
+
+async def read_table(reader: DiskReader) -> PartitionTable:
+    """`parse` over the reader, each read done here, in the caller's task."""
+    have: dict[tuple[int, int], bytes] = {}
+
+    def read(offset: int, length: int) -> bytes:
+        data = have.get((offset, length))
+        if data is None:
+            raise _NeedBytes(offset, length)
+        return data
+
+    for _ in range(MAX_TABLE_ROUNDS):
+        try:
+            return parse(read, reader.size)
+        except _NeedBytes as need:
+            have[(need.offset, need.length)] = bytes(await reader.read(need.offset, need.length))
+    raise BackendError("the partition table needs more reads than any valid table")
+
+
+async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
+    """Learn the disk's size and partition table once; False (logged) while it cannot."""
+    if sd.probed:
+        return True
+    async with sd.lock:
+        if sd.probed:
+            return True
+        try:
+            size = await sd.disk.capacity()
+        except BackendError as e:
+            if not e.quiet:
+                log.warning("%s: cannot open the disk (will try again): %s", sd.where(), e)
+            return False
+        if size != sd.size:
+            # vCenter reports the IVD's current capacity in whole MiB; a snapshot taken before
+            # the IVD grew, or a disk that is not a whole number of MiB, differs. The disk's
+            # own GetInfo is the authority on its bytes.
+            log.info("%s: %d bytes (vCenter reports the IVD at %d)", sd.where(), size, sd.size)
+        reader = make_reader(sd.key, size, sd.disk)
+        try:
+            table = await read_table(reader)
+        except BackendError as e:
+            log.warning("%s: cannot read the partition table: %s", sd.where(), e)
+            table = PartitionTable("none", (), ())
+        if table.warnings:
+            log.warning(
+                "%s: partition table (%s): %s%s",
+                sd.where(),
+                table.scheme,
+                "; ".join(table.warnings),
+                "" if table.partitions else "; showing disk.raw only",
+            )
+        sd.size, sd.table, sd.partitions = size, table, table.partitions
+        sd.reader = reader  # last: `probed` means everything above is set
+        return True
+
+
+async def volume_candidates(sd: SnapshotDisk) -> tuple[Candidate, ...]:
+    """Each partition (or the whole disk) with the filesystem its first bytes show."""
+    reader = sd.reader
+    assert reader is not None
+    windows = [(p.number, p.start, p.length) for p in sd.partitions]
+    if not windows:
+        windows = [(WHOLE_DISK, 0, reader.size)]
+    out = []
+    for number, start, length in windows:
+        head = bytes(await reader.read(start, min(FS_PROBE_SIZE, length)))
+        out.append(Candidate(number, start, length, detect_filesystem(head)))
+    return tuple(out)
+
+
+Probe = Callable[[SnapshotDisk], Awaitable[bool]]
+
+
+class SnapshotDirs:
+    """Creates snapshot directories and fills them: disk.raw, info.json, partN.raw, volumes/."""
+
+    def __init__(
+        self,
+        inodes: InodeTable,
+        disks: DiskSource,
+        make_reader: MakeReader,
+        add_generated: Callable[[DirNode, str, Callable[[], bytes], int | None], GeneratedFile],
+        mount_time_ns: int,
+        volumes: VolumeBackend | None = None,
+        mountpoint: Path | None = None,
+    ) -> None:
+        self.inodes = inodes
+        self.disks = disks
+        self.make_reader = make_reader
+        self.add_generated = add_generated
+        self.mount_time_ns = mount_time_ns
+        self.volumes = volumes
+        self.mountpoint = mountpoint
+
+    def make(self, ivd: Ivd, snap: Snapshot) -> SnapshotDir:
+        sd = SnapshotDisk(ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes)
+        mtime = to_ns(snap.create_time, self.mount_time_ns)
+        return SnapshotDir(self.inodes.new_ino(), snap.id, mtime, loader=self.load, disk=sd)
+
+    async def probe(self, sd: SnapshotDisk) -> bool:
+        return await probe(sd, self.make_reader)
+
+    async def load(self, d: DirNode) -> bool:
+        """What a snapshot directory holds; the one place to add per-snapshot entries.
+
+        A disk that cannot be opened yet or a table that cannot be trusted costs one log line
+        and leaves disk.raw and info.json alone; the partitions appear once a probe succeeds.
+        """
+        assert isinstance(d, SnapshotDir) and d.disk is not None
+        sd = d.disk
+        if DISK_NAME not in d.children:
+            self.inodes.add(d, DiskFile(self.inodes.new_ino(), DISK_NAME, d.mtime_ns, disk=sd))
+            self.add_generated(d, INFO_NAME, lambda: snapshot_info(sd), d.mtime_ns)
+        if not await self.probe(sd):
+            return False
+        for p in sd.partitions:
+            name = f"part{p.number}.raw"
+            if name not in d.children:
+                node = WindowFile(
+                    self.inodes.new_ino(),
+                    name,
+                    d.mtime_ns,
+                    disk=sd,
+                    extents=((0, p.start, p.length),),
+                    length=p.length,
+                )
+                self.inodes.add(d, node)
+        if self.volumes is not None and VOLUMES_NAME not in d.children:
+            self.inodes.add(
+                d,
+                VolumesDir(
+                    self.inodes.new_ino(),
+                    VOLUMES_NAME,
+                    d.mtime_ns,
+                    loader=self.load_volumes,
+                    disk=sd,
+                ),
+            )
+        return True
+
+    async def load_volumes(self, d: DirNode) -> bool:
+        """Attach the snapshot's volumes on first listing; failures leave fewer (or no) links.
+
+        Not retried on the next listing: a backend that failed once would fail again, each
+        time with its cost (mounts, VDDK connections)."""
+        assert isinstance(d, VolumesDir) and d.disk is not None
+        sd = d.disk
+        if self.volumes is None or self.mountpoint is None:
+            return True
+        disk_node = self.inodes.parent_of(d).children.get(DISK_NAME)
+        assert disk_node is not None
+        try:
+            request = VolumeRequest(
+                sd.ivd,
+                sd.snapshot,
+                self.mountpoint / self.inodes.path_of(disk_node),
+                await volume_candidates(sd),
+            )
+            mounted = await self.volumes.attach(request)
+        except Exception as e:  # any backend failure: the snapshot stays readable
+            log.error("volumes of %s: %s", sd.where(), e)
+            return True
+        for number, target in sorted(mounted.items()):
+            self.inodes.add(
+                d, SymlinkNode(self.inodes.new_ino(), str(number), d.mtime_ns, target=target)
+            )
+        return True
+
+
+def snapshot_info(sd: SnapshotDisk) -> bytes:
+    return info.snapshot_json(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
