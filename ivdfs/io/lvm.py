@@ -108,7 +108,7 @@ def label_sector(head: bytes) -> int | None:
 
 
 def _label_problem(sector: bytes, index: int) -> str:
-    """ "" if `sector` (number `index` of its device) is a valid LVM2 label, else why not."""
+    """Empty if `sector` (number `index` of its device) is a valid LVM2 label, else why not."""
     if sector[:8] != _LABEL_ID:
         return "no label"
     (sector_xl, crc, offset) = struct.unpack_from("<QII", sector, 8)
