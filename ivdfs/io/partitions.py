@@ -28,6 +28,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ivdfs.io.lvm import label_sector
+
 __all__ = [
     "FS_PROBE_SIZE",
     "MAX_GPT_ARRAY_BYTES",
@@ -520,17 +522,41 @@ def _is_fat(b: bytes) -> bool:
     return labelled or bool(_u16(b, 19) or _u32(b, 32))
 
 
+def _is_xfs(sb: bytes) -> bool:
+    """The sanity checks blkid makes on an XFS superblock beyond its magic (big-endian)."""
+    if len(sb) < 0x70:
+        return False
+
+    def be(off: int, n: int) -> int:
+        return int.from_bytes(sb[off : off + n], "big")
+
+    block, sector, inode = be(4, 4), be(0x66, 2), be(0x68, 2)
+    agblocks, agcount = be(0x54, 4), be(0x58, 4)
+    return (
+        block in (512 << i for i in range(8))  # 512 B .. 64 KiB
+        and sector in (512, 1024, 2048, 4096, 8192, 16384, 32768)
+        and inode in (256, 512, 1024, 2048)
+        and agblocks > 0
+        and agcount > 0
+    )
+
+
 def detect_filesystem(head: bytes) -> str | None:
     """Name the filesystem whose first bytes are `head`, or None.
 
-    Returns "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs" or "swap". Pass
-    `FS_PROBE_SIZE` bytes to see btrfs, whose superblock is at 64 KiB; less only loses that.
+    Returns "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs", "swap" or
+    "LVM2_member" (an LVM2 physical volume, named as blkid names it). Pass `FS_PROBE_SIZE` bytes
+    to see btrfs, whose superblock is at 64 KiB; less only loses that.
     """
+    # A label with a valid CRC in the first four sectors is what lvm2 itself goes by; pvcreate
+    # wipes other signatures, so a stale one beside it is not the answer.
+    if label_sector(head) is not None:
+        return "LVM2_member"
     if head[3:11] == b"NTFS    ":
         return "ntfs"
     if head[3:11] == b"EXFAT   ":
         return "exfat"
-    if head[:4] == b"XFSB":
+    if head[:4] == b"XFSB" and _is_xfs(head):
         return "xfs"
     ext = _ext_kind(head)
     if ext is not None:

@@ -1,7 +1,16 @@
 """What the tree asks of a volume backend, and what a backend promises.
 
-Role: the seam between `tree` (which knows the snapshot, its ``disk.raw`` path inside our mount
-and its partitions) and the backends that attach volumes (`kernel`, `vixmntapi`). Pure types.
+Role: the seam between `tree` (which knows the snapshot, its ``disk.raw`` path inside our mount,
+its partitions and LVM logical volumes) and the backends that attach volumes (`kernel`,
+`vixmntapi`). Pure types.
+
+A volume is named by `Candidate.volume_name`: the partition number (0: a filesystem spanning the
+whole disk), or for an LVM logical volume its device-mapper style name ``<vg>-<lv>`` (hyphens
+inside either doubled, `ivdfs.io.lvm.LogicalVolume.dm_name`), read from ``lv-<name>.raw``.
+`VolumeAnswer` says, for every candidate, where it is mounted or why it is not: the tree shows
+the first as the symlink ``volumes/<name>`` and the second as ``volumes/<name>.error`` (one line
+of text), so no volume is ever silently absent. (Today's tree still calls `attach` and reads
+partition numbers only; `KernelVolumes.attach_volumes` already answers in full.)
 
 Concurrency contract for backends: `attach` and `aclose` run on the trio thread and must never
 block it (loop devices read through our own FUSE mount: a blocking call there deadlocks);
@@ -21,14 +30,34 @@ from ivdfs.inventory.model import Ivd, Snapshot
 WHOLE_DISK = 0
 
 
+# volumes/<name> + ERROR_SUFFIX holds the reason a volume is not mounted.
+ERROR_SUFFIX = ".error"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A window of the disk that may hold a filesystem: partition `number` (0: whole disk)."""
+    """A window that may hold a filesystem: partition `number` (0: whole disk) of the disk, or
+    (with `path`) a whole file of our mount such as ``lv-<vg>-<lv>.raw``."""
 
     number: int
-    start: int
+    start: int  # byte offset in `path` (default: the request's disk_path)
     length: int
     fs: str | None  # as io.partitions.detect_filesystem names it; None = not recognised
+    name: str = ""  # volumes/<name>; "" means str(number)
+    path: Path | None = None  # the file to attach, inside the ivdfs mount
+
+    @property
+    def volume_name(self) -> str:
+        return self.name or str(self.number)
+
+
+@dataclass(frozen=True)
+class VolumeAnswer:
+    """Every candidate of a request, either mounted (name -> absolute path of its mount) or
+    refused (name -> one line saying why: no filesystem, no driver, what the mount said)."""
+
+    mounted: dict[str, str]
+    refused: dict[str, str]
 
 
 @dataclass(frozen=True)

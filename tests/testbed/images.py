@@ -1,19 +1,29 @@
 """Test-bed disk images built with the real tools, plus manifests of what they hold.
 
 Role: give tests, the demo and the benchmarks disks whose layout and contents are known without
-trusting ivdfs: tables come from parted, filesystems from mkfs.ext4 / mkfs.vfat / mkntfs, files
-from ``mkfs.ext4 -d``, mcopy and ntfscp. Nothing is mounted and no loop device is needed: each
-filesystem is built in its own file and copied, holes skipped, to the offset parted reports.
+trusting ivdfs: tables come from parted, filesystems from mkfs.ext4 / mkfs.vfat / mkntfs /
+mkfs.xfs / mkfs.btrfs, files from ``mkfs.ext4 -d``, mcopy, ntfscp, ``mkfs.xfs -p`` (a prototype
+file) and ``mkfs.btrfs --rootdir``. Nothing is mounted: each filesystem is built in its own
+file and copied, holes skipped, to the offset parted (or lvm2) reports.
+
+LVM2 disks are laid out by lvm2 itself (pvcreate, vgcreate, lvcreate) on loop devices of the
+scratch image, in a sandbox (`_LvmSandbox`): a private LVM_SYSTEM_DIR whose lvm.conf accepts
+only those loop devices and disables activation, hints, backups and archives, so the host's
+LVM never records, caches or activates anything and this kernel needs no device-mapper. The
+loop devices are detached before the builder returns; each LV's filesystem is then written at
+the extents that ``lvs --segments`` and ``pvs`` reported (striped ones chunk by chunk).
 
 Every builder takes a target path (overwritten), returns a frozen manifest and leaves the image
 sparse. A 64 MiB partitioned disk takes a fraction of a second.
 
 Limits: ntfscp cannot create directories, so NTFS partitions hold only top-level files (the
-manifest lists exactly what is there). Needs parted, e2fsprogs, dosfstools, mtools and ntfs-3g
-(all in scripts/setup).
+manifest lists exactly what is there). mkfs.xfs refuses filesystems under 300 MB and mkfs.btrfs
+under about 110 MiB: such images are bigger, but sparse. Needs parted, e2fsprogs, dosfstools,
+mtools, ntfs-3g, xfsprogs, btrfs-progs and lvm2 (all in scripts/setup); the LVM builders need
+root for their loop devices.
 
-Concurrency contract: builders touch only their target path and a scratch directory beside it,
-so different targets can be built in parallel.
+Concurrency contract: builders touch only their target path and a scratch directory beside it
+(and, for LVM, loop devices of their own), so different targets can be built in parallel.
 
 Usage from a shell (demo, benchmarks): ``python -m tests.testbed.images gpt /tmp/disk.img``.
 """
@@ -56,6 +66,45 @@ class PartitionManifest:
 
 
 @dataclass(frozen=True)
+class SegmentManifest:
+    """One LV segment as ``lvs --segments`` and ``pvs`` report it, in disk bytes."""
+
+    lv_offset: int
+    length: int
+    segtype: str  # "linear", "striped", "zero", ...
+    stripes: tuple[int, ...]  # disk offset where each stripe's area starts (none: no PV)
+    stripe_size: int  # bytes per chunk as lvs reports it (0 for linear)
+
+
+@dataclass(frozen=True)
+class LvManifest:
+    """A logical volume: where lvm2 put it and what was written there."""
+
+    vg: str
+    name: str
+    size: int
+    segments: tuple[SegmentManifest, ...]
+    fs: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # POSIX relative path -> sha256 hex
+    sha256: str = ""  # of the LV's bytes; "" when nothing was written (an unsupported type)
+
+
+@dataclass(frozen=True)
+class MetadataManifest:
+    """Where a PV's committed metadata text lies, as ``pvck --dump headers`` reports it."""
+
+    pv_start: int  # disk offset of the PV
+    mda_start: int  # of the metadata area, from the PV's start
+    mda_size: int
+    text_offset: int  # from the area's start
+    text_size: int
+
+    @property
+    def wrapped(self) -> bool:
+        return self.text_offset + self.text_size > self.mda_size
+
+
+@dataclass(frozen=True)
 class DiskManifest:
     """A disk image: its table scheme, data partitions (no extended containers), files."""
 
@@ -64,7 +113,10 @@ class DiskManifest:
     scheme: str  # "gpt", "mbr" or "none"
     partitions: tuple[PartitionManifest, ...] = ()
     whole_disk: PartitionManifest | None = None  # bare filesystem without a table
-    damage: str = ""  # corrupt_gpt_disk: which copy of the GPT was damaged
+    damage: str = ""  # corrupt_gpt_disk / corrupt_lvm_disk: what was damaged
+    pvs: tuple[tuple[int, int], ...] = ()  # LVM PV windows (disk offset, length)
+    lvs: tuple[LvManifest, ...] = ()
+    metadata: tuple[MetadataManifest, ...] = ()  # one per PV, in pvs order
 
 
 @dataclass(frozen=True)
@@ -83,11 +135,11 @@ class DataManifest:
 # Helpers
 
 
-def _run(*args: str | Path) -> str:
+def _run(*args: str | Path | int, env: dict[str, str] | None = None) -> str:
     argv = [str(a) for a in args]
     if shutil.which(argv[0]) is None:
         raise RuntimeError(f"{argv[0]} not found; run scripts/setup")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=_ENV, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env or _ENV, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -127,13 +179,19 @@ def _copy_sparse(src: Path, dst: Path, offset: int) -> None:
     size = src.stat().st_size
     with open(src, "rb") as s, open(dst, "r+b") as d:
         for start, length in _data_extents(s.fileno(), size):
-            done = 0
-            while done < length:
-                chunk = os.pread(s.fileno(), min(MiB, length - done), start + done)
-                # Zero runs inside a data extent stay holes in the target too.
-                if chunk.count(0) != len(chunk):
-                    os.pwrite(d.fileno(), chunk, offset + start + done)
-                done += len(chunk)
+            _copy_span(s.fileno(), d.fileno(), start, length, offset + start)
+
+
+def _copy_span(src: int, dst: int, src_offset: int, length: int, dst_offset: int) -> None:
+    """Copy `length` bytes between open files; all-zero pieces stay holes in the target."""
+    done = 0
+    while done < length:
+        chunk = os.pread(src, min(MiB, length - done), src_offset + done)
+        if not chunk:
+            raise RuntimeError(f"short read at {src_offset + done}")
+        if chunk.count(0) != len(chunk):
+            os.pwrite(dst, chunk, dst_offset + done)
+        done += len(chunk)
 
 
 def _sha256(data: bytes) -> str:
@@ -198,12 +256,51 @@ def _mkfs_ntfs(
         _run("ntfscp", "-q", image, src, rel)
 
 
+def _mkfs_xfs(image: Path, size: int, files: dict[str, bytes], scratch: Path) -> None:
+    """XFS with `files`, from a prototype file (mkfs.xfs -p): no mount needed."""
+    src = scratch / f"{image.name}.d"
+    _stage(files, src)
+    if any(c.isspace() for c in str(src)):
+        raise ValueError(f"mkfs.xfs prototype paths cannot hold spaces: {src}")
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+
+    def walk(d: Path, depth: int) -> None:
+        for entry in sorted(d.iterdir()):
+            pad = " " * depth
+            if entry.is_dir():
+                lines.append(f"{pad}{entry.name} d--755 0 0")
+                walk(entry, depth + 1)
+                lines.append(f"{pad}$")
+            else:
+                lines.append(f"{pad}{entry.name} ---644 0 0 {entry}")
+
+    walk(src, 1)
+    lines.append("$")
+    proto = scratch / f"{image.name}.proto"
+    proto.write_text("\n".join(lines) + "\n")
+    _blank(image, size)
+    _run("mkfs.xfs", "-q", "-f", "-L", "ivdfs", "-p", proto, image)
+
+
+def _mkfs_btrfs(image: Path, size: int, files: dict[str, bytes], scratch: Path) -> None:
+    src = scratch / f"{image.name}.d"
+    _stage(files, src)
+    _blank(image, size)
+    _run("mkfs.btrfs", "-q", "-f", "-L", "ivdfs", "--rootdir", src, image)
+
+
 _Mkfs = Callable[[Path, int, dict[str, bytes], Path, int], None]
+# Smallest sizes the tools accept (mkfs.xfs: 300 MB; mkfs.btrfs with DUP metadata: ~110 MiB).
+MIN_SIZE = {"xfs": 300 * MiB, "btrfs": 128 * MiB, "ext4": 4 * MiB}
 
 
 def _mkfs_for(fs: str) -> _Mkfs:
     if fs == "ext4":
         return lambda img, size, files, scratch, _start: _mkfs_ext4(img, size, files, scratch)
+    if fs == "xfs":
+        return lambda img, size, files, scratch, _start: _mkfs_xfs(img, size, files, scratch)
+    if fs == "btrfs":
+        return lambda img, size, files, scratch, _start: _mkfs_btrfs(img, size, files, scratch)
     if fs == "vfat":
         return _mkfs_vfat
     if fs == "ntfs":
@@ -312,16 +409,20 @@ def mbr_disk(path: Path, size_mb: int = 64) -> DiskManifest:
     return DiskManifest(path, size, "mbr", parts)
 
 
-def bare_fs_disk(path: Path, size_mb: int = 32) -> DiskManifest:
-    """An ext4 filesystem spanning the whole disk, no partition table."""
+def bare_fs_disk(path: Path, size_mb: int = 32, fs: str = "ext4") -> DiskManifest:
+    """A filesystem (ext4, xfs or btrfs) spanning the whole disk, no partition table.
+
+    Two images built from one call's output are what two snapshots of an unchanged volume
+    hold: the same filesystem UUID, byte for byte.
+    """
     path = Path(path)
     size = size_mb * MiB
+    if size < MIN_SIZE.get(fs, 0):
+        raise ValueError(f"{fs} needs >= {MIN_SIZE[fs] // MiB} MiB")
     files = _payload(0, flat=False)
     with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
-        _mkfs_ext4(path, size, files, Path(tmp))
-    whole = PartitionManifest(
-        0, 0, size, "ext4", files={rel: _sha256(d) for rel, d in files.items()}
-    )
+        _mkfs_for(fs)(path, size, files, Path(tmp), 0)
+    whole = PartitionManifest(0, 0, size, fs, files={rel: _sha256(d) for rel, d in files.items()})
     return DiskManifest(path, size, "none", (), whole_disk=whole)
 
 
@@ -364,6 +465,281 @@ def corrupt_gpt_disk(path: Path, size_mb: int = 32, damage: str = "primary-heade
     return DiskManifest(path, size, "gpt", parts, damage=damage)
 
 
+# --------------------------------------------------------------------------------------------
+# LVM2
+
+
+class _LvmSandbox:
+    """lvm2 on loop devices of one image and on nothing else.
+
+    The loop devices map the PV windows of the image (read-write: lvm2 writes its labels and
+    metadata there). A private LVM_SYSTEM_DIR holds the only lvm.conf these commands read: it
+    accepts exactly those loop devices, disables activation (``global{activation=0}``: no
+    device-mapper, which this kernel may lack, and nothing the host could see as /dev/<vg>),
+    hints, udev, backups and archives, and keeps the lock files beside it. So the host's
+    /etc/lvm and /run/lvm are never written, and once the loop devices are detached (always, on
+    the way out) the host's ``vgs`` has nothing of ours to find.
+    """
+
+    def __init__(self, image: Path, windows: list[tuple[int, int]], scratch: Path) -> None:
+        self.image = image
+        self.windows = windows
+        self.dir = scratch / "lvm"
+        self.loops: list[str] = []
+        self.env = {**_ENV, "LVM_SYSTEM_DIR": str(self.dir), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+    def __enter__(self) -> _LvmSandbox:
+        try:
+            for start, length in self.windows:
+                out = _run("losetup", "--find", "--show", "--offset", start, "--sizelimit",
+                           length, self.image)  # fmt: skip
+                self.loops.append(out.strip())
+            accept = " ".join(f'"a|^{loop}$|",' for loop in self.loops)
+            (self.dir / "lock").mkdir(parents=True)
+            (self.dir / "lvm.conf").write_text(
+                f'global {{ activation = 0 locking_dir = "{self.dir / "lock"}" }}\n'
+                "activation { udev_sync = 0 udev_rules = 0 }\n"
+                "devices {\n"
+                f'    filter = [ {accept} "r|.*|" ]\n'
+                f'    global_filter = [ {accept} "r|.*|" ]\n'
+                '    hints = "none"\n'
+                "    obtain_device_list_from_udev = 0\n"
+                "    use_devicesfile = 0\n"
+                "    scan_lvs = 0\n"
+                "}\n"
+                "backup { backup = 0 archive = 0 }\n"
+            )
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        errors = []
+        for loop in reversed(self.loops):
+            proc = subprocess.run(["losetup", "--detach", loop], capture_output=True, text=True)
+            if proc.returncode != 0:
+                errors.append(f"{loop}: {proc.stderr.strip()}")
+        self.loops = []
+        if errors:
+            raise RuntimeError(f"cannot detach loop devices: {'; '.join(errors)}")
+
+    def run(self, *args: str | int) -> str:
+        return _run(*args, env=self.env)
+
+    def report(self, command: str, fields: str, *args: str) -> list[dict[str, str]]:
+        out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",
+                       "-o", fields, *args)  # fmt: skip
+        rows: list[dict[str, str]] = []
+        for table in json.loads(out)["report"]:
+            for v in table.values():
+                rows.extend(v)
+        return rows
+
+    def window_of(self, loop: str) -> tuple[int, int]:
+        return self.windows[self.loops.index(loop)]
+
+    def metadata(self) -> tuple[MetadataManifest, ...]:
+        """Each PV's committed metadata place, from ``pvck --dump headers``."""
+        out = []
+        for loop, (start, _length) in zip(self.loops, self.windows, strict=True):
+            fields: dict[str, int] = {}
+            for line in self.run("pvck", "--dump", "headers", loop).splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0].startswith("mda_header_1."):
+                    try:
+                        fields[parts[0].removeprefix("mda_header_1.")] = int(parts[1], 0)
+                    except ValueError:
+                        pass
+            out.append(
+                MetadataManifest(
+                    start,
+                    fields["start"],
+                    fields["size"],
+                    fields["raw_locn[0].offset"],
+                    fields["raw_locn[0].size"],
+                )
+            )
+        return tuple(out)
+
+    def layout(self, vg: str) -> dict[str, tuple[SegmentManifest, ...]]:
+        """LV name -> its segments in disk bytes, from lvs --segments and pvs only."""
+        pvs = {r["pv_name"]: r for r in self.report("pvs", "pv_name,pe_start,vg_extent_size")}
+        rows = self.report(
+            "lvs", "lv_name,seg_start,seg_size,segtype,stripes,stripe_size,seg_pe_ranges",
+            "--segments", vg,
+        )  # fmt: skip
+        out: dict[str, list[SegmentManifest]] = {}
+        for r in rows:
+            stripes = []
+            for rng in r["seg_pe_ranges"].split():
+                dev, _, pe = rng.rpartition(":")
+                first = int(pe.split("-")[0])
+                pv = pvs[dev]
+                offset = int(pv["pe_start"]) + first * int(pv["vg_extent_size"])
+                stripes.append(self.window_of(dev)[0] + offset)
+            seg = SegmentManifest(
+                int(r["seg_start"]), int(r["seg_size"]), r["segtype"], tuple(stripes),
+                int(r["stripe_size"]),
+            )  # fmt: skip
+            out.setdefault(r["lv_name"], []).append(seg)
+        return {k: tuple(sorted(v, key=lambda s: s.lv_offset)) for k, v in out.items()}
+
+
+def _write_lv(disk: Path, image: Path, segments: tuple[SegmentManifest, ...]) -> None:
+    """Write an LV's bytes (`image`) where lvm2 put its segments: chunk by chunk when striped."""
+    with open(image, "rb") as s, open(disk, "r+b") as d:
+        for seg in segments:
+            n = len(seg.stripes)
+            chunk = seg.stripe_size if n > 1 else seg.length
+            for k in range(seg.length // chunk):
+                row, stripe = divmod(k, n)
+                _copy_span(s.fileno(), d.fileno(), seg.lv_offset + k * chunk, chunk,
+                           seg.stripes[stripe] + row * chunk)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _LvSpec:
+    name: str
+    fs: str | None
+    number: int  # payload number: files say ivdfs-needle-<number>
+
+
+def _populate_lvs(
+    sandbox: _LvmSandbox, vg: str, specs: list[_LvSpec], scratch: Path
+) -> tuple[LvManifest, ...]:
+    layout = sandbox.layout(vg)
+    out = []
+    for spec in specs:
+        segments = layout[spec.name]
+        size = sum(s.length for s in segments)
+        files: dict[str, bytes] = {}
+        digest = ""
+        if spec.fs is not None:
+            files = _payload(spec.number, flat=False)
+            image = scratch / f"lv-{spec.name}.img"
+            _mkfs_for(spec.fs)(image, size, files, scratch, 0)
+            _write_lv(sandbox.image, image, segments)
+            with open(image, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            image.unlink()
+        out.append(
+            LvManifest(
+                vg,
+                spec.name,
+                size,
+                segments,
+                spec.fs,
+                {rel: _sha256(data) for rel, data in files.items()},
+                digest,
+            )
+        )
+    return tuple(out)
+
+
+LVM_LAYOUTS = ("partition", "whole")
+
+
+def lvm_disk(path: Path, layout: str = "partition") -> DiskManifest:
+    """LVM2: VG ``ivdvg`` with LVs ``data`` (XFS, 320 MiB in two segments) and ``logs`` (ext4).
+
+    `layout` "partition": GPT with 1 a small ext4 and 2 the PV (type lvm); "whole": the PV spans
+    the whole disk, without a table. 400 MiB, sparse.
+    """
+    if layout not in LVM_LAYOUTS:
+        raise ValueError(f"layout must be one of {LVM_LAYOUTS}")
+    path = Path(path)
+    size = 400 * MiB
+    _blank(path, size)
+    parts: tuple[PartitionManifest, ...] = ()
+    if layout == "partition":
+        _parted(
+            path, "mklabel", "gpt",
+            "mkpart", "boot", "ext4", "1MiB", "17MiB",
+            "mkpart", "lvm", "17MiB", "100%",
+            "set", "2", "lvm", "on",
+        )  # fmt: skip
+        parts = _populate(path, [_Spec(1, "ext4"), _Spec(2, None)], _parted_layout(path))
+        window = (parts[1].start, parts[1].length)
+    else:
+        window = (0, size)
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        scratch = Path(tmp)
+        with _LvmSandbox(path, [window], scratch) as lvm:
+            lvm.run("pvcreate", "-q", lvm.loops[0])
+            lvm.run("vgcreate", "-q", "ivdvg", lvm.loops[0])
+            # data is extended after logs was created: two segments with logs between them.
+            lvm.run("lvcreate", "-q", "-n", "data", "-L", "160M", "ivdvg")
+            lvm.run("lvcreate", "-q", "-n", "logs", "-L", "32M", "ivdvg")
+            lvm.run("lvextend", "-q", "-L", "+160M", "ivdvg/data")
+            specs = [_LvSpec("data", "xfs", 11), _LvSpec("logs", "ext4", 12)]
+            lvs = _populate_lvs(lvm, "ivdvg", specs, scratch)
+            metadata = lvm.metadata()
+    scheme = "gpt" if layout == "partition" else "none"
+    return DiskManifest(path, size, scheme, parts, pvs=(window,), lvs=lvs, metadata=metadata)
+
+
+def lvm_striped_disk(path: Path) -> DiskManifest:
+    """Two PVs (GPT partitions 1 and 2) in VG ``stripevg``: LV ``st`` striped over both (64 KiB
+    chunks, ext4), ``lin`` linear (ext4) and ``z`` of type zero (no extents: unsupported).
+
+    The PVs have small metadata areas (32 KiB) and data starting off the MiB grid; lvm2 is made
+    to rewrite its metadata until each PV's committed copy wraps around the end of its area.
+    128 MiB, sparse.
+    """
+    path = Path(path)
+    size = 128 * MiB
+    _blank(path, size)
+    _parted(
+        path, "mklabel", "gpt",
+        "mkpart", "pv-a", "1MiB", "64MiB",
+        "mkpart", "pv-b", "64MiB", "127MiB",
+        "set", "1", "lvm", "on", "set", "2", "lvm", "on",
+    )  # fmt: skip
+    parts = _populate(path, [_Spec(1, None), _Spec(2, None)], _parted_layout(path))
+    windows = [(p.start, p.length) for p in parts]
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        scratch = Path(tmp)
+        with _LvmSandbox(path, windows, scratch) as lvm:
+            lvm.run("pvcreate", "-q", "--metadatasize", "32k", "--dataalignment", "4k",
+                    *lvm.loops)  # fmt: skip
+            lvm.run("vgcreate", "-q", "-s", "1M", "stripevg", *lvm.loops)
+            lvm.run("lvcreate", "-q", "-n", "st", "-i", "2", "-I", "64k", "-L", "48M", "stripevg")
+            lvm.run("lvcreate", "-q", "-n", "lin", "-L", "8M", "stripevg")
+            lvm.run("lvcreate", "-q", "-n", "z", "--type", "zero", "-L", "4M", "stripevg")
+            for i in range(200):
+                metadata = lvm.metadata()
+                if all(m.wrapped for m in metadata):
+                    break
+                lvm.run("lvchange", "-q", "--addtag", f"t{i}", "stripevg/lin")
+            else:
+                raise RuntimeError("lvm2 metadata never wrapped around its area")
+            specs = [_LvSpec("st", "ext4", 21), _LvSpec("lin", "ext4", 22), _LvSpec("z", None, 23)]
+            lvs = _populate_lvs(lvm, "stripevg", specs, scratch)
+    return DiskManifest(path, size, "gpt", parts, pvs=tuple(windows), lvs=lvs, metadata=metadata)
+
+
+LVM_DAMAGE_KINDS = ("one-copy", "all-copies")
+
+
+def corrupt_lvm_disk(path: Path, damage: str = "all-copies") -> DiskManifest:
+    """lvm_striped_disk with the first byte of PV 1's committed metadata text flipped
+    ("one-copy": PV 2's copy still describes the VG) or of both PVs' ("all-copies")."""
+    if damage not in LVM_DAMAGE_KINDS:
+        raise ValueError(f"damage must be one of {LVM_DAMAGE_KINDS}")
+    m = lvm_striped_disk(path)
+    hit = m.metadata[:1] if damage == "one-copy" else m.metadata
+    with open(m.path, "r+b") as f:
+        for md in hit:
+            off = md.pv_start + md.mda_start + md.text_offset
+            byte = os.pread(f.fileno(), 1, off)
+            os.pwrite(f.fileno(), bytes([byte[0] ^ 0x5A]), off)
+    return dataclasses.replace(m, damage=damage)
+
+
 def sparse_disk(
     path: Path, size_mb: int, allocated_fraction: float = 0.5, seed: int = 0
 ) -> DataManifest:
@@ -402,11 +778,13 @@ def _write_blocks(path: Path, size: int, seed: int, allocated: set[int]) -> Data
 
 def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("kind", choices=["gpt", "mbr", "bare", "corrupt", "sparse", "random"])
+    ap.add_argument("kind", choices=["gpt", "mbr", "bare", "corrupt", "sparse", "random", "lvm",
+                                     "lvm-whole", "lvm-striped", "lvm-corrupt"])  # fmt: skip
     ap.add_argument("path", type=Path)
     ap.add_argument("--size-mb", type=int)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--damage", choices=DAMAGE_KINDS, default="primary-header")
+    ap.add_argument("--damage", choices=DAMAGE_KINDS + LVM_DAMAGE_KINDS)
+    ap.add_argument("--fs", choices=["ext4", "xfs", "btrfs"], default="ext4", help="for bare")
     args = ap.parse_args(argv)
     manifest: DiskManifest | DataManifest
     if args.kind == "gpt":
@@ -414,9 +792,17 @@ def _main(argv: list[str]) -> int:
     elif args.kind == "mbr":
         manifest = mbr_disk(args.path, args.size_mb or 64)
     elif args.kind == "bare":
-        manifest = bare_fs_disk(args.path, args.size_mb or 32)
+        manifest = bare_fs_disk(
+            args.path, args.size_mb or max(32, MIN_SIZE[args.fs] // MiB), args.fs
+        )
     elif args.kind == "corrupt":
-        manifest = corrupt_gpt_disk(args.path, args.size_mb or 32, args.damage)
+        manifest = corrupt_gpt_disk(args.path, args.size_mb or 32, args.damage or "primary-header")
+    elif args.kind in ("lvm", "lvm-whole"):
+        manifest = lvm_disk(args.path, "partition" if args.kind == "lvm" else "whole")
+    elif args.kind == "lvm-striped":
+        manifest = lvm_striped_disk(args.path)
+    elif args.kind == "lvm-corrupt":
+        manifest = corrupt_lvm_disk(args.path, args.damage or "all-copies")
     elif args.kind == "sparse":
         manifest = sparse_disk(args.path, args.size_mb or 64, seed=args.seed)
     else:
