@@ -177,9 +177,9 @@ async def test_old_kernel_refuses_a_second_btrfs_clone_with_its_reason(
         subprocess.run(["cp", "--sparse=always", str(btrfs.path), str(img)], check=True)
     whole = Candidate(0, 0, btrfs.size, "btrfs")
     try:
-        first = await backend.attach_volumes(request(images[0], "a", (whole,)))
+        first = await backend.attach(request(images[0], "a", (whole,)))
         assert set(first.mounted) == {"0"} and first.refused == {}
-        second = await backend.attach_volumes(request(images[1], "b", (whole,)))
+        second = await backend.attach(request(images[1], "b", (whole,)))
         assert second.mounted == {}
         reason = second.refused["0"]
         assert "already mounted from IVD ivd-clone snapshot a" in reason
@@ -191,7 +191,7 @@ async def test_old_kernel_refuses_a_second_btrfs_clone_with_its_reason(
     # Once the first is gone, the fsid is free again.
     backend = KernelVolumes(run_root=tmp_path, profile=old)
     try:
-        again = await backend.attach_volumes(request(images[1], "b", (whole,)))
+        again = await backend.attach(request(images[1], "b", (whole,)))
         assert set(again.mounted) == {"0"}
     finally:
         await backend.aclose()
@@ -220,7 +220,7 @@ async def test_every_candidate_is_answered(clones: dict[str, Clone], tmp_path: P
         Candidate(7, 4096, size - 4096, "ext4"),  # the wrong offset: the mount fails
     )
     try:
-        answer = await backend.attach_volumes(request(image, "s", candidates))
+        answer = await backend.attach(request(image, "s", candidates))
         assert set(answer.mounted) == {"0"}
         assert sorted(answer.refused) == ["1", "2", "3", "4", "5", "7", "vg-lv"]
         assert answer.refused["1"] == "no recognised filesystem"
@@ -232,10 +232,8 @@ async def test_every_candidate_is_answered(clones: dict[str, Clone], tmp_path: P
                                        "filesystem ivdfs mounts")  # fmt: skip
         assert answer.refused["7"].startswith("mount failed: mount ")
         assert all("\n" not in r for r in answer.refused.values())
-        # Today's tree reads partition numbers only.
-        assert await backend.attach(request(image, "t", candidates[:1])) == {
-            0: str(backend.run_dir / "ivd-clone-t-0")
-        }
+        again = await backend.attach(request(image, "t", candidates[:1]))
+        assert again.mounted == {"0": str(backend.run_dir / "ivd-clone-t-0")}
     finally:
         await backend.aclose()
     assert loop_devices_of(image) == [] and not backend.run_dir.exists()

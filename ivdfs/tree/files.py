@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 from ivdfs.io.reader import ReadStream
-from ivdfs.tree.nodes import Node, WindowFile
+from ivdfs.tree.nodes import Node
 from ivdfs.tree.snapshots import SnapshotDisk
 
 FileHandle = NewType("FileHandle", int)
@@ -27,17 +27,6 @@ class OpenFile:
     content: bytes | None = None  # generated files
     stream: ReadStream | None = None  # disk.raw and windows
     disk: SnapshotDisk | None = None  # held while open
-
-
-def window_spans(window: WindowFile, offset: int, size: int) -> list[tuple[int, int]]:
-    """(disk offset, length) pieces of a read of `window`, clamped at its end."""
-    end = min(offset + size, window.length)
-    out = []
-    for file_off, disk_off, length in window.extents:
-        lo, hi = max(offset, file_off), min(end, file_off + length)
-        if lo < hi:
-            out.append((disk_off + lo - file_off, hi - lo))
-    return out
 
 
 class OpenFiles:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -119,15 +119,42 @@ class DiskFile(Node):
         return self.disk is not None and self.disk.probed
 
 
+class Span(Protocol):
+    """Where a window's bytes are on its disk: a partition, or an LVM logical volume (whose
+    extents may be striped over several places)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(disk offset, length) runs of the window's bytes [offset, offset + length), clipped
+        to the window; every run lies inside the disk."""
+        ...
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A contiguous span: a partition."""
+
+    start: int
+    length: int
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        end = min(offset + length, self.length)
+        return [(self.start + offset, end - offset)] if 0 <= offset < end else []
+
+
 @dataclass(eq=False)
 class WindowFile(Node):
-    """A read-only view of parts of its disk, served from the disk's cache: ``partN.raw`` (one
-    extent) or a guest logical volume (several). `extents` are (file offset, disk offset,
-    length), sorted by file offset, contiguous from 0 to `length`, and inside the disk."""
+    """A read-only view of part of its disk, served from the disk's cache: ``partN.raw`` or
+    ``lv-<vg>-<lv>.raw``."""
 
     disk: SnapshotDisk | None = None
-    extents: tuple[tuple[int, int, int], ...] = ()
-    length: int = 0
+    span: Span = ByteRange(0, 0)
 
     @property
     def mode(self) -> int:
@@ -135,7 +162,7 @@ class WindowFile(Node):
 
     @property
     def size(self) -> int:
-        return self.length
+        return self.span.size
 
 
 @dataclass(eq=False)

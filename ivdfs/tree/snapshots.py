@@ -19,30 +19,48 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
 from ivdfs.errors import BackendError
 from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.io import lvm
 from ivdfs.io.block_cache import Block
-from ivdfs.io.partitions import FS_PROBE_SIZE, Partition, PartitionTable, detect_filesystem, parse
+from ivdfs.io.partitions import (
+    FS_PROBE_SIZE,
+    Partition,
+    PartitionTable,
+    Reader,
+    detect_filesystem,
+    parse,
+)
 from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
 from ivdfs.tree.catalog import INFO_NAME, to_ns
 from ivdfs.tree.inodes import InodeTable
 from ivdfs.tree.nodes import (
+    ByteRange,
     DirNode,
     DiskFile,
     GeneratedFile,
     SnapshotDir,
+    Span,
     SymlinkNode,
     VolumesDir,
     WindowFile,
 )
-from ivdfs.volumes.base import WHOLE_DISK, Candidate, VolumeBackend, VolumeRequest
+from ivdfs.volumes.base import (
+    ERROR_SUFFIX,
+    WHOLE_DISK,
+    Candidate,
+    VolumeBackend,
+    VolumeRequest,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # parse() reads a bounded number of structures (MBR, two GPT headers and arrays, 128 EBRs);
 # each round of the bridge below adds one of them.
@@ -87,6 +105,7 @@ class SnapshotDisk:
     reader: DiskReader | None = None
     partitions: tuple[Partition, ...] = ()
     table: PartitionTable | None = None
+    logical_volumes: tuple[lvm.LogicalVolume, ...] = ()
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -107,8 +126,11 @@ class _NeedBytes(Exception):
         self.offset, self.length = offset, length
 
 
-async def read_table(reader: DiskReader) -> PartitionTable:
-    """`parse` over the reader, each read done here, in the caller's task."""
+async def over_reader(fn: Callable[[Reader], T], reader: DiskReader, max_rounds: int) -> T:
+    """Run a pure, synchronous parser whose bytes come through a read callback, with every
+    read done here in the caller's task (its cancel scope, no thread hop): the parser is
+    re-run over the bytes read so far until it needs no more. Parsers read a bounded number
+    of structures, so this ends; `max_rounds` bounds it against a parser bug."""
     have: dict[tuple[int, int], bytes] = {}
 
     def read(offset: int, length: int) -> bytes:
@@ -117,12 +139,23 @@ async def read_table(reader: DiskReader) -> PartitionTable:
             raise _NeedBytes(offset, length)
         return data
 
-    for _ in range(MAX_TABLE_ROUNDS):
+    for _ in range(max_rounds):
         try:
-            return parse(read, reader.size)
+            return fn(read)
         except _NeedBytes as need:
             have[(need.offset, need.length)] = bytes(await reader.read(need.offset, need.length))
-    raise BackendError("the partition table needs more reads than any valid table")
+    raise BackendError("the disk's metadata needs more reads than any valid layout")
+
+
+async def read_table(reader: DiskReader) -> PartitionTable:
+    return await over_reader(lambda read: parse(read, reader.size), reader, MAX_TABLE_ROUNDS)
+
+
+async def read_lvm(reader: DiskReader, partitions: tuple[Partition, ...]) -> lvm.LvmScan:
+    windows = [(p.start, p.length) for p in partitions] or [(0, reader.size)]
+    # Each window costs a label read, each PV a header, an area header and its metadata.
+    rounds = 8 * len(windows) + 64
+    return await over_reader(lambda read: lvm.scan(read, windows), reader, rounds)
 
 
 async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
@@ -157,13 +190,25 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
                 "; ".join(table.warnings),
                 "" if table.partitions else "; showing disk.raw only",
             )
+        try:
+            found = await read_lvm(reader, table.partitions)
+        except BackendError as e:
+            log.warning("%s: cannot read LVM metadata: %s", sd.where(), e)
+            found = lvm.LvmScan()
+        if found.warnings:
+            log.warning("%s: LVM: %s", sd.where(), "; ".join(found.warnings))
+        for lv in found.volumes:
+            if not lv.supported:
+                log.info("%s: LVM volume %s not shown: %s", sd.where(), lv.dm_name, lv.reason)
         sd.size, sd.table, sd.partitions = size, table, table.partitions
+        sd.logical_volumes = found.volumes
         sd.reader = reader  # last: `probed` means everything above is set
         return True
 
 
-async def volume_candidates(sd: SnapshotDisk) -> tuple[Candidate, ...]:
-    """Each partition (or the whole disk) with the filesystem its first bytes show."""
+async def volume_candidates(sd: SnapshotDisk, lv_paths: dict[str, Path]) -> tuple[Candidate, ...]:
+    """Each partition (or the whole disk) and each LVM volume (its lv-*.raw file at
+    `lv_paths[dm_name]`), with the filesystem its first bytes show."""
     reader = sd.reader
     assert reader is not None
     windows = [(p.number, p.start, p.length) for p in sd.partitions]
@@ -173,6 +218,13 @@ async def volume_candidates(sd: SnapshotDisk) -> tuple[Candidate, ...]:
     for number, start, length in windows:
         head = bytes(await reader.read(start, min(FS_PROBE_SIZE, length)))
         out.append(Candidate(number, start, length, detect_filesystem(head)))
+    for lv in sd.logical_volumes:
+        path = lv_paths.get(lv.dm_name)
+        if path is None:
+            continue
+        pieces = lv.pieces(0, FS_PROBE_SIZE)
+        head = b"".join([bytes(await reader.read(off, n)) for off, n in pieces])
+        out.append(Candidate(0, 0, lv.size, detect_filesystem(head), lv.dm_name, path))
     return tuple(out)
 
 
@@ -221,17 +273,13 @@ class SnapshotDirs:
             self.add_generated(d, INFO_NAME, lambda: snapshot_info(sd), d.mtime_ns)
         if not await self.probe(sd):
             return False
-        for p in sd.partitions:
-            name = f"part{p.number}.raw"
+        spans: list[tuple[str, Span]] = [
+            (f"part{p.number}.raw", ByteRange(p.start, p.length)) for p in sd.partitions
+        ]
+        spans += [(lv_file_name(lv), lv) for lv in sd.logical_volumes if lv.supported]
+        for name, span in spans:
             if name not in d.children:
-                node = WindowFile(
-                    self.inodes.new_ino(),
-                    name,
-                    d.mtime_ns,
-                    disk=sd,
-                    extents=((0, p.start, p.length),),
-                    length=p.length,
-                )
+                node = WindowFile(self.inodes.new_ino(), name, d.mtime_ns, disk=sd, span=span)
                 self.inodes.add(d, node)
         if self.volumes is not None and VOLUMES_NAME not in d.children:
             self.inodes.add(
@@ -255,24 +303,38 @@ class SnapshotDirs:
         sd = d.disk
         if self.volumes is None or self.mountpoint is None:
             return True
-        disk_node = self.inodes.parent_of(d).children.get(DISK_NAME)
-        assert disk_node is not None
+        snapdir = self.inodes.parent_of(d)
+        here = self.mountpoint / self.inodes.path_of(snapdir)
+        lv_paths = {lv.dm_name: here / lv_file_name(lv) for lv in sd.logical_volumes}
         try:
             request = VolumeRequest(
-                sd.ivd,
-                sd.snapshot,
-                self.mountpoint / self.inodes.path_of(disk_node),
-                await volume_candidates(sd),
+                sd.ivd, sd.snapshot, here / DISK_NAME, await volume_candidates(sd, lv_paths)
             )
-            mounted = await self.volumes.attach(request)
+            answer = await self.volumes.attach(request)
         except Exception as e:  # any backend failure: the snapshot stays readable
             log.error("volumes of %s: %s", sd.where(), e)
             return True
-        for number, target in sorted(mounted.items()):
-            self.inodes.add(
-                d, SymlinkNode(self.inodes.new_ino(), str(number), d.mtime_ns, target=target)
+        refused = dict(answer.refused)
+        for lv in sd.logical_volumes:
+            if not lv.supported:
+                refused[lv.dm_name] = f"LVM logical volume not supported: {lv.reason}"
+        for name, target in sorted(answer.mounted.items()):
+            self.inodes.add(d, SymlinkNode(self.inodes.new_ino(), name, d.mtime_ns, target=target))
+        # No volume is silently absent: volumes/<name>.error says why it is not mounted.
+        for name, reason in sorted(refused.items()):
+            self.add_generated(
+                d, name + ERROR_SUFFIX, _constant((reason + "\n").encode()), d.mtime_ns
             )
         return True
+
+
+def _constant(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def lv_file_name(lv: lvm.LogicalVolume) -> str:
+    # device-mapper's spelling: unambiguous even when names contain hyphens.
+    return f"lv-{lv.dm_name}.raw"
 
 
 def snapshot_info(sd: SnapshotDisk) -> bytes:

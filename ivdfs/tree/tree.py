@@ -30,7 +30,7 @@ from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
 from ivdfs.tree.catalog import Catalog, Subset
-from ivdfs.tree.files import FileHandle, OpenFile, OpenFiles, window_spans
+from ivdfs.tree.files import FileHandle, OpenFile, OpenFiles
 from ivdfs.tree.inodes import ROOT_INO, InodeTable
 from ivdfs.tree.listing import Listings
 from ivdfs.tree.nodes import (
@@ -232,7 +232,7 @@ class Tree:
         assert f.stream is not None
         reader = f.stream.reader
         if isinstance(f.node, WindowFile):
-            spans = window_spans(f.node, offset, size)
+            spans = f.node.span.pieces(offset, size)
             if len(spans) == 1:
                 return await reader.read(spans[0][0], spans[0][1], f.stream)
             parts = [await reader.read(off, n, f.stream) for off, n in spans]

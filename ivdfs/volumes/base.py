@@ -9,8 +9,7 @@ whole disk), or for an LVM logical volume its device-mapper style name ``<vg>-<l
 inside either doubled, `ivdfs.io.lvm.LogicalVolume.dm_name`), read from ``lv-<name>.raw``.
 `VolumeAnswer` says, for every candidate, where it is mounted or why it is not: the tree shows
 the first as the symlink ``volumes/<name>`` and the second as ``volumes/<name>.error`` (one line
-of text), so no volume is ever silently absent. (Today's tree still calls `attach` and reads
-partition numbers only; `KernelVolumes.attach_volumes` already answers in full.)
+of text), so no volume is ever silently absent.
 
 Concurrency contract for backends: `attach` and `aclose` run on the trio thread and must never
 block it (loop devices read through our own FUSE mount: a blocking call there deadlocks);
@@ -69,8 +68,8 @@ class VolumeRequest:
 
 
 class VolumeBackend(Protocol):
-    async def attach(self, request: VolumeRequest) -> dict[int, str]:
-        """Mount what can be mounted; volume number -> absolute path. One failure is logged and
+    async def attach(self, request: VolumeRequest) -> VolumeAnswer:
+        """Mount what can be mounted and say why the rest is not; one failure is logged and
         leaves the others."""
         ...
 

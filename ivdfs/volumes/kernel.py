@@ -284,16 +284,7 @@ class KernelVolumes:
         argv = ["mount", "-t", fs, "-o", opts, loop, str(target)]
         return _Plan(argv, f"the kernel's {fs} driver ({opts})")
 
-    async def attach(self, request: VolumeRequest) -> dict[int, str]:
-        """Today's tree: partition number -> mount path (see `attach_volumes` for the rest)."""
-        answer = await self.attach_volumes(request)
-        return {
-            c.number: answer.mounted[c.volume_name]
-            for c in request.candidates
-            if c.path is None and c.volume_name in answer.mounted
-        }
-
-    async def attach_volumes(self, request: VolumeRequest) -> VolumeAnswer:
+    async def attach(self, request: VolumeRequest) -> VolumeAnswer:
         """Mount every candidate that can be; the others come back with their reason. One
         failure is logged and leaves the others."""
         where = f"IVD {request.ivd.id} snapshot {request.snapshot.id}"

@@ -21,7 +21,7 @@ from ivdfs.errors import BackendError
 from ivdfs.vddk.connection import Connection, DiskTarget
 from ivdfs.vddk.mntapi import DiskSet, Mntapi
 from ivdfs.vddk.service import DiskService
-from ivdfs.volumes.base import VolumeRequest
+from ivdfs.volumes.base import VolumeAnswer, VolumeRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,16 @@ class MntapiVolumes:
         self._connections = 0  # counted against --max-connections (trio thread)
         self._closed = False
 
-    async def attach(self, request: VolumeRequest) -> dict[int, str]:
+    async def attach(self, request: VolumeRequest) -> VolumeAnswer:
         if self._closed:
             raise BackendError("shutting down")
         # A mounted volume holds its connection for as long as it is mounted: it counts
         # against the mount's cap like an open disk that never idles out.
         await self.service.pin_connection()
         self._connections += 1
-        mounted: dict[int, str] = await self.service.run_on_control(
-            lambda: self._attach_blocking(request)
-        )
-        return mounted
+        return await self.service.run_on_control(lambda: self._attach_blocking(request))
 
-    def _attach_blocking(self, request: VolumeRequest) -> dict[int, str]:
+    def _attach_blocking(self, request: VolumeRequest) -> VolumeAnswer:
         if self._closed:
             raise BackendError("shutting down")
         ivd, snap = request.ivd, request.snapshot
@@ -73,7 +70,8 @@ class MntapiVolumes:
         mounted = ds.mount_all()
         for v in mounted:
             log.info("%s: volume %d (%s) mounted read-only at %s", ctx, v.index + 1, v.type, v.path)
-        return {v.index + 1: v.path for v in mounted}
+        # VixMntapi lists the volumes it mounted; what it could not is only in its log.
+        return VolumeAnswer({str(v.index + 1): v.path for v in mounted}, {})
 
     def _close_on_control(self) -> None:
         self._closed = True
