@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import mounting
 from tests.mounting import VDDK_LIBDIR, Bed
 from tests.testbed.vsphere import LAUNCHER, TESTBED, Vcsim
 
@@ -48,3 +52,88 @@ def mountpoint(tmp_path: Path) -> Path:
     mp = tmp_path / "mnt"
     mp.mkdir()
     return mp
+
+
+# --- Checks every test gets, so no test can forget them (issue 16; s3ql's pytest_checklogs) --
+
+
+def _allowed(request: pytest.FixtureRequest) -> list[re.Pattern[str]]:
+    marker = request.node.get_closest_marker("allow_log")
+    return [re.compile(p) for p in (marker.args if marker else ())]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail on any WARNING or worse that the test did not declare with
+    @pytest.mark.allow_log(regex, ...): in this process, and in the log of every ivdfs mount
+    the test started (tests.mounting.Mount)."""
+    handler = _Records()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    mounting.STARTED.clear()
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    if request.node.rep_call_failed:
+        return  # the test's own failure says more
+    allowed = _allowed(request)
+
+    def unexpected(text: str) -> bool:
+        return not any(p.search(text) for p in allowed)
+
+    bad = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in handler.records]
+    bad = [b for b in bad if unexpected(b)]
+    for m in mounting.STARTED:
+        bad += [ln for ln in m.log().splitlines() if mounting.is_warning(ln) and unexpected(ln)]
+    assert not bad, "unexpected log records (declare them with @pytest.mark.allow_log):\n" + (
+        "\n".join(bad)
+    )
+
+
+@pytest.fixture(autouse=True)
+def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that uses the test bed leaves the stand-in VDDK's log clean: no rule
+    violation, every PrepareForAccess ended, every connection and handle closed (by a
+    recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else)."""
+    if "bed" not in request.fixturenames:
+        yield
+        return
+    bed: Bed = request.getfixturevalue("bed")
+    log = bed.standin_log
+    try:
+        st = log.stat()
+        start = (st.st_ino, st.st_size)
+    except FileNotFoundError:
+        start = (0, 0)
+    yield
+    if request.node.rep_call_failed:
+        return
+    try:
+        st = log.stat()
+    except FileNotFoundError:
+        return
+    with open(log, "rb") as f:
+        if st.st_ino == start[0]:
+            f.seek(start[1])
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    mounting.check_standin_lines(lines, killed=request.node.get_closest_marker("killed_mount"))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
+    elif rep.when == "setup":
+        item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
+    return rep

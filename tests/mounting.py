@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,12 @@ VDDK_LIBDIR = TESTBED / "build" / "vddk"
 VDDK6_LIBDIR = TESTBED / "build" / "vddk6"
 IVDFS = [sys.executable, "-m", "ivdfs"]
 MiB = 1 << 20
+_LEVEL = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+
+
+def is_warning(line: str) -> bool:
+    """A WARNING or worse line of an ivdfs log."""
+    return bool(_LEVEL.match(line)) or "Traceback" in line
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -90,10 +98,15 @@ class Bed:
         return self.standin_log.read_text().splitlines()
 
 
+# The mounts started by the running test; conftest's checklogs reads their logs afterwards.
+STARTED: list[Mount] = []
+
+
 class Mount:
     """`ivdfs mount -f` in a subprocess; the context exit unmounts and checks exit status 0."""
 
     def __init__(self, bed: Bed, mountpoint: Path, *extra: str, **env: str) -> None:
+        STARTED.append(self)
         self.bed = bed
         self.mountpoint = mountpoint
         self.log_file = mountpoint.parent / f"{mountpoint.name}.ivdfs.log"
@@ -162,6 +175,23 @@ def call_lines(lines: list[str], fn: str) -> list[dict[str, str]]:
         if len(parts) >= 3 and parts[2] == fn:
             out.append(dict(p.split("=", 1) for p in parts[1:] if "=" in p))
     return out
+
+
+def check_standin_lines(lines: list[str], killed: object = None) -> None:
+    """The stand-in's call log of one test: no rule violation; every PrepareForAccess has its
+    EndAccess (per IVD, across processes: a recovery ends what a killed mount prepared); and,
+    unless a mount was killed on purpose, every successful ConnectEx and Open closed."""
+    violations = [ln for ln in lines if ln.split()[2:3] == ["VIOLATION"]]
+    assert not violations, violations
+    prepares = Counter(p["id"] for p in call_lines(lines, "PrepareForAccess"))
+    ends = Counter(e["id"] for e in call_lines(lines, "EndAccess"))
+    assert prepares <= ends, f"PrepareForAccess without EndAccess: {prepares - ends}"
+    if killed:
+        return
+    opens = [o for o in call_lines(lines, "Open") if o["err"] == "0"]
+    assert len(opens) == len(call_lines(lines, "Close")), "a handle was never closed"
+    connects = [c for c in call_lines(lines, "ConnectEx") if c["err"] == "0"]
+    assert len(connects) == len(call_lines(lines, "Disconnect")), "a connection stayed open"
 
 
 def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:

@@ -92,7 +92,11 @@ async def test_lazy_loading_queries_once_even_when_concurrent() -> None:
     assert "list_ivds DS 2" not in inv.calls
 
 
-async def test_errors_map_to_errno() -> None:
+@pytest.mark.allow_log("read: injected failure at sector 2048")
+async def test_errors_map_to_errno(caplog: pytest.LogCaptureFixture) -> None:
+    """Each errno comes from its own cause: a backend failure is EIO with its own log line, and
+    a bug (any other exception) would be EIO too but logged with a trace, which the test's log
+    check refuses."""
     ops, _, src = build()
     assert await fuse_errno(ops.lookup(ROOT_INO, b"nope", CTX)) == errno.ENOENT
     assert await fuse_errno(walk(ops, "DS1", "ivd-a", "snap-9")) == errno.ENOENT
@@ -105,8 +109,28 @@ async def test_errors_map_to_errno() -> None:
     fi = await ops.open(disk.st_ino, os.O_RDONLY, CTX)
     src.disks[("ivd-a", "snap-1")].fail_sectors = {2048}
     assert await fuse_errno(ops.read(fi.fh, 1 << 20, 4096)) == errno.EIO
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "read: injected failure at sector 2048"
+    ]
+    assert await fuse_errno(ops.read(fi.fh + 1000, 0, 1)) == errno.EBADF
+    assert await fuse_errno(ops.read(fi.fh, -1, 1)) == errno.EINVAL
     # The mount survives: other blocks still read.
     assert bytes(await ops.read(fi.fh, 0, 16)) == src.disks[("ivd-a", "snap-1")].data[:16]
+
+
+@pytest.mark.allow_log("unexpected error in getxattr")
+async def test_a_bug_is_eio_with_a_trace(caplog: pytest.LogCaptureFixture) -> None:
+    """Anything that is not an OSError, NotFound or BackendError (a ValueError included) is a
+    bug: EIO, logged with its trace, and the mount goes on."""
+    ops, _, _ = build()
+
+    async def broken(ino: int) -> None:
+        raise ValueError("a bug")
+
+    ops.tree.refresh = broken  # type: ignore[method-assign]
+    assert await fuse_errno(ops.getxattr(ROOT_INO, b"user.ivdfs.refresh", CTX)) == errno.EIO
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == "unexpected error in getxattr" and record.exc_info
 
 
 async def test_every_write_like_operation_is_erofs() -> None:

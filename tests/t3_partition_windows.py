@@ -12,6 +12,7 @@ import os
 import struct
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from ivdfs.io.block_cache import BlockCache
 from ivdfs.tree.nodes import WindowFile
 from ivdfs.tree.tree import Tree, TreeSettings
 from tests.fakes import FakeDisk, FakeDiskSource, FakeInventory, pattern
+
+pytestmark = pytest.mark.allow_log('partition table \\(mbr\\)')
 
 DISK = 96 * 1024
 SECTORS = DISK // 512

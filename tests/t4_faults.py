@@ -14,6 +14,11 @@ import pytest
 from tests.mounting import Bed, Mount, assert_standin_log_clean, call_lines, sha256_file
 from tests.testbed.vsphere import place_image
 
+pytestmark = pytest.mark.allow_log(
+    "retrying", "failed recently", "VixDiskLib_", "stand-in", "read: ", "not retried yet",
+    "cannot open the disk",
+)
+
 MiB = 1 << 20
 
 

@@ -148,6 +148,7 @@ def check_volume(vol: Path, part: imgs.PartitionManifest, scratch: Path) -> None
     assert {"needle.txt", "readme.txt"} <= hits
 
 
+@pytest.mark.allow_log('partition table')
 def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -> None:
     bed.standin_log.unlink(missing_ok=True)
     with Mount(bed, mountpoint) as m:
@@ -194,6 +195,7 @@ def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -
     assert_nothing_left(bed, disks, mountpoint)
 
 
+@pytest.mark.allow_log('injected Open failure', 'cannot open the disk', 'VixDiskLib_Open')
 def test_disk_that_fails_to_open_still_lists(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
@@ -225,6 +227,7 @@ def parts_of(d: Disk) -> dict[str, imgs.PartitionManifest]:
     return {str(p.number): p for p in d.manifest.partitions if p.fs is not None}
 
 
+@pytest.mark.allow_log('partition table', 'not mounted')
 def test_kernel_volumes(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path) -> None:
     bed.standin_log.unlink(missing_ok=True)
     m = Mount(bed, mountpoint, "--volumes", "kernel")

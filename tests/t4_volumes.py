@@ -198,6 +198,7 @@ async def test_old_kernel_refuses_a_second_btrfs_clone_with_its_reason(
     assert loop_devices_of(*images) == []
 
 
+@pytest.mark.allow_log('not mounted')
 async def test_every_candidate_is_answered(clones: dict[str, Clone], tmp_path: Path) -> None:
     ext4 = clones["ext4"].manifest
     image = tmp_path / "ext4.img"

@@ -31,6 +31,8 @@ from tests.mounting import IVDFS, Bed, Mount, mounted_at, sha256_file
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, place_image
 
+pytestmark = pytest.mark.allow_log('LVM', 'partition table')
+
 MiB = 1 << 20
 
 
