@@ -1,12 +1,17 @@
 """A cache of whole disk blocks, bounded in bytes, with single-flight misses and an adaptive,
 scan-resistant split between a main and a scan segment (2Q-like).
 
-Two `cachetools.LRUCache` lists share one byte budget. `main` holds the working set: blocks a
-random (demand) read asked for, and blocks referenced again after they came in. `scan` is the
-probation list: blocks that sequential readers and the prefetcher brought in and nobody has
-referenced again yet. Neither list has a size of its own; what adapts is the eviction rule:
+Two lists share one byte budget. `main` (a `cachetools.LRUCache`) holds the working set: blocks
+a random (demand) read asked for, and blocks referenced again after they came in. `scan` (a
+`cachetools.FIFOCache`, 2Q's A1in) is the probation list: blocks that sequential readers and the
+prefetcher brought in and nobody has referenced again yet. First in, first out: the oldest
+block of a scan is one its reader has passed, while the newest are read-ahead it has not reached
+yet (an LRU order would evict those first, since reading a block makes it most recent). Neither
+list has a size of its own; what adapts is the eviction rule:
 
 - evict from `scan` while it holds more than its reserve (`scan_bytes`), otherwise from `main`.
+
+(Main may borrow free space too, and gives it back once the scan list wants its reserve.)
 
 So a sequential pass over a disk that fits in the cache keeps all of it (the scan list grows
 into whatever main does not use), a scan larger than the cache cycles through the scan list
@@ -34,7 +39,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 import trio
-from cachetools import LRUCache
+from cachetools import FIFOCache, LRUCache
 
 from ivdfs.errors import BackendError
 
@@ -95,9 +100,9 @@ class BlockCache:
         self.scan_reserve = min(reserve, max_bytes // 2)
         self.correlated = correlated
         # Each list could hold the whole budget; `_make_room` keeps their sum within it, so
-        # LRUCache never evicts on its own.
+        # neither list ever evicts on its own.
         self._main: LRUCache[Hashable, Block] = LRUCache(maxsize=max_bytes, getsizeof=len)
-        self._scan: LRUCache[Hashable, Block] = LRUCache(maxsize=max_bytes, getsizeof=len)
+        self._scan: FIFOCache[Hashable, Block] = FIFOCache(maxsize=max_bytes, getsizeof=len)
         # Scan blocks a demand read has referenced -> `_clock` at that reference. A block that
         # is not here was prefetched and never asked for: its first demand read is its first
         # reference, not a second one.
@@ -145,11 +150,14 @@ class BlockCache:
             self.stats.rereferenced += 1
         self._insert(key, value, scan=False)
 
-    def _make_room(self, nbytes: int) -> None:
+    def _make_room(self, nbytes: int, scan: bool) -> None:
+        """Evict until `nbytes` more fit, for an insert into the scan list or main."""
         while self._main.currsize + self._scan.currsize + nbytes > self.max_bytes:
-            # The scan list gives back what it borrowed beyond its reserve first; below that,
-            # the main list pays (it may never have more than max_bytes - reserve).
-            if self._scan.currsize > self.scan_reserve or not self._main:
+            # The scan list pays for what it holds beyond its reserve (counting the block it
+            # is about to take); within its reserve, main pays (main may borrow free space,
+            # never the reserve).
+            if self._scan and (self._scan.currsize + (nbytes if scan else 0) > self.scan_reserve
+                               or not self._main):  # fmt: skip
                 key, _ = self._scan.popitem()
                 self._referenced.pop(key, None)
                 self._unused_prefetch.discard(key)
@@ -161,7 +169,7 @@ class BlockCache:
     def _insert(self, key: Hashable, value: Block, scan: bool) -> None:
         if len(value) > self.max_bytes:
             return
-        self._make_room(len(value))
+        self._make_room(len(value), scan)
         (self._scan if scan else self._main)[key] = value
         self._sizes_changed()
 
