@@ -26,6 +26,18 @@ few times in a row; those touches are one reference (2Q's "correlated references
 what keeps one big scan from promoting every block it reads. A second pass over a disk, or the
 kernel asking again for pages it dropped, is a real re-reference.
 
+Why keep what fits when the kernel has a page cache (issue 17): the kernel's FUSE code keeps
+disk.raw's pages (FOPEN_KEEP_CACHE on every disk and partition open, constant size and mtime,
+so auto_inval_data never fires; no short reads, no notify_inval). What drops them is the host:
+ftrace of filemap:mm_filemap_delete_from_page_cache on the mount showed every deletion coming
+from kdamond (damon_pa_apply_scheme -> reclaim_pages), a DAMON scheme that pages out unmapped
+file pages of physical regions idle for a minute, 128 MiB/s at most. It takes ext4 pages alike;
+tmpfs (no swap) and mapped pages are spared, anonymous memory (this cache) too. It evicts by
+physical region, so a file loses pages scattered over nearly every block, and the next pass
+asks ivdfs for most blocks although 99% of the file is resident. Hosts under memory pressure do
+the same through ordinary reclaim. Hence: whatever fits in --cache-size stays here, and a lost
+page costs a memory copy, never a VDDK read.
+
 Concurrency: used only from the trio thread. pyfuse3 runs many handler tasks at once and they
 interleave at every `await`; concurrent misses on one block share one backend read through an
 in-flight record, whether that read is a demand read or a prefetch. A hit returns without
