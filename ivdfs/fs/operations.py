@@ -169,6 +169,11 @@ class Operations(pyfuse3.Operations):
         fh = node.ino
         if isinstance(node, DiskFile | PartitionFile):
             fh = self.tree.open_stream(node)
+        # keep_cache: the kernel keeps the pages of earlier opens. Nothing else here drops them
+        # (issue 17, traced): mtime and size never change (the listing opens the disk, so even
+        # the first lookup has the disk's own size), so libfuse's default auto_inval_data never
+        # fires; reads are short only at EOF; nothing sends notify_inval. Pages lost all the
+        # same (host reclaim) come back from the block cache: see ivdfs/io/block_cache.py.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard
