@@ -13,16 +13,26 @@ Rows:
 5. random 4 KiB reads of cold blocks: p50/p99 minus a direct 1 MiB VixDiskLib_Read's p50.
 6. peak RSS of the ivdfs process during (1) vs --cache-size.
 7. a half-allocated 256 MiB disk: bytes VDDK read / allocated bytes (and without the query).
+8. warm passes (issue 17): a disk smaller than the cache (default 192 MiB, --cache-size 256M,
+   stand-in at 2 ms and 300 MB/s per handle), read whole ten times after a cold pass 0, each
+   pass beside one of the same image on tmpfs: slowest/median/fastest pass vs the tmpfs median,
+   and the VDDK reads after pass 0 (stand-in log and /.ivdfs/stats).
+9. the same ten passes with the page cache dropped before each: VDDK reads after pass 0.
+10. a hot set (4 MiB read sequentially twice, 2 MiB at random, all O_DIRECT) then a sequential
+   scan of a disk four times --cache-size 64M: hot blocks VDDK reads again afterwards.
 
-Usage: scripts/bench [--size-mb 1024] [--bw 400] [--latencies 0,1,4] [--out FILE]. Never part
-of the test suite; about 3-4 minutes on a 2-core machine. Not a timed test: it reports, and
-marks each goal met or not.
+Usage: scripts/bench [--size-mb 1024] [--bw 400] [--latencies 0,1,4] [--warm-mb 192]
+[--only warm] [--out FILE]. Never part of the test suite; about 4-5 minutes on a 2-core machine
+(--only warm: rows 8-10, under a minute). Not a timed test: it reports, and marks each goal met
+or not. Rows 9 and 10 empty the page cache of the whole machine (drop_caches).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
@@ -36,14 +46,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, wait_for
-from tests.testbed.images import random_disk, sparse_disk
+from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, call_lines, wait_for
+from tests.testbed.images import DataManifest, random_disk, sparse_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
 
 MiB = 1 << 20
 CACHE = "128M"
 CACHE_BYTES = 128 * MiB
 ASYNC_DEPTH = 8  # ivdfs.io.prefetch.DEFAULT_IN_FLIGHT: blocks read ahead at once
+WARM_PASSES = 10
+HOT_CACHE = "64M"
+HOT_CACHE_MB = 64
 
 
 def dd(path: Path, *extra: str) -> float:
@@ -81,6 +94,54 @@ def reads_by_block(bed: Bed) -> dict[int, int]:
     return counts
 
 
+def read_pass(path: Path, buf: bytearray) -> float:
+    """Seconds to read `path` whole with 1 MiB reads into one buffer, in this process (no dd
+    start-up in the figure: a warm pass of a few hundred MiB takes tens of milliseconds)."""
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def drop_page_cache() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+def vddk_blocks(bed: Bed, ivd_id: str) -> list[int]:
+    """1 MiB blocks of IVD `ivd_id` read by VDDK so far, in order (the stand-in's call log)."""
+    lines = bed.log_lines()
+    conns = {c["conn"] for c in call_lines(lines, "ConnectEx") if c["id"] == ivd_id}
+    handles = {o["handle"] for o in call_lines(lines, "Open") if o["conn"] in conns}
+    reads = call_lines(lines, "Read") + call_lines(lines, "ReadAsync")
+    return [int(r["start"]) // 2048 for r in reads if r["handle"] in handles]
+
+
+def direct_reads(path: Path, offsets: list[int], size: int) -> str:
+    """O_DIRECT reads (each reaches ivdfs whatever the page cache holds); sha256 of the data."""
+    buf = mmap.mmap(-1, size)
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for off in offsets:
+            os.preadv(fd, [buf], off)
+            h.update(buf)
+    finally:
+        os.close(fd)
+        buf.close()
+    return h.hexdigest()
+
+
+def block_lookups(mp: Path) -> int:
+    """Block lookups of the cache so far: what the kernel asked ivdfs for."""
+    cache = mount_stats(mp)["cache"]
+    return int(cache["hits"] + cache["misses"])
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
@@ -116,10 +177,12 @@ class Bench:
         }
 
     @contextmanager
-    def mount(self, bed: Bed, name: str, *extra: str, **env: str) -> Iterator[Mount]:
+    def mount(
+        self, bed: Bed, name: str, *extra: str, cache: str = CACHE, **env: str
+    ) -> Iterator[Mount]:
         mp = self.work / f"mnt-{name}"
         mp.mkdir(exist_ok=True)
-        m = Mount(bed, mp, "--cache-size", CACHE, *extra, **env)
+        m = Mount(bed, mp, "--cache-size", cache, *extra, **env)
         try:
             yield m
         finally:
@@ -186,6 +249,26 @@ class Bench:
             proc.wait(timeout=30)
 
     def run(self) -> dict[str, Any]:
+        a = self.args
+        if a.only != "warm":
+            self.read_path_rows()
+        self.warm_rows()
+        return {
+            "settings": {
+                "size_mb": a.size_mb,
+                "bw_mib_s": a.bw,
+                "latencies_ms": a.latencies,
+                "cache": CACHE,
+                "block": "1M",
+                "async_depth": ASYNC_DEPTH,
+                "warm_mb": a.warm_mb,
+                "only": a.only,
+            },
+            "commit": _commit(),
+            "rows": self.rows,
+        }
+
+    def read_path_rows(self) -> None:
         a = self.args
         size = a.size_mb * MiB
         print(f"building images ({a.size_mb} MiB random, 256 MiB half-allocated) ...", flush=True)
@@ -355,18 +438,129 @@ class Bench:
                     "~1.0" if qab else "(info)",
                     (abs(read - allocated) <= 16 * MiB) if qab else True,
                 )
-        return {
-            "settings": {
-                "size_mb": a.size_mb,
-                "bw_mib_s": a.bw,
-                "latencies_ms": a.latencies,
-                "cache": CACHE,
-                "block": "1M",
-                "async_depth": ASYNC_DEPTH,
-            },
-            "commit": _commit(),
-            "rows": self.rows,
-        }
+
+    def warm_rows(self) -> None:
+        """Rows 8-10 (issue 17): warm passes of a disk smaller than the cache, with and without
+        the page cache, and a hot set against a scan four times the cache."""
+        a = self.args
+        print(f"building images ({a.warm_mb} MiB and {4 * HOT_CACHE_MB} MiB random) ...")
+        src = self.work / "warm-src"
+        src.mkdir()
+        warm = random_disk(src / "warm.raw", a.warm_mb, seed=23)
+        scan = random_disk(src / "scan.raw", 4 * HOT_CACHE_MB, seed=24)
+        shm = Path(tempfile.mkdtemp(prefix="ivdfs-bench-", dir="/dev/shm"))
+        try:
+            copy = shm / "disk.raw"
+            shutil.copyfile(warm.path, copy)
+            with Vcsim() as v:
+                (self.work / "warm-bed" / "images").mkdir(parents=True)
+                bed = Bed(v, self.work / "warm-bed")
+                disks = {}
+                for name, manifest in (("warm", warm), ("scan", scan)):
+                    ivd = v.create_ivd(f"bench-{name}", manifest.size // MiB, "LocalDS_0")
+                    snap = v.create_snapshot(ivd, "bench")
+                    place_image(bed.images, ivd.id, snap, manifest.path)
+                    disks[name] = (ivd, Path("LocalDS_0") / ivd.id / snap / "disk.raw")
+                env = {
+                    "VDDK_STANDIN_LATENCY_US": "2000",
+                    "VDDK_STANDIN_HANDLE_BW": str(300_000_000),
+                    "VDDK_STANDIN_LOG_READS": "1",
+                }
+                print(f"warm passes: {a.warm_mb} MiB disk, --cache-size 256M, 2 ms, 300 MB/s:")
+                for drop in (False, True):
+                    with self.mount(bed, f"warm{int(drop)}", cache="256M", **env) as m:
+                        self.warm_passes(m, bed, disks["warm"], warm, copy, drop)
+                print(f"hot set, then a scan of {4 * HOT_CACHE_MB} MiB, --cache-size {HOT_CACHE}:")
+                with self.mount(bed, "hot", cache=HOT_CACHE, **env) as m:
+                    self.hot_set(m, bed, disks["warm"], disks["scan"], warm.path)
+        finally:
+            shutil.rmtree(shm)
+
+    def warm_passes(
+        self,
+        m: Mount,
+        bed: Bed,
+        disk: tuple[Ivd, Path],
+        manifest: DataManifest,
+        tmpfs_copy: Path,
+        drop: bool,
+    ) -> None:
+        ivd, rel = disk
+        path = m.mountpoint / rel
+        mb = manifest.size / 1e6
+        buf = bytearray(MiB)
+        read_pass(path, buf)  # pass 0: cold, from VDDK
+        wait_for(lambda: mount_stats(m.mountpoint)["prefetch_queued"] == 0, 30, "read-ahead")
+        log0, stats0 = len(vddk_blocks(bed, ivd.id)), mount_stats(m.mountpoint)["reads"]
+        read_pass(tmpfs_copy, buf)  # the tmpfs copy's pages were written, not yet read
+        ours, theirs, asked = [], [], []
+        # Side by side, pass by pass: both see the same moments of the two shared cores.
+        for _ in range(WARM_PASSES):
+            if drop:
+                drop_page_cache()  # tmpfs pages stay: they are the files themselves
+            before = block_lookups(m.mountpoint)
+            ours.append(mb / read_pass(path, buf))
+            theirs.append(mb / read_pass(tmpfs_copy, buf))
+            asked.append(block_lookups(m.mountpoint) - before)
+        print(f"    MB/s ivdfs {[round(x) for x in ours]}", flush=True)
+        print(f"    MB/s tmpfs {[round(x) for x in theirs]}", flush=True)
+        print(f"    block lookups that reached ivdfs per pass {asked}", flush=True)
+        wait_for(lambda: mount_stats(m.mountpoint)["prefetch_queued"] == 0, 30, "read-ahead")
+        log_reads = len(vddk_blocks(bed, ivd.id)) - log0
+        stat_reads = mount_stats(m.mountpoint)["reads"] - stats0
+        lo, mid, hi = spread(ours)
+        tmpfs = statistics.median(theirs)
+        if not drop:
+            what = f"warm passes 1-{WARM_PASSES} ({manifest.size // MiB} MiB < cache) vs tmpfs"
+            self.row(8, f"{what}: slowest", lo, tmpfs, "MB/s", ">= 0.9", lo >= 0.9 * tmpfs)
+            self.row(8, f"{what}: median", mid, tmpfs, "MB/s", "(info)", True)
+            self.row(8, f"{what}: fastest", hi, tmpfs, "MB/s", "(info)", True)
+            tlo, _, thi = spread(theirs)
+            self.row(8, "tmpfs passes: slowest / fastest (the reference's own spread)",
+                     tlo, thi, "MB/s", "(info)", True)  # fmt: skip
+            pairs = min(o / t for o, t in zip(ours, theirs, strict=True))
+            self.row(8, "warm passes: worst pass / its tmpfs neighbour",
+                     pairs, 1.0, "x", "(info)", True)  # fmt: skip
+            self.row(8, "warm passes: block lookups reaching ivdfs, most in one pass",
+                     max(asked), manifest.size // MiB, "blocks", "(info)", True)  # fmt: skip
+            n = 8
+        else:
+            what = f"passes 1-{WARM_PASSES} after drop_caches vs tmpfs"
+            self.row(9, f"{what}: slowest", lo, tmpfs, "MB/s", "(info)", True)
+            self.row(9, f"{what}: median", mid, tmpfs, "MB/s", "(info)", True)
+            n = 9
+        ok = log_reads == stat_reads == 0
+        self.row(n, f"VDDK reads after pass 0 (stand-in log; stats: {stat_reads})",
+                 log_reads, None, "reads", "== 0", ok)  # fmt: skip
+
+    def hot_set(
+        self, m: Mount, bed: Bed, hot: tuple[Ivd, Path], scan: tuple[Ivd, Path], image: Path
+    ) -> None:
+        ivd, rel = hot
+        path = m.mountpoint / rel
+        rng = random.Random(8)
+        seq = [8 * MiB + i * 128 * 1024 for i in range(32)]  # blocks 8-11
+        rand = [rng.randrange(40 * MiB, 42 * MiB, 4096) for _ in range(64)]  # blocks 40-41
+        blocks = {8, 9, 10, 11, 40, 41}
+        data = image.read_bytes()
+        want = [
+            hashlib.sha256(b"".join(data[o : o + 128 * 1024] for o in seq)).hexdigest(),
+            hashlib.sha256(b"".join(data[o : o + 4096] for o in rand)).hexdigest(),
+        ]
+        for _ in range(2):  # the second round re-references the sequential part
+            got = [direct_reads(path, seq, 128 * 1024), direct_reads(path, rand, 4096)]
+            assert got == want, "the hot set read wrong data"
+        buf = bytearray(MiB)
+        read_pass(m.mountpoint / scan[1], buf)  # four times the cache, through the page cache
+        wait_for(lambda: mount_stats(m.mountpoint)["prefetch_queued"] == 0, 30, "read-ahead")
+        drop_page_cache()
+        before = len(vddk_blocks(bed, ivd.id))
+        got = [direct_reads(path, seq, 128 * 1024), direct_reads(path, rand, 4096)]
+        assert got == want, "the hot set read wrong data"
+        wait_for(lambda: mount_stats(m.mountpoint)["prefetch_queued"] == 0, 30, "read-ahead")
+        again = blocks & set(vddk_blocks(bed, ivd.id)[before:])
+        self.row(10, f"hot set blocks read again after a {4 * HOT_CACHE_MB} MiB scan",
+                 len(again), len(blocks), "blocks", "== 0", not again)  # fmt: skip
 
     def warm(self, disk: Path, image: Path, mb: float) -> None:
         # Best of three passes on each side: one pass is at the mercy of whatever else the
@@ -466,6 +660,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--size-mb", type=int, default=1024, help="disk size of rows 1-3 (1024)")
     ap.add_argument("--bw", type=int, default=400, help="global bandwidth cap, MiB/s (400)")
     ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
+    ap.add_argument("--warm-mb", type=int, default=192, help="disk size of rows 8-9 (192)")
+    ap.add_argument("--only", choices=["warm"], help="run only rows 8-10 (warm reads)")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output")
     args = ap.parse_args(argv)
     args.latencies = [float(x) if "." in x else int(x) for x in args.latencies.split(",")]
@@ -475,9 +671,15 @@ def main(argv: list[str]) -> int:
     result["seconds"] = round(time.monotonic() - t0, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     s = result["settings"]
+    rows_1_7 = (
+        ""
+        if s["only"] == "warm"
+        else f"rows 1-7: {s['size_mb']} MiB disk, bandwidth cap {s['bw_mib_s']} MiB/s, "
+        f"cache {s['cache']}; "
+    )
     print(
-        f"\nivdfs read-path benchmark, commit {result['commit']}: {s['size_mb']} MiB disk, "
-        f"bandwidth cap {s['bw_mib_s']} MiB/s, cache {s['cache']}, {result['seconds']} s"
+        f"\nivdfs read-path benchmark, commit {result['commit']}: {rows_1_7}rows 8-9: "
+        f"{s['warm_mb']} MiB disk, cache 256M; row 10: cache {HOT_CACHE}; {result['seconds']} s"
     )
     print(format_table(result["rows"]))
     print(f"\nJSON: {args.out}")

@@ -128,3 +128,85 @@ def test_block_span_covers_exactly_the_clamped_range(
 def test_reader_rejects_unaligned_block_size() -> None:
     with pytest.raises(ValueError):
         DiskReader("d", 100, 1000, BlockCache(10_000), FakeDisk(b"").read)
+
+
+# --- adaptive segments: a disk that fits stays whole, a hot set survives a larger scan ------
+
+
+async def sequential_pass(reader: DiskReader, data: bytes, chunk: int = 16 * 1024) -> None:
+    """One reader from start to end with small reads, as the kernel's read-ahead sends them:
+    several touches per block, in order."""
+    stream = reader.open_stream()
+    for off in range(0, reader.size, chunk):
+        assert bytes(await reader.read(off, chunk, stream)) == data[off : off + chunk]
+
+
+async def test_a_sequential_pass_over_a_disk_that_fits_keeps_all_of_it() -> None:
+    disk = FakeDisk(pattern(12 * BS, "fits"))
+    cache = BlockCache(16 * BS, 4 * BS)
+    reader = DiskReader("d", len(disk.data), BS, cache, disk.read)
+    for _ in range(3):
+        await sequential_pass(reader, disk.data)
+    assert len(disk.reads) == 12  # the later passes came from the cache
+    # The first pass referenced each block once, however many reads it took; the second came
+    # back to every block, so the whole disk is in main now (the first read of a stream is not
+    # yet sequential: block 0 went to main at once).
+    assert cache.stats.promoted == cache.stats.rereferenced == 11
+    assert cache.stats.main_bytes == 12 * BS
+    assert cache.current_bytes == 12 * BS
+
+
+async def test_a_scan_four_times_the_cache_leaves_the_hot_set_alone() -> None:
+    size = 64 * BS  # the cache holds 16 blocks
+    disk = FakeDisk(pattern(size, "4x"))
+    cache = BlockCache(16 * BS, 4 * BS)
+    reader = DiskReader("d", size, BS, cache, disk.read)
+    # Hot set A: random reads (straight into main). Hot set B: read sequentially twice, far
+    # enough apart to be a re-reference (promoted from the scan segment).
+    hot_random = [40, 3, 17, 9]
+    for i in hot_random:
+        await reader.read(i * BS + 5, 100)
+    stream = reader.open_stream()
+    hot_seq = range(50, 56)
+    for _ in range(2):
+        for i in hot_seq:
+            await reader.read(i * BS, BS, stream)
+        for _ in range(64):  # other work between the two passes (more than `correlated`)
+            await reader.read(hot_random[0] * BS, 10)
+        stream = reader.open_stream()
+    await sequential_pass(reader, disk.data)  # 64 blocks: four times the cache
+    before = len(disk.reads)
+    for i in [*hot_random, *hot_seq]:
+        assert bytes(await reader.read(i * BS, 10)) == disk.data[i * BS : i * BS + 10]
+    assert len(disk.reads) == before  # every hot block survived the scan
+    # Block 50 opened each stream (a random read, so main at once); 51-55 were promoted.
+    assert cache.stats.rereferenced == len(hot_seq) - 1
+    assert cache.current_bytes <= 16 * BS
+
+
+async def test_the_byte_bound_holds_with_both_segments_full() -> None:
+    size = 40 * BS + 1536  # a short last block: sizes differ
+    disk = FakeDisk(pattern(size, "bound"))
+    max_bytes = 10 * BS + 512
+    cache = BlockCache(max_bytes, 3 * BS)
+    reader = DiskReader("d", size, BS, cache, disk.read)
+    rng = random.Random(7)
+    stream = reader.open_stream()
+    pos = 0
+    for step in range(2000):
+        if rng.random() < 0.5:
+            off = rng.randrange(size)
+            got = bytes(await reader.read(off, 4096))
+        else:
+            off = pos
+            got = bytes(await reader.read(pos, 32 * 1024, stream))
+            pos = (pos + 32 * 1024) % size
+            if pos < 32 * 1024:
+                stream = reader.open_stream()
+        assert got == disk.data[off : off + len(got)]
+        s = cache.stats
+        assert cache.current_bytes == s.main_bytes + s.scan_bytes <= max_bytes, step
+        # Main never takes the scan segment's reserve (unless the scan segment leaves it free).
+        assert s.main_bytes <= max_bytes - min(s.scan_bytes, cache.scan_reserve), step
+    assert cache.stats.main_bytes > 0 and cache.stats.scan_bytes >= cache.scan_reserve - BS
+    assert cache.stats.evicted_main > 0 and cache.stats.evicted_scan > 0

@@ -98,3 +98,30 @@ async def test_demand_reads_take_vddk_slots_before_waiting_prefetches() -> None:
         slots.release()
     assert order == ["demand", "prefetch-1", "prefetch-2"]
     assert slots.free == 1
+
+
+async def test_a_scan_at_the_scan_segments_reserve_reads_each_block_once() -> None:
+    # Main is full (8 hot blocks), so the scan segment has only its reserve of 8 blocks for a
+    # reader with 5 blocks of read-ahead: it must evict the blocks the reader has passed, not
+    # the read-ahead it has yet to reach (which an LRU order would, as reading refreshes).
+    disk = FakeDisk(pattern(80 * BS, "reserve"))
+    disk.delay = 0.001
+    cache = BlockCache(16 * BS, 8 * BS)
+    prefetcher = Prefetcher(max_in_flight=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetcher.run)
+        reader = DiskReader("d", len(disk.data), BS, cache, disk.read, None, prefetcher, 5)
+        for i in range(8):
+            await reader.read((72 + i) * BS, 10)  # hot: random reads, into main
+        stream = reader.open_stream()
+        for off in range(0, 64 * BS, 32 * 1024):
+            got = await reader.read(off, 32 * 1024, stream)
+            assert bytes(got) == disk.data[off : off + 32 * 1024]
+            while prefetcher.queued:
+                await trio.sleep(0)
+        blocks = [s // (BS // 512) for s, _ in disk.reads]
+        assert sorted(blocks) == sorted({*range(64 + 5), *range(72, 80)})  # each block once
+        # Block 0 started the stream as a random read: main borrowed free space for it, and
+        # gave a block back once the scan segment wanted its reserve. Nothing else.
+        assert cache.stats.evicted_main == 1
+        nursery.cancel_scope.cancel()
