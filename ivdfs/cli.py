@@ -517,6 +517,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "mount":
             # Commands report on stdout/stderr themselves; the log says only what went wrong.
             logging.getLogger().setLevel(logging.WARNING)
+        if args.command in ("mount", "check", "end-access"):
+            # Once the VDDK directory is known, before the password is read (an exec would lose
+            # one typed at the prompt): puts VDDK's lib64 on the loader's search path.
+            from ivdfs.vddk.reexec import ensure_library_path
+
+            try:
+                reexec_libdir: Path | None = vddk_libdir(args)
+            except UserError:
+                reexec_libdir = None  # the command reports it
+            if reexec_libdir is not None:
+                ensure_library_path(reexec_libdir)
         if args.command == "mount":
             from ivdfs import mount
 

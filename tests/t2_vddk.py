@@ -239,4 +239,7 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from ivdfs.vddk.reexec import ensure_library_path
+
+    ensure_library_path(VDDK_LIBDIR)  # as the CLI does: VDDK's plugin needs lib64 on the path
     print(json.dumps(_scenario(sys.argv[1:])))

@@ -35,6 +35,7 @@ class ServerTarget:
     user: str
     password: Secret
     thumbprint: str  # SHA-1 of the certificate ivdfs saw, 'AA:BB:...'
+    nfc_host_port: int = 0  # ESXi's NFC port for NBD/NBDSSL; 0: VDDK's default (902)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ConnectParams:
             p.serverName = self._str(server.host)
             p.thumbPrint = self._str(server.thumbprint)
             p.port = server.port
+            p.nfcHostPort = server.nfc_host_port
             p.credType = _cdefs.VIXDISKLIB_CRED_UID
             p.creds.uid.userName = self._str(server.user)
             p.creds.uid.password = self._str(server.password.reveal())
