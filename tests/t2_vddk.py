@@ -64,6 +64,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.link(root / "full.raw", root / "images" / IVD / f"{SNAP}.raw")
     m = sparse_disk(root / "images" / IVD / "sparse.raw", 40, 0.5, seed=9)
     (root / "sparse.json").write_text(json.dumps(list(m.allocated)))
+    # Half allocated and not a whole number of blocks, chunks or even KiB: 12.5 MiB + 512 bytes,
+    # with data in the tail.
+    odd = root / "images" / IVD / "odd.raw"
+    sparse_disk(odd, 12, 0.5, seed=11)
+    with open(odd, "r+b") as f:
+        f.truncate((12 << 20) + (256 << 10))  # a hole, then data
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom((256 << 10) + 512))
     return root
 
 
@@ -154,6 +162,27 @@ def test_holes_fall_back_to_reading_when_the_query_is_missing(root: Path) -> Non
     assert res["warnings"] == []
 
 
+@pytest.mark.parametrize("block_kib", [64, 256, 1024, 2048])
+def test_holes_of_an_odd_sized_disk_within_vddks_query_rules(root: Path, block_kib: int) -> None:
+    """The stand-in refuses (and logs as a VIOLATION, which run_scenario rejects) every query
+    the real library would refuse: the partial last chunk must never be asked about."""
+    bs = block_kib << 10
+    data = (root / "images" / IVD / "odd.raw").read_bytes()
+    res, lines = run_scenario(root, "holes-odd", str(bs))
+    blocks = [data[i : i + bs] for i in range(0, len(data), bs)]
+    assert res["digests"] == [hashlib.sha256(b).hexdigest() for b in blocks]
+    capacity = len(data) // 512
+    last_whole = capacity // (bs // 512) * (bs // 512)  # the chunk is the block
+    expected = {i for i, b in enumerate(blocks) if any(b)} | {
+        i for i in range(len(blocks)) if (i + 1) * bs // 512 > last_whole
+    }
+    reads = call_lines(lines, "ReadAsync")
+    assert sorted(int(r["start"]) * 512 // bs for r in reads) == sorted(expected)
+    qab = call_lines(lines, "QueryAllocatedBlocks")
+    assert qab and all(q["err"] == "0" and q["chunk"] == str(bs // 512) for q in qab)
+    assert max(int(q["start"]) + int(q["n"]) for q in qab) == last_whole
+
+
 # --- the scenarios, run in their own process ------------------------------------------------
 
 
@@ -181,8 +210,8 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
     lib = VddkLibrary(VDDK_LIBDIR)
     lib.init()
     scenario = argv[0]
-    handles = int(argv[1]) if len(argv) > 1 else 1
-    use_async = argv[2] == "1" if len(argv) > 2 else True
+    handles = int(argv[1]) if scenario == "reads" else 1
+    use_async = argv[2] == "1" if scenario == "reads" else True
     service = VddkService(
         lib, ServerTarget("standin.invalid", 443, "user", Secret("pw"), "AA:BB"),
         "ivdfs test", handles_per_disk=handles, use_async=use_async,
@@ -230,7 +259,18 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
                 n.start_soon(one, i)
         out.update(digests=digests, zero_blocks=cache.stats.zero_blocks)
 
-    trio.run({"reads": reads, "holes": holes}[scenario])
+    async def holes_odd() -> None:
+        block = int(argv[1])
+        disk = await service.open(DiskTarget(IVD, "datastore-1", "odd"))
+        reader = DiskReader("d", disk.capacity, block, BlockCache(64 * MiB), disk.read,
+                            disk.query_allocated)  # fmt: skip
+        digests: list[str] = []
+        for off in range(0, disk.capacity, block):
+            n = min(block, disk.capacity - off)
+            digests.append(hashlib.sha256(bytes(await reader.read(off, n))).hexdigest())
+        out.update(digests=digests)
+
+    trio.run({"reads": reads, "holes": holes, "holes-odd": holes_odd}[scenario])
     service.close_all()
     out["stats"] = {k: v.calls for k, v in lib.stats.snapshot().items()}
     lib.exit()

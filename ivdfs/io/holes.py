@@ -92,7 +92,7 @@ class AllocationMap:
 
     async def is_allocated(self, index: int) -> bool:
         answer = self.known(index)
-        while answer is None:
+        if answer is None:
             region = index // self.region_blocks
             loading = self._loading.get(region)
             if loading is not None:
@@ -100,7 +100,8 @@ class AllocationMap:
             else:
                 await self._load(region)
             answer = self.known(index)
-        return answer
+        # Still unknown: the query just failed and may be asked again at once. Read the block.
+        return True if answer is None else answer
 
     async def _load(self, region: int) -> None:
         assert self._query is not None

@@ -11,19 +11,23 @@ lose). The old value travels in IVDFS_REEXEC_LD_LIBRARY_PATH; in the re-executed
 `os.environ` gets it back, so child processes (mount, losetup, fusermount3, ntfs-3g, fusefat)
 do not inherit VDDK's libraries. The loader keeps the search path it started with.
 
-VDDK 8 bundles libssl.so.3/libcrypto.so.3 in lib64, so after the re-exec Python's ssl and
-hashlib bind VDDK's OpenSSL, whose compiled-in default CA file and directory are not the
-system's. The system's defaults, as seen before the exec, go along as SSL_CERT_FILE and
-SSL_CERT_DIR (unless the user set them), which every OpenSSL honours; children inherit them,
-harmlessly, as they name their own defaults.
+VDDK 8 bundles libssl.so.3/libcrypto.so.3 in lib64, so with lib64 first on the path Python's
+ssl and hashlib bind VDDK's OpenSSL, whose compiled-in default CA file and directory are not
+the system's: certificates signed by the system's CAs would fail verification. The system's
+defaults (asked of this process's OpenSSL before the exec, or of a clean child interpreter when
+the user put lib64 on the path himself) are set as SSL_CERT_FILE and SSL_CERT_DIR unless the
+user set them; every OpenSSL honours them, and children inherit them harmlessly, as they name
+their own defaults.
 
 Concurrency: main thread only, before any other thread exists (exec replaces the process).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,17 +50,39 @@ def _same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _system_tls_defaults() -> dict[str, str]:
-    """The default CA file and directory of the OpenSSL this process uses now (the system's),
-    as the environment variables that make any OpenSSL use them."""
-    import ssl
+_ASK_TLS_DEFAULTS = (
+    "import json, ssl; p = ssl.get_default_verify_paths(); "
+    "print(json.dumps([p.openssl_cafile_env, p.openssl_cafile, p.openssl_capath_env, "
+    "p.openssl_capath]))"
+)
 
-    paths = ssl.get_default_verify_paths()
+
+def _bundles_openssl(lib64: Path) -> bool:
+    return any((lib64 / n).exists() for n in ("libssl.so.3", "libcrypto.so.3"))
+
+
+def _tls_defaults(here: bool) -> dict[str, str]:
+    """The system OpenSSL's default CA file and directory, as the environment variables that
+    make any OpenSSL use them: asked of this process (`here`: it has not loaded VDDK's
+    OpenSSL), else of a child interpreter started without LD_LIBRARY_PATH."""
+    if here:
+        import ssl
+
+        p = ssl.get_default_verify_paths()
+        values = [p.openssl_cafile_env, p.openssl_cafile, p.openssl_capath_env, p.openssl_capath]
+    else:
+        env = {k: v for k, v in os.environ.items() if k != _LD}
+        try:
+            argv = [sys.executable, "-I", "-c", _ASK_TLS_DEFAULTS]
+            proc = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=30, check=True
+            )
+            values = json.loads(proc.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            log.warning("cannot learn the system's default CA paths: %s", e)
+            return {}
     out: dict[str, str] = {}
-    for name, path in (
-        (paths.openssl_cafile_env, paths.openssl_cafile),
-        (paths.openssl_capath_env, paths.openssl_capath),
-    ):
+    for name, path in ((values[0], values[1]), (values[2], values[3])):
         if name and path and name not in os.environ and os.path.exists(path):
             out[name] = path
     return out
@@ -78,13 +104,17 @@ def ensure_library_path(libdir: Path, argv: Sequence[str] | None = None) -> None
         # should not inherit VDDK's libraries.
         kept = [e for e in _entries(current) if not _same_dir(e, str(lib64))]
         _set_ld(":".join(kept) if kept else None)
+        if _bundles_openssl(lib64):
+            # OpenSSL reads these when asked for its defaults, so setting them now works.
+            os.environ.update(_tls_defaults(here=False))
         return
     if not lib64.is_dir():
         return  # loading the library reports what is missing
     env = dict(os.environ)
     env[_LD] = ":".join([str(lib64), *_entries(current)])
     env[MARKER] = _UNSET if current is None else "+" + current
-    env.update(_system_tls_defaults())
+    if _bundles_openssl(lib64):
+        env.update(_tls_defaults(here=True))
     args = list(sys.orig_argv if argv is None else argv)
     log.debug("re-executing with %s=%s", _LD, env[_LD])
     sys.stdout.flush()
