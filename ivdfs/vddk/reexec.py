@@ -91,8 +91,9 @@ def _tls_defaults(here: bool) -> dict[str, str]:
 def ensure_library_path(libdir: Path, argv: Sequence[str] | None = None) -> None:
     """Make sure this process started with `libdir/lib64` on LD_LIBRARY_PATH: re-execute it
     (`argv`, default the interpreter's own command line) if not. Returns in the process that
-    may load VDDK, with `os.environ` restored for its children. Raises UserError when the
-    re-executed process cannot work (exec failed, or Python's ssl cannot use VDDK's OpenSSL)."""
+    may load VDDK, with `os.environ` restored for its children. An exec that fails is logged
+    and ignored, as by nbdkit: VDDK then reports its plugin failure when it is initialised.
+    Raises UserError when Python's ssl cannot use the OpenSSL that VDDK bundles."""
     lib64 = libdir / "lib64"
     old = os.environ.pop(MARKER, None)
     if old is not None:
@@ -124,9 +125,7 @@ def ensure_library_path(libdir: Path, argv: Sequence[str] | None = None) -> None
         # start Python outside the venv.
         os.execve(sys.executable, args, env)
     except OSError as e:
-        raise UserError(
-            f"cannot re-execute {sys.executable} with {lib64} on {_LD}: {e}", ExitCode.VDDK
-        ) from None
+        log.warning("cannot re-execute %s with %s on %s: %s", sys.executable, lib64, _LD, e)
 
 
 def _restore(lib64: Path, old: str) -> None:

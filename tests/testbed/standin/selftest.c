@@ -256,7 +256,7 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_FAIL);
     p->thumbPrint = "AA:BB:CC";
     p->creds.uid.password = "wrong";
-    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_HOST_USER_PERMISSIONS);
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_AUTHENTICATION_FAIL);
     p->creds.uid.password = "secretpw";
     p->specType = VIXDISKLIB_SPEC_VMX;
     CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_INVALID_ARG);
@@ -416,7 +416,7 @@ static void phase_basic(void) {
     CHECK(strstr(log, "server=vcsim.example port=443 nfcHostPort=0 thumb=AA:BB:CC credType=1 "
                       "user=u readOnly=1 specType=1 id=ivd-1 ds=datastore-11 ssid=snap-1") != NULL,
           "server ConnectEx line");
-    CHECK(strstr(log, "err=3014") != NULL, "permission failure logged");
+    CHECK(strstr(log, "err=35") != NULL, "refused login logged");
     CHECK(strstr(log, "Read handle=1 start=3 n=100 seq=1 err=0") != NULL, "Read line");
     CHECK(strstr(log, "Open conn=2 path=ivd-1 flags=4 handle=2 transport=nbdssl") != NULL,
           "Open line");
@@ -891,6 +891,17 @@ static void phase_rules(void) {
     VixDiskLibConnectParams *p = server_params("ivd-1", NULL, "u", "pw", NULL);
     CHECK_ERR(VixDiskLib_PrepareForAccess(p, "ivdfs"), VIX_OK);
     VixDiskLib_FreeConnectParams(p);
+    /* The reserved fields belong to the library (real VDDK keeps a magic and state there). */
+    p = server_params("ivd-1", NULL, "u", "pw", NULL);
+    VixDiskLibConnection c2 = NULL;
+    p->reserved2 = NULL;
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c2), VIX_E_INVALID_ARG);
+    VixDiskLib_FreeConnectParams(p); /* still written: a second VIOLATION */
+    VixDiskLibConnectParams own;
+    memset(&own, 0, sizeof(own));
+    own.specType = VIXDISKLIB_SPEC_VSTORAGE_OBJECT;
+    CHECK_ERR(VixDiskLib_ConnectEx(&own, 1, NULL, NULL, &c2), VIX_OK); /* works, but a VIOLATION */
+    CHECK_ERR(VixDiskLib_Disconnect(c2), VIX_OK);
     CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK); /* with h2 still open */
     VixDiskLib_Exit();                            /* with h2 still open, Prepare unpaired */
     VixDiskLib_Exit();                            /* without InitEx */
@@ -903,6 +914,11 @@ static void phase_rules(void) {
     CHECK(count(log, "VIOLATION exit-with-open handles=1 connections=0") == 1, "exit violation");
     CHECK(count(log, "VIOLATION unpaired-prepare prepares=1 endaccess=0") == 1, "unpaired");
     CHECK(count(log, "VIOLATION exit-without-init") == 1, "exit-without-init");
+    CHECK(count(log, "VIOLATION connect-params-reserved-written func=ConnectEx") == 1 &&
+              count(log, "VIOLATION connect-params-reserved-written func=FreeConnectParams") == 1,
+          "reserved fields written");
+    CHECK(count(log, "VIOLATION connect-params-not-allocated func=ConnectEx") == 1,
+          "params not from AllocateConnectParams");
     free(log);
 }
 

@@ -92,6 +92,11 @@ _Static_assert(sizeof(VixDiskLibBlock) == 16, "block size");
 #define PLUGIN_INIT "VddkVimAccess_StandinInit"
 #define MAX_CHUNK_SIZE VIXDISKLIB_MAX_CHUNK_SIZE
 #define PERMISSION_CODE VIX_E_HOST_USER_PERMISSIONS
+#define LOGIN_CODE VIX_E_AUTHENTICATION_FAIL /* real VDDK: 35 for a refused login */
+/* Real AllocateConnectParams is calloc(1, 128) plus a magic at +0x50 (reserved3) and private
+   state at +0x58 (reserved2): callers must never write the reserved fields. */
+#define PARAMS_MAGIC "VixCPv67"
+#define PARAMS_STATE_KEY 0x5ca1ab1e0ddba11ULL
 #ifdef STANDIN_VDDK6
 #define VARIANT 6
 #else
@@ -848,7 +853,7 @@ static VixError check_server_auth(const VixDiskLibConnectParams *p) {
         (g_cfg.password && strcmp(p->creds.uid.password, g_cfg.password) != 0)) {
         LOG_MSG("VixDiskLibVim: Login failed for user %s on %s.\n", p->creds.uid.userName,
                 nz(p->serverName));
-        return PERMISSION_CODE;
+        return LOGIN_CODE;
     }
     return VIX_OK;
 }
@@ -1128,8 +1133,33 @@ EXPORT const char *VixDiskLib_ListTransportModes(void) {
 }
 
 #ifndef STANDIN_VDDK6
+static void *params_state(const VixDiskLibConnectParams *p) {
+    return (void *)((uintptr_t)p ^ PARAMS_STATE_KEY);
+}
+
+/* The reserved fields as AllocateConnectParams left them? A VIOLATION (and 3) if written; a
+   VIOLATION only if the structure did not come from AllocateConnectParams at all. */
+static VixError check_params(const VixDiskLibConnectParams *p, const char *func) {
+    static const char zero[8];
+    if (!p) return VIX_OK;
+    int magic = !memcmp(p->reserved3, PARAMS_MAGIC, 8);
+    if (!magic && !memcmp(p->reserved3, zero, 8) && !p->reserved2 && !p->reserved1) {
+        violation("connect-params-not-allocated", "func=%s", func);
+        return VIX_OK;
+    }
+    if (!magic || p->reserved2 != params_state(p) || p->reserved1) {
+        violation("connect-params-reserved-written", "func=%s", func);
+        return VIX_E_INVALID_ARG;
+    }
+    return VIX_OK;
+}
+
 EXPORT VixDiskLibConnectParams *VixDiskLib_AllocateConnectParams(void) {
     VixDiskLibConnectParams *p = calloc(1, sizeof(*p));
+    if (p) {
+        memcpy(p->reserved3, PARAMS_MAGIC, 8);
+        p->reserved2 = params_state(p);
+    }
     if (logging()) {
         logline_t l;
         ll_begin(&l, "AllocateConnectParams");
@@ -1146,7 +1176,14 @@ EXPORT void VixDiskLib_FreeConnectParams(VixDiskLibConnectParams *connectParams)
         ll_begin(&l, "FreeConnectParams");
         ll_emit(&l);
     }
+    if (connectParams) check_params(connectParams, "FreeConnectParams");
     free(connectParams);
+}
+#else
+static VixError check_params(const VixDiskLibConnectParams *p, const char *func) {
+    (void)p; /* VDDK 6: callers allocate the structure themselves */
+    (void)func;
+    return VIX_OK;
 }
 #endif
 
@@ -1164,6 +1201,7 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
         err = VIX_E_INVALID_ARG;
         goto out;
     }
+    if ((err = check_params(p, "ConnectEx")) != VIX_OK) goto out;
     if (!readOnly) violation("connect-not-readonly", "server=%s", nz(p->serverName));
     sleep_ns(g_cfg.connect_latency_ns);
     /* FAIL_CONNECT_AFTER=N: the first N connects work, then the host is "down" for good;
@@ -1621,6 +1659,7 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
                                                               : p->vmxSpec;
     if (!p || !identity || strlen(identity) > MAX_IDENTITY_LEN) {
         err = VIX_E_INVALID_ARG;
+    } else if ((err = check_params(p, name)) != VIX_OK) {
     } else {
         sleep_ns(g_cfg.connect_latency_ns);
         /* EndAccess too: real VDDK's EndAccess also goes through the vSphere plugin (assumed;
