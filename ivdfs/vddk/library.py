@@ -38,8 +38,9 @@ vddk_log = logging.getLogger("ivdfs.vddk.library_messages")
 _SONAME_RE = re.compile(r"^libvixDiskLib\.so\.(\d+)$")
 # Messages VDDK prints on every run that say nothing about the user's disks.
 _NOISE_RE = re.compile(r"CEIP|phone.?home|VMware Customer Experience", re.IGNORECASE)
-# VDDK's report of a plugin it could not load (seen as "Failed to load libvddkVimAccess.so :
-# Error = ..."); matched loosely, as the exact wording differs between releases.
+# VDDK's report of a plugin it could not load, e.g. "Failed to load libvddkVimAccess.so : Error =
+# ..." (the stand-in's wording, modelled on VDDK's but not verified against it): matched
+# loosely, by the plugin's name and a word of failure.
 _PLUGIN_FAILED_RE = re.compile(r"VimAccess.*(fail|error|cannot|unable)|(fail|error|cannot|unable)"
                                r".*VimAccess", re.IGNORECASE)  # fmt: skip
 
