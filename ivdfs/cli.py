@@ -365,7 +365,14 @@ def _check(args: argparse.Namespace, v: Values) -> int:
 
 
 def _umount(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs import journal
     from ivdfs.commands import umount
+
+    rec = journal.find(Path(os.path.abspath(args.mountpoint.expanduser())))
+    if rec is not None and not rec.alive and rec.prepared:
+        # A dead mount's EndAccess calls load VDDK here.
+        used = rec.doc.get("vddk_libdir")
+        _vddk_search_path(v, Path(used) if used else None)
 
     def connection(used: Path | None) -> tuple[ServerConfig, Path]:
         if v.vddk_libdir is None and used is not None:
@@ -391,6 +398,25 @@ def _end_access(args: argparse.Namespace, v: Values) -> int:
     from ivdfs.commands import admin
 
     return admin.end_access(server_config(v), vddk_libdir(v), args.ivd)
+
+
+# Commands that load VDDK in this process: they run with its lib64 on the search path.
+LOADS_VDDK = frozenset({"mount", "check", "end-access"})
+
+
+def _vddk_search_path(v: Values, fallback: Path | None = None) -> None:
+    """Re-execute once with VDDK's lib64 on LD_LIBRARY_PATH (its libraries and plugin have no
+    RPATH). Called once the VDDK directory is known and before the password is read: an exec
+    would lose a password typed at the prompt."""
+    from ivdfs.vddk.reexec import ensure_library_path
+
+    try:
+        libdir = vddk_libdir(v)
+    except UserError:
+        if fallback is None:
+            return  # the command reports it
+        libdir = fallback
+    ensure_library_path(libdir)
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Values], int]] = {
@@ -419,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             # Commands report on stdout/stderr themselves; the log says only what went wrong.
             setup_logging(False, None)
             logging.getLogger().setLevel(logging.WARNING)
+        if args._command in LOADS_VDDK:
+            _vddk_search_path(values)
         return HANDLERS[args._command](args, values)
     except IvdfsError as e:
         print(f"ivdfs: {e}", file=sys.stderr)

@@ -615,7 +615,9 @@ def _ceiling(argv: list[str]) -> None:
     from ivdfs.config import Secret
     from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
     from ivdfs.vddk.library import VddkLibrary
+    from ivdfs.vddk.reexec import ensure_library_path
 
+    ensure_library_path(VDDK_LIBDIR)  # VDDK's plugin loads only with lib64 on the search path
     ivd, ds, snap, count, server, user, thumb = argv
     host, _, port = server.rpartition(":")
     lib = VddkLibrary(VDDK_LIBDIR)

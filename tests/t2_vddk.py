@@ -64,6 +64,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.link(root / "full.raw", root / "images" / IVD / f"{SNAP}.raw")
     m = sparse_disk(root / "images" / IVD / "sparse.raw", 40, 0.5, seed=9)
     (root / "sparse.json").write_text(json.dumps(list(m.allocated)))
+    # Half allocated and not a whole number of blocks, chunks or even KiB: 12.5 MiB + 512 bytes,
+    # with data in the tail.
+    odd = root / "images" / IVD / "odd.raw"
+    sparse_disk(odd, 12, 0.5, seed=11)
+    with open(odd, "r+b") as f:
+        f.truncate((12 << 20) + (256 << 10))  # a hole, then data
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom((256 << 10) + 512))
     return root
 
 
@@ -116,11 +124,11 @@ def test_parallel_reads_return_the_right_bytes_within_vddk_rules(
 
 @pytest.mark.parametrize("transport", ["nbdssl", "file"])
 def test_failed_reads_reach_their_reader_only(root: Path, transport: str) -> None:
-    # A permanent code, so the service does not retry it on a fresh connection.
     res, _ = run_scenario(
         root, "reads", "1", "1", VDDK_STANDIN_TRANSPORT=transport,
         VDDK_STANDIN_FAIL_READ_NTH="3,7", VDDK_STANDIN_FAIL_CODE="3014",
     )  # fmt: skip
+    # A permanent code, so the service does not retry it on a fresh connection.
     assert sorted(res["errors"]) == [2, 6]  # 0-based blocks, read in order here
     assert all("VixError 3014" in e for e in res["error_texts"])
     data = (root / "full.raw").read_bytes()
@@ -155,6 +163,27 @@ def test_holes_fall_back_to_reading_when_the_query_is_missing(root: Path) -> Non
     assert res["warnings"] == []
 
 
+@pytest.mark.parametrize("block_kib", [64, 256, 1024, 2048])
+def test_holes_of_an_odd_sized_disk_within_vddks_query_rules(root: Path, block_kib: int) -> None:
+    """The stand-in refuses (and logs as a VIOLATION, which run_scenario rejects) every query
+    the real library would refuse: the partial last chunk must never be asked about."""
+    bs = block_kib << 10
+    data = (root / "images" / IVD / "odd.raw").read_bytes()
+    res, lines = run_scenario(root, "holes-odd", str(bs))
+    blocks = [data[i : i + bs] for i in range(0, len(data), bs)]
+    assert res["digests"] == [hashlib.sha256(b).hexdigest() for b in blocks]
+    capacity = len(data) // 512
+    last_whole = capacity // (bs // 512) * (bs // 512)  # the chunk is the block
+    expected = {i for i, b in enumerate(blocks) if any(b)} | {
+        i for i in range(len(blocks)) if (i + 1) * bs // 512 > last_whole
+    }
+    reads = call_lines(lines, "ReadAsync")
+    assert sorted(int(r["start"]) * 512 // bs for r in reads) == sorted(expected)
+    qab = call_lines(lines, "QueryAllocatedBlocks")
+    assert qab and all(q["err"] == "0" and q["chunk"] == str(bs // 512) for q in qab)
+    assert max(int(q["start"]) + int(q["n"]) for q in qab) == last_whole
+
+
 # --- the scenarios, run in their own process ------------------------------------------------
 
 
@@ -182,17 +211,30 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
     lib = VddkLibrary(VDDK_LIBDIR)
     lib.init()
     scenario = argv[0]
-    handles = int(argv[1]) if len(argv) > 1 else 1
-    use_async = argv[2] == "1" if len(argv) > 2 else True
+    handles = int(argv[1]) if scenario == "reads" else 1
+    use_async = argv[2] == "1" if scenario == "reads" else True
     service = DiskService(
         lib, ServerTarget("standin.invalid", 443, "user", Secret("pw"), "AA:BB"),
         "ivdfs test", limits=Limits(handles_per_disk=handles, use_async=use_async),
     )  # fmt: skip
     out: dict[str, Any] = {}
 
+    async def open_disk(snapshot: str) -> tuple[Any, int]:
+        """The service's slot of one snapshot and the disk's size (opening it once)."""
+        slot = service.slot(DiskTarget(IVD, "datastore-1", snapshot))
+        return slot, await service.capacity(slot)
+
+    def reader_of(slot: Any, capacity: int, block: int, cache: Any) -> Any:
+        async def read(start: int, n: int) -> bytearray:
+            return await service.read(slot, start, n)
+
+        async def query(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
+            return await service.query_allocated(slot, start, n, chunk)
+
+        return DiskReader("d", capacity, block, cache, read, query)
+
     async def reads() -> None:
-        slot = service.slot(DiskTarget(IVD, "datastore-1", SNAP))
-        capacity = await service.capacity(slot)
+        slot, capacity = await open_disk(SNAP)
         nblocks = (capacity + MiB - 1) // MiB
         digests: list[str] = [""] * nblocks
         errors: list[int] = []
@@ -219,17 +261,9 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
         out.update(digests=digests, errors=errors, error_texts=texts)
 
     async def holes() -> None:
-        slot = service.slot(DiskTarget(IVD, "datastore-1", "sparse"))
-        capacity = await service.capacity(slot)
+        slot, capacity = await open_disk("sparse")
         cache = BlockCache(64 * MiB)
-
-        async def read(start: int, n: int) -> bytearray:
-            return await service.read(slot, start, n)
-
-        async def query(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
-            return await service.query_allocated(slot, start, n, chunk)
-
-        reader = DiskReader("d", capacity, MiB, cache, read, query)
+        reader = reader_of(slot, capacity, MiB, cache)
         digests: list[str] = [""] * (capacity // MiB)
 
         async def one(i: int) -> None:
@@ -240,7 +274,17 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
                 n.start_soon(one, i)
         out.update(digests=digests, zero_blocks=cache.stats.zero_blocks)
 
-    trio.run({"reads": reads, "holes": holes}[scenario])
+    async def holes_odd() -> None:
+        block = int(argv[1])
+        slot, capacity = await open_disk("odd")
+        reader = reader_of(slot, capacity, block, BlockCache(64 * MiB))
+        digests: list[str] = []
+        for off in range(0, capacity, block):
+            n = min(block, capacity - off)
+            digests.append(hashlib.sha256(bytes(await reader.read(off, n))).hexdigest())
+        out.update(digests=digests)
+
+    trio.run({"reads": reads, "holes": holes, "holes-odd": holes_odd}[scenario])
     service.close_all()
     out["stats"] = {k: v.calls for k, v in lib.stats.snapshot().items()}
     lib.exit()
@@ -249,4 +293,7 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from ivdfs.vddk.reexec import ensure_library_path
+
+    ensure_library_path(VDDK_LIBDIR)  # as the CLI does: VDDK's plugin needs lib64 on the path
     print(json.dumps(_scenario(sys.argv[1:])))

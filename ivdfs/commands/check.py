@@ -1,7 +1,9 @@
 """`ivdfs check`: validate a configuration without mounting, one line per step.
 
 Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (load, version,
-optional symbols, InitEx), and a test ConnectEx/Open/Read of one IVD snapshot if there is one.
+optional symbols, InitEx), VDDK's vSphere plugin (libvddkVimAccess.so, which VDDK loads during
+InitEx and whose failure it only logs), and a test ConnectEx/Open/Read of one IVD snapshot if
+there is one.
 Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
 the result. Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
 """
@@ -18,6 +20,7 @@ from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.vsphere import VSphere, probe_certificate, tls_context
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.errors import VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
 
 TEST_READ_BYTES = 64 * 1024
@@ -42,6 +45,7 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
     report = Report()
     vs = VSphere(server)
     lib: VddkLibrary | None = None
+    plugin_error: VddkPluginError | None = None
     logged_in = False
     try:
         try:
@@ -65,7 +69,7 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
                 raise UserError(
                     "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
                 )
-            lib = _load(libdir)
+            lib, plugin_error = _load(libdir)
             missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
             report.ok(
                 "vddk",
@@ -75,6 +79,13 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
         except UserError as e:
             report.fail("vddk", e)
             lib = None
+        if plugin_error is not None:
+            report.fail("plugin", UserError(str(plugin_error), ExitCode.VDDK))
+            lib = None  # InitEx was undone: nothing that talks to vSphere can work
+        elif lib is not None:
+            report.ok("plugin", _plugin_text())
+        else:
+            report.skip("plugin", "needs the VDDK library")
 
         if logged_in and lib is not None:
             _test_read(report, vs, lib, server, transport)
@@ -91,16 +102,29 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
     return ExitCode.OK
 
 
-def _load(libdir: Path) -> VddkLibrary:
+def _load(libdir: Path) -> tuple[VddkLibrary, VddkPluginError | None]:
+    """The initialised library, or the library and its plugin failure (InitEx undone)."""
     try:
         lib = VddkLibrary(libdir)
     except BackendError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     try:
         lib.init()
+    except VddkPluginError as e:
+        return lib, e
     except BackendError as e:
         raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
-    return lib
+    return lib, None
+
+
+def _plugin_text() -> str:
+    """Where the plugin was loaded from, if this process has it mapped."""
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and "/libvddkVimAccess.so" in fields[5]:
+                return f"vSphere plugin {fields[5].strip()} loaded"
+    return "VDDK reported no failure loading its vSphere plugin libvddkVimAccess.so"
 
 
 def _first_snapshot(vs: VSphere) -> tuple[Ivd, Snapshot] | None:

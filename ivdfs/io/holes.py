@@ -1,10 +1,19 @@
 """Which blocks of a disk hold data, learned lazily with VixDiskLib_QueryAllocatedBlocks.
 
 The disk is split into regions (1024 blocks: 1 GiB at the default block size); the first read
-in a region asks the backend once for that region's allocated chunks, with the cache block as
-the chunk size, so every answer is in whole blocks. Unallocated blocks are then answered with
-zeros without a read. When the query is missing or fails, the map switches itself off and every
-block counts as allocated: reading is always correct, skipping holes is only an optimisation.
+in a region asks the backend once for that region's allocated chunks. Every query keeps VDDK's
+rules, which the real library enforces with VIX_E_INVALID_ARG: the chunk is a power of two from
+128 to 131072 sectors and no larger than the disk; start and length are whole chunks inside the
+disk; at most 524288 chunks per call. The chunk is the largest power of two that divides the
+block size, so a block is whole chunks and counts as allocated when any of them is; with a
+power-of-two block size the chunk is the block. A disk whose size is not a whole number of
+chunks ends in a partial chunk that no query may cover: as in VMware's sample, the queries stop
+at the last whole chunk, and every block reaching past it counts as allocated (it is read).
+
+Reading is always correct; skipping holes is only an optimisation. No query function, or a
+library answering VIX_E_NOT_SUPPORTED, turns the map off: every block is read. Any other failed
+query costs only its region, whose blocks count as allocated until the region is asked again,
+`RETRY_SECONDS` later.
 
 Concurrency: trio thread only. Concurrent first reads in one region share one query.
 """
@@ -12,18 +21,35 @@ Concurrency: trio thread only. Concurrent first reads in one region share one qu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from ivdfs.errors import BackendError
 from ivdfs.vddk._cdefs import SECTOR_SIZE, VIXDISKLIB_MIN_CHUNK_SIZE
+from ivdfs.vddk.errors import VddkError
 
 log = logging.getLogger(__name__)
 
 REGION_BLOCKS = 1024
+# VDDK's limits for QueryAllocatedBlocks besides VIXDISKLIB_MIN_CHUNK_SIZE (sectors, chunks).
+MAX_CHUNK_SECTORS = 131072
+MAX_CHUNKS_PER_QUERY = 524288
+RETRY_SECONDS = 30.0
+_VIX_E_INVALID_ARG = 3
+_VIX_E_NOT_SUPPORTED = 6
 
 QueryAllocated = Callable[[int, int, int], Awaitable[list[tuple[int, int]]]]
+
+
+def query_chunk_sectors(block_sectors: int, capacity_sectors: int) -> int:
+    """The chunk for querying a disk in blocks of `block_sectors`: the largest power of two
+    that divides the block, within VDDK's limits and the disk; 0 when there is none."""
+    chunk = min(block_sectors & -block_sectors, MAX_CHUNK_SECTORS)
+    while chunk > capacity_sectors:
+        chunk //= 2
+    return chunk if chunk >= VIXDISKLIB_MIN_CHUNK_SIZE else 0
 
 
 class AllocationMap:
@@ -36,11 +62,18 @@ class AllocationMap:
     ) -> None:
         self._query = query
         self.block_size = block_size
-        self.chunk_sectors = block_size // SECTOR_SIZE
+        self.block_sectors = block_size // SECTOR_SIZE
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.region_blocks = region_blocks
-        self.enabled = query is not None and self.chunk_sectors >= VIXDISKLIB_MIN_CHUNK_SIZE
+        capacity_sectors = disk_size // SECTOR_SIZE
+        self.chunk_sectors = query_chunk_sectors(self.block_sectors, capacity_sectors)
+        # Queries end here: the last whole chunk of the disk.
+        self._queryable_end = (
+            capacity_sectors // self.chunk_sectors * self.chunk_sectors if self.chunk_sectors else 0
+        )
+        self.enabled = query is not None and self.chunk_sectors > 0
         self._regions: dict[int, frozenset[int]] = {}  # region -> allocated block indexes
+        self._failed: dict[int, float] = {}  # region -> monotonic time to ask again
         self._loading: dict[int, trio.Event] = {}
         self.queries = 0
 
@@ -48,12 +81,18 @@ class AllocationMap:
         """True/False when known without asking the backend; None when the region is unknown."""
         if not self.enabled:
             return True
-        allocated = self._regions.get(index // self.region_blocks)
-        return None if allocated is None else index in allocated
+        region = index // self.region_blocks
+        allocated = self._regions.get(region)
+        if allocated is not None:
+            return index in allocated
+        retry_at = self._failed.get(region)
+        if retry_at is not None and time.monotonic() < retry_at:
+            return True
+        return None
 
     async def is_allocated(self, index: int) -> bool:
         answer = self.known(index)
-        while answer is None:
+        if answer is None:
             region = index // self.region_blocks
             loading = self._loading.get(region)
             if loading is not None:
@@ -61,30 +100,43 @@ class AllocationMap:
             else:
                 await self._load(region)
             answer = self.known(index)
-        return answer
+        # Still unknown: the query just failed and may be asked again at once. Read the block.
+        return True if answer is None else answer
 
     async def _load(self, region: int) -> None:
         assert self._query is not None
         event = self._loading[region] = trio.Event()
+        bs, chunk = self.block_sectors, self.chunk_sectors
         first = region * self.region_blocks
-        count = min(self.region_blocks, self.nblocks - first)
+        last = min(first + self.region_blocks, self.nblocks)  # exclusive
+        start = first * bs
+        end = min(last * bs, self._queryable_end)
+        # Blocks reaching past the last whole chunk cannot be asked about: read them.
+        allocated = {i for i in range(first, last) if (i + 1) * bs > end}
         try:
-            self.queries += 1
-            runs = await self._query(
-                first * self.chunk_sectors, count * self.chunk_sectors, self.chunk_sectors
-            )
-            allocated: set[int] = set()
-            for start, length in runs:
-                if length <= 0:
-                    continue
-                lo = start // self.chunk_sectors
-                hi = (start + length - 1) // self.chunk_sectors
-                allocated.update(range(max(lo, first), min(hi, first + count - 1) + 1))
+            pos = start
+            while pos < end:
+                n = min(end - pos, MAX_CHUNKS_PER_QUERY * chunk)
+                self.queries += 1
+                for run_start, length in await self._query(pos, n, chunk):
+                    lo = max(run_start, pos)
+                    hi = min(run_start + length, pos + n)
+                    if hi > lo:
+                        allocated.update(range(lo // bs, (hi - 1) // bs + 1))
+                pos += n
             self._regions[region] = frozenset(allocated)
+            self._failed.pop(region, None)
         except BackendError as e:
-            # Missing or failing: read everything, as if the query did not exist.
-            log.debug("QueryAllocatedBlocks unusable, reading every block: %s", e)
-            self.enabled = False
+            code = e.code if isinstance(e, VddkError) else None
+            if code == _VIX_E_NOT_SUPPORTED:
+                log.debug("QueryAllocatedBlocks unsupported, reading every block: %s", e)
+                self.enabled = False
+            else:
+                # Invalid arguments would be our bug against VDDK's rules: say so.
+                level = logging.WARNING if code == _VIX_E_INVALID_ARG else logging.DEBUG
+                log.log(level, "QueryAllocatedBlocks for blocks %d-%d failed; reading them: %s",
+                        first, last - 1, e)  # fmt: skip
+                self._failed[region] = time.monotonic() + RETRY_SECONDS
         finally:
             del self._loading[region]
             event.set()

@@ -35,7 +35,7 @@ class ServerTarget:
     user: str
     password: Secret
     thumbprint: str  # SHA-1 of the certificate ivdfs saw, 'AA:BB:...'
-    nfc_host_port: int = 0  # ESXi's NFC port when it is not VDDK's default (902)
+    nfc_host_port: int = 0  # ESXi's NFC port for NBD/NBDSSL; 0: VDDK's default (902)
 
 
 @dataclass(frozen=True)

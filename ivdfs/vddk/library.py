@@ -1,5 +1,13 @@
 """Finding, loading and initialising libvixDiskLib.
 
+InitEx gets a VDDK config file: the caller's, or by default one ivdfs writes that gives VDDK a
+private `tmpDirectory` (a 0700 directory removed at `exit`), as nbdkit does, so VDDK's temporary
+and log files neither land in a shared /tmp nor outlive the process. A plugin that VDDK could
+not load during InitEx (libvddkVimAccess.so, found only through LD_LIBRARY_PATH, see
+`reexec.py`) is reported by VDDK only through its log callback while InitEx succeeds; `init`
+recognises that message and fails with `VddkPluginError` instead of letting every later call
+fail with 16053.
+
 Concurrency: `load_library` and `VddkLibrary.init`/`exit` run on the main thread (VDDK wants
 InitEx once per process, from the main thread, after any fork). Every other method may be called
 from any thread; the log callbacks may be called by the library on its own threads.
@@ -7,8 +15,11 @@ from any thread; the log callbacks may be called by the library on its own threa
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +30,7 @@ from typing import Any
 import cffi
 
 from ivdfs.vddk import _cdefs
-from ivdfs.vddk.errors import VddkError, VddkLoadError, code_of
+from ivdfs.vddk.errors import VddkError, VddkLoadError, VddkPluginError, code_of
 
 log = logging.getLogger(__name__)
 vddk_log = logging.getLogger("ivdfs.vddk.library_messages")
@@ -27,6 +38,11 @@ vddk_log = logging.getLogger("ivdfs.vddk.library_messages")
 _SONAME_RE = re.compile(r"^libvixDiskLib\.so\.(\d+)$")
 # Messages VDDK prints on every run that say nothing about the user's disks.
 _NOISE_RE = re.compile(r"CEIP|phone.?home|VMware Customer Experience", re.IGNORECASE)
+# VDDK's report of a plugin it could not load, e.g. "Failed to load libvddkVimAccess.so : Error =
+# ..." (the stand-in's wording, modelled on VDDK's but not verified against it): matched
+# loosely, by the plugin's name and a word of failure.
+_PLUGIN_FAILED_RE = re.compile(r"VimAccess.*(fail|error|cannot|unable)|(fail|error|cannot|unable)"
+                               r".*VimAccess", re.IGNORECASE)  # fmt: skip
 
 ffi = cffi.FFI()
 ffi.cdef(_cdefs.CDEFS)
@@ -114,6 +130,8 @@ class VddkLibrary:
         self.stats = Stats()
         self._callbacks: list[Any] = []
         self._initialised = False
+        self._private_dir: Path | None = None
+        self._plugin_messages: list[str] = []
 
     def _has(self, name: str) -> bool:
         return has_symbol(self.lib, name)
@@ -127,7 +145,9 @@ class VddkLibrary:
         return {"VixDiskLib_QueryAllocatedBlocks", "VixDiskLib_FreeBlockList"} <= self.optional
 
     def init(self, config_file: Path | None = None) -> None:
-        """InitEx once; `config_file` is handed to VDDK as its configuration file."""
+        """InitEx with `config_file` (VDDK's `key = value` format), or by default with a
+        private tmpDirectory. Raises VddkPluginError when VDDK reports that its vSphere
+        plugin did not load."""
         if self._initialised:
             return
 
@@ -136,23 +156,69 @@ class VddkLibrary:
                 buf = ffi.new("char[]", 4096)
                 _libc.vsnprintf(buf, 4096, fmt, args)
                 msg = ffi.string(buf).decode("utf-8", "replace").rstrip()
+                if _PLUGIN_FAILED_RE.search(msg):
+                    self._plugin_messages.append(msg)
                 lvl = logging.DEBUG if _NOISE_RE.search(msg) else level
                 vddk_log.log(lvl, "%s", msg)
 
             return ffi.callback("VixDiskLibGenericLogFunc", cb)
 
+        if config_file is None:
+            config_file = self._private_config()
         # The library may call these at any time until Exit: keep them alive.
         self._callbacks = [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
-        config = str(config_file).encode() if config_file is not None else ffi.NULL
-        err = self.lib.VixDiskLib_InitEx(6, 7, *self._callbacks, str(self.libdir).encode(), config)
-        self.check(err, "VixDiskLib_InitEx", str(self.libdir))
+        self._plugin_messages.clear()
+        try:
+            err = self.lib.VixDiskLib_InitEx(
+                6, 7, *self._callbacks, str(self.libdir).encode(), str(config_file).encode()
+            )
+            self.check(err, "VixDiskLib_InitEx", f"{self.libdir}, config {config_file}")
+        except BaseException:
+            self._remove_private_dir()
+            raise
         self._initialised = True
+        if self._plugin_messages:
+            self.exit()
+            lib64 = self.libdir / "lib64"
+            raise VddkPluginError(
+                f"VDDK could not load its vSphere plugin: {self._plugin_messages[0]}; hint: "
+                f"VDDK finds libvddkVimAccess.so and the libraries it needs only through the "
+                f"library search path, which must hold {lib64} when the process starts (ivdfs "
+                f"re-executes itself with LD_LIBRARY_PATH={lib64} for that); check that "
+                f"{lib64} is the unpacked VDDK lib64 with libvddkVimAccess.so, and "
+                f"`LD_LIBRARY_PATH={lib64} ldd {lib64}/libvddkVimAccess.so` for what is missing"
+            )
         log.debug("loaded %s (optional symbols: %s)", self.path, ", ".join(sorted(self.optional)))
+
+    def _private_config(self) -> Path:
+        """A config file giving VDDK its own tmpDirectory, both in a fresh 0700 directory."""
+        if self._private_dir is None:
+            self._private_dir = Path(tempfile.mkdtemp(prefix="ivdfs-vddk-"))
+            # Also at interpreter exit, should `exit` never be reached.
+            atexit.register(self._remove_private_dir)
+        tmp = self._private_dir / "tmp"
+        tmp.mkdir(mode=0o700, exist_ok=True)
+        if any(c in str(tmp) for c in '"\n\\'):
+            raise VddkLoadError(f"cannot hand {tmp} to VDDK as its tmpDirectory: set TMPDIR")
+        config = self._private_dir / "vixDiskLib.conf"
+        config.write_text(f'# written by ivdfs for this process\ntmpDirectory = "{tmp}"\n')
+        return config
+
+    def _remove_private_dir(self) -> None:
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+
+    @property
+    def private_dir(self) -> Path | None:
+        """The directory of the default config file and tmpDirectory, while it exists."""
+        return self._private_dir
 
     def exit(self) -> None:
         if self._initialised:
             self.lib.VixDiskLib_Exit()
             self._initialised = False
+        self._remove_private_dir()
 
     def error_text(self, err: int) -> str:
         p = self.lib.VixDiskLib_GetErrorText(err, ffi.NULL)

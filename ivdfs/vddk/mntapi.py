@@ -1,9 +1,11 @@
 """VixMntapi: VMware's library that mounts the guest volumes of a disk on this machine.
 
-Role: find ``libvixMntapi.so.N`` beside libvixDiskLib (``<libdir>/lib64``), Init it once, and
+Role: find ``libvixMntapi.so.1`` (VMware's name in every VDDK release, whatever the disk
+library's version) beside libvixDiskLib in ``<libdir>/lib64``, Init it once, and
 for one snapshot run OpenDisks -> GetVolumeHandles -> MountVolume(read-only) -> GetVolumeInfo,
 undoing it with DismountVolume -> FreeVolumeHandles -> CloseDiskSet (then Exit once) on every
 path. OpenDisks always gets the IVD id as its one disk name: a NULL name array crashes real VDDK.
+The library needs libfuse2 (``libfuse.so.2``) on the host: without it, it does not load.
 
 Concurrency contract: nothing here is thread-safe. Every call after `__init__` (Init included)
 runs on the VDDK control thread (`DiskService.run_on_control`), which also owns the connection
@@ -29,14 +31,15 @@ log = logging.getLogger(__name__)
 mntapi_log = logging.getLogger("ivdfs.vddk.mntapi_messages")
 
 _SONAME_RE = re.compile(r"^libvixMntapi\.so\.(\d+)$")
+SONAME = "libvixMntapi.so.1"
 
 ffi = cffi.FFI()
 ffi.include(disklib_ffi)
 ffi.cdef(_mntapi_cdefs.CDEFS)
 
 
-def find_mntapi(libdir: Path, prefer: int | None = None) -> Path:
-    """``libvixMntapi.so.N`` in ``libdir/lib64``: the disk library's N if present, else newest."""
+def find_mntapi(libdir: Path) -> Path:
+    """``libvixMntapi.so.1`` in ``libdir/lib64``; failing that, the newest ``.so.N``."""
     lib64 = libdir / "lib64"
     found: dict[int, Path] = {}
     if lib64.is_dir():
@@ -46,10 +49,10 @@ def find_mntapi(libdir: Path, prefer: int | None = None) -> Path:
                 found[int(m.group(1))] = p
     if not found:
         raise VddkLoadError(
-            f"--volumes vixmntapi needs libvixMntapi.so.N in {lib64} (it ships with VDDK); "
+            f"--volumes vixmntapi needs {SONAME} in {lib64} (it ships with VDDK); "
             "use --volumes kernel without it"
         )
-    return found[prefer] if prefer in found else found[max(found)]
+    return found.get(1) or found[max(found)]
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,16 @@ class Mntapi:
 
     def __init__(self, disklib: VddkLibrary) -> None:
         self.disklib = disklib
-        self.path = find_mntapi(disklib.libdir, disklib.soversion)
+        self.path = find_mntapi(disklib.libdir)
         try:
             self.lib: Any = ffi.dlopen(str(self.path))
         except OSError as e:
+            if "libfuse.so.2" in str(e):
+                raise VddkLoadError(
+                    f"cannot load {self.path}: VixMntapi needs libfuse2 (FUSE 2's library, "
+                    f"libfuse.so.2) on this machine; install it (Debian/Ubuntu: apt-get install "
+                    f"libfuse2, RHEL: dnf install fuse-libs) or use --volumes kernel ({e})"
+                ) from None
             raise VddkLoadError(f"cannot load {self.path}: {e}") from None
         missing = [n for n in _mntapi_cdefs.REQUIRED if not has_symbol(self.lib, n)]
         if missing:

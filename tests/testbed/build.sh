@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test bed: the vcsim launcher (Go, against Debian's
 # golang-github-vmware-govmomi-dev in GOPATH mode, fully offline) and the
-# stand-in VDDK library (make -C standin, when its Makefile exists).
+# stand-in VDDK in build/vddk/lib64, laid out like VMware's distribution
+# (make -C standin, then make -C mntapi; see standin/README.md).
 # Idempotent; a no-op when everything is up to date. Called by scripts/setup.
 set -euo pipefail
 

@@ -12,6 +12,9 @@
  * driver here fails MountVolume with VIX_E_NOT_SUPPORTED and a warn-callback message.
  * OpenDisks with diskNames == NULL calls abort(), as the real library crashes.
  *
+ * Built as libvixMntapi.so.1 (VMware's name) with DT_NEEDED libfuse.so.2: like the real one,
+ * it does not load on a host without libfuse2.
+ *
  * Call log: one line per call on $VDDK_STANDIN_MNTAPI_LOG, else $VDDK_STANDIN_LOG, formatted
  * like the disk library's: "<µs> tid=<tid> Mntapi_<Function> key=value ...".
  * Handles are tagged ids (disk sets ...0xA, volumes ...0xB), never pointers.
@@ -45,6 +48,7 @@ _Static_assert(__builtin_offsetof(VixVolumeInfo, symbolicLink) == 8, "symbolicLi
 _Static_assert(sizeof(VixDiskSetInfo) == 16, "VixDiskSetInfo layout");
 
 extern char **environ;
+int fuse_version(void); /* libfuse2; its headers (libfuse-dev) are not needed for this */
 
 typedef struct {
     uint64_t id;
@@ -393,8 +397,8 @@ EXPORT VixError VixMntapi_Init(uint32_t majorVersion, uint32_t minorVersion,
         g_warn = warnf;
         g_inited = 1;
     }
-    logline("Init", "major=%u minor=%u libDir=%s again=%d", majorVersion, minorVersion,
-            libDir ? libDir : "(null)", again);
+    logline("Init", "major=%u minor=%u libDir=%s fuse=%d again=%d", majorVersion, minorVersion,
+            libDir ? libDir : "(null)", fuse_version(), again);
     pthread_mutex_unlock(&g_mu);
     return VIX_OK;
 }

@@ -1,6 +1,8 @@
 /*
  * selftest.c -- exercises the stand-in VDDK (libvixDiskLib.so.8) through its public ABI.
- * Built and run by `make -C tests/testbed/standin check`; exits 0 when every check passes.
+ * Built and run by `make -C tests/testbed/standin check` with lib64 on LD_LIBRARY_PATH (as real
+ * VDDK needs); the plugin-less phase runs in a re-executed copy of itself without it. Exits 0
+ * when every check passes.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -18,6 +20,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,9 +47,11 @@ static int g_failures;
 #define IMG_SIZE (4 * 1024 * 1024)
 #define SPARSE_SIZE (16 * 1024 * 1024)
 #define LOCAL_SIZE (1024 * 1024 + 300) /* not a multiple of 512: capacity rounds down */
+#define ODD_SECTORS 9217ULL                 /* 4.5 MiB + 512 bytes: no whole number of chunks */
+#define HUGE_SECTORS (524289ULL * 128)      /* one 64 KiB chunk more than a query may cover */
 
 static char g_dir[1024], g_images[1280], g_local[PATH_MAX], g_current[PATH_MAX],
-    g_sparse[PATH_MAX];
+    g_sparse[PATH_MAX], g_odd[PATH_MAX], g_huge[PATH_MAX];
 static pid_t g_main_tid;
 
 static pid_t tid(void) { return (pid_t)syscall(SYS_gettid); }
@@ -116,6 +121,9 @@ static const char *k_env[] = {
     "VDDK_STANDIN_FAIL_READ_RATE", "VDDK_STANDIN_SEED", "VDDK_STANDIN_FAIL_CODE",
     "VDDK_STANDIN_DROP_AFTER", "VDDK_STANDIN_STALL_NTH", "VDDK_STANDIN_STALL_MS",
     "VDDK_STANDIN_SHORT_READ_NTH", "VDDK_STANDIN_FAIL_CONNECT", "VDDK_STANDIN_FAIL_OPEN",
+    "VDDK_STANDIN_FAIL_CONNECT_CODE", "VDDK_STANDIN_FAIL_CONNECT_FIRST",
+    "VDDK_STANDIN_FAIL_CONNECT_AFTER", "VDDK_STANDIN_FAIL_OPEN_CODE",
+    "VDDK_STANDIN_FAIL_OPEN_FIRST", "VDDK_STANDIN_FAIL_OPEN_AFTER",
     "VDDK_STANDIN_LOG", "VDDK_STANDIN_LOG_READS", "VDDK_STANDIN_ASYNC_THREADS", NULL};
 
 static char g_logpath[PATH_MAX];
@@ -130,7 +138,7 @@ static void env_reset(const char *phase) {
 
 /* ---- InitEx log callbacks ---- */
 static pthread_mutex_t g_msg_mu = PTHREAD_MUTEX_INITIALIZER;
-static int g_nlog, g_nwarn, g_saw_ceip, g_saw_libdir;
+static int g_nlog, g_nwarn, g_saw_ceip, g_saw_libdir, g_saw_plugin_error;
 static void on_log(const char *fmt, va_list ap) {
     char b[1024];
     vsnprintf(b, sizeof(b), fmt, ap);
@@ -138,6 +146,8 @@ static void on_log(const char *fmt, va_list ap) {
     g_nlog++;
     if (strstr(b, "CEIP")) g_saw_ceip = 1;
     if (strstr(b, "/opt/vddk-test")) g_saw_libdir = 1;
+    if (strstr(b, "Failed to load libvddkVimAccess.so") && strstr(b, "cannot open shared object"))
+        g_saw_plugin_error = 1;
     pthread_mutex_unlock(&g_msg_mu);
 }
 static void on_warn(const char *fmt, va_list ap) {
@@ -208,6 +218,7 @@ static void phase_basic(void) {
     init();
     CHECK(g_saw_ceip && g_saw_libdir, "InitEx log messages: ceip=%d libdir=%d", g_saw_ceip,
           g_saw_libdir);
+    CHECK(!g_saw_plugin_error, "the plugin loads with lib64 on LD_LIBRARY_PATH");
     CHECK_ERR(VixDiskLib_InitEx(8, 0, NULL, NULL, NULL, NULL, NULL), VIX_OK); /* VIOLATION */
     CHECK(strcmp(VixDiskLib_ListTransportModes(), "file:san:hotadd:nbdssl:nbd") == 0, "modes");
 
@@ -245,7 +256,7 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_FAIL);
     p->thumbPrint = "AA:BB:CC";
     p->creds.uid.password = "wrong";
-    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_HOST_USER_PERMISSIONS);
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_AUTHENTICATION_FAIL);
     p->creds.uid.password = "secretpw";
     p->specType = VIXDISKLIB_SPEC_VMX;
     CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &bad), VIX_E_INVALID_ARG);
@@ -301,11 +312,22 @@ static void phase_basic(void) {
     if (holes) CHECK(bl && bl->numBlocks == 1 && bl->blocks[0].offset == 2048 &&
                          bl->blocks[0].length == 1024, "QAB sub-range");
     VixDiskLib_FreeBlockList(bl);
+    /* The real library's rules: each breach is VIX_E_INVALID_ARG plus a VIOLATION (9 here). */
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4096, 64, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4608, 192, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 262144, 262144, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 100, 4096, 128, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4000, 128, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 0, 128, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, SPARSE_SIZE / SECTOR, 128, 128, &bl),
-              VIX_E_DISK_OUTOFRANGE);
+              VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 128, 128, NULL), VIX_E_INVALID_ARG);
+    CHECK(bl == NULL, "no list after a refused query");
+    /* The largest chunk is fine, and so is the whole disk in one query. */
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, SPARSE_SIZE / SECTOR, 131072 / 4, &bl),
+              VIX_OK);
+    VixDiskLib_FreeBlockList(bl);
+    bl = NULL;
 
     CHECK_ERR(VixDiskLib_Write(h, 0, 1, buf), VIX_E_FILE_READ_ONLY); /* VIOLATION write */
 
@@ -316,6 +338,40 @@ static void phase_basic(void) {
     CHECK(t && strstr(t, "connection"), "error text, high bits ignored: %s", t ? t : "(null)");
     VixDiskLib_FreeErrorText(t);
 
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+
+    /* A disk of 9217 sectors: the partial last chunk can never be queried (1 VIOLATION);
+       a chunk larger than the disk neither (1 VIOLATION, on a 2048-sector file). */
+    CHECK_ERR(connect_server("ivd-1", "odd", NULL, &c), VIX_OK);
+    h = open_ro(c, NULL);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 9216, 1024, &bl), VIX_OK);
+    CHECK(bl && bl->numBlocks == 1 && bl->blocks[0].offset == 0 && bl->blocks[0].length == 9216,
+          "odd disk: whole chunks only");
+    VixDiskLib_FreeBlockList(bl);
+    bl = NULL;
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 8192, 2048, 1024, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_Read(h, ODD_SECTORS - 1, 1, buf), VIX_OK); /* reads reach the end */
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    p = VixDiskLib_AllocateConnectParams();
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c), VIX_OK);
+    VixDiskLib_FreeConnectParams(p);
+    h = open_ro(c, g_local);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4096, 4096, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+
+    /* At most 512 Ki chunks per call (1 VIOLATION for one more). */
+    CHECK_ERR(connect_server("ivd-1", "huge", NULL, &c), VIX_OK);
+    h = open_ro(c, NULL);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, HUGE_SECTORS - 128, 128, &bl), VIX_OK);
+    VixDiskLib_FreeBlockList(bl);
+    bl = NULL;
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, HUGE_SECTORS, 128, &bl), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 128, HUGE_SECTORS - 128, 128, &bl), VIX_OK);
+    VixDiskLib_FreeBlockList(bl);
+    bl = NULL;
     CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
     CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
 
@@ -343,13 +399,24 @@ static void phase_basic(void) {
     CHECK(count(log, "VIOLATION write handle=") == 1, "write violation");
     CHECK(count(log, "VIOLATION concurrent-read") == 0, "no concurrent reads here");
     CHECK(count(log, "VIOLATION close-thread") == 0, "Close on the Open thread");
-    CHECK(count(log, "VIOLATION") == 5, "exactly 5 violations, got %d", count(log, "VIOLATION"));
+    static const char *const qab_rules[] = {
+        "rule=chunk-too-small", "rule=chunk-not-power-of-two", "rule=chunk-too-large",
+        "rule=start-unaligned", "rule=length-unaligned", "rule=empty-range",
+        "rule=beyond-disk", "rule=null-blocklist", "rule=chunk-larger-than-disk",
+        "rule=too-many-chunks", NULL};
+    for (int i = 0; qab_rules[i]; i++)
+        CHECK(count(log, qab_rules[i]) >= 1, "QAB violation %s", qab_rules[i]);
+    CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 11, "11 QAB violations, got %d",
+          count(log, "VIOLATION query-allocated-blocks handle="));
+    CHECK(count(log, "chunk=1024 capacity=9217 rule=beyond-disk") == 1, "partial last chunk");
+    CHECK(count(log, "VIOLATION") == 16, "exactly 16 violations, got %d", count(log, "VIOLATION"));
+    CHECK(strstr(log, " plugin=loaded ") != NULL, "InitEx logs the loaded plugin");
     CHECK(strstr(log, "secretpw") == NULL, "password must never be logged");
     CHECK(strstr(log, "ConnectEx conn=1 mode=local") != NULL, "local ConnectEx line");
-    CHECK(strstr(log, "server=vcsim.example port=443 thumb=AA:BB:CC credType=1 user=u readOnly=1 "
-                      "specType=1 id=ivd-1 ds=datastore-11 ssid=snap-1") != NULL,
+    CHECK(strstr(log, "server=vcsim.example port=443 nfcHostPort=0 thumb=AA:BB:CC credType=1 "
+                      "user=u readOnly=1 specType=1 id=ivd-1 ds=datastore-11 ssid=snap-1") != NULL,
           "server ConnectEx line");
-    CHECK(strstr(log, "err=3014") != NULL, "permission failure logged");
+    CHECK(strstr(log, "err=35") != NULL, "refused login logged");
     CHECK(strstr(log, "Read handle=1 start=3 n=100 seq=1 err=0") != NULL, "Read line");
     CHECK(strstr(log, "Open conn=2 path=ivd-1 flags=4 handle=2 transport=nbdssl") != NULL,
           "Open line");
@@ -662,6 +729,131 @@ static void phase_faults(void) {
     log = slurp(g_logpath);
     CHECK(count(log, "VIOLATION") == 0, "Prepare/EndAccess paired even on failure");
     free(log);
+
+    /* Given codes: alone they fail every call; with _FIRST/_AFTER only those calls. */
+    env_reset("fault-codes");
+    setenv("VDDK_STANDIN_FAIL_CONNECT_CODE", "35", 1);
+    setenv("VDDK_STANDIN_FAIL_OPEN_CODE", "16053", 1);
+    init();
+    c = NULL;
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_E_AUTHENTICATION_FAIL);
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_E_AUTHENTICATION_FAIL);
+    VixDiskLib_Exit();
+    env_reset("fault-first");
+    setenv("VDDK_STANDIN_FAIL_CONNECT_FIRST", "1", 1);
+    setenv("VDDK_STANDIN_FAIL_OPEN_CODE", "3014", 1);
+    setenv("VDDK_STANDIN_FAIL_OPEN_FIRST", "2", 1);
+    init();
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_E_CANNOT_CONNECT_TO_HOST);
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_OK);
+    h = NULL;
+    for (int i = 1; i <= 3; i++) {
+        VixError want = i <= 2 ? VIX_E_HOST_USER_PERMISSIONS : VIX_OK;
+        CHECK_ERR(VixDiskLib_Open(c, NULL, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h), want);
+    }
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    VixDiskLib_Exit();
+    env_reset("fault-after");
+    setenv("VDDK_STANDIN_FAIL_OPEN_CODE", "36", 1);
+    setenv("VDDK_STANDIN_FAIL_OPEN_AFTER", "1", 1);
+    init(); /* counters restart at InitEx */
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_OK);
+    h = open_ro(c, NULL);
+    VixDiskLibHandle h2 = NULL;
+    CHECK_ERR(VixDiskLib_Open(c, NULL, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h2),
+              VIX_E_HOST_CONNECTION_LOST);
+    CHECK_ERR(VixDiskLib_Open(c, NULL, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h2),
+              VIX_E_HOST_CONNECTION_LOST);
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    VixDiskLib_Exit();
+    log = slurp(g_logpath);
+    CHECK(count(log, " Open conn=") == 3 && count(log, "err=36\n") == 2, "Open lines");
+    free(log);
+}
+
+/* InitEx's configFile: tmpDirectory gets VDDK's files; a file that cannot be read fails InitEx. */
+static void phase_config(void) {
+    char tmpdir[PATH_MAX], cfg[PATH_MAX + 16], leftover[PATH_MAX + 64];
+    snprintf(tmpdir, sizeof(tmpdir), "%s/vddk-tmp", g_dir);
+    mkdir(tmpdir, 0700);
+    snprintf(cfg, sizeof(cfg), "%s/vddk.conf", g_dir);
+    FILE *f = fopen(cfg, "w");
+    fprintf(f, "# ivdfs\nvixDiskLib.transport.LogLevel = 1\ntmpDirectory = \"%s\"\n", tmpdir);
+    fclose(f);
+    env_reset("config");
+    CHECK_ERR(VixDiskLib_InitEx(8, 0, NULL, NULL, NULL, "/opt/vddk-test", "/nonexistent.conf"),
+              VIX_E_FILE_NOT_FOUND);
+    CHECK_ERR(VixDiskLib_InitEx(8, 0, NULL, NULL, NULL, "/opt/vddk-test", cfg), VIX_OK);
+    VixDiskLibConnectParams *p = server_params("ivd-1", NULL, "u", "pw", NULL);
+    p->nfcHostPort = 902;
+    VixDiskLibConnection c = NULL;
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c), VIX_OK);
+    VixDiskLib_FreeConnectParams(p);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    VixDiskLib_Exit();
+    snprintf(leftover, sizeof(leftover), "%s/vixDiskLib-standin-%d.log", tmpdir, (int)getpid());
+    CHECK(access(leftover, F_OK) == 0, "a file in tmpDirectory: %s", leftover);
+    char *log = slurp(g_logpath);
+    CHECK(count(log, "configFile=/nonexistent.conf tmpDirectory=\"\" err=4") == 1, "bad config");
+    char want[PATH_MAX + 64];
+    snprintf(want, sizeof(want), "tmpDirectory=%s transport=", tmpdir);
+    CHECK(strstr(log, want) != NULL, "tmpDirectory logged");
+    CHECK(strstr(log, "port=443 nfcHostPort=902 ") != NULL, "nfcHostPort logged");
+    CHECK(count(log, "VIOLATION") == 0, "no violations in the config phase");
+    free(log);
+}
+
+/* Run in a copy of this program started without LD_LIBRARY_PATH: the plugin cannot load. */
+static void phase_no_plugin(void) {
+    env_reset("no-plugin");
+    init(); /* still VIX_OK */
+    CHECK(g_saw_plugin_error, "InitEx reports the failed plugin load through the log callback");
+    VixDiskLibConnectParams *p = server_params("ivd-1", NULL, "u", "pw", NULL);
+    CHECK_ERR(VixDiskLib_PrepareForAccess(p, "ivdfs"), VIX_E_DISK_SUBSYSTEM_INIT_FAIL);
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs"), VIX_E_DISK_SUBSYSTEM_INIT_FAIL);
+    VixDiskLib_FreeConnectParams(p);
+    VixDiskLibConnection c = NULL;
+    VixDiskLibHandle h = NULL;
+    CHECK_ERR(connect_server("ivd-1", NULL, NULL, &c), VIX_OK);
+    CHECK_ERR(VixDiskLib_Open(c, "ivd-1", VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h),
+              VIX_E_DISK_SUBSYSTEM_INIT_FAIL);
+    CHECK(h == NULL, "no handle");
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    /* Local files do not need vSphere access. */
+    p = VixDiskLib_AllocateConnectParams();
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c), VIX_OK);
+    VixDiskLib_FreeConnectParams(p);
+    h = open_ro(c, g_local);
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    char *t = VixDiskLib_GetErrorText(VIX_E_DISK_SUBSYSTEM_INIT_FAIL, NULL);
+    CHECK(t && strstr(t, "subsystems failed to initialize"), "16053 text: %s", t ? t : "(null)");
+    VixDiskLib_FreeErrorText(t);
+    VixDiskLib_Exit();
+    char *log = slurp(g_logpath);
+    CHECK(strstr(log, " plugin=failed ") != NULL, "InitEx logs the failed plugin");
+    CHECK(strstr(log, "PrepareForAccess id=ivd-1 identity=ivdfs server=vcsim.example err=16053") &&
+              strstr(log, "EndAccess id=ivd-1 identity=ivdfs server=vcsim.example err=16053") &&
+              strstr(log, "capacity=0 err=16053"),
+          "Prepare, EndAccess and Open fail with 16053");
+    CHECK(count(log, "VIOLATION") == 0, "no violations without the plugin");
+    free(log);
+}
+
+/* Starts this program again with LD_LIBRARY_PATH removed (the loader reads it at exec only). */
+static void run_without_library_path(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        unsetenv("LD_LIBRARY_PATH");
+        setenv("STANDIN_SELFTEST_DIR", g_dir, 1);
+        execl("/proc/self/exe", "standin-selftest", "no-plugin", (char *)NULL);
+        _exit(127);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the plugin-less phase failed (status %d)", st);
 }
 
 /* Rule checks: concurrent reads on one handle, Close on another thread, teardown order. */
@@ -699,6 +891,17 @@ static void phase_rules(void) {
     VixDiskLibConnectParams *p = server_params("ivd-1", NULL, "u", "pw", NULL);
     CHECK_ERR(VixDiskLib_PrepareForAccess(p, "ivdfs"), VIX_OK);
     VixDiskLib_FreeConnectParams(p);
+    /* The reserved fields belong to the library (real VDDK keeps a magic and state there). */
+    p = server_params("ivd-1", NULL, "u", "pw", NULL);
+    VixDiskLibConnection c2 = NULL;
+    p->reserved2 = NULL;
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c2), VIX_E_INVALID_ARG);
+    VixDiskLib_FreeConnectParams(p); /* still written: a second VIOLATION */
+    VixDiskLibConnectParams own;
+    memset(&own, 0, sizeof(own));
+    own.specType = VIXDISKLIB_SPEC_VSTORAGE_OBJECT;
+    CHECK_ERR(VixDiskLib_ConnectEx(&own, 1, NULL, NULL, &c2), VIX_OK); /* works, but a VIOLATION */
+    CHECK_ERR(VixDiskLib_Disconnect(c2), VIX_OK);
     CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK); /* with h2 still open */
     VixDiskLib_Exit();                            /* with h2 still open, Prepare unpaired */
     VixDiskLib_Exit();                            /* without InitEx */
@@ -711,6 +914,11 @@ static void phase_rules(void) {
     CHECK(count(log, "VIOLATION exit-with-open handles=1 connections=0") == 1, "exit violation");
     CHECK(count(log, "VIOLATION unpaired-prepare prepares=1 endaccess=0") == 1, "unpaired");
     CHECK(count(log, "VIOLATION exit-without-init") == 1, "exit-without-init");
+    CHECK(count(log, "VIOLATION connect-params-reserved-written func=ConnectEx") == 1 &&
+              count(log, "VIOLATION connect-params-reserved-written func=FreeConnectParams") == 1,
+          "reserved fields written");
+    CHECK(count(log, "VIOLATION connect-params-not-allocated func=ConnectEx") == 1,
+          "params not from AllocateConnectParams");
     free(log);
 }
 
@@ -762,24 +970,47 @@ static void phase_vddk6(void) {
     dlclose(so);
 }
 
-int main(void) {
+static void set_paths(void) {
+    snprintf(g_images, sizeof(g_images), "%s/images", g_dir);
+    snprintf(g_local, sizeof(g_local), "%s/local.raw", g_dir);
+    snprintf(g_current, sizeof(g_current), "%s/ivd-1/current.raw", g_images);
+    snprintf(g_sparse, sizeof(g_sparse), "%s/ivd-1/snap-1.raw", g_images);
+    snprintf(g_odd, sizeof(g_odd), "%s/ivd-1/odd.raw", g_images);
+    snprintf(g_huge, sizeof(g_huge), "%s/ivd-1/huge.raw", g_images);
+}
+
+int main(int argc, char **argv) {
     g_main_tid = tid();
+    if (argc == 2 && !strcmp(argv[1], "no-plugin")) {
+        const char *d = getenv("STANDIN_SELFTEST_DIR");
+        snprintf(g_dir, sizeof(g_dir), "%s", d ? d : "/nonexistent");
+        set_paths();
+        phase_no_plugin();
+        return g_failures ? 1 : 0;
+    }
+    const char *llp = getenv("LD_LIBRARY_PATH");
+    if (!llp || !strstr(llp, "lib64")) {
+        fprintf(stderr, "standin-selftest: run it with VDDK's lib64 on LD_LIBRARY_PATH "
+                        "(make -C tests/testbed/standin check)\n");
+        return 2;
+    }
     snprintf(g_dir, sizeof(g_dir), "%s/standin-selftest-XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
     if (!mkdtemp(g_dir)) { perror("mkdtemp"); return 2; }
-    snprintf(g_images, sizeof(g_images), "%s/images", g_dir);
+    set_paths();
     char ivd[1536];
     snprintf(ivd, sizeof(ivd), "%s/ivd-1", g_images);
     mkdir(g_images, 0755);
     mkdir(ivd, 0755);
-    snprintf(g_local, sizeof(g_local), "%s/local.raw", g_dir);
-    snprintf(g_current, sizeof(g_current), "%s/current.raw", ivd);
-    snprintf(g_sparse, sizeof(g_sparse), "%s/snap-1.raw", ivd);
     write_pattern(g_local, LOCAL_SIZE, 1);
+    write_pattern(g_odd, ODD_SECTORS * SECTOR, 4);
     write_pattern(g_current, IMG_SIZE, 2);
     int fd = open(g_sparse, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0 || ftruncate(fd, SPARSE_SIZE) != 0) { perror(g_sparse); return 2; }
     write_at(fd, 1 << 20, 64 * 1024, 3);
     write_at(fd, (9 << 20) + 32 * 1024, 128 * 1024, 3);
+    close(fd);
+    fd = open(g_huge, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ftruncate(fd, (off_t)(HUGE_SECTORS * SECTOR)) != 0) { perror(g_huge); return 2; }
     close(fd);
 
     double t0 = now_ms();
@@ -788,6 +1019,8 @@ int main(void) {
     phase_inline_bw();
     phase_faults();
     phase_rules();
+    phase_config();
+    run_without_library_path();
     phase_vddk6();
 
     if (!g_failures) {

@@ -10,9 +10,16 @@
  *
  * Handles and connections handed to the caller are tagged ids, not pointers, so that a stale
  * or foreign handle is detected (and logged as a VIOLATION) instead of being dereferenced.
+ *
+ * Like VMware's library (VDDK 6.7+), InitEx dlopen()s its plugin libvddkVimAccess.so by bare
+ * name. The libraries carry no RPATH, so the plugin (and the bundled libvmacore.so it needs) is
+ * found only when <libDir>/lib64 is on LD_LIBRARY_PATH. A failed load does not fail InitEx; it
+ * is reported through the log callback, and every call that needs vSphere access later fails
+ * with VIX_E_DISK_SUBSYSTEM_INIT_FAIL (16053).
  */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -81,7 +88,15 @@ _Static_assert(sizeof(VixDiskLibBlock) == 16, "block size");
 #define CONN_LOST_CODE VIX_E_HOST_CONNECTION_LOST
 #define FAIL_CONNECT_CODE VIX_E_CANNOT_CONNECT_TO_HOST
 #define FAIL_OPEN_CODE VIX_E_HOST_NETWORK_CONN_REFUSED
+#define PLUGIN_NAME "libvddkVimAccess.so"
+#define PLUGIN_INIT "VddkVimAccess_StandinInit"
+#define MAX_CHUNK_SIZE VIXDISKLIB_MAX_CHUNK_SIZE
 #define PERMISSION_CODE VIX_E_HOST_USER_PERMISSIONS
+#define LOGIN_CODE VIX_E_AUTHENTICATION_FAIL /* real VDDK: 35 for a refused login */
+/* Real AllocateConnectParams is calloc(1, 128) plus a magic at +0x50 (reserved3) and private
+   state at +0x58 (reserved2): callers must never write the reserved fields. */
+#define PARAMS_MAGIC "VixCPv67"
+#define PARAMS_STATE_KEY 0x5ca1ab1e0ddba11ULL
 #ifdef STANDIN_VDDK6
 #define VARIANT 6
 #else
@@ -129,7 +144,8 @@ typedef struct {
     uint64_t global_bw;
     int64_t connect_latency_ns;
     int no_qab, fail_prepare, fail_connect, fail_open, log_reads;
-    uint64_t fail_connect_after;
+    uint64_t fail_connect_after, fail_connect_first, fail_open_after, fail_open_first;
+    VixError fail_connect_code, fail_open_code;
     uint64_t fail_nth[MAX_NTH];
     int n_fail_nth;
     double fail_rate;
@@ -188,9 +204,20 @@ static void config_load(config_t *c) {
     c->connect_latency_ns = (int64_t)env_u64("VDDK_STANDIN_CONNECT_LATENCY_US", 0) * 1000;
     c->no_qab = env_u64("VDDK_STANDIN_NO_QAB", 0) != 0;
     c->fail_prepare = env_u64("VDDK_STANDIN_FAIL_PREPARE", 0) != 0;
-    c->fail_connect = env_u64("VDDK_STANDIN_FAIL_CONNECT", 0) != 0;
+    /* An explicit code alone fails every call; with _FIRST/_AFTER it is the code they use. */
+    c->fail_connect_code = env_u64("VDDK_STANDIN_FAIL_CONNECT_CODE", 0);
     c->fail_connect_after = env_u64("VDDK_STANDIN_FAIL_CONNECT_AFTER", 0);
-    c->fail_open = env_u64("VDDK_STANDIN_FAIL_OPEN", 0) != 0;
+    c->fail_connect_first = env_u64("VDDK_STANDIN_FAIL_CONNECT_FIRST", 0);
+    c->fail_connect = env_u64("VDDK_STANDIN_FAIL_CONNECT", 0) != 0 ||
+                      (c->fail_connect_code && !c->fail_connect_after && !c->fail_connect_first);
+    if (!c->fail_connect_code || c->fail_connect_code == VIX_ASYNC)
+        c->fail_connect_code = FAIL_CONNECT_CODE;
+    c->fail_open_code = env_u64("VDDK_STANDIN_FAIL_OPEN_CODE", 0);
+    c->fail_open_after = env_u64("VDDK_STANDIN_FAIL_OPEN_AFTER", 0);
+    c->fail_open_first = env_u64("VDDK_STANDIN_FAIL_OPEN_FIRST", 0);
+    c->fail_open = env_u64("VDDK_STANDIN_FAIL_OPEN", 0) != 0 ||
+                   (c->fail_open_code && !c->fail_open_after && !c->fail_open_first);
+    if (!c->fail_open_code || c->fail_open_code == VIX_ASYNC) c->fail_open_code = FAIL_OPEN_CODE;
     c->log_reads = env_u64("VDDK_STANDIN_LOG_READS", 1) != 0;
     const char *nth = env_str("VDDK_STANDIN_FAIL_READ_NTH");
     while (nth && *nth && c->n_fail_nth < MAX_NTH) {
@@ -227,6 +254,9 @@ static pthread_mutex_t g_bw_mu = PTHREAD_MUTEX_INITIALIZER;
 static int64_t g_global_next_free;
 static pthread_mutex_t g_rand_mu = PTHREAD_MUTEX_INITIALIZER;
 static unsigned g_rand_state;
+static _Atomic uint64_t g_connects, g_opens; /* injection counters, from InitEx */
+static void *g_plugin;        /* dlopen handle of libvddkVimAccess.so */
+static _Atomic int g_plugin_ok; /* the plugin loaded: vSphere access works */
 
 /* ---- messages through the InitEx callbacks -------------------------------------------- */
 static void cb_call(VixDiskLibGenericLogFunc *f, const char *fmt, ...)
@@ -454,6 +484,16 @@ static int conn_unlink_locked(conn_t *c) {
             return 1;
         }
     return 0;
+}
+
+/* Calls that talk to vSphere need the plugin; without it they fail like real VDDK's. */
+static VixError plugin_err(void) {
+    return atomic_load(&g_plugin_ok) ? VIX_OK : VIX_E_DISK_SUBSYSTEM_INIT_FAIL;
+}
+
+/* Whether call number `nth` (1-based) of a kind gets an injected failure. */
+static int inject(int always, uint64_t first, uint64_t after, uint64_t nth) {
+    return always || (first && nth <= first) || (after && nth > after);
 }
 
 static int check_inited(const char *func) {
@@ -770,6 +810,7 @@ static const struct {
     {VIX_E_HOST_CONNECTION_LOST, "The connection to the host was lost"},
     {VIX_E_INVALID_HANDLE, "The handle is not a valid VIX object"},
     {VIX_E_HOST_USER_PERMISSIONS, "Insufficient permissions in the host operating system"},
+    {VIX_E_GUEST_USER_PERMISSIONS, "Insufficient permissions in the guest operating system"},
     {VIX_E_HOST_FILE_ERROR_EOF, "Unexpected end of file"},
     {VIX_E_HOST_SERVER_NOT_FOUND, "Could not resolve the host name"},
     {VIX_E_HOST_NETWORK_CONN_REFUSED, "The server refused the connection"},
@@ -778,6 +819,7 @@ static const struct {
     {VIX_E_DISK_INVAL, "One of the parameters supplied is invalid"},
     {VIX_E_DISK_NOIO, "The disk could not be read"},
     {VIX_E_DISK_OUTOFRANGE, "The sector range is beyond the end of the disk"},
+    {VIX_E_DISK_SUBSYSTEM_INIT_FAIL, "One or more required subsystems failed to initialize"},
     {VIX_E_DISK_INVALID_CONNECTION, "The connection is not valid"},
     {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to host"},
     {VIX_ASYNC, "The operation is pending and will complete asynchronously"},
@@ -811,7 +853,7 @@ static VixError check_server_auth(const VixDiskLibConnectParams *p) {
         (g_cfg.password && strcmp(p->creds.uid.password, g_cfg.password) != 0)) {
         LOG_MSG("VixDiskLibVim: Login failed for user %s on %s.\n", p->creds.uid.userName,
                 nz(p->serverName));
-        return PERMISSION_CODE;
+        return LOGIN_CODE;
     }
     return VIX_OK;
 }
@@ -868,6 +910,76 @@ static void make_uuid(const char *seed, char *out, size_t outlen) {
              b[13], b[14], b[15]);
 }
 
+/* ---- InitEx helpers ------------------------------------------------------------------- */
+/* VDDK's config file: "key = value" lines, '#' comments, values optionally double-quoted.
+   Only tmpDirectory matters here. Returns 0, or -1 when the file cannot be read (real VDDK's
+   behaviour then is unknown; failing InitEx is the stricter choice). */
+static int read_config(const char *path, char *tmpdir, size_t tmpdir_len) {
+    FILE *f = fopen(path, "re");
+    if (!f) return -1;
+    char line[1024];
+    while (fgets(line, sizeof(line), f)) {
+        char *k = line;
+        while (isspace((unsigned char)*k)) k++;
+        if (*k == '#' || !*k) continue;
+        char *eq = strchr(k, '=');
+        if (!eq) continue;
+        char *ke = eq;
+        while (ke > k && isspace((unsigned char)ke[-1])) ke--;
+        *ke = 0;
+        char *v = eq + 1;
+        while (isspace((unsigned char)*v)) v++;
+        size_t n = strlen(v);
+        while (n && isspace((unsigned char)v[n - 1])) v[--n] = 0;
+        if (n >= 2 && v[0] == '"' && v[n - 1] == '"') {
+            v[n - 1] = 0;
+            v++;
+        }
+        if (!strcmp(k, "tmpDirectory")) snprintf(tmpdir, tmpdir_len, "%s", v);
+    }
+    fclose(f);
+    return 0;
+}
+
+/* VDDK keeps temporary and log files in tmpDirectory; the stand-in leaves one there too, so a
+   caller that gives it a private directory must clean up a non-empty one. */
+static VixError touch_tmpdir(const char *dir) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/vixDiskLib-standin-%d.log", dir, (int)getpid());
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0) return VIX_E_FILE_ACCESS_ERROR;
+    ssize_t r = write(fd, "stand-in VixDiskLib temporary file\n", 35);
+    (void)r;
+    close(fd);
+    return VIX_OK;
+}
+
+/* dlopen by bare name, as VDDK does: found only through LD_LIBRARY_PATH (no RPATH anywhere).
+   Returns NULL on success, else the loader's message (static storage). */
+static const char *load_plugin(void) {
+#ifdef STANDIN_VDDK6
+    atomic_store(&g_plugin_ok, 1); /* the "too old" variant has no plugin */
+    return NULL;
+#else
+    static char why[512];
+    void *so = dlopen(PLUGIN_NAME, RTLD_NOW | RTLD_LOCAL);
+    if (!so) {
+        const char *e = dlerror();
+        snprintf(why, sizeof(why), "%s", e ? e : "unknown error");
+        return why;
+    }
+    const char *(*init)(void) = (const char *(*)(void))dlsym(so, PLUGIN_INIT);
+    if (!init || !init()) {
+        snprintf(why, sizeof(why), "%s: no %s", PLUGIN_NAME, PLUGIN_INIT);
+        dlclose(so);
+        return why;
+    }
+    g_plugin = so;
+    atomic_store(&g_plugin_ok, 1);
+    return NULL;
+#endif
+}
+
 /* ==== the API =========================================================================== */
 
 EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
@@ -880,6 +992,24 @@ EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
         pthread_mutex_unlock(&g_mu);
         violation("double-init", "major=%u minor=%u", majorVersion, minorVersion);
         return VIX_OK;
+    }
+    char tmpdir[PATH_MAX] = "";
+    VixError err = VIX_OK;
+    if (configFile && read_config(configFile, tmpdir, sizeof(tmpdir)) != 0)
+        err = VIX_E_FILE_NOT_FOUND;
+    else if (*tmpdir)
+        err = touch_tmpdir(tmpdir);
+    if (err != VIX_OK) {
+        pthread_mutex_unlock(&g_mu);
+        logline_t l;
+        ll_begin(&l, "InitEx");
+        ll_add(&l, "major=%u minor=%u variant=%d", majorVersion, minorVersion, VARIANT);
+        ll_str(&l, "libDir", libDir);
+        ll_str(&l, "configFile", configFile);
+        ll_str(&l, "tmpDirectory", tmpdir);
+        ll_add(&l, "err=%llu", (unsigned long long)err);
+        ll_emit(&l);
+        return err;
     }
     config_load(&g_cfg);
     const char *logpath = env_str("VDDK_STANDIN_LOG");
@@ -895,9 +1025,12 @@ EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
     atomic_store(&g_read_seq, 0);
     atomic_store(&g_async_seq, 0);
     atomic_store(&g_async_reads, 0);
+    atomic_store(&g_connects, 0);
+    atomic_store(&g_opens, 0);
     g_rand_state = (unsigned)env_u64("VDDK_STANDIN_SEED", 1);
     g_global_next_free = 0;
     g_inited = 1;
+    const char *plugin_error = load_plugin();
     pthread_mutex_unlock(&g_mu);
 
     logline_t l;
@@ -905,8 +1038,10 @@ EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
     ll_add(&l, "major=%u minor=%u variant=%d", majorVersion, minorVersion, VARIANT);
     ll_str(&l, "libDir", libDir);
     ll_str(&l, "configFile", configFile);
+    ll_str(&l, "tmpDirectory", tmpdir);
     ll_str(&l, "transport", g_cfg.transport);
-    ll_add(&l, "pid=%d", (int)getpid());
+    ll_add(&l, "plugin=%s", plugin_error ? "failed" : "loaded");
+    ll_add(&l, "pid=%d err=0", (int)getpid());
     ll_emit(&l);
     if (my_tid() != getpid()) violation("initex-not-main-thread", "pid=%d", (int)getpid());
 
@@ -916,6 +1051,10 @@ EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
             configFile ? configFile : "(none)");
     LOG_MSG("CEIP: phone home is not enabled; VixDiskLib will not send usage data (%s).\n",
             "stand-in");
+    /* Like the real library: InitEx still succeeds, and only the log callback hears of it.
+       The wording is modelled on real VDDK's (not verified against its binary). */
+    if (plugin_error)
+        LOG_MSG("VixDiskLib: Failed to load %s : Error = %s.\n", PLUGIN_NAME, plugin_error);
     return VIX_OK;
 }
 
@@ -978,6 +1117,9 @@ EXPORT void VixDiskLib_Exit(void) {
     atomic_store(&g_log, NULL);
     atomic_store(&g_warn, NULL);
     config_free(&g_cfg);
+    if (g_plugin) dlclose(g_plugin);
+    g_plugin = NULL;
+    atomic_store(&g_plugin_ok, 0);
     g_inited = 0;
     pthread_mutex_unlock(&g_mu);
 }
@@ -993,8 +1135,33 @@ EXPORT const char *VixDiskLib_ListTransportModes(void) {
 }
 
 #ifndef STANDIN_VDDK6
+static void *params_state(const VixDiskLibConnectParams *p) {
+    return (void *)((uintptr_t)p ^ PARAMS_STATE_KEY);
+}
+
+/* The reserved fields as AllocateConnectParams left them? A VIOLATION (and 3) if written; a
+   VIOLATION only if the structure did not come from AllocateConnectParams at all. */
+static VixError check_params(const VixDiskLibConnectParams *p, const char *func) {
+    static const char zero[8];
+    if (!p) return VIX_OK;
+    int magic = !memcmp(p->reserved3, PARAMS_MAGIC, 8);
+    if (!magic && !memcmp(p->reserved3, zero, 8) && !p->reserved2 && !p->reserved1) {
+        violation("connect-params-not-allocated", "func=%s", func);
+        return VIX_OK;
+    }
+    if (!magic || p->reserved2 != params_state(p) || p->reserved1) {
+        violation("connect-params-reserved-written", "func=%s", func);
+        return VIX_E_INVALID_ARG;
+    }
+    return VIX_OK;
+}
+
 EXPORT VixDiskLibConnectParams *VixDiskLib_AllocateConnectParams(void) {
     VixDiskLibConnectParams *p = calloc(1, sizeof(*p));
+    if (p) {
+        memcpy(p->reserved3, PARAMS_MAGIC, 8);
+        p->reserved2 = params_state(p);
+    }
     if (logging()) {
         logline_t l;
         ll_begin(&l, "AllocateConnectParams");
@@ -1011,7 +1178,14 @@ EXPORT void VixDiskLib_FreeConnectParams(VixDiskLibConnectParams *connectParams)
         ll_begin(&l, "FreeConnectParams");
         ll_emit(&l);
     }
+    if (connectParams) check_params(connectParams, "FreeConnectParams");
     free(connectParams);
+}
+#else
+static VixError check_params(const VixDiskLibConnectParams *p, const char *func) {
+    (void)p; /* VDDK 6: callers allocate the structure themselves */
+    (void)func;
+    return VIX_OK;
 }
 #endif
 
@@ -1029,13 +1203,14 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
         err = VIX_E_INVALID_ARG;
         goto out;
     }
+    if ((err = check_params(p, "ConnectEx")) != VIX_OK) goto out;
     if (!readOnly) violation("connect-not-readonly", "server=%s", nz(p->serverName));
     sleep_ns(g_cfg.connect_latency_ns);
-    /* FAIL_CONNECT_AFTER=N: the first N connects work, then the host is "down" for good. */
-    static uint64_t connects;
-    uint64_t nth = __atomic_add_fetch(&connects, 1, __ATOMIC_SEQ_CST);
-    if (g_cfg.fail_connect || (g_cfg.fail_connect_after && nth > g_cfg.fail_connect_after)) {
-        err = FAIL_CONNECT_CODE;
+    /* FAIL_CONNECT_AFTER=N: the first N connects work, then the host is "down" for good;
+       FAIL_CONNECT_FIRST=N: the first N fail, later ones work. */
+    uint64_t nth = atomic_fetch_add(&g_connects, 1) + 1;
+    if (inject(g_cfg.fail_connect, g_cfg.fail_connect_first, g_cfg.fail_connect_after, nth)) {
+        err = g_cfg.fail_connect_code;
         WARN_MSG("VixDiskLib stand-in: injected ConnectEx failure: error %llu.\n",
                  (unsigned long long)err);
         goto out;
@@ -1098,7 +1273,7 @@ out:
            server ? "server" : "local");
     if (p) {
         ll_str(&l, "server", p->serverName);
-        ll_add(&l, "port=%u", p->port);
+        ll_add(&l, "port=%u nfcHostPort=%u", p->port, p->nfcHostPort);
         ll_str(&l, "thumb", p->thumbPrint);
         ll_add(&l, "credType=%d", p->credType);
         if (p->credType == VIXDISKLIB_CRED_UID) ll_str(&l, "user", p->creds.uid.userName);
@@ -1154,8 +1329,9 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     if (!(flags & VIXDISKLIB_FLAG_OPEN_READ_ONLY))
         violation("open-not-readonly", "conn=%llu flags=%u", (unsigned long long)c->id, flags);
     sleep_ns(g_cfg.connect_latency_ns);
-    if (g_cfg.fail_open) {
-        err = FAIL_OPEN_CODE;
+    uint64_t nth = atomic_fetch_add(&g_opens, 1) + 1;
+    if (inject(g_cfg.fail_open, g_cfg.fail_open_first, g_cfg.fail_open_after, nth)) {
+        err = g_cfg.fail_open_code;
         WARN_MSG("VixDiskLib stand-in: injected Open failure: error %llu.\n",
                  (unsigned long long)err);
         goto out;
@@ -1165,6 +1341,13 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
         goto out;
     }
     if (c->server) {
+        /* An IVD is opened through vSphere (the plugin). A local file is not: VDDK's local
+           mode predates the plugin, so it keeps working without it. */
+        if ((err = plugin_err()) != VIX_OK) {
+            LOG_MSG("VixDiskLib: VixDiskLib_Open: cannot open vStorageObject %s: %s.\n",
+                    c->ivd_id, error_text(err));
+            goto out;
+        }
         if (path && strcmp(path, c->ivd_id) != 0) {
             err = VIX_E_FILE_NOT_FOUND;
             goto out;
@@ -1478,9 +1661,13 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
                                                               : p->vmxSpec;
     if (!p || !identity || strlen(identity) > MAX_IDENTITY_LEN) {
         err = VIX_E_INVALID_ARG;
+    } else if ((err = check_params(p, name)) != VIX_OK) {
     } else {
         sleep_ns(g_cfg.connect_latency_ns);
-        if (p->serverName) err = check_server_auth(p);
+        /* EndAccess too: real VDDK's EndAccess also goes through the vSphere plugin (assumed;
+           the stricter choice). */
+        err = plugin_err();
+        if (!err && p->serverName) err = check_server_auth(p);
         if (!err && prepare && g_cfg.fail_prepare) {
             err = PERMISSION_CODE;
             WARN_MSG("VixDiskLib stand-in: injected PrepareForAccess failure: error %llu.\n",
@@ -1519,19 +1706,29 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
     VixDiskLibBlock *runs = NULL;
     size_t nruns = 0, cap = 0;
     uint64_t end = startSector + numSectors;
-    uint64_t cap_rounded = 0;
     if (blockList) *blockList = NULL;
-    if (!blockList || chunkSize < VIXDISKLIB_MIN_CHUNK_SIZE || startSector % chunkSize ||
-        numSectors % chunkSize || numSectors / chunkSize > VIXDISKLIB_MAX_CHUNK_NUMBER ||
-        end < startSector) {
+    /* The real library's rules (strings in its binary); anything else is VIX_E_INVALID_ARG.
+       A disk whose size is not a multiple of the chunk has a partial last chunk that cannot be
+       queried at all: VMware's sample stops at the last whole chunk. */
+    const char *rule = !blockList                                   ? "null-blocklist"
+                       : chunkSize < VIXDISKLIB_MIN_CHUNK_SIZE      ? "chunk-too-small"
+                       : chunkSize > MAX_CHUNK_SIZE                 ? "chunk-too-large"
+                       : (chunkSize & (chunkSize - 1))              ? "chunk-not-power-of-two"
+                       : chunkSize > h->capacity                    ? "chunk-larger-than-disk"
+                       : startSector % chunkSize                    ? "start-unaligned"
+                       : numSectors % chunkSize                     ? "length-unaligned"
+                       : numSectors == 0                            ? "empty-range"
+                       : (startSector > h->capacity || numSectors > h->capacity - startSector)
+                           ? "beyond-disk"
+                       : numSectors / chunkSize > VIXDISKLIB_MAX_CHUNK_NUMBER ? "too-many-chunks"
+                                                                              : NULL;
+    if (rule) {
+        violation("query-allocated-blocks",
+                  "handle=%llu start=%llu n=%llu chunk=%llu capacity=%llu rule=%s",
+                  (unsigned long long)h->id, (unsigned long long)startSector,
+                  (unsigned long long)numSectors, (unsigned long long)chunkSize,
+                  (unsigned long long)h->capacity, rule);
         err = VIX_E_INVALID_ARG;
-        goto out;
-    }
-    /* The last, partial chunk of a disk whose size is not a multiple of chunkSize may be
-       queried. */
-    cap_rounded = (h->capacity + chunkSize - 1) / chunkSize * chunkSize;
-    if (end > cap_rounded) {
-        err = VIX_E_DISK_OUTOFRANGE;
         goto out;
     }
     if (g_cfg.no_qab) {
