@@ -224,6 +224,8 @@ PERMANENT = [
 ]
 
 
+@pytest.mark.allow_log("injected", "is lost", "VixError 36", r"VixError (3014|16053|35)",
+                       "fuse_reply_", "reopening and retrying")  # fmt: skip
 @pytest.mark.parametrize(("env", "code"), PERMANENT,
                          ids=["open-3014", "open-16053", "open-35", "connect-35"])  # fmt: skip
 def test_permanent_errors_cause_no_reconnect_loop(
@@ -249,6 +251,8 @@ def test_permanent_errors_cause_no_reconnect_loop(
     assert m.unexpected_log_records(allowed=expected) == []
 
 
+@pytest.mark.allow_log("injected", "is lost", "VixError 36", "handle was closed", "fuse_reply_",
+                       "reopening and retrying")  # fmt: skip
 def test_transient_errors_are_still_retried(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:

@@ -56,6 +56,11 @@ _PERMANENT: frozenset[int] = frozenset(
 # connection refused, 1 generic failure, ...): a new connection may well work.
 
 
+# Permanent codes that concern every disk, not one: the credentials, the user's privileges, or
+# VDDK itself. After one of them no disk is opened for a while (each open is a vCenter login).
+ACCOUNT_CODES = frozenset({35, 3014, 16053})
+
+
 def code_of(err: int) -> int:
     return err & _CODE_MASK
 

@@ -38,7 +38,7 @@ import trio
 from ivdfs.errors import BackendError
 from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
 from ivdfs.vddk.disk import DEFAULT_IN_FLIGHT_BYTES, OpenDisk
-from ivdfs.vddk.errors import VddkError, is_permanent
+from ivdfs.vddk.errors import ACCOUNT_CODES, VddkError, is_permanent
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.threads import BACKGROUND, ThreadWorker
 
@@ -49,7 +49,9 @@ T = TypeVar("T")
 # A disk opened for a probe (partition table, size) that no file then held closes this soon.
 PROBE_LINGER = 5.0
 # Remembered open failures: the first is retried after this long, each further failure doubles
-# the wait, up to the maximum.
+# the wait, up to the maximum. A permanent error (a refused login, a missing privilege) waits
+# the maximum at once: every attempt is a vCenter login, and repeated failed logins lock
+# service accounts.
 OPEN_RETRY_FIRST = 0.1
 OPEN_RETRY_MAX = 60.0
 # Reads: attempts per block and the backoff before the first retry (doubling).
@@ -83,6 +85,18 @@ class _Failure:
     until: float
     delay: float
     error: BackendError
+    permanent: bool = False
+
+
+class RememberedFailure(BackendError):
+    """An open that failed recently, answered again without a new attempt (nor a log line)."""
+
+    def __init__(self, failure: _Failure) -> None:
+        super().__init__(
+            f"{failure.error} (failed {failure.delay:.1f} s ago at most; not retried yet)",
+            quiet=True,
+        )
+        self.permanent = failure.permanent
 
 
 @dataclass(eq=False)
@@ -150,6 +164,8 @@ class DiskService:
         self._pinned = 0  # connections held by VixMntapi volumes
         self._change = trio.Event()
         self._closed = False
+        # A refused login or missing privilege stops every open for a while, not one disk's.
+        self._account_failure: _Failure | None = None
         self.stats = ServiceStats()
 
     # --- what the tree uses --------------------------------------------------------------
@@ -198,26 +214,31 @@ class DiskService:
                     raise BackendError(f"{failed[1]} (failed recently; not retried yet)")
                 del slot.failed_blocks[start_sector]
         for attempt in range(1, READ_ATTEMPTS + 1):
-            disk = await self._acquire(slot, background)
+            disk: OpenDisk | None = None
             try:
-                return await disk.read(start_sector, nbytes)
+                disk = await self._acquire(slot, background)
+                try:
+                    return await disk.read(start_sector, nbytes)
+                finally:
+                    self._done(slot)
             except BackendError as e:
                 error = e
-            finally:
-                self._done(slot)
             if background:
                 # Read-ahead: one attempt, neither retried nor remembered, so it never spends
                 # a fresh connection or marks a block failed before anyone asked for it.
                 raise error
-            permanent = isinstance(error, VddkError) and is_permanent(error.code)
-            if permanent or attempt == READ_ATTEMPTS:
-                until = self._clock() + REMEMBER_FAILED_BLOCK
-                slot.failed_blocks[start_sector] = (until, str(error))
-                raise error
-            log.warning(
-                "%s; reopening and retrying (attempt %d of %d)", error, attempt + 1, READ_ATTEMPTS
+            permanent = (isinstance(error, VddkError) and is_permanent(error.code)) or (
+                isinstance(error, RememberedFailure) and error.permanent
             )
-            await self._discard(slot, disk)
+            if permanent or attempt == READ_ATTEMPTS:
+                if disk is not None:  # the read itself failed, not the disk's open
+                    until = self._clock() + REMEMBER_FAILED_BLOCK
+                    slot.failed_blocks[start_sector] = (until, str(error))
+                raise error
+            if disk is not None:
+                log.warning("%s; reopening and retrying (attempt %d of %d)", error, attempt + 1,
+                            READ_ATTEMPTS)  # fmt: skip
+                await self._discard(slot, disk)
             await trio.sleep(READ_BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
@@ -254,13 +275,12 @@ class DiskService:
             if background:
                 raise BackendError("not open; read-ahead does not open disks", quiet=True)
             failure = slot.failure
+            account = self._account_failure
+            if account is not None and self._clock() < account.until:
+                failure = account
             if failure is not None and self._clock() < failure.until:
                 self.stats.remembered_failures += 1
-                raise BackendError(
-                    f"{failure.error} (failed again {failure.delay:.1f} s ago at most; "
-                    "not retried yet)",
-                    quiet=True,
-                )
+                raise RememberedFailure(failure)
             if slot.opening is not None:
                 await slot.opening.wait()
                 continue
@@ -291,8 +311,16 @@ class DiskService:
             delay = (
                 OPEN_RETRY_FIRST if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)
             )
-            slot.failure = _Failure(self._clock() + delay, delay, e)
-            raise
+            code = e.code if isinstance(e, VddkError) else None
+            permanent = code is not None and is_permanent(code)
+            if permanent:
+                delay = OPEN_RETRY_MAX
+                log.error("%s; not reconnecting for %.0f s (a permanent error)", e, delay)
+                e = BackendError(str(e), quiet=True)  # logged just now
+            slot.failure = _Failure(self._clock() + delay, delay, e, permanent)
+            if code in ACCOUNT_CODES:
+                self._account_failure = slot.failure
+            raise e from None
         finally:
             slot.opening = None
             event.set()
