@@ -42,11 +42,8 @@ func (o *ops) createDisk(spec types.VslmCreateSpec) (*types.VStorageObject, type
 	}
 	o.st.mu.Lock()
 	defer o.st.mu.Unlock()
-	v, f := o.st.createLocked(ds, spec.Name, spec.CapacityInMB, backing.ProvisioningType,
+	v := o.st.createLocked(ds, spec.Name, spec.CapacityInMB, backing.ProvisioningType,
 		spec.KeepAfterDeleteVm, time.Now())
-	if f != nil {
-		return nil, f
-	}
 	obj := v.object()
 	return &obj, nil
 }

@@ -92,10 +92,7 @@ func populate(st *store, specFile, resultFile string) error {
 		if p.CreateTime != nil {
 			created = *p.CreateTime
 		}
-		v, f := st.createLocked(ds, p.Name, p.CapacityMB, "thin", nil, created)
-		if f != nil {
-			return fmt.Errorf("%s: ivds[%d]: %T", specFile, i, f)
-		}
+		v := st.createLocked(ds, p.Name, p.CapacityMB, "thin", nil, created)
 		v.setCBTLocked(p.CBT)
 		v.attachments = p.Attachments
 		r := populatedIVD{ID: v.id, Name: v.name, Datastore: ds.Name, DatastoreMoref: ds.Self.Value,
