@@ -522,6 +522,35 @@ def test_inventory_delay_applies_to_inventory_methods_only(
                 Disconnect(s)
 
 
+def test_inventory_delay_in_esx_mode(built_testbed: None) -> None:
+    spec = IvdSpec("e", 8, snapshots=(SnapshotSpec("a"),))
+    with Vcsim(esx=True, inventory_delay_ms=DELAY_MS, populate=[spec], datastores=1) as v:
+        (p,) = v.populated
+        vsom = v.content.vStorageObjectManager
+        ds = vim.Datastore(p.ivd.datastore_moref, v.si._stub)
+        vid = _vid(p.ivd)
+        slow = {
+            "HostListVStorageObject": lambda: vsom.HostListVStorageObject(datastore=ds),
+            "HostRetrieveVStorageObject": lambda: vsom.HostRetrieveVStorageObject(
+                id=vid, datastore=ds
+            ),
+            "HostVStorageObjectRetrieveSnapshotInfo": (
+                lambda: vsom.HostVStorageObjectRetrieveSnapshotInfo(id=vid, datastore=ds)
+            ),
+        }
+        fast = {
+            "HostCreateDisk_Task": lambda: v.create_ivd("fast", 8),
+            "HostVStorageObjectCreateSnapshot_Task": lambda: v.create_snapshot(p.ivd, "b"),
+            "HostSetVStorageObjectControlFlags": lambda: v.set_cbt(p.ivd, True),
+        }
+        took = {}
+        for name, fn in {**slow, **fast}.items():
+            t = time.monotonic()
+            fn()
+            took[name] = (time.monotonic() - t) * 1000
+        assert {n for n, t in took.items() if t >= DELAY_MS} == set(slow), took
+
+
 # -- ESX mode ------------------------------------------------------------------------------
 
 
