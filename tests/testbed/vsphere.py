@@ -325,7 +325,8 @@ class Vcsim:
     """A private vcsim on 127.0.0.1 with a verified TLS certificate; a context manager.
 
     Attributes once started: url, host, port, server ("127.0.0.1:PORT"), thumbprint
-    (SHA-1, "AA:BB:..."), ca_file, cert_file, user, password, tmpdir.
+    (SHA-1, "AA:BB:..."), ca_file, cert_file, user, password, tmpdir, and populated
+    (list[PopulatedIvd], spec order). From the constructor: esx, api_version, vslm.
     """
 
     def __init__(
