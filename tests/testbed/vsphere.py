@@ -27,7 +27,7 @@ a whole TaskInfo (``WaitForTask`` fails). ``wait_task`` reads only ``info.state`
 ``si.RetrieveContent()`` call (RetrieveServiceContent) returns it intact.
 
 The session cookie comes quoted, as from real vCenter/ESXi: ``si._stub.cookie`` is
-``vmware_soap_session="<id>"; Path=/; ...``; ``si._stub.GetSessionId()`` is the bare ``<id>``.
+``vmware_soap_session="<id>"; HttpOnly``; ``si._stub.GetSessionId()`` is the bare ``<id>``.
 
 Recipes, exactly as the tests call them (``ds = vim.Datastore(moref, si._stub)``,
 ``vid = vim.vslm.ID(id=...)``; pyVmomi accepts the vmodl name or the wire name of a method):
@@ -53,7 +53,13 @@ datastore=ds)``, ``HostVStorageObjectRetrieveSnapshotInfo(id=vid, datastore=ds)`
 ``HostVStorageObjectDeleteSnapshot_Task(id=vid, datastore=ds, snapshotId=sid)``,
 ``HostDeleteVStorageObject_Task(id=vid, datastore=ds)``, ``HostRenameVStorageObject``,
 ``HostSet/HostClearVStorageObjectControlFlags``. A host has no RetrieveSnapshotDetails and
-no QueryChangedDiskAreas for IVDs (the API defines none): calling them is MethodNotFound.
+no QueryChangedDiskAreas for IVDs: the API defines none (pyVmomi's host type lacks them) and
+the bed refuses the vCenter wire names on a host.
+
+Faults for a missing IVD are vcsim 0.24's: NotFound from (Host)RetrieveVStorageObject,
+InvalidArgument from the snapshot-info, snapshot and delete calls; NotFound from every
+method vcsim lacked. ListVStorageObject on an unknown datastore moref answers an empty list
+(vcsim's choice; restart_server gives datastores new morefs).
 
 VSLM (``Vcsim(vslm=True, api_version="6.7.3")`` or later; 6.7.2 is vCenter 6.7 U2)::
 
