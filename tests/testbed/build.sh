@@ -11,7 +11,13 @@ build="$here/build"
 mkdir -p "$build"
 
 vcsim="$build/vcsim"
-if [[ ! -x "$vcsim" || "$here/vcsim/main.go" -nt "$vcsim" ]]; then
+# Rebuild when any source of the launcher is newer than the binary.
+stale=0
+[[ -x "$vcsim" ]] || stale=1
+for src in "$here"/vcsim/*.go; do
+    [[ "$src" -nt "$vcsim" ]] && stale=1
+done
+if [[ $stale == 1 ]]; then
     govmomi=/usr/share/gocode/src/github.com/vmware/govmomi
     if [[ ! -d "$govmomi/simulator" ]]; then
         echo "build.sh: $govmomi/simulator missing; apt-get install golang-github-vmware-govmomi-dev" >&2

@@ -25,11 +25,85 @@ a whole TaskInfo (``WaitForTask`` fails). ``wait_task`` reads only ``info.state`
 ``si.content`` (pyvmomi fetches it with the undocumented ``Fetch`` method) has
 ``vStorageObjectManager = None`` on vcsim 0.24, which blanks it for ovftool's sake; the
 ``si.RetrieveContent()`` call (RetrieveServiceContent) returns it intact.
+
+The session cookie comes quoted, as from real vCenter/ESXi: ``si._stub.cookie`` is
+``vmware_soap_session="<id>"; HttpOnly``; ``si._stub.GetSessionId()`` is the bare ``<id>``.
+
+Recipes, exactly as the tests call them (``ds = vim.Datastore(moref, si._stub)``,
+``vid = vim.vslm.ID(id=...)``; pyVmomi accepts the vmodl name or the wire name of a method):
+
+vCenter (``vsom = si.RetrieveContent().vStorageObjectManager``, a
+vim.vslm.vcenter.VStorageObjectManager): ``ListVStorageObject(datastore=ds)``,
+``RetrieveVStorageObject(id=vid, datastore=ds)``, ``RetrieveSnapshotInfo(id=vid,
+datastore=ds)``, ``RetrieveSnapshotDetails(id=vid, datastore=ds, snapshotId=sid)`` ->
+``.path``, ``.changedBlockTrackingId`` (unset when CBT was off for that snapshot),
+``QueryChangedDiskAreas(id=vid, datastore=ds, snapshotId=sid, startOffset=off,
+changeId=older_cbt_id_or_star)`` (wire ``VstorageObjectVCenterQueryChangedDiskAreas``) ->
+``.startOffset``, ``.length``, ``.changedArea[i].start/.length``,
+``SetVStorageObjectControlFlags(id=vid, datastore=ds,
+controlFlags=["enableChangedBlockTracking"])`` / ``ClearVStorageObjectControlFlags(...)``,
+``RetrieveVStorageObjectAssociations(ids=[vim.vslm.vcenter.RetrieveVStorageObjSpec(id=vid,
+datastore=ds)])`` -> ``[i].id, .vmDiskAssociations[j].vmId/.diskKey, .fault``.
+
+ESX (``Vcsim(esx=True)``: About.apiType "HostAgent", datacenter "ha-datacenter";
+``vsom`` is a vim.vslm.host.VStorageObjectManager): ``HostCreateDisk_Task(spec=...)``,
+``HostListVStorageObject(datastore=ds)``, ``HostRetrieveVStorageObject(id=vid,
+datastore=ds)``, ``HostVStorageObjectRetrieveSnapshotInfo(id=vid, datastore=ds)``,
+``HostVStorageObjectCreateSnapshot_Task(id=vid, datastore=ds, description=...)``,
+``HostVStorageObjectDeleteSnapshot_Task(id=vid, datastore=ds, snapshotId=sid)``,
+``HostDeleteVStorageObject_Task(id=vid, datastore=ds)``, ``HostRenameVStorageObject``,
+``HostSet/HostClearVStorageObjectControlFlags``. A host has no RetrieveSnapshotDetails and
+no QueryChangedDiskAreas for IVDs: the API defines none (pyVmomi's host type lacks them) and
+the bed refuses the vCenter wire names on a host.
+
+Faults for a missing IVD are vcsim 0.24's: NotFound from (Host)RetrieveVStorageObject,
+InvalidArgument from the snapshot-info, snapshot and delete calls; NotFound from every
+method vcsim lacked. ListVStorageObject on an unknown datastore moref answers an empty list
+(vcsim's choice; restart_server gives datastores new morefs).
+
+VSLM (``Vcsim(vslm=True, api_version="6.7.3")`` or later; 6.7.2 is vCenter 6.7 U2)::
+
+    from pyVmomi import SoapStubAdapter, vslm
+    stub = SoapStubAdapter(host=HOST, port=PORT, path="/vslm/sdk",
+                           version="vslm.version.version15",       # see vslm_version()
+                           sslContext=ctx,
+                           requestContext={"vcSessionCookie": si._stub.GetSessionId()})
+    vsom = vslm.ServiceInstance("ServiceInstance", stub).RetrieveContent().vStorageObjectManager
+    q = vslm.vso.VStorageObjectQuerySpec
+    page = vsom.VslmListVStorageObjectForSpec(
+        query=[q(queryField="datastoreMoId", queryOperator="equals", queryValue=[ds_moref])]
+              + ([q(queryField="id", queryOperator="greaterThan", queryValue=[last_id])]
+                 if last_id else []),
+        maxResult=1000)
+    # page.allRecordsReturned, page.id[i].id (ascending), page.queryResults[i] (.id,
+    # .name, .capacityInMB, .createTime, .datastoreUrl, ...); repeat with the last id
+    # until allRecordsReturned.
+    vsom.VslmRetrieveVStorageObjects(ids=[vid, ...])   # [i].id, .name, ..., .error (NotFound)
+    vsom.VslmRetrieveVStorageObjectAssociations(ids=[vid, ...])  # [i].vmDiskAssociation, .fault
+    vsom.VslmRetrieveVStorageObject(id=vid), vsom.VslmRetrieveSnapshotInfo(id=vid),
+    vsom.VslmRetrieveSnapshotDetails(id=vid, snapshotId=sid),
+    vsom.VslmQueryChangedDiskAreas(id=vid, snapshotId=sid, startOffset=off, changeId=c)
+
+The vim session id goes in the ``vcSessionCookie`` SOAP header (``requestContext``); this
+bed ignores the HTTP cookie on /vslm/sdk and refuses (NotAuthenticated) without the
+header, and after a vim re-login the new id must be put in the stub's requestContext. A
+VSLM version newer than the server's (its vim apiVersion) is refused with a SOAP fault, and
+replies hold only that version's fields (``snapshotInfo`` from 6.7.3, snapshot ids and
+descriptions in it from 7.0.2.0). Without ``vslm=True`` /vslm/sdk is HTTP 404, as on a
+vCenter older than 6.7 U2.
+
+CBT (``images_dir=`` given, CBT on for the IVD): changed areas come in 64 KiB blocks
+(``cbt_block``), at most ``cbt_max_span`` bytes (16 MiB) and ``cbt_max_areas`` areas (2000)
+per call; loop with ``startOffset = info.startOffset + info.length`` until the capacity.
+``changeId="*"`` lists every block holding allocated data of the snapshot's image. CBT off
+(or the snapshot taken while it was off) is vim.fault.FileFault; an unknown or stale
+changeId (CBT reset since) is vmodl.fault.InvalidArgument. See tests/testbed/vcsim/cbt.go.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import secrets
@@ -39,13 +113,14 @@ import ssl
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVmomi import SoapStubAdapter, vim, vmodl, vslm
 
 TESTBED = Path(__file__).resolve().parent
 LAUNCHER = TESTBED / "build" / "vcsim"
@@ -59,6 +134,108 @@ class Ivd:
     datastore_name: str
     datastore_moref: str
     capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """One snapshot of an IvdSpec; `create_time` None means the launcher's start time."""
+
+    description: str
+    create_time: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class IvdSpec:
+    """An IVD for ``Vcsim(populate=...)``: made at start-up like CreateDisk_Task would.
+
+    `cbt` enables changed block tracking before the snapshots are taken (so each gets a
+    changedBlockTrackingId); `attachments` are (vmId, diskKey) pairs that the association
+    calls report (there are no VMs behind them).
+    """
+
+    name: str
+    capacity_mb: int
+    datastore: str = "LocalDS_0"
+    create_time: datetime.datetime | None = None
+    cbt: bool = False
+    snapshots: tuple[SnapshotSpec, ...] = ()
+    attachments: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    description: str
+    create_time: datetime.datetime
+    change_id: str  # changedBlockTrackingId; "" when CBT was off
+
+
+@dataclass(frozen=True)
+class PopulatedIvd:
+    """What ``Vcsim(populate=...)`` created for one IvdSpec, in spec order."""
+
+    ivd: Ivd
+    create_time: datetime.datetime
+    cbt: bool
+    snapshots: tuple[Snapshot, ...] = field(default=())
+
+
+def bulk_specs(
+    n: int,
+    *,
+    datastores: Sequence[str] = ("LocalDS_0", "LocalDS_1", "LocalDS_2"),
+    capacity_mb: int = 1024,
+    max_snapshots: int = 3,
+) -> list[IvdSpec]:
+    """A benchmark bed: `n` IVDs "pv-00000".. spread round-robin over `datastores`, every
+    other one with 1..`max_snapshots` snapshots (so half have one or more), creation times
+    one minute apart from 2024-01-01 UTC. Deterministic."""
+    base = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    specs = []
+    for i in range(n):
+        created = base + datetime.timedelta(minutes=i)
+        count = 1 + (i // 2) % max_snapshots if i % 2 == 0 else 0
+        snaps = tuple(
+            SnapshotSpec(f"snap-{k}", created + datetime.timedelta(hours=k + 1))
+            for k in range(count)
+        )
+        specs.append(
+            IvdSpec(
+                f"pv-{i:05d}",
+                capacity_mb,
+                datastores[i % len(datastores)],
+                created,
+                snapshots=snaps,
+            )
+        )
+    return specs
+
+
+# pyVmomi's name for the newest VSLM version a server of each vim API version speaks.
+_VSLM_VERSIONS = (
+    ((7, 0, 2, 0), "vslm.version.v7_0_2_0"),
+    ((7, 0, 1, 0), "vslm.version.v7_0_1_0"),
+    ((7, 0, 0, 0), "vslm.version.v7_0"),
+    ((6, 7, 3), "vslm.version.version15"),
+    ((6, 7, 2), "vslm.version.version14"),
+)
+
+
+def vslm_version(api_version: str) -> str:
+    """The pyVmomi VSLM version to use against a vCenter of `api_version` (About.apiVersion)."""
+    have = tuple(int(p) for p in api_version.split("."))
+    for need, name in _VSLM_VERSIONS:
+        if have >= need:
+            return name
+    raise ValueError(f"vCenter API {api_version} has no VSLM endpoint (needs 6.7.2)")
+
+
+def _iso(t: datetime.datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        raise ValueError(f"{t}: give create times with a time zone")
+    return t.isoformat()
 
 
 def _openssl(command: str, cwd: Path) -> None:
@@ -110,11 +287,52 @@ def make_certificates(directory: Path, *, self_signed: bool = False) -> tuple[Pa
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
 
 
+def _spec_json(p: IvdSpec) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "capacityMB": p.capacity_mb,
+        "datastore": p.datastore,
+        "createTime": _iso(p.create_time),
+        "cbt": p.cbt,
+        "snapshots": [
+            {"description": sn.description, "createTime": _iso(sn.create_time)}
+            for sn in p.snapshots
+        ],
+        "attachments": [{"vmId": vm, "diskKey": key} for vm, key in p.attachments],
+    }
+
+
+def _read_populated(path: Path) -> list[PopulatedIvd]:
+    out = []
+    for r in json.loads(path.read_text()):
+        ivd = Ivd(
+            id=r["id"],
+            name=r["name"],
+            datastore_name=r["datastore"],
+            datastore_moref=r["datastoreMoref"],
+            capacity_bytes=r["capacityMB"] << 20,
+        )
+        snaps = tuple(
+            Snapshot(
+                s["id"],
+                s["description"],
+                datetime.datetime.fromisoformat(s["createTime"]),
+                s["changeId"],
+            )
+            for s in r["snapshots"]
+        )
+        out.append(
+            PopulatedIvd(ivd, datetime.datetime.fromisoformat(r["createTime"]), r["cbt"], snaps)
+        )
+    return out
+
+
 class Vcsim:
     """A private vcsim on 127.0.0.1 with a verified TLS certificate; a context manager.
 
     Attributes once started: url, host, port, server ("127.0.0.1:PORT"), thumbprint
-    (SHA-1, "AA:BB:..."), ca_file, cert_file, user, password, tmpdir.
+    (SHA-1, "AA:BB:..."), ca_file, cert_file, user, password, tmpdir, and populated
+    (list[PopulatedIvd], spec order). From the constructor: esx, api_version, vslm.
     """
 
     def __init__(
@@ -127,13 +345,37 @@ class Vcsim:
         delay_ms: int = 0,
         session_idle_timeout: float = 0.0,
         startup_timeout: float = 30.0,
+        esx: bool = False,
+        api_version: str = "6.7",
+        vslm: bool = False,
+        vslm_page_limit: int = 1000,
+        inventory_delay_ms: int = 0,
+        populate: Sequence[IvdSpec] = (),
+        images_dir: str | os.PathLike[str] | None = None,
+        cbt_block: int = 64 << 10,
+        cbt_max_areas: int = 2000,
+        cbt_max_span: int = 16 << 20,
     ) -> None:
         """`datastores`: LocalDS_0..N-1; `delay_ms`: added to every SOAP call;
-        `session_idle_timeout` (s): vcsim expires idle sessions (0: never)."""
+        `session_idle_timeout` (s): vcsim expires idle sessions (0: never).
+
+        `esx`: serve a standalone ESXi host instead of a vCenter (module doc);
+        `api_version`: About.apiVersion, "6.7" or later (e.g. "6.7.3", "7.0.2.0");
+        `vslm`: serve /vslm/sdk (vCenter, api_version 6.7.2 or later);
+        `vslm_page_limit`: the most IDs one VslmListVStorageObjectForSpec returns;
+        `inventory_delay_ms`: added to the IVD inventory queries only (list, retrieve,
+        snapshot info/details, changed areas, associations, and their Host/VSLM forms);
+        `populate`: IVDs made at start-up, listed in `populated` once started;
+        `images_dir`: where the stand-in VDDK's images are, for QueryChangedDiskAreas;
+        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc).
+        """
         self.user = user
         self.password = password if password is not None else secrets.token_urlsafe(16)
         self.self_signed = self_signed
         self.host = "127.0.0.1"
+        self.esx = esx
+        self.api_version = api_version
+        self.vslm = vslm
         self._args = [
             "-ds",
             str(datastores),
@@ -141,7 +383,27 @@ class Vcsim:
             str(delay_ms),
             "-session-idle",
             f"{session_idle_timeout}s",
+            "-api-version",
+            api_version,
+            "-vslm-page-limit",
+            str(vslm_page_limit),
+            "-inventory-delay",
+            f"{inventory_delay_ms}ms",
+            "-cbt-block",
+            str(cbt_block),
+            "-cbt-max-areas",
+            str(cbt_max_areas),
+            "-cbt-max-span",
+            str(cbt_max_span),
         ]
+        if esx:
+            self._args.append("-esx")
+        if vslm:
+            self._args.append("-vslm")
+        if images_dir is not None:
+            self._args += ["-images", os.fspath(images_dir)]
+        self._populate = list(populate)
+        self.populated: list[PopulatedIvd] = []
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -177,13 +439,20 @@ class Vcsim:
             )
             # vcsim backs each datastore with a directory under TMPDIR: keep them here.
             (self.tmpdir / "datastores").mkdir()
-            self._launch(f"{self.host}:0")
+            extra: list[str] = []
+            if self._populate:
+                spec = self.tmpdir / "populate.json"
+                spec.write_text(json.dumps({"ivds": [_spec_json(p) for p in self._populate]}))
+                extra = ["-populate", str(spec), "-populated", str(self.tmpdir / "populated.json")]
+            self._launch(f"{self.host}:0", extra)
+            if self._populate:
+                self.populated = _read_populated(self.tmpdir / "populated.json")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _launch(self, listen: str) -> None:
+    def _launch(self, listen: str, extra: Sequence[str] = ()) -> None:
         env = dict(os.environ, TMPDIR=str(self.tmpdir / "datastores"))
         env.update(VCSIM_USER=self.user, VCSIM_PASSWORD=self.password)
         self._log = (self.tmpdir / "vcsim.log").open("ab")
@@ -194,6 +463,7 @@ class Vcsim:
                 "-listen",
                 listen,
                 *self._args,
+                *extra,
                 "-cert",
                 str(self.cert_file),
                 "-key",
@@ -215,7 +485,7 @@ class Vcsim:
 
     def restart_server(self) -> None:
         """Start again on the same port and certificate, with an empty inventory (like a
-        vCenter whose sessions are gone)."""
+        vCenter whose sessions are gone): `populate` is not applied again."""
         self._launch(f"{self.host}:{self.port}")
 
     def _read_line(self, timeout: float) -> str:
@@ -355,7 +625,8 @@ class Vcsim:
         return self.content.vStorageObjectManager
 
     def create_ivd(self, name: str, capacity_mb: int, datastore: str | None = None) -> Ivd:
-        """Create a thin IVD on datastore `datastore` (a name; default: the first one)."""
+        """Create a thin IVD on datastore `datastore` (a name; default: the first one),
+        through HostCreateDisk_Task in ESX mode and CreateDisk_Task otherwise."""
         ds_name, ds = self._datastore(datastore)
         spec = vim.vslm.CreateSpec(
             name=name,
@@ -364,7 +635,8 @@ class Vcsim:
                 datastore=ds, provisioningType="thin"
             ),
         )
-        obj = self.wait_task(self._vsom.CreateDisk_Task(spec))
+        create = self._vsom.HostCreateDisk_Task if self.esx else self._vsom.CreateDisk_Task
+        obj = self.wait_task(create(spec))
         return Ivd(
             id=obj.config.id.id,
             name=obj.config.name,
@@ -375,27 +647,142 @@ class Vcsim:
 
     def delete_ivd(self, ivd: Ivd) -> None:
         ivd_id, ds = self._ref(ivd)
-        self.wait_task(self._vsom.DeleteVStorageObject_Task(id=ivd_id, datastore=ds))
+        if self.esx:
+            task = self._vsom.HostDeleteVStorageObject_Task(id=ivd_id, datastore=ds)
+        else:
+            task = self._vsom.DeleteVStorageObject_Task(id=ivd_id, datastore=ds)
+        self.wait_task(task)
 
     def create_snapshot(self, ivd: Ivd, description: str) -> str:
         """Snapshot `ivd`; returns the snapshot id."""
         ivd_id, ds = self._ref(ivd)
-        task = self._vsom.VStorageObjectCreateSnapshot_Task(
-            id=ivd_id, datastore=ds, description=description
-        )
-        return str(self.wait_task(task).id)
+        if self.esx:
+            create = self._vsom.HostVStorageObjectCreateSnapshot_Task
+        else:
+            create = self._vsom.VStorageObjectCreateSnapshot_Task
+        return str(self.wait_task(create(id=ivd_id, datastore=ds, description=description)).id)
 
     def delete_snapshot(self, ivd: Ivd, snapshot_id: str) -> None:
         ivd_id, ds = self._ref(ivd)
-        task = self._vsom.DeleteSnapshot_Task(
-            id=ivd_id, datastore=ds, snapshotId=vim.vslm.ID(id=snapshot_id)
-        )
-        self.wait_task(task)
+        if self.esx:
+            delete = self._vsom.HostVStorageObjectDeleteSnapshot_Task
+        else:
+            delete = self._vsom.DeleteSnapshot_Task
+        self.wait_task(delete(id=ivd_id, datastore=ds, snapshotId=vim.vslm.ID(id=snapshot_id)))
 
     def snapshots(self, ivd: Ivd) -> list[str]:
         ivd_id, ds = self._ref(ivd)
-        info = self._vsom.RetrieveSnapshotInfo(id=ivd_id, datastore=ds)
+        if self.esx:
+            info = self._vsom.HostVStorageObjectRetrieveSnapshotInfo(id=ivd_id, datastore=ds)
+        else:
+            info = self._vsom.RetrieveSnapshotInfo(id=ivd_id, datastore=ds)
         return [s.id.id for s in info.snapshots]
+
+    def rename_ivd(self, ivd: Ivd, name: str) -> None:
+        ivd_id, ds = self._ref(ivd)
+        rename = (
+            self._vsom.HostRenameVStorageObject if self.esx else self._vsom.RenameVStorageObject
+        )
+        rename(id=ivd_id, datastore=ds, name=name)
+
+    # -- changed block tracking ---------------------------------------------------------
+
+    def set_cbt(self, ivd: Ivd, enabled: bool) -> None:
+        """Switch changed block tracking for `ivd` (the enableChangedBlockTracking control
+        flag). Snapshots taken while it is on get a changedBlockTrackingId; turning it off
+        and on again starts afresh, so older ids stop working."""
+        ivd_id, ds = self._ref(ivd)
+        if self.esx:
+            call = (
+                self._vsom.HostSetVStorageObjectControlFlags
+                if enabled
+                else self._vsom.HostClearVStorageObjectControlFlags
+            )
+        else:
+            call = (
+                self._vsom.SetVStorageObjectControlFlags
+                if enabled
+                else self._vsom.ClearVStorageObjectControlFlags
+            )
+        call(id=ivd_id, datastore=ds, controlFlags=["enableChangedBlockTracking"])
+
+    def snapshot_details(self, ivd: Ivd, snapshot_id: str) -> tuple[str, str]:
+        """(path, changedBlockTrackingId or "") of a snapshot (vCenter only)."""
+        ivd_id, ds = self._ref(ivd)
+        d = self._vsom.RetrieveSnapshotDetails(
+            id=ivd_id, datastore=ds, snapshotId=vim.vslm.ID(id=snapshot_id)
+        )
+        return str(d.path or ""), str(d.changedBlockTrackingId or "")
+
+    def changed_areas(self, ivd: Ivd, snapshot_id: str, change_id: str, start: int = 0) -> Any:
+        """One QueryChangedDiskAreas call: a vim.VirtualMachine.DiskChangeInfo."""
+        ivd_id, ds = self._ref(ivd)
+        return self._vsom.QueryChangedDiskAreas(
+            id=ivd_id,
+            datastore=ds,
+            snapshotId=vim.vslm.ID(id=snapshot_id),
+            startOffset=start,
+            changeId=change_id,
+        )
+
+    def all_changed_areas(
+        self, ivd: Ivd, snapshot_id: str, change_id: str
+    ) -> list[tuple[int, int]]:
+        """Every changed (start, length) of the disk: the client loop on startOffset."""
+        out: list[tuple[int, int]] = []
+        offset = 0
+        while offset < ivd.capacity_bytes:
+            info = self.changed_areas(ivd, snapshot_id, change_id, offset)
+            if info.startOffset != offset or info.length <= 0:
+                raise RuntimeError(f"no progress at {offset}: {info}")
+            out += [(a.start, a.length) for a in info.changedArea or []]
+            offset = info.startOffset + info.length
+        return out
+
+    # -- VSLM ---------------------------------------------------------------------------
+
+    def connect_vslm(self, si: Any = None, *, version: str | None = None) -> Any:
+        """The VslmServiceInstance of this vCenter, sharing `si`'s vim session (default:
+        the helpers' own); `version` defaults to vslm_version(api_version)."""
+        si = self.si if si is None else si
+        stub = SoapStubAdapter(
+            host=self.host,
+            port=self.port,
+            path="/vslm/sdk",
+            version=version or vslm_version(self.api_version),
+            sslContext=self.ssl_context(),
+            requestContext={"vcSessionCookie": si._stub.GetSessionId()},
+        )
+        return vslm.ServiceInstance("ServiceInstance", stub)
+
+    def vslm_list(
+        self,
+        vsom: Any,
+        *,
+        query: Sequence[Any] = (),
+        datastore_moref: str | None = None,
+        page: int = 1000,
+    ) -> Iterator[Any]:
+        """Every VslmVsoVStorageObjectResult matching `query` (VStorageObjectQuerySpecs,
+        ANDed) and, if given, on one datastore, page by page with the documented
+        continuation: repeat the query plus "id greaterThan <last id>" until
+        allRecordsReturned."""
+        q = vslm.vso.VStorageObjectQuerySpec
+        base = list(query)
+        if datastore_moref is not None:
+            base.append(
+                q(queryField="datastoreMoId", queryOperator="equals", queryValue=[datastore_moref])
+            )
+        last: str | None = None
+        while True:
+            spec = list(base)
+            if last is not None:
+                spec.append(q(queryField="id", queryOperator="greaterThan", queryValue=[last]))
+            res = vsom.VslmListVStorageObjectForSpec(query=spec, maxResult=page)
+            yield from res.queryResults or []
+            if res.allRecordsReturned or not res.id:
+                return
+            last = res.id[-1].id
 
 
 def place_image(
