@@ -275,6 +275,7 @@ def mount_config(v: Values, mountpoint: Path) -> MountConfig:
         datastores=v.datastores,
         ivds=v.ivds,
         volumes=v.volumes,
+        vcenter_connections=v.vcenter_connections,
     )
 
 
@@ -338,8 +339,10 @@ def _ls(args: argparse.Namespace, v: Values) -> int:
     if args.all:
         if args.datastore is not None:
             raise UserError("ls --all takes no DATASTORE", ExitCode.USAGE)
-        return inventory.ls_all(server_config(v), args.json)
-    return inventory.ls(server_config(v), args.datastore, args.ivd, args.json)
+        return inventory.ls_all(server_config(v), args.json, v.vcenter_connections)
+    return inventory.ls(
+        server_config(v), args.datastore, args.ivd, args.json, v.vcenter_connections
+    )
 
 
 def _snapshot_create(args: argparse.Namespace, v: Values) -> int:

@@ -154,6 +154,7 @@ class MountConfig:
     datastores: tuple[str, ...] = ()
     ivds: tuple[str, ...] = ()
     volumes: str = "none"
+    vcenter_connections: int = 8
 
 
 def env(name: str) -> str | None:

@@ -56,6 +56,22 @@ class BackendError(IvdfsError):
         self.quiet = quiet
 
 
+class LoginRefused(IvdfsError):
+    """vCenter/ESXi refused the user, its password or its privileges."""
+
+
+class Unreachable(IvdfsError):
+    """The server cannot be reached, or does not answer as vSphere."""
+
+
+class TlsProblem(IvdfsError):
+    """The server's certificate failed verification or did not match the pinned thumbprint."""
+
+
+class Ambiguous(IvdfsError):
+    """A name the user typed matches several objects; the message lists them."""
+
+
 class Interrupted(IvdfsError):
     """A stop signal arrived during start-up; what was acquired is released on the way out."""
 
@@ -72,6 +88,14 @@ def exit_code_of(e: BaseException) -> int:
         return 128 + e.signum  # as a shell reports a process ended by that signal
     if isinstance(e, NotFound):
         return ExitCode.NOT_FOUND
+    if isinstance(e, LoginRefused):
+        return ExitCode.AUTH
+    if isinstance(e, Unreachable):
+        return ExitCode.CONNECT
+    if isinstance(e, TlsProblem):
+        return ExitCode.TLS
+    if isinstance(e, Ambiguous):
+        return ExitCode.USAGE
     if isinstance(e, BackendError):
         return ExitCode.VSPHERE
     return ExitCode.INTERNAL

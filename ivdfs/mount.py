@@ -36,7 +36,7 @@ import trio
 from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import ExitCode, Interrupted, UserError, exit_code_of
+from ivdfs.errors import ExitCode, Interrupted, IvdfsError, UserError, exit_code_of
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
 from ivdfs.inventory.model import Ivd, Snapshot
@@ -302,7 +302,7 @@ def _run(
     journal.append(record)
     signals.check()
 
-    vs = VSphere(cfg.server)
+    vs = VSphere(cfg.server, pool=cfg.vcenter_connections)
     stack.callback(_step("logging out of vCenter", vs.close))
     thumbprint = vs.connect()
     record.set("thumbprint", thumbprint)
@@ -355,7 +355,7 @@ def _run(
         vs,
         ServiceDisks(service),
         cache,
-        TreeSettings(cfg.block_size, cfg.refresh, cfg.prefetch, subset),
+        TreeSettings(cfg.block_size, cfg.refresh, cfg.prefetch, subset, cfg.vcenter_connections),
         prefetcher=prefetcher,
         volumes=volumes,
         mountpoint=cfg.mountpoint,
@@ -386,7 +386,7 @@ def _run(
     if ready is not None:
         ready()
     try:
-        trio.run(_serve, signals, service, prefetcher, volumes, lambda: _after_init(cfg))
+        trio.run(_serve, signals, service, tree, prefetcher, volumes, lambda: _after_init(cfg))
     except Exception as e:
         raise UserError(f"the FUSE session failed: {e}", ExitCode.FUSE) from None
     if not ops.initialized:
@@ -429,6 +429,7 @@ def _invalidate_entry(parent_ino: int, name: str) -> None:
 async def _serve(
     signals: Signals,
     service: DiskService,
+    tree: Tree,
     prefetcher: Prefetcher | None,
     volumes: Any,
     after_init: Callable[[], None],
@@ -438,6 +439,7 @@ async def _serve(
         nursery.start_soon(_stats_on_signal, signals)
         nursery.start_soon(trio.to_thread.run_sync, after_init)
         await nursery.start(service.run)
+        await nursery.start(tree.catalog.run)
         if prefetcher is not None:
             # Owned by this nursery: the cancel below ends every outstanding prefetch.
             await nursery.start(prefetcher.run)
@@ -526,7 +528,7 @@ def daemonize_and_run(cfg: MountConfig) -> int:
     code: int = ExitCode.INTERNAL
     try:
         code = run(cfg, ready)
-    except (UserError, Interrupted) as e:
+    except IvdfsError as e:
         code = exit_code_of(e)
         if not pipe.send(f"ERR {code}\t{e}"):
             log.error("%s", e)

@@ -173,6 +173,18 @@ SETTINGS: tuple[Setting, ...] = (
         group=_SERVER,
     ),
     Setting(
+        "vcenter_connections",
+        ("--vcenter-connections",),
+        "inventory queries to vCenter/ESXi at once, on one login (default 8)",
+        frozenset({"mount", "ls"}),
+        int,
+        default=8,
+        metavar="N",
+        minimum=1,
+        maximum=64,
+        group=_SERVER,
+    ),
+    Setting(
         "vddk_libdir",
         ("--vddk-libdir",),
         "VDDK root; the library is DIR/lib64/libvixDiskLib.so.N [IVDFS_VDDK_LIBDIR]",

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import trio
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.inventory.model import Datastore, Ivd, Snapshot
+from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot
 
 
 def pattern(size: int, seed: str) -> bytes:
@@ -55,9 +55,17 @@ class FakeInventory:
         except KeyError:
             raise NotFound(ivd_id) from None
 
-    def snapshots(self, ivd: Ivd) -> list[Snapshot]:
-        self.calls.append(f"snapshots {ivd.id}")
-        return list(self.snaps[ivd.id])
+    def snapshots_of(self, datastore: Datastore, ivd_id: str) -> list[Snapshot]:
+        self.calls.append(f"snapshots {ivd_id}")
+        if ivd_id not in self.snaps:
+            raise NotFound(ivd_id)
+        return list(self.snaps[ivd_id])
+
+    def summaries(self, datastore: Datastore) -> list[IvdSummary]:
+        self.calls.append(f"summaries {datastore.name}")
+        return [IvdSummary(v, None) for v in self.ivds.values() if v.datastore == datastore]
+
+    fast_summaries = False
 
 
 @dataclass

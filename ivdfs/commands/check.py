@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
+from ivdfs.errors import BackendError, ExitCode, IvdfsError, UserError, exit_code_of
 from ivdfs.inventory.model import Ivd, Snapshot
-from ivdfs.inventory.vsphere import VSphere, probe_certificate, tls_context
+from ivdfs.inventory.tls import probe_certificate, tls_context
+from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkPluginError
@@ -61,8 +62,11 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
             vs.connect()
             logged_in = True
             report.ok("login", f"{server.user} on {vs.about}")
-        except UserError as e:
-            report.fail("login" if e.exit_code == ExitCode.AUTH else "certificate", e)
+        except IvdfsError as e:
+            code = ExitCode(exit_code_of(e))
+            report.fail(
+                "login" if code == ExitCode.AUTH else "certificate", UserError(str(e), code)
+            )
 
         try:
             if libdir is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +19,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @contextmanager
-def session(server: ServerConfig) -> Iterator[VSphere]:
-    vs = VSphere(server)
+def session(server: ServerConfig, pool: int = 1) -> Iterator[VSphere]:
+    vs = VSphere(server, pool)
     try:
         vs.connect()
         yield vs
@@ -79,16 +80,20 @@ def progress(what: str) -> Iterator[Progress | None]:
 
 
 @contextmanager
-def progress_count(what: str) -> Iterator[Callable[[], None]]:
-    """On a terminal, a one-line '<what> ... N' counter for long listings."""
+def progress_count(what: str) -> Iterator[Callable[[int], None]]:
+    """On a terminal, a one-line '<what> ... N' counter for long listings; `step(n)` counts n
+    more (from any thread)."""
     count = [0]
     tty = sys.stderr.isatty()
     last = [0.0]
+    lock = threading.Lock()
 
-    def step() -> None:
-        count[0] += 1
-        now = time.monotonic()
-        if tty and now - last[0] >= 0.2:
+    def step(n: int) -> None:
+        with lock:
+            count[0] += n
+            now = time.monotonic()
+            if not (tty and now - last[0] >= 0.2):
+                return
             last[0] = now
             sys.stderr.write(f"\r{what} ... {count[0]}")
             sys.stderr.flush()

@@ -11,8 +11,8 @@ from typing import Any
 
 from ivdfs.commands.common import human_size, progress, progress_count, session, table
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
-from ivdfs.inventory.model import Ivd, Snapshot, creation_order
+from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs.inventory.model import Ivd, IvdSummary, Snapshot, creation_order
 from ivdfs.tree import info
 from ivdfs.tree.naming import time_label
 
@@ -21,10 +21,14 @@ def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2, ensure_ascii=False))
 
 
-def ls(server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool) -> int:
-    with session(server) as vs:
+def ls(
+    server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool, pool: int = 8
+) -> int:
+    with session(server, pool) as vs:
         if datastore is None:
-            rows = [(ds, len(vs.list_ivds(ds))) for ds in vs.datastores()]
+            stores = vs.datastores()
+            rows = list(zip(stores, vs.session.map(lambda d: len(vs.list_ivds(d)), stores),
+                            strict=True))  # fmt: skip
             if as_json:
                 _print_json([{"name": d.name, "moref": d.moref, "ivds": n} for d, n in rows])
             else:
@@ -36,9 +40,20 @@ def ls(server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bo
             return ExitCode.OK
         ds = vs.find_datastore(datastore)
         if ivd is None:
-            ivds = [(v, vs.snapshots(v)) for v in vs.all_ivds(ds)]
+            with progress_count(f"listing IVDs of {ds.name}") as step:
+                summaries = vs.summaries(ds)
+                counts = vs.snapshot_counts(summaries)
+                step(len(counts))
+            ivds = sorted(counts, key=lambda c: (c[0].name, c[0].datastore.name, c[0].id))
+            attached = vs.attached_vms([v for v, _ in ivds])
             if as_json:
-                _print_json([{**info.ivd_fields(v), "snapshots": len(s)} for v, s in ivds])
+                _print_json(
+                    [
+                        {**info.ivd_fields(v), "attached_vms": list(attached[v.id]),
+                         "snapshots": n}
+                        for v, n in ivds
+                    ]
+                )  # fmt: skip
                 return ExitCode.OK
             headers = ["NAME", "UUID", "CAPACITY", "DATASTORE", "CREATED", "SNAPSHOTS", "ATTACHED"]
             print(
@@ -51,10 +66,10 @@ def ls(server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bo
                             human_size(v.capacity_bytes),
                             v.datastore.name,
                             time_label(v.create_time),
-                            str(len(s)),
-                            ",".join(v.consumers) or "-",
+                            str(n),
+                            ",".join(attached[v.id]) or "-",
                         ]
-                        for v, s in ivds
+                        for v, n in ivds
                     ],
                 )
             )
@@ -98,16 +113,25 @@ def snapshot_delete(server: ServerConfig, ivd_text: str, snapshot_id: str) -> in
         return ExitCode.OK
 
 
-def ls_all(server: ServerConfig, as_json: bool) -> int:
-    """Every datastore's IVDs with their snapshots, in one command."""
-    with session(server) as vs:
-        stores = vs.datastores()
+def ls_all(server: ServerConfig, as_json: bool, pool: int = 8) -> int:
+    """Every datastore's IVDs with their snapshots, in one command: one listing per
+    datastore, then the snapshots of every IVD that has any, on the session's pool."""
+    with session(server, pool) as vs:
         rows: list[tuple[Ivd, list[Snapshot]]] = []
         with progress_count("listing IVDs") as step:
-            for ds in stores:
-                for ivd in vs.all_ivds(ds):
-                    rows.append((ivd, sorted(vs.snapshots(ivd), key=creation_order)))
-                    step()
+            for ds in vs.datastores():
+                summaries = vs.summaries(ds)
+
+                def with_snapshots(s: IvdSummary) -> tuple[Ivd, list[Snapshot]]:
+                    if s.snapshot_count == 0:
+                        found: list[Snapshot] = []
+                    else:
+                        found = vs.snapshots_of(s.ivd.datastore, s.ivd.id)
+                    step(1)
+                    return s.ivd, sorted(found, key=creation_order)
+
+                rows += vs.session.map(with_snapshots, summaries, skip=NotFound)
+        rows.sort(key=lambda r: (r[0].datastore.name, r[0].name, r[0].id))
         if as_json:
             _print_json(
                 [

@@ -39,6 +39,15 @@ def creation_order(obj: Ivd | Snapshot) -> tuple[float, str]:
     return (obj.create_time.timestamp() if obj.create_time else 0.0, obj.id)
 
 
+@dataclass(frozen=True)
+class IvdSummary:
+    """An IVD as a listing of many shows it: its record (possibly without backing details),
+    and how many snapshots it has when the server said (None: unknown)."""
+
+    ivd: Ivd
+    snapshot_count: int | None = None
+
+
 class Inventory(Protocol):
     """Blocking inventory queries; callers run them off the trio thread."""
 
@@ -48,4 +57,13 @@ class Inventory(Protocol):
 
     def ivd(self, datastore: Datastore, ivd_id: str) -> Ivd: ...
 
-    def snapshots(self, ivd: Ivd) -> list[Snapshot]: ...
+    def snapshots_of(self, datastore: Datastore, ivd_id: str) -> list[Snapshot]: ...
+
+    def summaries(self, datastore: Datastore) -> list[IvdSummary]:
+        """Every IVD of a datastore, in as few round trips as the server allows."""
+        ...
+
+    @property
+    def fast_summaries(self) -> bool:
+        """Whether `summaries` costs a few calls per datastore rather than one per IVD."""
+        ...

@@ -1,229 +1,107 @@
-"""pyvmomi session: TLS checks, login, VStorageObjectManager queries and snapshot tasks.
+"""vSphere queries about IVDs: datastores, IVDs, snapshots, snapshot tasks, names.
 
-Concurrency: every method blocks; callers on the trio thread use `trio.to_thread.run_sync`.
-One lock serialises use of the SOAP stub, which is not thread-safe, and re-login. Waiting for a
-task holds the lock only for each poll, so queries from other threads interleave.
+Role: everything ivdfs asks vCenter or a standalone ESXi host, as plain records
+(`inventory.model`); no pyVmomi type escapes. A vCenter answers through its
+VcenterVStorageObjectManager, a host through its HostVStorageObjectManager (the same calls
+under `Host...` wire names; a host has no snapshot details or changed-block queries). For many
+IVDs at once (`summaries`) the VSLM endpoint answers a whole datastore in a few paged calls;
+without it, one RetrieveVStorageObject per IVD runs on the session's pool of threads. Names
+that users type resolve to objects here and fail with NotFound or Ambiguous; exit codes and
+hints belong to the commands.
+
+Concurrency: every method blocks; any thread (the session's pool makes it safe). Task waits
+poll, each poll a separate call.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import logging
-import socket
-import ssl
-import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from pyVim import connect as pyvim_connect
-from pyVmomi import vim, vmodl
+from pyVmomi import vim, vmodl, vslm
 
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
-from ivdfs.inventory.model import Datastore, Ivd, Snapshot
+from ivdfs.errors import Ambiguous, BackendError, NotFound
+from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot
+from ivdfs.inventory.session import DEFAULT_POOL, Session
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-CONNECT_TIMEOUT = 20.0
 TASK_TIMEOUT = 3600.0
 # Polls of a task's state start fast (vcsim and small disks finish in milliseconds) and back
 # off to this interval, which keeps a long snapshot task from hammering vCenter.
 TASK_POLL_MAX = 1.0
+# IVDs per VSLM list page.
+VSLM_PAGE = 1000
 
 # Called while a task runs with the seconds elapsed so far (for progress on a terminal).
 Progress = Callable[[float], None]
-CALL_TIMEOUT = 120.0
-
-
-def sha1_thumbprint(der: bytes) -> str:
-    digest = hashlib.sha1(der).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def tls_context(server: ServerConfig) -> ssl.SSLContext:
-    """Verified by default; a pinned thumbprint replaces CA checks; --insecure disables both."""
-    if server.insecure or server.thumbprint:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context()
-    if server.ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(server.ca_file))
-        except (OSError, ssl.SSLError) as e:
-            raise UserError(f"cannot load CA file {server.ca_file}: {e}", ExitCode.TLS) from None
-    return ctx
-
-
-def probe_certificate(server: ServerConfig, ctx: ssl.SSLContext) -> str:
-    """Handshake once to verify the certificate and learn its SHA-1 thumbprint for VDDK."""
-    try:
-        with socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT) as raw:
-            with ctx.wrap_socket(raw, server_hostname=server.host) as tls:
-                der = tls.getpeercert(binary_form=True)
-    except ssl.SSLCertVerificationError as e:
-        raise UserError(
-            f"TLS certificate of {server.host}:{server.port} failed verification "
-            f"({e.verify_message}); add its CA with --ca-file, pin it with --thumbprint, "
-            "or (lab only) use --insecure",
-            ExitCode.TLS,
-        ) from None
-    except ssl.SSLError as e:
-        raise UserError(
-            f"TLS handshake with {server.host}:{server.port} failed: {e}", ExitCode.TLS
-        ) from None
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise UserError(
-            f"cannot reach {server.host}:{server.port}: {reason}", ExitCode.CONNECT
-        ) from None
-    if not der:
-        raise UserError(f"{server.host}:{server.port} presented no certificate", ExitCode.TLS)
-    thumbprint = sha1_thumbprint(der)
-    if server.thumbprint and thumbprint != server.thumbprint:
-        raise UserError(
-            f"certificate thumbprint mismatch for {server.host}: the server presented "
-            f"{thumbprint}, --thumbprint pins {server.thumbprint}",
-            ExitCode.TLS,
-        )
-    if server.insecure:
-        log.warning(
-            "TLS verification disabled (--insecure); server certificate SHA-1 %s", thumbprint
-        )
-    return thumbprint
 
 
 class VSphere:
-    """A logged-in session to vCenter or ESXi."""
+    """A logged-in session to vCenter or ESXi and the IVD queries over it."""
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(
+        self, server: ServerConfig, pool: int = DEFAULT_POOL, use_vslm: bool = True
+    ) -> None:
         self.server = server
-        self._lock = threading.RLock()
-        self._si: Any = None
-        self._content: Any = None
-        self.thumbprint = ""
-        self.about = ""  # product and API version, once logged in
-        self._ctx: ssl.SSLContext | None = None
+        self.session = Session(server, pool)
+        self._use_vslm = use_vslm
 
     # --- session -------------------------------------------------------------------------
 
     def connect(self) -> str:
         """Check TLS, log in; returns the server certificate's SHA-1 thumbprint."""
-        self._ctx = tls_context(self.server)
-        self.thumbprint = probe_certificate(self.server, self._ctx)
-        self._login()
-        return self.thumbprint
-
-    def _login(self) -> None:
-        s = self.server
-        try:
-            self._si = pyvim_connect.SmartConnect(
-                host=s.host,
-                port=s.port,
-                user=s.user,
-                pwd=s.password.reveal(),
-                sslContext=self._ctx,
-                connectionPoolTimeout=-1,
-                # A stalled vCenter must not hang listings forever.
-                httpConnectionTimeout=CALL_TIMEOUT,
-            )
-        except vim.fault.InvalidLogin:
-            raise UserError(
-                f"vCenter at {s.host} rejected user {s.user!r} or its password", ExitCode.AUTH
-            ) from None
-        except vim.fault.NoPermission as e:
-            raise UserError(
-                f"user {s.user!r} lacks privileges on {s.host}: {e.msg}", ExitCode.AUTH
-            ) from None
-        except ssl.SSLError as e:
-            raise UserError(f"TLS failure talking to {s.host}: {e}", ExitCode.TLS) from None
-        except Exception as e:  # pyvmomi raises many shapes for "this is not vSphere"
-            raise UserError(
-                f"{s.host}:{s.port} does not answer as a vCenter or ESXi server "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})".rstrip(),
-                ExitCode.CONNECT,
-            ) from None
-        # RetrieveContent, not the `content` property: some servers (vcsim among them) leave
-        # vStorageObjectManager out of the property fetch that `content` uses.
-        self._content = self._si.RetrieveContent()
-        about = self._content.about
-        self.about = f"{about.fullName} (API {about.apiVersion})"
-        log.info(
-            "logged in to %s %s (API %s) as %s",
-            about.fullName,
-            about.build,
-            about.apiVersion,
-            s.user,
-        )
-        if self._content.vStorageObjectManager is None:
-            raise UserError(
-                f"{s.host} has no VStorageObjectManager (needs vSphere 6.5 or later)",
-                ExitCode.CONNECT,
-            )
+        return self.session.connect(self._use_vslm)
 
     def close(self) -> None:
-        with self._lock:
-            if self._si is not None:
-                try:
-                    pyvim_connect.Disconnect(self._si)
-                except Exception as e:  # logout at exit is best effort
-                    log.debug("logout failed: %s", e)
-                self._si = None
+        self.session.close()
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a query; after an expired session or a broken connection, log in again once."""
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    return fn()
-                except vim.fault.NotAuthenticated:
-                    reason = "session expired"
-                except vim.fault.NotFound as e:
-                    raise NotFound(f"{what}: {e.msg or 'not found'}") from None
-                except vmodl.MethodFault as e:
-                    raise BackendError(f"{what}: {type(e).__name__}: {e.msg}") from None
-                except (OSError, ssl.SSLError, http.client.HTTPException) as e:
-                    reason = f"connection failed ({e or type(e).__name__})"
-                if attempt == 2:
-                    break
-                log.info("vCenter %s; logging in again", reason)
-                try:
-                    # The certificate is checked again: VDDK keeps using the thumbprint seen first.
-                    assert self._ctx is not None
-                    if probe_certificate(self.server, self._ctx) != self.thumbprint:
-                        raise BackendError("the server certificate changed since mounting")
-                    self._login()
-                except (UserError, BackendError) as e:
-                    raise BackendError(f"{what}: {e}") from None
-            raise BackendError(f"{what}: vCenter {reason}")
+    @property
+    def thumbprint(self) -> str:
+        return self.session.thumbprint
+
+    @property
+    def about(self) -> str:
+        return self.session.about
+
+    @property
+    def is_host(self) -> bool:
+        return self.session.is_host
+
+    @property
+    def fast_summaries(self) -> bool:
+        return self.session.vslm is not None
 
     @property
     def _vsom(self) -> Any:
-        return self._content.vStorageObjectManager
+        return self.session.content.vStorageObjectManager
 
     def _ds(self, ds: Datastore) -> Any:
-        return vim.Datastore(ds.moref, self._si._stub)
+        return vim.Datastore(ds.moref, self.session.si._stub)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        return self.session.call(what, fn)
 
     # --- queries -------------------------------------------------------------------------
 
     def datastores(self) -> list[Datastore]:
         def run() -> list[Datastore]:
-            content = self._content
+            content = self.session.content
             view = content.viewManager.CreateContainerView(
                 content.rootFolder, [vim.Datastore], True
             )
             try:
-                spec = vmodl.query.PropertyCollector.FilterSpec(
+                pc = vmodl.query.PropertyCollector
+                spec = pc.FilterSpec(
                     objectSet=[
-                        vmodl.query.PropertyCollector.ObjectSpec(
+                        pc.ObjectSpec(
                             obj=view,
                             skip=True,
                             selectSet=[
-                                vmodl.query.PropertyCollector.TraversalSpec(
+                                pc.TraversalSpec(
                                     name="view",
                                     path="view",
                                     skip=False,
@@ -232,36 +110,38 @@ class VSphere:
                             ],
                         )
                     ],
-                    propSet=[
-                        vmodl.query.PropertyCollector.PropertySpec(
-                            type=vim.Datastore, pathSet=["name"]
-                        )
-                    ],
+                    propSet=[pc.PropertySpec(type=vim.Datastore, pathSet=["name"])],
                 )
                 result = content.propertyCollector.RetrieveContents([spec])
             finally:
                 view.Destroy()
-            out = [
-                Datastore(name=str(oc.propSet[0].val), moref=str(oc.obj._moId))
-                for oc in result
-                if oc.propSet
-            ]
+            out = []
+            for oc in result:
+                props = {p.name: p.val for p in oc.propSet}
+                if "name" in props:
+                    out.append(Datastore(name=str(props["name"]), moref=str(oc.obj._moId)))
             return sorted(out, key=lambda d: d.name)
 
-        return self._call("listing datastores", run)
+        return self._call("listing datastores", run)  # type: ignore[no-any-return]
 
     def list_ivds(self, datastore: Datastore) -> list[str]:
         def run() -> list[str]:
-            ids = self._vsom.ListVStorageObject(datastore=self._ds(datastore)) or []
+            ds = self._ds(datastore)
+            if self.is_host:
+                ids = self._vsom.HostListVStorageObject(datastore=ds) or []
+            else:
+                ids = self._vsom.ListVStorageObject(datastore=ds) or []
             return sorted(str(i.id) for i in ids)
 
-        return self._call(f"listing IVDs on {datastore.name}", run)
+        return self._call(f"listing IVDs on {datastore.name}", run)  # type: ignore[no-any-return]
 
     def ivd(self, datastore: Datastore, ivd_id: str) -> Ivd:
         def run() -> Ivd:
-            obj = self._vsom.RetrieveVStorageObject(
-                id=vim.vslm.ID(id=ivd_id), datastore=self._ds(datastore)
-            )
+            vid, ds = vim.vslm.ID(id=ivd_id), self._ds(datastore)
+            if self.is_host:
+                obj = self._vsom.HostRetrieveVStorageObject(id=vid, datastore=ds)
+            else:
+                obj = self._vsom.RetrieveVStorageObject(id=vid, datastore=ds)
             cfg = obj.config
             backing = cfg.backing
             return Ivd(
@@ -278,24 +158,113 @@ class VSphere:
                 ),
             )
 
-        return self._call(f"retrieving IVD {ivd_id}", run)
+        return self._call(f"retrieving IVD {ivd_id}", run)  # type: ignore[no-any-return]
 
-    def snapshots(self, ivd: Ivd) -> list[Snapshot]:
+    def snapshots_of(self, datastore: Datastore, ivd_id: str) -> list[Snapshot]:
         def run() -> list[Snapshot]:
-            info = self._vsom.RetrieveSnapshotInfo(
-                id=vim.vslm.ID(id=ivd.id), datastore=self._ds(ivd.datastore)
-            )
+            vid, ds = vim.vslm.ID(id=ivd_id), self._ds(datastore)
+            if self.is_host:
+                info = self._vsom.HostVStorageObjectRetrieveSnapshotInfo(id=vid, datastore=ds)
+            else:
+                info = self._vsom.RetrieveSnapshotInfo(id=vid, datastore=ds)
             return [
                 Snapshot(
                     id=str(s.id.id),
-                    ivd_id=ivd.id,
+                    ivd_id=ivd_id,
                     create_time=s.createTime,
                     description=str(s.description or ""),
                 )
                 for s in (info.snapshots or [])
             ]
 
-        return self._call(f"listing snapshots of IVD {ivd.id}", run)
+        return self._call(f"listing snapshots of IVD {ivd_id}", run)  # type: ignore[no-any-return]
+
+    def snapshots(self, ivd: Ivd) -> list[Snapshot]:
+        return self.snapshots_of(ivd.datastore, ivd.id)
+
+    def summaries(self, datastore: Datastore) -> list[IvdSummary]:
+        """Every IVD of a datastore: a few paged VSLM calls, or one call per IVD on the pool."""
+        if self.session.vslm is not None:
+            try:
+                return self._vslm_summaries(datastore)
+            except BackendError as e:
+                log.warning("VSLM listing of %s failed, asking per IVD: %s", datastore.name, e)
+        ids = self.list_ivds(datastore)
+        records = self.session.map(lambda i: self.ivd(datastore, i), ids, skip=NotFound)
+        return [IvdSummary(r) for r in records]
+
+    def _vslm_summaries(self, datastore: Datastore) -> list[IvdSummary]:
+        q = vslm.vso.VStorageObjectQuerySpec
+        by_ds = q(queryField="datastoreMoId", queryOperator="equals", queryValue=[datastore.moref])
+        out: list[IvdSummary] = []
+        last: str | None = None
+        with_snapshots = self.session.vslm_version not in (None, "vslm.version.version14")
+        while True:
+            query = [by_ds]
+            if last is not None:
+                query.append(q(queryField="id", queryOperator="greaterThan", queryValue=[last]))
+
+            def list_page(query: list[Any] = query) -> Any:
+                return self.session.vslm.VslmListVStorageObjectForSpec(
+                    query=query, maxResult=VSLM_PAGE
+                )
+
+            page = self._call(f"listing IVDs on {datastore.name} (VSLM)", list_page)
+            for r in page.queryResults or []:
+                if getattr(r, "error", None) is not None:
+                    continue
+                ivd = Ivd(
+                    id=str(r.id.id),
+                    name=str(r.name or ""),
+                    datastore=datastore,
+                    capacity_bytes=int(r.capacityInMB or 0) * 1024 * 1024,
+                    create_time=r.createTime,
+                    backing_path=str(getattr(r, "diskPath", "") or ""),
+                )
+                count = len(getattr(r, "snapshotInfo", None) or []) if with_snapshots else None
+                out.append(IvdSummary(ivd, count))
+            ids = [str(i.id) for i in (page.id or [])]
+            if page.allRecordsReturned or not ids:
+                break
+            last = ids[-1]
+        return sorted(out, key=lambda s: s.ivd.id)
+
+    def attached_vms(self, ivds: list[Ivd]) -> dict[str, tuple[str, ...]]:
+        """IVD id -> ids of the VMs it is attached to, in one call for all (VSLM, or the
+        vCenter's RetrieveVStorageObjectAssociations); a host has neither: what the records
+        said (consumerId)."""
+        if not ivds or self.is_host:
+            return {v.id: v.consumers for v in ivds}
+
+        def run() -> Any:
+            if self.session.vslm is not None:
+                ids = [vim.vslm.ID(id=v.id) for v in ivds]
+                return self.session.vslm.VslmRetrieveVStorageObjectAssociations(ids=ids)
+            specs = [
+                vim.vslm.vcenter.RetrieveVStorageObjSpec(
+                    id=vim.vslm.ID(id=v.id), datastore=self._ds(v.datastore)
+                )
+                for v in ivds
+            ]
+            return self._vsom.RetrieveVStorageObjectAssociations(ids=specs)
+
+        out = {v.id: v.consumers for v in ivds}
+        for a in self._call("listing attached VMs", run) or []:
+            disks = getattr(a, "vmDiskAssociation", None) or getattr(a, "vmDiskAssociations", [])
+            if getattr(a, "fault", None) is None and a.id is not None:
+                out[str(a.id.id)] = tuple(sorted({str(d.vmId) for d in disks or []}))
+        return out
+
+    def snapshot_counts(self, summaries: list[IvdSummary]) -> list[tuple[Ivd, int]]:
+        """Each IVD with its number of snapshots: from the listing when it said, else asked
+        on the pool."""
+
+        def count(s: IvdSummary) -> tuple[Ivd, int]:
+            if s.snapshot_count is not None:
+                return s.ivd, s.snapshot_count
+            return s.ivd, len(self.snapshots_of(s.ivd.datastore, s.ivd.id))
+
+        return self.session.map(count, summaries, skip=NotFound)
 
     # --- what users type: names or UUIDs ---------------------------------------------------
 
@@ -305,12 +274,12 @@ class VSphere:
             if ds.name == name or ds.moref == name:
                 return ds
         names = ", ".join(d.name for d in stores) or "none"
-        raise UserError(f"no datastore {name!r} (datastores: {names})", ExitCode.NOT_FOUND)
+        raise NotFound(f"no datastore {name!r} (datastores: {names})")
 
     def all_ivds(self, datastore: Datastore | None = None) -> list[Ivd]:
-        """Every IVD (of one datastore), sorted by name, datastore and id; one query per IVD."""
+        """Every IVD (of one datastore), sorted by name, datastore and id."""
         stores = [datastore] if datastore is not None else self.datastores()
-        out = [self.ivd(ds, i) for ds in stores for i in self.list_ivds(ds)]
+        out = [s.ivd for ds in stores for s in self.summaries(ds)]
         return sorted(out, key=lambda v: (v.name, v.datastore.name, v.id))
 
     def find_ivd(self, text: str, datastore: Datastore | None = None) -> Ivd:
@@ -322,26 +291,22 @@ class VSphere:
                 return self.ivd(ds, text)
         matches = [ivd for ds in stores for ivd in self.all_ivds(ds) if ivd.name == text]
         if len(matches) == 1:
-            return matches[0]
+            return self.ivd(matches[0].datastore, matches[0].id)
         where = f" on datastore {datastore.name}" if datastore is not None else ""
         if not matches:
-            raise UserError(f"no IVD with UUID or name {text!r}{where}", ExitCode.NOT_FOUND)
+            raise NotFound(f"no IVD with UUID or name {text!r}{where}")
         ids = ", ".join(f"{m.id} on {m.datastore.name}" for m in matches)
-        raise UserError(
-            f"{len(matches)} IVDs are named {text!r}{where} ({ids}); use the UUID",
-            ExitCode.USAGE,
-        )
+        raise Ambiguous(f"{len(matches)} IVDs are named {text!r}{where} ({ids}); use the UUID")
 
     def find_snapshot(self, ivd: Ivd, snapshot_id: str) -> Snapshot:
         snaps = self.snapshots(ivd)
         for snap in snaps:
             if snap.id == snapshot_id:
                 return snap
-        raise UserError(
+        raise NotFound(
             f"IVD {ivd.name or ivd.id} has no snapshot {snapshot_id!r} "
             f"({len(snaps)} snapshot{'s' if len(snaps) != 1 else ''}: run ivdfs ls "
-            f"{ivd.datastore.name} {ivd.id})",
-            ExitCode.NOT_FOUND,
+            f"{ivd.datastore.name} {ivd.id})"
         )
 
     # --- tasks ---------------------------------------------------------------------------
@@ -356,7 +321,7 @@ class VSphere:
         """Wait for `task` to end; return its info.result or raise BackendError.
 
         Reads only info.state, info.result and info.error through the PropertyCollector:
-        pyvmomi's WaitForTask deserialises the whole TaskInfo, which fails when info.entity is
+        pyVmomi's WaitForTask deserialises the whole TaskInfo, which fails when info.entity is
         not a ManagedEntity (the VStorageObjectManager's tasks on vcsim). This works on real
         vCenter too.
         """
@@ -366,16 +331,16 @@ class VSphere:
         interval = 0.01
 
         def poll() -> dict[str, Any]:
-            # Bound to the current stub each time: a re-login in _call replaces it.
+            # Bound to the current stub each time: a re-login replaces it.
             spec = pc.FilterSpec(
-                objectSet=[pc.ObjectSpec(obj=vim.Task(moid, self._si._stub), skip=False)],
+                objectSet=[pc.ObjectSpec(obj=vim.Task(moid, self.session.si._stub), skip=False)],
                 propSet=[
                     pc.PropertySpec(
                         type=vim.Task, pathSet=["info.state", "info.result", "info.error"]
                     )
                 ],
             )
-            result = self._content.propertyCollector.RetrievePropertiesEx(
+            result = self.session.content.propertyCollector.RetrievePropertiesEx(
                 [spec], pc.RetrieveOptions()
             )
             return {p.name: p.val for o in (result.objects if result else []) for p in o.propSet}
@@ -403,15 +368,18 @@ class VSphere:
         self, ivd: Ivd, description: str, progress: Progress | None = None
     ) -> Snapshot:
         what = f"snapshot of IVD {ivd.name or ivd.id}"
-        task = self._call(
-            what,
-            lambda: self._vsom.VStorageObjectCreateSnapshot_Task(
-                id=vim.vslm.ID(id=ivd.id),
-                datastore=self._ds(ivd.datastore),
-                description=description,
-            ),
-        )
-        result = self.wait_task(task, what, progress)
+
+        def start() -> Any:
+            vid, ds = vim.vslm.ID(id=ivd.id), self._ds(ivd.datastore)
+            if self.is_host:
+                return self._vsom.HostVStorageObjectCreateSnapshot_Task(
+                    id=vid, datastore=ds, description=description
+                )
+            return self._vsom.VStorageObjectCreateSnapshot_Task(
+                id=vid, datastore=ds, description=description
+            )
+
+        result = self.wait_task(self._call(what, start), what, progress)
         snap_id = str(result.id)
         for snap in self.snapshots(ivd):
             if snap.id == snap_id:
@@ -420,12 +388,14 @@ class VSphere:
 
     def delete_snapshot(self, ivd: Ivd, snapshot_id: str, progress: Progress | None = None) -> None:
         what = f"deleting snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
-        task = self._call(
-            what,
-            lambda: self._vsom.DeleteSnapshot_Task(
-                id=vim.vslm.ID(id=ivd.id),
-                datastore=self._ds(ivd.datastore),
-                snapshotId=vim.vslm.ID(id=snapshot_id),
-            ),
-        )
-        self.wait_task(task, what, progress)
+
+        def start() -> Any:
+            vid, ds = vim.vslm.ID(id=ivd.id), self._ds(ivd.datastore)
+            sid = vim.vslm.ID(id=snapshot_id)
+            if self.is_host:
+                return self._vsom.HostVStorageObjectDeleteSnapshot_Task(
+                    id=vid, datastore=ds, snapshotId=sid
+                )
+            return self._vsom.DeleteSnapshot_Task(id=vid, datastore=ds, snapshotId=sid)
+
+        self.wait_task(self._call(what, start), what, progress)

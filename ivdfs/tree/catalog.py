@@ -11,15 +11,16 @@ Concurrency: trio thread only; inventory calls go to `trio.to_thread` with a lim
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
 import trio
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.inventory.model import Datastore, Inventory, Ivd, Snapshot, creation_order
+from ivdfs.inventory.model import Datastore, Inventory, Ivd, IvdSummary, Snapshot, creation_order
 from ivdfs.tree import info, naming
 from ivdfs.tree.inodes import InodeTable
 from ivdfs.tree.listing import Listings, Make
@@ -41,6 +42,17 @@ D = TypeVar("D", bound=DirNode)
 
 BY_NAME = "by-name"
 INFO_NAME = "info.json"
+# Directory read-ahead starts after this many IVD directories of one datastore were listed
+# within this many seconds.
+SCAN_LENGTH = 3
+SCAN_WINDOW = 10.0
+
+
+@dataclass(eq=False)
+class _Ahead:
+    at: float
+    done: trio.Event = field(default_factory=trio.Event)
+    value: tuple[Ivd, list[Snapshot]] | None = None
 
 
 def to_ns(t: datetime | None, default: int) -> int:
@@ -81,15 +93,21 @@ class Catalog:
         self.add_generated = add_generated
         self.subset = subset
         self._limiter = trio.CapacityLimiter(inventory_threads)
+        # Directory read-ahead (see _note_scan), and what datastore listings said of each IVD.
+        self._nursery: trio.Nursery | None = None
+        self._ahead: dict[tuple[str, str], _Ahead] = {}
+        self._ahead_limiter = trio.CapacityLimiter(max(1, inventory_threads - 1))
+        self._ahead_ttl = listings.refresh if listings.refresh > 0 else math.inf
+        self._recent: dict[str, list[float]] = {}
+        self._summaries: dict[str, dict[str, IvdSummary]] = {}
 
     async def _query(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
     def _dir(self, cls: type[D], name: str, loader: Loader, **kw: Any) -> D:
         """A directory that refreshes from vCenter."""
-        return cls(
-            self.inodes.new_ino(), name, self.mount_time_ns, loader=loader, refresh_due=0.0, **kw
-        )
+        mtime = kw.pop("mtime_ns", self.mount_time_ns)
+        return cls(self.inodes.new_ino(), name, mtime, loader=loader, refresh_due=0.0, **kw)
 
     async def load_root(self, d: DirNode) -> bool:
         if BY_NAME not in d.children:
@@ -110,12 +128,23 @@ class Catalog:
         return True
 
     async def load_datastore(self, d: DirNode) -> bool:
+        """The IVD ids of a datastore; with a server that lists records in a few calls (VSLM),
+        the records too, so the IVD directories carry their creation times at once."""
         assert isinstance(d, DatastoreDir) and d.datastore is not None
         ds = d.datastore
-        ids = await self._query(lambda: self.inventory.list_ivds(ds))
+        known: dict[str, IvdSummary] = {}
+        if self.inventory.fast_summaries:
+            known = await self._summaries_of(d)
+            ids = sorted(known)
+        else:
+            ids = await self._query(lambda: self.inventory.list_ivds(ds))
 
         def make(ivd_id: str) -> Make:
-            return lambda: self._dir(IvdDir, ivd_id, self.load_ivd, datastore=ds, ivd_id=ivd_id)
+            summary = known.get(ivd_id)
+            mtime = to_ns(summary.ivd.create_time if summary else None, self.mount_time_ns)
+            return lambda: self._dir(
+                IvdDir, ivd_id, self.load_ivd, datastore=ds, ivd_id=ivd_id, mtime_ns=mtime
+            )
 
         wanted: dict[str, tuple[Hashable, Make]] = {
             i: (i, make(i)) for i in ids if self.subset.shows_ivd(i)
@@ -125,10 +154,9 @@ class Catalog:
 
     async def load_ivd(self, d: DirNode) -> bool:
         assert isinstance(d, IvdDir) and d.datastore is not None
-        ds, ivd_id = d.datastore, d.ivd_id
-        ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
-        snaps = await self._query(lambda: self.inventory.snapshots(ivd))
-        snaps.sort(key=creation_order)
+        self._note_scan(d)
+        ivd, snaps = await self._ivd_data(d.datastore, d.ivd_id)
+        snaps = sorted(snaps, key=creation_order)
         d.ivd = ivd
         d.mtime_ns = to_ns(ivd.create_time, d.mtime_ns)
 
@@ -139,6 +167,77 @@ class Catalog:
         if INFO_NAME not in d.children:
             self.add_generated(d, INFO_NAME, lambda: self._ivd_info(d), None)
         return True
+
+    # --- an IVD's record and snapshots: one round trip, read ahead during a scan ----------
+
+    async def _fetch_ivd(self, ds: Datastore, ivd_id: str) -> tuple[Ivd, list[Snapshot]]:
+        """The record and the snapshots, asked at once (two calls, one round trip); none
+        asked when a datastore listing already said the IVD has no snapshots."""
+        out: dict[str, object] = {}
+        known = self._summaries.get(ds.moref, {}).get(ivd_id)
+
+        async def record() -> None:
+            out["ivd"] = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
+
+        async def snapshots() -> None:
+            if known is not None and known.snapshot_count == 0:
+                out["snaps"] = []
+            else:
+                out["snaps"] = await self._query(lambda: self.inventory.snapshots_of(ds, ivd_id))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(record)
+            n.start_soon(snapshots)
+        return out["ivd"], out["snaps"]  # type: ignore[return-value]
+
+    async def _ivd_data(self, ds: Datastore, ivd_id: str) -> tuple[Ivd, list[Snapshot]]:
+        key = (ds.moref, ivd_id)
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            await ahead.done.wait()
+            if ahead.value is not None and self.listings.clock() - ahead.at < self._ahead_ttl:
+                return ahead.value
+        return await self._fetch_ivd(ds, ivd_id)
+
+    def _note_scan(self, d: IvdDir) -> None:
+        """Directory read-ahead: when IVD directories of one datastore are listed one after
+        another (`ls DS/*`, find, a backup's walk), fetch the rest in the background, at most
+        `inventory_threads` at once, so each next listing finds its answer waiting."""
+        if self._nursery is None or d.datastore is None:
+            return
+        now = self.listings.clock()
+        recent = [t for t in self._recent.get(d.datastore.moref, []) if now - t < SCAN_WINDOW]
+        recent.append(now)
+        self._recent[d.datastore.moref] = recent
+        if len(recent) < SCAN_LENGTH:
+            return
+        parent = self.inodes.parent_of(d)
+        for name, sib in sorted(parent.children.items()):
+            key = (d.datastore.moref, name)
+            if not isinstance(sib, IvdDir) or sib.loaded or sib is d or key in self._ahead:
+                continue
+            entry = self._ahead[key] = _Ahead(now)
+            self._nursery.start_soon(self._read_ahead, d.datastore, name, entry)
+
+    async def _read_ahead(self, ds: Datastore, ivd_id: str, entry: _Ahead) -> None:
+        try:
+            async with self._ahead_limiter:
+                entry.value = await self._fetch_ivd(ds, ivd_id)
+        except (NotFound, BackendError) as e:
+            log.debug("read-ahead of IVD %s: %s", ivd_id, e)
+        finally:
+            entry.at = self.listings.clock()
+            entry.done.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve directory read-ahead until cancelled (at unmount)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     def _ivd_info(self, d: IvdDir) -> bytes:
         assert d.ivd is not None
@@ -152,30 +251,33 @@ class Catalog:
 
     # --- by-name/<ivd name>/<snapshot time and description> -> ../../<ds>/<uuid>/<snap> ---
 
-    async def _ivd_dirs(self) -> list[IvdDir]:
-        out = []
-        for ds_dir in list((await self.listings.children(self.inodes.root)).values()):
-            if isinstance(ds_dir, DatastoreDir):
-                children = await self.listings.children(ds_dir)
-                out += [c for c in children.values() if isinstance(c, IvdDir)]
+    async def _summaries_of(self, ds_dir: DatastoreDir) -> dict[str, IvdSummary]:
+        """Every IVD of a datastore as its listing shows it (VSLM pages or the pool)."""
+        assert ds_dir.datastore is not None
+        ds = ds_dir.datastore
+        found = await self._query(lambda: self.inventory.summaries(ds))
+        out = {x.ivd.id: x for x in found if self.subset.shows_ivd(x.ivd.id)}
+        self._summaries[ds.moref] = out
         return out
 
     async def load_by_name(self, d: DirNode) -> bool:
+        """Names of every IVD, from one listing per datastore: no IVD directory is loaded."""
         wanted = []
         dirs: dict[str, IvdDir] = {}
-        for ivd_dir in await self._ivd_dirs():
-            try:
-                await self.listings.children(ivd_dir)  # its name, and its snapshots
-            except (NotFound, BackendError) as e:  # one IVD must not hide the others
-                log.debug("by-name: IVD %s: %s", ivd_dir.ivd_id, e)
-                continue
-            ivd = ivd_dir.ivd
-            if ivd is None:
-                continue
-            wanted.append(
-                naming.Wanted(naming.safe_name(ivd.name, ivd.id), creation_order(ivd), ivd.id)
-            )
-            dirs[ivd.id] = ivd_dir
+        stores = [c for c in (await self.listings.children(self.inodes.root)).values()
+                  if isinstance(c, DatastoreDir)]  # fmt: skip
+        for ds_dir in stores:
+            by_id = {c.ivd_id: c for c in (await self.listings.children(ds_dir)).values()
+                     if isinstance(c, IvdDir)}  # fmt: skip
+            for ivd_id, summary in (await self._summaries_of(ds_dir)).items():
+                ivd_dir = by_id.get(ivd_id)
+                if ivd_dir is None:
+                    continue  # created since the datastore was listed: at its next refresh
+                ivd = summary.ivd
+                ivd_dir.mtime_ns = to_ns(ivd.create_time, ivd_dir.mtime_ns)
+                rank = creation_order(ivd)
+                wanted.append(naming.Wanted(naming.safe_name(ivd.name, ivd.id), rank, ivd.id))
+                dirs[ivd.id] = ivd_dir
 
         def make(name: str, ivd_dir: IvdDir) -> Make:
             return lambda: self._dir(ByNameDir, name, self.load_by_name_ivd, target=ivd_dir)

@@ -68,6 +68,8 @@ class TreeSettings:
     # Largest read-ahead window of a sequential reader, in blocks (0: none).
     max_prefetch: int = 0
     subset: Subset = field(default_factory=Subset)
+    # Inventory queries at once (the vCenter session's pool).
+    inventory_threads: int = 4
 
 
 class Tree:
