@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 D = TypeVar("D", bound=DirNode)
+AddGenerated = Callable[
+    [DirNode, str, Callable[[], bytes], int | None, Callable[[], Hashable] | None], GeneratedFile
+]
 
 BY_NAME = "by-name"
 INFO_NAME = "info.json"
@@ -52,7 +55,14 @@ SCAN_WINDOW = 10.0
 class _Ahead:
     at: float
     done: trio.Event = field(default_factory=trio.Event)
-    value: tuple[Ivd, list[Snapshot]] | None = None
+    value: IvdData | None = None
+    started: bool = False  # a worker is asking
+    taken: bool = False  # a listing asked for itself before any worker did
+
+
+# An IVD's record, its snapshots, and whether the record is whole (not a listing's summary).
+IvdData = tuple[Ivd, list[Snapshot], bool]
+_Job = tuple[Datastore, str, _Ahead]
 
 
 def to_ns(t: datetime | None, default: int) -> int:
@@ -81,7 +91,7 @@ class Catalog:
         inventory: Inventory,
         mount_time_ns: int,
         make_snapshot_dir: Callable[[Ivd, Snapshot], SnapshotDir],
-        add_generated: Callable[[DirNode, str, Callable[[], bytes], int | None], GeneratedFile],
+        add_generated: AddGenerated,
         subset: Subset = Subset(),
         inventory_threads: int = 4,
     ) -> None:
@@ -94,9 +104,10 @@ class Catalog:
         self.subset = subset
         self._limiter = trio.CapacityLimiter(inventory_threads)
         # Directory read-ahead (see _note_scan), and what datastore listings said of each IVD.
-        self._nursery: trio.Nursery | None = None
+        self._ahead_send: trio.MemorySendChannel[_Job] | None = None
         self._ahead: dict[tuple[str, str], _Ahead] = {}
-        self._ahead_limiter = trio.CapacityLimiter(max(1, inventory_threads - 1))
+        self._ahead_workers = max(1, inventory_threads - 1)
+        self._scanned: dict[str, float] = {}
         self._ahead_ttl = listings.refresh if listings.refresh > 0 else math.inf
         self._recent: dict[str, list[float]] = {}
         self._summaries: dict[str, dict[str, IvdSummary]] = {}
@@ -155,9 +166,9 @@ class Catalog:
     async def load_ivd(self, d: DirNode) -> bool:
         assert isinstance(d, IvdDir) and d.datastore is not None
         self._note_scan(d)
-        ivd, snaps = await self._ivd_data(d.datastore, d.ivd_id)
+        ivd, snaps, complete = await self._ivd_data(d.datastore, d.ivd_id)
         snaps = sorted(snaps, key=creation_order)
-        d.ivd = ivd
+        d.ivd, d.complete = ivd, complete
         d.mtime_ns = to_ns(ivd.create_time, d.mtime_ns)
 
         def make(snap: Snapshot) -> Make:
@@ -165,19 +176,44 @@ class Catalog:
 
         self.listings.sync(d, SnapshotDir, {s.id: (s.id, make(s)) for s in snaps})
         if INFO_NAME not in d.children:
-            self.add_generated(d, INFO_NAME, lambda: self._ivd_info(d), None)
+            info_file = self.add_generated(
+                d, INFO_NAME, lambda: self._ivd_info(d), None, lambda: self._ivd_info_key(d)
+            )
+            info_file.prepare = lambda: self._complete(d)
         return True
+
+    async def _complete(self, d: IvdDir) -> None:
+        """The whole record (backing file, provisioning, attached VMs) for info.json and the
+        attributes, when the listing gave only a summary."""
+        if d.complete or d.datastore is None:
+            return
+        ds, ivd_id = d.datastore, d.ivd_id
+        ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
+        d.ivd, d.complete = ivd, True
+        for child in d.children.values():
+            if isinstance(child, SnapshotDir) and child.disk is not None:
+                child.disk.ivd = ivd
+
+    async def complete_parent(self, node: DirNode) -> None:
+        """Make sure the IVD record above a snapshot directory is whole."""
+        parent = self.inodes.parent_of(node)
+        if isinstance(parent, IvdDir):
+            await self._complete(parent)
 
     # --- an IVD's record and snapshots: one round trip, read ahead during a scan ----------
 
-    async def _fetch_ivd(self, ds: Datastore, ivd_id: str) -> tuple[Ivd, list[Snapshot]]:
-        """The record and the snapshots, asked at once (two calls, one round trip); none
-        asked when a datastore listing already said the IVD has no snapshots."""
+    async def _fetch_ivd(self, ds: Datastore, ivd_id: str) -> IvdData:
+        """The record and the snapshots, asked at once (two calls, one round trip). A
+        datastore listing's summary stands in for the record (the rest of it is asked when
+        info.json is read), and when it said the IVD has no snapshots, none are asked."""
         out: dict[str, object] = {}
         known = self._summaries.get(ds.moref, {}).get(ivd_id)
 
         async def record() -> None:
-            out["ivd"] = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
+            if known is not None:
+                out["ivd"] = known.ivd
+            else:
+                out["ivd"] = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
 
         async def snapshots() -> None:
             if known is not None and known.snapshot_count == 0:
@@ -188,56 +224,76 @@ class Catalog:
         async with trio.open_nursery() as n:
             n.start_soon(record)
             n.start_soon(snapshots)
-        return out["ivd"], out["snaps"]  # type: ignore[return-value]
+        return out["ivd"], out["snaps"], known is None  # type: ignore[return-value]
 
-    async def _ivd_data(self, ds: Datastore, ivd_id: str) -> tuple[Ivd, list[Snapshot]]:
+    async def _ivd_data(self, ds: Datastore, ivd_id: str) -> IvdData:
         key = (ds.moref, ivd_id)
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
-            await ahead.done.wait()
-            if ahead.value is not None and self.listings.clock() - ahead.at < self._ahead_ttl:
-                return ahead.value
+            if not ahead.started:
+                ahead.taken = True  # still queued: ask now instead of waiting for the queue
+            else:
+                await ahead.done.wait()
+                fresh = self.listings.clock() - ahead.at < self._ahead_ttl
+                if ahead.value is not None and fresh:
+                    return ahead.value
         return await self._fetch_ivd(ds, ivd_id)
 
     def _note_scan(self, d: IvdDir) -> None:
         """Directory read-ahead: when IVD directories of one datastore are listed one after
-        another (`ls DS/*`, find, a backup's walk), fetch the rest in the background, at most
-        `inventory_threads` at once, so each next listing finds its answer waiting."""
-        if self._nursery is None or d.datastore is None:
+        another (`ls DS/*`, find, a backup's walk), fetch the rest in the background, in
+        listing order, at most `inventory_threads - 1` at once (one stays for demand), so each
+        next listing finds its answer waiting."""
+        if self._ahead_send is None or d.datastore is None:
             return
+        moref = d.datastore.moref
         now = self.listings.clock()
-        recent = [t for t in self._recent.get(d.datastore.moref, []) if now - t < SCAN_WINDOW]
+        recent = [t for t in self._recent.get(moref, []) if now - t < SCAN_WINDOW]
         recent.append(now)
-        self._recent[d.datastore.moref] = recent
-        if len(recent) < SCAN_LENGTH:
+        self._recent[moref] = recent
+        if len(recent) < SCAN_LENGTH or now - self._scanned.get(moref, -math.inf) < SCAN_WINDOW:
             return
+        self._scanned[moref] = now  # one pass over the siblings per window, not one per load
         parent = self.inodes.parent_of(d)
         for name, sib in sorted(parent.children.items()):
-            key = (d.datastore.moref, name)
+            key = (moref, name)
             if not isinstance(sib, IvdDir) or sib.loaded or sib is d or key in self._ahead:
                 continue
             entry = self._ahead[key] = _Ahead(now)
-            self._nursery.start_soon(self._read_ahead, d.datastore, name, entry)
+            self._ahead_send.send_nowait((d.datastore, name, entry))
 
-    async def _read_ahead(self, ds: Datastore, ivd_id: str, entry: _Ahead) -> None:
-        try:
-            async with self._ahead_limiter:
+    async def _read_ahead_worker(self, receive: trio.MemoryReceiveChannel[_Job]) -> None:
+        # A few workers taking jobs in order: tasks started per job would run in trio's
+        # (deliberately shuffled) order, and the scan would wait for the ones left behind.
+        async for ds, ivd_id, entry in receive:
+            if entry.taken:
+                continue
+            entry.started = True
+            try:
                 entry.value = await self._fetch_ivd(ds, ivd_id)
-        except (NotFound, BackendError) as e:
-            log.debug("read-ahead of IVD %s: %s", ivd_id, e)
-        finally:
-            entry.at = self.listings.clock()
-            entry.done.set()
+            except (NotFound, BackendError) as e:
+                log.debug("read-ahead of IVD %s: %s", ivd_id, e)
+            finally:
+                entry.at = self.listings.clock()
+                entry.done.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve directory read-ahead until cancelled (at unmount)."""
+        send, receive = trio.open_memory_channel[_Job](math.inf)
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                for _ in range(self._ahead_workers):
+                    nursery.start_soon(self._read_ahead_worker, receive)
+                self._ahead_send = send
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._nursery = None
+            self._ahead_send = None
+
+    @staticmethod
+    def _ivd_info_key(d: IvdDir) -> Hashable:
+        snaps = [c.ino for c in d.children.values() if isinstance(c, SnapshotDir)]
+        return (d.ivd, tuple(snaps))
 
     def _ivd_info(self, d: IvdDir) -> bytes:
         assert d.ivd is not None

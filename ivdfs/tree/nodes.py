@@ -78,6 +78,7 @@ class IvdDir(DirNode):
     datastore: Datastore | None = None
     ivd_id: str = ""
     ivd: Ivd | None = None
+    complete: bool = False  # `ivd` is the whole record, not a datastore listing's summary
 
 
 @dataclass(eq=False)
@@ -185,6 +186,20 @@ class GeneratedFile(Node):
     """Content rendered when opened (each open gets its own copy); stat renders it too."""
 
     render: Callable[[], bytes] = lambda: b""
+    # Asked before each open's render, for what the content needs from vCenter.
+    prepare: Callable[[], Awaitable[None]] | None = None
+    # What the content depends on, when that is cheaper to tell than rendering it: the last
+    # render is reused while the key is equal (stat and listings ask for the size a lot).
+    key: Callable[[], Hashable] | None = None
+    _memo: tuple[Hashable, bytes] | None = None
+
+    def content(self) -> bytes:
+        if self.key is None:
+            return self.render()
+        key = self.key()
+        if self._memo is None or self._memo[0] != key:
+            self._memo = (key, self.render())
+        return self._memo[1]
 
     @property
     def mode(self) -> int:
@@ -192,7 +207,7 @@ class GeneratedFile(Node):
 
     @property
     def size(self) -> int:
-        return len(self.render())
+        return len(self.content())
 
     @property
     def stable(self) -> bool:

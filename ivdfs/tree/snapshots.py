@@ -16,7 +16,7 @@ scope); `parse` stays pure and synchronous by being re-run over the bytes read s
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -37,13 +37,12 @@ from ivdfs.io.partitions import (
 )
 from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
-from ivdfs.tree.catalog import INFO_NAME, to_ns
+from ivdfs.tree.catalog import INFO_NAME, AddGenerated, to_ns
 from ivdfs.tree.inodes import InodeTable
 from ivdfs.tree.nodes import (
     ByteRange,
     DirNode,
     DiskFile,
-    GeneratedFile,
     SnapshotDir,
     Span,
     SymlinkNode,
@@ -239,11 +238,15 @@ class SnapshotDirs:
         inodes: InodeTable,
         disks: DiskSource,
         make_reader: MakeReader,
-        add_generated: Callable[[DirNode, str, Callable[[], bytes], int | None], GeneratedFile],
+        add_generated: AddGenerated,
         mount_time_ns: int,
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
+        complete_ivd: Callable[[DirNode], Awaitable[None]] | None = None,
     ) -> None:
+        """`complete_ivd(snapshot dir)` makes the IVD record whole (a listing may have given
+        only a summary) before metadata is shown."""
+        self.complete_ivd = complete_ivd
         self.inodes = inodes
         self.disks = disks
         self.make_reader = make_reader
@@ -270,7 +273,12 @@ class SnapshotDirs:
         sd = d.disk
         if DISK_NAME not in d.children:
             self.inodes.add(d, DiskFile(self.inodes.new_ino(), DISK_NAME, d.mtime_ns, disk=sd))
-            self.add_generated(d, INFO_NAME, lambda: snapshot_info(sd), d.mtime_ns)
+            info_file = self.add_generated(
+                d, INFO_NAME, lambda: snapshot_info(sd), d.mtime_ns, lambda: snapshot_info_key(sd)
+            )
+            if self.complete_ivd is not None:
+                complete = self.complete_ivd
+                info_file.prepare = lambda: complete(d)
         if not await self.probe(sd):
             return False
         spans: list[tuple[str, Span]] = [
@@ -322,19 +330,22 @@ class SnapshotDirs:
             self.inodes.add(d, SymlinkNode(self.inodes.new_ino(), name, d.mtime_ns, target=target))
         # No volume is silently absent: volumes/<name>.error says why it is not mounted.
         for name, reason in sorted(refused.items()):
-            self.add_generated(
-                d, name + ERROR_SUFFIX, _constant((reason + "\n").encode()), d.mtime_ns
-            )
+            text = (reason + "\n").encode()
+            self.add_generated(d, name + ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
         return True
 
 
-def _constant(data: bytes) -> Callable[[], bytes]:
-    return lambda: data
+def _constant(value: T) -> Callable[[], T]:
+    return lambda: value
 
 
 def lv_file_name(lv: lvm.LogicalVolume) -> str:
     # device-mapper's spelling: unambiguous even when names contain hyphens.
     return f"lv-{lv.dm_name}.raw"
+
+
+def snapshot_info_key(sd: SnapshotDisk) -> Hashable:
+    return (sd.ivd, sd.snapshot, sd.probed, sd.size)
 
 
 def snapshot_info(sd: SnapshotDisk) -> bytes:

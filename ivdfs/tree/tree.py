@@ -18,7 +18,7 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,9 @@ class Tree:
             max_prefetch=self.settings.max_prefetch,
         )
 
+    async def _complete_ivd(self, snapshot_dir: DirNode) -> None:
+        await self.catalog.complete_parent(snapshot_dir)
+
     def _freed(self, node: Node) -> None:
         if isinstance(node, SnapshotDir) and node.disk is not None:
             node.disk.disk.forget()
@@ -188,10 +191,12 @@ class Tree:
         name: str,
         render: Callable[[], bytes],
         mtime_ns: int | None = None,
+        key: Callable[[], Hashable] | None = None,
     ) -> GeneratedFile:
-        """A small read-only file whose content is rendered at each open (stats, metadata)."""
+        """A small read-only file whose content is rendered at each open (stats, metadata);
+        with `key`, only when what it depends on changed."""
         node = GeneratedFile(
-            self.inodes.new_ino(), name, mtime_ns or self.mount_time_ns, render=render
+            self.inodes.new_ino(), name, mtime_ns or self.mount_time_ns, render=render, key=key
         )
         self.inodes.add(parent, node)
         return node
@@ -216,7 +221,9 @@ class Tree:
         if isinstance(node, SymlinkNode):
             raise OSError(errno.ELOOP, node.name)
         if isinstance(node, GeneratedFile):
-            return self.files.add(OpenFile(node, content=node.render())), node
+            if node.prepare is not None:
+                await node.prepare()
+            return self.files.add(OpenFile(node, content=node.content())), node
         assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
         sd = node.disk
         if not await self.snapshots.probe(sd):
@@ -254,6 +261,7 @@ class Tree:
         if not isinstance(node, DiskFile) or node.disk is None:
             return {}
         sd: SnapshotDisk = node.disk
+        await self.catalog.complete_parent(self.inodes.parent_of(node))
         await self.snapshots.probe(sd)
         return info.disk_xattrs(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
 
