@@ -22,9 +22,11 @@ Rows:
    scan of a disk four times --cache-size 64M: hot blocks VDDK reads again afterwards.
 
 Usage: scripts/bench [--size-mb 1024] [--bw 400] [--latencies 0,1,4] [--warm-mb 192]
-[--only warm] [--out FILE]. Never part of the test suite; about 4-5 minutes on a 2-core machine
-(--only warm: rows 8-10, under a minute). Not a timed test: it reports, and marks each goal met
-or not. Rows 9 and 10 empty the page cache of the whole machine (drop_caches).
+[--only warm|read|inventory] [--out FILE]. Never part of the test suite; about 4-5 minutes on a
+2-core machine for rows 1-10 (--only warm: rows 8-10, under a minute), plus a few minutes for
+the inventory table (tests/bench_inventory.py; --only inventory). Not a timed test: it
+reports, and marks each goal met or not. Rows 9 and 10 empty the page cache of the whole
+machine (drop_caches).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests import bench_inventory
 from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, call_lines, wait_for
 from tests.testbed.images import DataManifest, random_disk, sparse_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
@@ -663,13 +666,21 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bw", type=int, default=400, help="global bandwidth cap, MiB/s (400)")
     ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
     ap.add_argument("--warm-mb", type=int, default=192, help="disk size of rows 8-9 (192)")
-    ap.add_argument("--only", choices=["warm"], help="run only rows 8-10 (warm reads)")
+    ap.add_argument("--only", choices=["warm", "read", "inventory"],
+                    help="warm: rows 8-10 only; read: rows 1-10; inventory: the inventory "
+                    "table only (default: everything)")  # fmt: skip
+    ap.add_argument("--inventory-n", default="500,2000,5000", help="inventory sizes")
+    ap.add_argument("--inventory-ms", default="0,20,50", help="inventory round trips, ms")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output")
     args = ap.parse_args(argv)
     args.latencies = [float(x) if "." in x else int(x) for x in args.latencies.split(",")]
     t0 = time.monotonic()
+    if args.only == "inventory":
+        return _inventory(args)
     with tempfile.TemporaryDirectory(prefix="ivdfs-bench-", dir="/var/tmp") as tmp:
         result = Bench(args, Path(tmp)).run()
+    if args.only is None:
+        result["inventory"] = _inventory_rows(args)
     result["seconds"] = round(time.monotonic() - t0, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     s = result["settings"]
@@ -684,6 +695,28 @@ def main(argv: list[str]) -> int:
         f"{s['warm_mb']} MiB disk, cache 256M; row 10: cache {HOT_CACHE}; {result['seconds']} s"
     )
     print(format_table(result["rows"]))
+    if "inventory" in result:
+        print("\ninventory (issue 11), ratios to the serial cost IVDs x round trip:")
+        print(bench_inventory.table(result["inventory"]))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def _inventory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sizes = [int(x) for x in args.inventory_n.split(",")]
+    delays = [int(x) for x in args.inventory_ms.split(",")]
+    with tempfile.TemporaryDirectory(prefix="ivdfs-bench-inv-", dir="/var/tmp") as tmp:
+        return bench_inventory.run(Path(tmp), sizes, delays)
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    rows = _inventory_rows(args)
+    args.out.write_text(json.dumps({"commit": _commit(), "inventory": rows}, indent=2) + "\n")
+    took = time.monotonic() - t0
+    print(f"\nivdfs inventory benchmark, commit {_commit()}, {took:.0f} s; ratios to the "
+          "serial cost IVDs x round trip:")  # fmt: skip
+    print(bench_inventory.table(rows))
     print(f"\nJSON: {args.out}")
     return 0
 

@@ -111,6 +111,11 @@ class Catalog:
         self._ahead_ttl = listings.refresh if listings.refresh > 0 else math.inf
         self._recent: dict[str, list[float]] = {}
         self._summaries: dict[str, dict[str, IvdSummary]] = {}
+        self.stats = {
+            "read_ahead_workers": self._ahead_workers,
+            "read_ahead_queued": 0,
+            "read_ahead_used": 0,
+        }
 
     async def _query(self, fn: Callable[[], T]) -> T:
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -236,6 +241,7 @@ class Catalog:
                 await ahead.done.wait()
                 fresh = self.listings.clock() - ahead.at < self._ahead_ttl
                 if ahead.value is not None and fresh:
+                    self.stats["read_ahead_used"] += 1
                     return ahead.value
         return await self._fetch_ivd(ds, ivd_id)
 
@@ -261,6 +267,7 @@ class Catalog:
                 continue
             entry = self._ahead[key] = _Ahead(now)
             self._ahead_send.send_nowait((d.datastore, name, entry))
+            self.stats["read_ahead_queued"] += 1
 
     async def _read_ahead_worker(self, receive: trio.MemoryReceiveChannel[_Job]) -> None:
         # A few workers taking jobs in order: tasks started per job would run in trio's

@@ -114,6 +114,7 @@ class Tree:
             self.snapshots.make,
             self.add_generated,
             settings.subset,
+            settings.inventory_threads,
         )
         root.loader = self.catalog.load_root
         self.files = OpenFiles()
@@ -271,4 +272,5 @@ class Tree:
             "nodes_known_to_kernel": self.inodes.known_to_kernel,
             "nodes_freed": self.inodes.freed,
             "open_files": len(self.files),
+            **self.catalog.stats,
         }

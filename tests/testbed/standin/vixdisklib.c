@@ -137,6 +137,8 @@ typedef struct {
     char *user;
     char *password;
     char *thumb;
+    char *slow_ivd;
+    int64_t slow_ns;
     char transport[16];
     uint64_t inline_every;
     int64_t latency_ns;
@@ -181,6 +183,7 @@ static void config_free(config_t *c) {
     free(c->user);
     free(c->password);
     free(c->thumb);
+    free(c->slow_ivd);
     memset(c, 0, sizeof(*c));
 }
 
@@ -195,6 +198,8 @@ static void config_load(config_t *c) {
     c->user = dup_or_null(env_str("VDDK_STANDIN_USER"));
     c->password = dup_or_null(env_str("VDDK_STANDIN_PASSWORD"));
     c->thumb = dup_or_null(env_str("VDDK_STANDIN_THUMBPRINT"));
+    c->slow_ivd = dup_or_null(env_str("VDDK_STANDIN_SLOW_IVD"));
+    c->slow_ns = (int64_t)env_u64("VDDK_STANDIN_SLOW_US", 0) * 1000;
     const char *t = env_str("VDDK_STANDIN_TRANSPORT");
     snprintf(c->transport, sizeof(c->transport), "%s", (t && valid_transport(t)) ? t : "nbdssl");
     c->inline_every = env_u64("VDDK_STANDIN_ASYNC_INLINE_EVERY", 0);
@@ -558,6 +563,9 @@ static void plan_request(req_t *r) {
     if (r->fault == FAULT_NONE && g_cfg.short_nth == r->seq) r->fault = FAULT_SHORT;
     int64_t now = mono_ns();
     r->due = reserve_transfer(r->h, r->n * SECTOR, now) + g_cfg.latency_ns;
+    /* One slow disk among fast ones (a busy datastore): extra latency for one IVD's reads. */
+    if (g_cfg.slow_ivd && r->h->conn->ivd_id && !strcmp(g_cfg.slow_ivd, r->h->conn->ivd_id))
+        r->due += g_cfg.slow_ns;
     if (g_cfg.stall_nth && g_cfg.stall_nth == r->seq) {
         WARN_MSG("VixDiskLib stand-in: injected stall of %lld ms on read #%llu.\n",
                  (long long)(g_cfg.stall_ns / 1000000), (unsigned long long)r->seq);

@@ -1,0 +1,126 @@
+"""Inventory at scale (issue 11): a vCenter with the VSLM endpoint, listed through a mount and
+`ivdfs ls`, compared with what the test bed created; one re-login for a whole pool of threads.
+
+Speed is the benchmark's business (scripts/bench --only inventory); these tests check that the
+fast paths give exactly what the per-IVD calls give.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyVmomi import vim
+
+from tests.mounting import IVDFS, Bed, Mount
+from tests.testbed.vsphere import PopulatedIvd, Vcsim, bulk_specs
+
+
+@pytest.fixture(scope="module")
+def vslm_bed(built_testbed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    v = Vcsim(vslm=True, api_version="7.0.2.0", populate=bulk_specs(45)).start()
+    root = tmp_path_factory.mktemp("vslm")
+    (root / "images").mkdir()
+    try:
+        yield Bed(v, root)
+    finally:
+        v.stop()
+
+
+def ns(t: object) -> int:
+    return int(t.timestamp() * 1e9)  # type: ignore[attr-defined]
+
+
+def on(bed: Bed, ds: str) -> list[PopulatedIvd]:
+    return [p for p in bed.vcsim.populated if p.ivd.datastore_name == ds]
+
+
+def test_a_mount_with_vslm_lists_what_was_created(vslm_bed: Bed, tmp_path: Path) -> None:
+    v = vslm_bed.vcsim
+    with Mount(vslm_bed, tmp_path / "mnt", "--vcenter-connections", "5") as m:
+        mp = m.mountpoint
+        assert sorted(os.listdir(mp / "by-name")) == sorted(p.ivd.name for p in v.populated)
+        for ds in ("LocalDS_0", "LocalDS_1", "LocalDS_2"):
+            expected = {p.ivd.id: p for p in on(vslm_bed, ds)}
+            assert sorted(os.listdir(mp / ds)) == sorted(expected)
+            for ivd_id, p in sorted(expected.items()):
+                # The IVD's creation time, known from the datastore's listing alone.
+                assert os.stat(mp / ds / ivd_id).st_mtime_ns == ns(p.create_time)
+                snaps = {s.id: s for s in p.snapshots}
+                assert sorted(os.listdir(mp / ds / ivd_id)) == sorted([*snaps, "info.json"])
+                for sid, s in snaps.items():
+                    assert os.stat(mp / ds / ivd_id / sid).st_mtime_ns == ns(s.create_time)
+        # info.json holds the whole record, not the listing's summary.
+        p = on(vslm_bed, "LocalDS_1")[0]
+        doc = json.loads((mp / "LocalDS_1" / p.ivd.id / "info.json").read_text())
+        vsom = v.content.vStorageObjectManager
+        record = vsom.RetrieveVStorageObject(
+            id=vim.vslm.ID(id=p.ivd.id), datastore=vim.Datastore(p.ivd.datastore_moref, v.si._stub)
+        )
+        assert doc["provisioning"] == record.config.backing.provisioningType
+        assert doc["backing_file"] == record.config.backing.filePath
+        assert doc["name"] == p.ivd.name and doc["uuid"] == p.ivd.id
+        stats = json.loads((mp / ".ivdfs" / "stats").read_text())["tree"]
+        # Listing the IVD directories one after another was read ahead, by the pool but one.
+        assert stats["read_ahead_used"] > 0 and stats["read_ahead_workers"] == 4
+        assert m.unmount() == 0
+
+
+def ls(bed: Bed, *args: str) -> object:
+    v = bed.vcsim
+    r = subprocess.run(
+        [*IVDFS, "ls", *args, "--json", "--server", v.server, "--user", v.user,
+         "--ca-file", str(v.ca_file)],
+        env=bed.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_ls_with_vslm(vslm_bed: Bed) -> None:
+    listed = ls(vslm_bed, "LocalDS_2")
+    expected = on(vslm_bed, "LocalDS_2")
+    assert isinstance(listed, list)
+    assert {d["uuid"]: (d["name"], d["snapshots"]) for d in listed} == {
+        p.ivd.id: (p.ivd.name, len(p.snapshots)) for p in expected
+    }
+    everything = ls(vslm_bed, "--all")
+    assert isinstance(everything, list)
+    assert {d["uuid"]: [s["id"] for s in d["snapshots"]] for d in everything} == {
+        p.ivd.id: [s.id for s in sorted(p.snapshots, key=lambda s: s.create_time)]
+        for p in vslm_bed.vcsim.populated
+    }
+
+
+def test_one_relogin_for_the_whole_pool(
+    vslm_bed: Bed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight threads that all find the session gone log in again once, and all get answers."""
+    from ivdfs.config import Secret, ServerConfig
+    from ivdfs.inventory.model import Datastore
+    from ivdfs.inventory.vsphere import VSphere
+
+    v = vslm_bed.vcsim
+    host, port = v.server.split(":")
+    vs = VSphere(ServerConfig(host, int(port), v.user, Secret(v.password), Path(v.ca_file)), 8)
+    vs.connect()
+    try:
+        helpers = v.content.sessionManager.currentSession.key
+        others = [s.key for s in v.content.sessionManager.sessionList if s.key != helpers]
+        v.content.sessionManager.TerminateSession(sessionId=others)
+        items = [(Datastore(p.ivd.datastore_name, p.ivd.datastore_moref), p.ivd.id)
+                 for p in v.populated[:24]]  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="ivdfs.inventory.session"):
+            found = vs.session.map(lambda x: vs.snapshots_of(*x), items)
+        assert [len(f) for f in found] == [len(p.snapshots) for p in v.populated[:24]]
+        relogins = [r for r in caplog.records if "logging in again" in r.getMessage()]
+        assert len(relogins) == 1
+        # The VSLM endpoint follows the new session too.
+        assert len(vs.summaries(Datastore("LocalDS_0", items[0][0].moref))) > 0
+    finally:
+        vs.close()

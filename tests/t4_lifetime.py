@@ -1,0 +1,197 @@
+"""Disks, connections and access follow use (issue 10), through real mounts, with the stand-in's
+call log as the witness: listing opens nothing for long, idle disks close and end their
+access, a cap on connections holds under load without wrong bytes or a stall, and nodes that a
+refresh removes are freed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import Bed, Mount, call_lines, wait_for
+from tests.testbed.vsphere import Ivd, place_image
+
+MiB = 1 << 20
+N_SNAPSHOTS = 6
+
+
+@pytest.fixture(scope="module")
+def snapshots(bed: Bed) -> list[tuple[Ivd, str, bytes]]:
+    """Six snapshots of three IVDs on one datastore, 3 MiB each, with distinct bytes."""
+    out = []
+    for i in range(N_SNAPSHOTS // 2):
+        ivd = bed.vcsim.create_ivd(f"life-{i}", 3, "LocalDS_1")
+        for j in range(2):
+            snap = bed.vcsim.create_snapshot(ivd, f"s{j}")
+            data = random.Random(f"{i}-{j}").randbytes(3 * MiB)
+            src = bed.root / f"life-{i}-{j}.raw"
+            src.write_bytes(data)
+            place_image(bed.images, ivd.id, snap, src)
+            out.append((ivd, snap, data))
+    return out
+
+
+def disk(mp: Path, ivd: Ivd, snap: str) -> Path:
+    return mp / ivd.datastore_name / ivd.id / snap / "disk.raw"
+
+
+def counts(bed: Bed) -> dict[str, int]:
+    lines = bed.log_lines()
+    return {
+        "opens": sum(o["err"] == "0" for o in call_lines(lines, "Open")),
+        "closes": len(call_lines(lines, "Close")),
+        "prepares": len(call_lines(lines, "PrepareForAccess")),
+        "ends": len(call_lines(lines, "EndAccess")),
+    }
+
+
+def max_connections(bed: Bed) -> int:
+    """The most VDDK connections open at once, replayed from the log in its order."""
+    now = top = 0
+    for line in bed.log_lines():
+        parts = line.split()
+        if parts[2:3] == ["ConnectEx"] and "err=0" in parts:
+            now += 1
+        elif parts[2:3] == ["Disconnect"]:
+            now -= 1
+        top = max(top, now)
+    return top
+
+
+def stats(mp: Path) -> dict[str, dict[str, int]]:
+    return json.loads((mp / ".ivdfs" / "stats").read_text())  # type: ignore[no-any-return]
+
+
+def test_listing_opens_nothing_for_long(
+    bed: Bed, snapshots: list[tuple[Ivd, str, bytes]], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, tmp_path / "mnt", "--idle-timeout", "1") as m:
+        for ivd, snap, data in snapshots:
+            d = disk(m.mountpoint, ivd, snap).parent
+            assert "disk.raw" in os.listdir(d)
+            assert (d / "disk.raw").stat().st_size == len(data)
+        listed = counts(bed)
+        assert listed["opens"] == N_SNAPSHOTS and listed["prepares"] == N_SNAPSHOTS // 2
+        # Idle: every disk closes and every IVD ends its access, while the mount stays up.
+        wait_for(lambda: counts(bed)["closes"] == N_SNAPSHOTS, timeout=30, what="idle closes")
+        wait_for(lambda: counts(bed)["ends"] == N_SNAPSHOTS // 2, timeout=30, what="EndAccess")
+        assert stats(m.mountpoint)["disks"]["open_disks"] == 0
+        # Listing again, and stat: the result was kept, no VDDK call at all.
+        before = len(bed.log_lines())
+        for ivd, snap, data in snapshots:
+            assert disk(m.mountpoint, ivd, snap).stat().st_size == len(data)
+            assert "disk.raw" in os.listdir(disk(m.mountpoint, ivd, snap).parent)
+        assert len(bed.log_lines()) == before
+        assert m.unmount() == 0
+
+
+def test_a_disk_reopened_after_idle_reads_right_and_prepares_again(
+    bed: Bed, snapshots: list[tuple[Ivd, str, bytes]], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    ivd, snap, data = snapshots[0]
+    with Mount(bed, tmp_path / "mnt", "--idle-timeout", "0.2", "--cache-size", "2M",
+               "--block-size", "1M", "--prefetch", "0") as m:  # fmt: skip
+        path = disk(m.mountpoint, ivd, snap)
+        assert path.read_bytes() == data
+        wait_for(lambda: counts(bed)["closes"] == counts(bed)["opens"], timeout=30,
+                 what="the idle close")  # fmt: skip
+        idle = counts(bed)
+        assert idle["prepares"] == idle["ends"] >= 1
+        # Out of the page cache; the block cache keeps at most two of the three blocks:
+        # reading again needs VDDK.
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+        again = counts(bed)
+        assert again["opens"] == idle["opens"] + 1 and again["prepares"] == idle["prepares"] + 1
+        assert m.unmount() == 0
+
+
+def test_open_files_beyond_the_cap(
+    bed: Bed, snapshots: list[tuple[Ivd, str, bytes]], tmp_path: Path
+) -> None:
+    """Six disks open at once with --max-connections 2, read in round robin and concurrently:
+    every byte right, never more than two connections open, and no stall."""
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, tmp_path / "mnt", "--max-connections", "2", "--cache-size", "4M",
+               "--prefetch", "2", VDDK_STANDIN_LATENCY_US="2000") as m:  # fmt: skip
+        files = [open(disk(m.mountpoint, ivd, snap), "rb") for ivd, snap, _ in snapshots]
+        try:
+            # Round robin, 256 KiB at a time, every file open all along.
+            got = [bytearray() for _ in files]
+            while any(len(g) < 3 * MiB for g in got):
+                for f, g in zip(files, got, strict=True):
+                    g += f.read(256 << 10)
+            assert [bytes(g) for g in got] == [d for _, _, d in snapshots]
+            # Concurrently, random offsets.
+            errors: list[str] = []
+
+            def reader(k: int) -> None:
+                rng = random.Random(k)
+                ivd, snap, data = snapshots[k % N_SNAPSHOTS]
+                with open(disk(m.mountpoint, ivd, snap), "rb", buffering=0) as f:
+                    for _ in range(40):
+                        off = rng.randrange(0, len(data) - 4096)
+                        f.seek(off)
+                        if f.read(4096) != data[off : off + 4096]:
+                            errors.append(f"wrong bytes at {off} of {snap}")
+
+            threads = [threading.Thread(target=reader, args=(k,)) for k in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert not any(t.is_alive() for t in threads), "a reader stalled"
+            assert errors == []
+            s = stats(m.mountpoint)["disks"]
+            assert s["evictions"] > 0 and s["max_connections"] == 2
+        finally:
+            for f in files:
+                f.close()
+        assert m.unmount() == 0
+    assert max_connections(bed) <= 2
+
+
+def test_nodes_removed_by_refresh_are_freed(bed: Bed, tmp_path: Path) -> None:
+    """Snapshots created and deleted every cycle: the tree's nodes and the mount's memory stay
+    bounded; removed nodes are freed once the kernel forgets them."""
+    v = bed.vcsim
+    ivd = v.create_ivd("churn", 1, "LocalDS_2")
+    src = bed.root / "churn.raw"
+    src.write_bytes(bytes(MiB))
+    ivd_dir_rel = Path(ivd.datastore_name) / ivd.id
+    with Mount(bed, tmp_path / "mnt", "--refresh", "0.05") as m:
+        ivd_dir = m.mountpoint / ivd_dir_rel
+
+        def cycle() -> None:
+            snap = v.create_snapshot(ivd, "churn")
+            place_image(bed.images, ivd.id, snap, src)
+            wait_for(lambda: snap in os.listdir(ivd_dir), what="the new snapshot")
+            os.listdir(ivd_dir / snap)  # its disk.raw, info.json and lookups
+            v.delete_snapshot(ivd, snap)
+            wait_for(lambda: snap not in os.listdir(ivd_dir), what="the deletion")
+
+        for _ in range(10):
+            cycle()
+        tree = stats(m.mountpoint)["tree"]
+        rss = int(next(ln for ln in open(f"/proc/{m.proc.pid}/status") if ln.startswith("VmRSS"))
+                  .split()[1])  # fmt: skip
+        for _ in range(40):
+            cycle()
+        after = stats(m.mountpoint)["tree"]
+        rss_after = int(next(ln for ln in open(f"/proc/{m.proc.pid}/status")
+                             if ln.startswith("VmRSS")).split()[1])  # fmt: skip
+        # 40 more cycles added no node that stayed, and freed the nodes they made.
+        assert after["nodes"] <= tree["nodes"] + 4
+        assert after["nodes_freed"] >= tree["nodes_freed"] + 40
+        assert rss_after - rss < 8 * 1024, (rss, rss_after)  # KiB
+        assert m.unmount() == 0
