@@ -372,8 +372,8 @@ def _umount(args: argparse.Namespace, v: Values) -> int:
     from ivdfs.commands import umount
 
     rec = journal.find(Path(os.path.abspath(args.mountpoint.expanduser())))
-    if rec is not None and not rec.alive and rec.prepared:
-        # A dead mount's EndAccess calls load VDDK here.
+    if rec is not None and rec.prepared:
+        # Undoing a dead mount (or one that dies while we wait) calls EndAccess from here.
         used = rec.doc.get("vddk_libdir")
         _vddk_search_path(v, Path(used) if used else None)
 

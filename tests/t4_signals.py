@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -70,18 +71,21 @@ def test_a_second_signal_never_interrupts_the_teardown(
 
 @pytest.mark.parametrize("stage", ["logged in", "created snapshot"])
 def test_sigterm_during_start_up(built_testbed: None, tmp_path: Path, stage: str) -> None:
-    """A slow vCenter so each stage lasts: the signal ends the start-up with 143 and one line,
-    the snapshot made for the mount is deleted, nothing is mounted."""
+    """A slow vCenter so each stage lasts (the second of two snapshots takes a second): the
+    signal ends the start-up with 143 and one line, the snapshots made for the mount are
+    deleted, nothing is mounted."""
     with Vcsim(delay_ms=200) as v:
         (tmp_path / "images").mkdir()
         bed = Bed(v, tmp_path)
         ivd = v.create_ivd("startup", 2, "LocalDS_0")
+        other = v.create_ivd("startup-2", 2, "LocalDS_1")
         before = v.snapshots(ivd)
         mp = tmp_path / "mnt"
         mp.mkdir()
         log = tmp_path / "ivdfs.log"
         proc = subprocess.Popen(
-            bed.mount_args(mp, "-f", "--log", str(log), "--snapshot-now", ivd.id),
+            bed.mount_args(mp, "-f", "--log", str(log), "--snapshot-now", ivd.id,
+                           "--snapshot-now", other.id),
             env=bed.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -93,25 +97,27 @@ def test_sigterm_during_start_up(built_testbed: None, tmp_path: Path, stage: str
         assert len(lines) == 1 and "SIGTERM during start-up" in lines[0], err
         assert "Traceback" not in err + log.read_text()
         assert not mounted_at(mp)
-        assert v.snapshots(ivd) == before
+        assert v.snapshots(ivd) == before and v.snapshots(other) == []
 
 
-@pytest.mark.allow_log("cannot open the disk", "VixDiskLib_ConnectEx", "vCenter reports")
-def test_a_disk_missing_at_first_listing_appears_whole_later(bed: Bed, tmp_path: Path) -> None:
-    """The image (a GPT disk of 64 MiB; vCenter says 65) is not there when the snapshot is
-    first listed: disk.raw shows vCenter's size for now, never kept by the kernel; once the
-    image is there, the partitions appear and the size is the disk's own."""
+@pytest.mark.allow_log("cannot open the disk", "VixDiskLib_Open", "injected Open failure")
+def test_a_disk_failing_at_first_listing_appears_whole_later(bed: Bed, tmp_path: Path) -> None:
+    """The disk (a GPT disk of 64 MiB; vCenter says 65) fails to open when the snapshot is
+    first listed (connection refused, a transient code): disk.raw shows vCenter's size for
+    now, never kept by the kernel; at a later listing the partitions appear and the size is
+    the disk's own."""
     ivd = bed.vcsim.create_ivd("late", 65, "LocalDS_2")
     snap = bed.vcsim.create_snapshot(ivd, "late")
     img = tmp_path / "late.raw"
     manifest = imgs.gpt_disk(img, 64)
     size = img.stat().st_size
     assert size == 64 * MiB and manifest.partitions
-    with Mount(bed, tmp_path / "mnt") as m:
+    place_image(bed.images, ivd.id, snap, img)
+    with Mount(bed, tmp_path / "mnt", VDDK_STANDIN_FAIL_OPEN_CODE="14009",
+               VDDK_STANDIN_FAIL_OPEN_FIRST="1") as m:  # fmt: skip
         snapdir = m.mountpoint / ivd.datastore_name / ivd.id / snap
         assert sorted(os.listdir(snapdir)) == ["disk.raw", "info.json"]
         assert (snapdir / "disk.raw").stat().st_size == 65 * MiB
-        place_image(bed.images, ivd.id, snap, img)
 
         def whole() -> bool:
             names = os.listdir(snapdir)
@@ -120,6 +126,10 @@ def test_a_disk_missing_at_first_listing_appears_whole_later(bed: Bed, tmp_path:
         wait_for(whole, timeout=30, what="the partitions")
         assert (snapdir / "disk.raw").stat().st_size == size
         assert (snapdir / "disk.raw").read_bytes() == img.read_bytes()
+        # info.json gives the snapshot's own size too, not the IVD's current one.
+        doc = json.loads((snapdir / "info.json").read_text())
+        assert doc["snapshot"]["capacity_bytes"] == size
+        assert doc["ivd"]["capacity_bytes"] == 65 * MiB
         assert m.unmount() == 0
 
 
