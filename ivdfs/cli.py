@@ -41,8 +41,8 @@ ENV_HELP = f"""environment:
   {CONFIG_ENV}  the config file (default ~/.config/ivdfs/config.toml, read if it exists)
 
 config file: TOML, keys are the long option names with '_' (server, user, password_file,
-ca_file, thumbprint, insecure, vddk_libdir, cache_size, options = ["allow_other"], refresh,
-...); precedence: flag > environment > config file. It never holds the password itself.
+ca_file, thumbprint, insecure, vddk_libdir, cache_size, options = ["allow_other"], refresh and
+the others); precedence: flag > environment > config file. It never holds the password itself.
 
 exit codes: 0 ok, 2 usage, 3 bad configuration, 4 login refused, 5 server unreachable or not
 vSphere, 6 TLS certificate problem, 7 VDDK library problem, 8 bad mountpoint or busy mount,
@@ -328,6 +328,7 @@ def _mount(args: argparse.Namespace, v: Values) -> int:
     cfg = mount_config(v, args.mountpoint)
     stream = setup_logging(cfg.debug, cfg.log_file)
     mount.enable_crash_traces(stream)
+    mount.quiet_aborted_replies()
     if cfg.foreground:
         return mount.run(cfg)
     return mount.daemonize_and_run(cfg)

@@ -22,7 +22,7 @@ class ExitCode(enum.IntEnum):
     VDDK = 7
     MOUNTPOINT = 8
     FUSE = 9
-    NOT_FOUND = 10  # no such datastore, IVD or snapshot (or a name that is not unique)
+    NOT_FOUND = 10  # no such datastore, IVD or snapshot (a name that is not unique: USAGE)
     VSPHERE = 11  # vCenter refused or failed an operation (a task ended in error)
 
 

@@ -360,6 +360,7 @@ def _run(
         volumes=volumes,
         mountpoint=cfg.mountpoint,
         on_detach=_invalidate_entry,
+        on_attrs=_invalidate_attrs,
     )
     stats_dir = tree.add_dir(tree.root, STATS_DIR)
 
@@ -424,6 +425,14 @@ def _invalidate_entry(parent_ino: int, name: str) -> None:
     # Asynchronous (a thread of pyfuse3's): safe from a request handler; the kernel then
     # drops the entry and forgets its inode, which frees the node.
     pyfuse3.invalidate_entry_async(parent_ino, os.fsencode(name), ignore_enoent=True)
+
+
+def _invalidate_attrs(ino: int) -> None:
+    # Attributes only: the page cache stays. Without writeback caching this does not block.
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as e:
+        log.debug("attributes of inode %d stay cached: %s", ino, e)
 
 
 async def _serve(
@@ -567,6 +576,23 @@ def _wait_for_child(pid: int, r: int) -> int:
         file=sys.stderr,
     )
     return ExitCode.INTERNAL
+
+
+class _AbortedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when it answers a request the kernel no longer waits for (the
+    reader was interrupted, or the mount is going away): ENOENT from fuse_reply_*. Nothing was
+    lost, so it is worth a debug line, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "fuse_reply_" in record.getMessage():
+            if "No such file or directory" in record.getMessage():
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_aborted_replies() -> None:
+    logging.getLogger("pyfuse3").addFilter(_AbortedReplies())
 
 
 def enable_crash_traces(log_stream: IO[str] | None) -> None:

@@ -137,3 +137,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     elif rep.when == "setup":
         item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
     return rep
+
+
+_MOUNT_FIXTURES = {"bed", "vcsim", "built_testbed", "mountpoint"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need root, /dev/fuse and the test bed, so `pytest -m "not mount"`
+    runs the rest anywhere (scripts/test runs everything)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _MOUNT_FIXTURES or item.module.__name__.split(".")[-1].startswith("t4_"):  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.mount)

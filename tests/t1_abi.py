@@ -72,11 +72,6 @@ def test_struct_layouts_match_the_c_headers(c_layout: dict[str, int], struct: st
         assert ffi.offsetof(struct, f) == c_layout[f"{struct}.{f}"], f"{struct}.{f}"
 
 
-def test_vddk6_info_is_the_short_struct(c_layout: dict[str, int]) -> None:
-    # Reading the VDDK 7 sector-size fields from a 6.x struct would read past its end.
-    assert disklib_ffi.sizeof("VixDiskLibInfo6") == c_layout["VixDiskLibInfo.logicalSectorSize"]
-
-
 def test_stand_ins_export_every_declared_function(built_testbed: None) -> None:
     lib = disklib_ffi.dlopen(str(VDDK_LIBDIR / "lib64" / "libvixDiskLib.so.8"))
     assert [n for n in (*_cdefs.REQUIRED, *_cdefs.OPTIONAL) if not has_symbol(lib, n)] == []

@@ -102,6 +102,14 @@ CASES = [
     ("ca-file-missing", {"--ca-file": "/nonexistent/ca.pem"}, {}, 6, "does not exist"),
     ("cache-size-invalid", {"--cache-size": "lots"}, {}, 3, "invalid --cache-size"),
     ("block-size-invalid", {"--block-size": "1000"}, {}, 3, "--block-size"),
+    # Not a power of two: VDDK's allocation queries could not use it.
+    ("block-size-not-power-of-two", {"--block-size": "384K"}, {}, 3, "power of two"),
+    ("transport-unknown", {"--transport": "nbdssl:carrier-pigeon"}, {}, 3, "invalid --transport"),
+    ("max-connections-zero", {"--max-connections": "0"}, {}, 3, "must be at least 1"),
+    ("idle-timeout-invalid", {"--idle-timeout": "-1"}, {}, 3, "invalid --idle-timeout"),
+    # libfuse refuses it at INIT, after the mount was reported ready: refused up front.
+    ("fuse-option-max-read", {"-o": "max_read=131072"}, {}, 3, "unsupported FUSE option"),
+    ("fuse-option-uid-text", {"-o": "uid=root"}, {}, 3, "uid=, gid= take numbers"),
     ("cache-smaller-than-blocks", {"--cache-size": "1M"}, {}, 3, "at least two blocks"),
     ("fuse-option-rw", {"-o": "rw"}, {}, 3, "-o rw is not allowed"),
     ("fuse-option-unknown", {"-o": "bogus"}, {}, 3, "unsupported FUSE option"),

@@ -149,12 +149,16 @@ def test_holes_read_as_zeros_without_vddk_reads(
         assert sha256_sequential(d.path(mountpoint)) == d.manifest.sha256
         s = stats(mountpoint)
         blocks = sorted(int(r["start"]) // 2048 for r in read_requests(bed))
+        st = d.path(mountpoint).stat()
         if qab:
             assert blocks == list(d.manifest.allocated)
             assert s["cache"]["zero_blocks"] >= 64 - len(d.manifest.allocated)
+            # The holes it knows now show in st_blocks (du, cp --sparse=auto).
+            assert st.st_blocks * 512 == len(d.manifest.allocated) * MiB
         else:
             assert blocks == list(range(64))
             assert s["cache"]["zero_blocks"] == 0
+            assert st.st_blocks * 512 == st.st_size
         assert m.unmount() == 0
     assert m.unexpected_log_records() == []
     assert violations(bed) == []

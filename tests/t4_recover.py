@@ -207,7 +207,7 @@ def test_umount_of_a_live_mount_reports_a_daemon_that_dies_in_teardown(
     assert r.returncode != 0
     assert "died before finishing its teardown" in r.stdout and str(m.log_file) in r.stdout
     assert "Traceback" not in r.stderr
-    assert not mounted_at(mp) and journal.find(mp) is None
+    assert not mounted_at(mp) and journal.find(mp) is None, r.stdout + r.stderr
     assert bed.vcsim.snapshots(ivd) == before
 
 

@@ -232,15 +232,19 @@ def _delete_snapshot(
     advice = f"ivdfs snapshot delete --server {server.host}:{server.port} --user {server.user}"
     try:
         ivd = _ivd(vs, s["ivd"], s["datastore"])
+        existing = vs.snapshots(ivd)
         snap_id = s.get("snapshot")
         if not snap_id:
             # Killed while the task ran: the description (mount and pid) names it.
-            matches = [x.id for x in vs.snapshots(ivd) if x.description == s["description"]]
+            matches = [x.id for x in existing if x.description == s["description"]]
             if not matches:
                 report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")
                 _journal_drop(rec, "snapshots", s)
                 return
             snap_id = matches[0]
+        if snap_id not in {x.id for x in existing}:
+            # The mount deleted it before it died (servers fault a missing snapshot variously).
+            raise NotFound(snap_id)
         vs.delete_snapshot(ivd, snap_id)
         report.ok(f"deleted snapshot {snap_id} of IVD {ivd.id} ({ivd.name})")
     except NotFound:

@@ -114,7 +114,8 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = 0
         a.st_size = node.size
         a.st_blksize = self.look.block_size
-        a.st_blocks = (node.size + 511) // 512
+        # Holes the allocation map knows are left out, so du and cp --sparse=auto see them.
+        a.st_blocks = (node.stored + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
 

@@ -59,8 +59,11 @@ class AllocationMap:
         disk_size: int,
         block_size: int,
         region_blocks: int = REGION_BLOCKS,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
+        """`on_change` is called when a region becomes known (holes may now be shown)."""
         self._query = query
+        self._on_change = on_change
         self.block_size = block_size
         self.block_sectors = block_size // SECTOR_SIZE
         self.nblocks = (disk_size + block_size - 1) // block_size
@@ -126,6 +129,8 @@ class AllocationMap:
                 pos += n
             self._regions[region] = frozenset(allocated)
             self._failed.pop(region, None)
+            if self._on_change is not None and len(allocated) < last - first:
+                self._on_change()
         except BackendError as e:
             code = e.code if isinstance(e, VddkError) else None
             if code == _VIX_E_NOT_SUPPORTED:
@@ -140,3 +145,20 @@ class AllocationMap:
         finally:
             del self._loading[region]
             event.set()
+
+    def unallocated_bytes(self, start: int, end: int) -> int:
+        """Bytes of [start, end) in blocks known to be holes (unknown regions count as data):
+        what `st_blocks` may leave out, for `du` and `cp --sparse=auto`."""
+        if not self.enabled or not self._regions:
+            return 0
+        bs = self.block_size
+        total = 0
+        for region, allocated in self._regions.items():
+            lo = max(region * self.region_blocks, start // bs)
+            hi = min((region + 1) * self.region_blocks, self.nblocks)
+            for index in range(lo, hi):
+                if index * bs >= end:
+                    break
+                if index not in allocated:
+                    total += max(0, min(end, (index + 1) * bs) - max(start, index * bs))
+        return total

@@ -5,9 +5,9 @@ requests with little in flight. libfuse 3 negotiates requests of up to 1 MiB (ma
 a larger `read_ahead_kb` lets the kernel use them and keep several in flight. Writing it needs
 privilege; without it the mount works as before, which is only worth a debug line.
 
-Concurrency: called once from the main thread after the mount exists, before the FUSE loop
-runs. It must not stat the mountpoint (that would wait for the loop it runs before): the device
-number comes from /proc/self/mountinfo.
+Concurrency: called once from a worker thread after the kernel's INIT was answered (the kernel
+sets the read-ahead then, undoing an earlier change); the device number comes from
+/proc/self/mountinfo.
 """
 
 from __future__ import annotations

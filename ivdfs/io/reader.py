@@ -78,6 +78,7 @@ class DiskReader:
         query_allocated: QueryAllocated | None = None,
         prefetcher: Prefetcher | None = None,
         max_prefetch: int = 0,
+        on_map_change: Callable[[], None] | None = None,
     ) -> None:
         if block_size % SECTOR_SIZE or block_size <= 0:
             raise ValueError("block size must be a positive multiple of 512")
@@ -87,7 +88,7 @@ class DiskReader:
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.cache = cache
         self._fetch = fetch_block
-        self.holes = AllocationMap(query_allocated, disk_size, block_size)
+        self.holes = AllocationMap(query_allocated, disk_size, block_size, on_change=on_map_change)
         self.prefetcher = prefetcher
         self.max_prefetch = max_prefetch if prefetcher is not None else 0
         self._zeros = bytes(block_size)  # shared by every hole of this disk

@@ -94,7 +94,11 @@ class Catalog:
         add_generated: AddGenerated,
         subset: Subset = Subset(),
         inventory_threads: int = 4,
+        on_attrs: Callable[[int], None] = lambda _ino: None,
     ) -> None:
+        """`on_attrs(ino)` tells the kernel a directory's attributes changed (its mtime
+        becomes the IVD's creation time once the record is known)."""
+        self.on_attrs = on_attrs
         self.inodes = inodes
         self.listings = listings
         self.inventory = inventory
@@ -174,7 +178,10 @@ class Catalog:
         ivd, snaps, complete = await self._ivd_data(d.datastore, d.ivd_id)
         snaps = sorted(snaps, key=creation_order)
         d.ivd, d.complete = ivd, complete
-        d.mtime_ns = to_ns(ivd.create_time, d.mtime_ns)
+        mtime = to_ns(ivd.create_time, d.mtime_ns)
+        if mtime != d.mtime_ns:
+            d.mtime_ns = mtime
+            self.on_attrs(d.ino)
 
         def make(snap: Snapshot) -> Make:
             return lambda: self.make_snapshot_dir(ivd, snap)

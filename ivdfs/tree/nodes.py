@@ -51,6 +51,11 @@ class Node:
         """Whether the kernel may keep this node's attributes for long (the size is final)."""
         return True
 
+    @property
+    def stored(self) -> int:
+        """Bytes that hold data (st_blocks x 512): all of them, unless holes are known."""
+        return self.size
+
 
 @dataclass(eq=False)
 class DirNode(Node):
@@ -119,6 +124,11 @@ class DiskFile(Node):
     def stable(self) -> bool:
         return self.disk is not None and self.disk.probed
 
+    @property
+    def stored(self) -> int:
+        assert self.disk is not None
+        return self.size - self.disk.hole_bytes(0, self.size)
+
 
 class Span(Protocol):
     """Where a window's bytes are on its disk: a partition, or an LVM logical volume (whose
@@ -164,6 +174,12 @@ class WindowFile(Node):
     @property
     def size(self) -> int:
         return self.span.size
+
+    @property
+    def stored(self) -> int:
+        assert self.disk is not None
+        holes = sum(self.disk.hole_bytes(off, off + n) for off, n in self.span.pieces(0, self.size))
+        return self.size - holes
 
 
 @dataclass(eq=False)

@@ -92,7 +92,7 @@ class DiskSource(Protocol):
         ...
 
 
-MakeReader = Callable[[object, int, Disk], DiskReader]
+MakeReader = Callable[["SnapshotDisk", int], DiskReader]
 
 
 @dataclass(eq=False)
@@ -106,6 +106,9 @@ class SnapshotDisk:
     table: PartitionTable | None = None
     logical_volumes: tuple[lvm.LogicalVolume, ...] = ()
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Inodes whose attributes show this disk's holes (disk.raw, windows): refreshed in the
+    # kernel when the allocation map learns more.
+    files: list[int] = field(default_factory=list)
 
     @property
     def probed(self) -> bool:
@@ -118,6 +121,10 @@ class SnapshotDisk:
 
     def where(self) -> str:
         return f"IVD {self.ivd.id} snapshot {self.snapshot.id}"
+
+    def hole_bytes(self, start: int, end: int) -> int:
+        """Bytes of [start, end) known to be unallocated so far (learned as reads go)."""
+        return self.reader.holes.unallocated_bytes(start, end) if self.reader else 0
 
 
 class _NeedBytes(Exception):
@@ -175,7 +182,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
             # the IVD grew, or a disk that is not a whole number of MiB, differs. The disk's
             # own GetInfo is the authority on its bytes.
             log.info("%s: %d bytes (vCenter reports the IVD at %d)", sd.where(), size, sd.size)
-        reader = make_reader(sd.key, size, sd.disk)
+        reader = make_reader(sd, size)
         try:
             table = await read_table(reader)
         except BackendError as e:
@@ -272,7 +279,9 @@ class SnapshotDirs:
         assert isinstance(d, SnapshotDir) and d.disk is not None
         sd = d.disk
         if DISK_NAME not in d.children:
-            self.inodes.add(d, DiskFile(self.inodes.new_ino(), DISK_NAME, d.mtime_ns, disk=sd))
+            node = DiskFile(self.inodes.new_ino(), DISK_NAME, d.mtime_ns, disk=sd)
+            self.inodes.add(d, node)
+            sd.files.append(node.ino)
             info_file = self.add_generated(
                 d, INFO_NAME, lambda: snapshot_info(sd), d.mtime_ns, lambda: snapshot_info_key(sd)
             )
@@ -287,8 +296,9 @@ class SnapshotDirs:
         spans += [(lv_file_name(lv), lv) for lv in sd.logical_volumes if lv.supported]
         for name, span in spans:
             if name not in d.children:
-                node = WindowFile(self.inodes.new_ino(), name, d.mtime_ns, disk=sd, span=span)
-                self.inodes.add(d, node)
+                window = WindowFile(self.inodes.new_ino(), name, d.mtime_ns, disk=sd, span=span)
+                self.inodes.add(d, window)
+                sd.files.append(window.ino)
         if self.volumes is not None and VOLUMES_NAME not in d.children:
             self.inodes.add(
                 d,

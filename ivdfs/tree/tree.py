@@ -44,7 +44,7 @@ from ivdfs.tree.nodes import (
     SymlinkNode,
     WindowFile,
 )
-from ivdfs.tree.snapshots import Disk, DiskSource, SnapshotDirs, SnapshotDisk
+from ivdfs.tree.snapshots import DiskSource, SnapshotDirs, SnapshotDisk
 from ivdfs.volumes.base import VolumeBackend
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ROOT_INO", "Tree", "TreeSettings"]
 
 # IVD and snapshot ids are UUIDs: a lookup of one the cached listing lacks asks vCenter again
-# (an object created since the listing), at most this often per directory.
+# (an object created since the listing: "create, then read"). Rate-limited: the same missing
+# name is not asked again for a while, and a directory lists again at most RELIST_BURST times
+# per RELIST_WINDOW, so a scanner trying random names cannot flood vCenter.
 UUID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", re.IGNORECASE)
-RELIST_MIN_INTERVAL = 2.0
+MISSING_NAME_TTL = 2.0
+RELIST_BURST = 5
+RELIST_WINDOW = 10.0
 # getxattr of this name on a directory lists it again now (`ivdfs refresh`): reads are all a
 # read-only mount offers, and a name nobody lists is never read by `getfattr -d` or backups.
 REFRESH_XATTR = "user.ivdfs.refresh"
@@ -84,11 +88,14 @@ class Tree:
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
         on_detach: Callable[[int, str], None] | None = None,
+        on_attrs: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`volumes` and `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
-        tells the kernel an entry is gone."""
+        tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
+        (st_blocks, as holes become known)."""
+        self._on_attrs = on_attrs or (lambda _ino: None)
         self.settings = settings
         self.cache = cache
         self.prefetcher = prefetcher
@@ -115,9 +122,13 @@ class Tree:
             self.add_generated,
             settings.subset,
             settings.inventory_threads,
+            self._on_attrs,
         )
         root.loader = self.catalog.load_root
         self.files = OpenFiles()
+        # Lookups of ids missing from a listing (see _may_relist).
+        self._missing: dict[tuple[int, str], float] = {}
+        self._relists: dict[int, list[float]] = {}
 
     @property
     def root(self) -> DirNode:
@@ -130,16 +141,21 @@ class Tree:
     def get(self, ino: int) -> Node:
         return self.inodes.get(ino)
 
-    def _make_reader(self, key: object, size: int, disk: Disk) -> DiskReader:
+    def _make_reader(self, sd: SnapshotDisk, size: int) -> DiskReader:
+        def holes_known() -> None:
+            for ino in sd.files:
+                self._on_attrs(ino)
+
         return DiskReader(
-            key,
+            sd.key,
             size,
             self.settings.block_size,
             self.cache,
-            disk.read,
-            query_allocated=disk.query_allocated,
+            sd.disk.read,
+            query_allocated=sd.disk.query_allocated,
             prefetcher=self.prefetcher,
             max_prefetch=self.settings.max_prefetch,
+            on_map_change=holes_known,
         )
 
     async def _complete_ivd(self, snapshot_dir: DirNode) -> None:
@@ -162,8 +178,7 @@ class Tree:
         if (
             node is None
             and isinstance(parent, DatastoreDir | IvdDir)
-            and UUID_RE.match(name)
-            and self.clock() - parent.last_loaded >= RELIST_MIN_INTERVAL
+            and self._may_relist(parent, name)
         ):
             # "Create, then read": a snapshot or IVD made after the last listing.
             await self.listings.reload(parent)
@@ -171,6 +186,21 @@ class Tree:
         if node is None:
             raise NotFound(name)
         return node
+
+    def _may_relist(self, parent: DirNode, name: str) -> bool:
+        if not UUID_RE.match(name):
+            return False
+        now = self.clock()
+        asked = self._missing.get((parent.ino, name))
+        if asked is not None and now - asked < MISSING_NAME_TTL:
+            return False
+        recent = [t for t in self._relists.get(parent.ino, []) if now - t < RELIST_WINDOW]
+        if len(recent) >= RELIST_BURST:
+            return False
+        self._relists[parent.ino] = [*recent, now]
+        self._missing = {k: t for k, t in self._missing.items() if now - t < MISSING_NAME_TTL}
+        self._missing[(parent.ino, name)] = now
+        return True
 
     def remember(self, ino: int) -> None:
         self.inodes.remember(ino)

@@ -42,16 +42,6 @@ typedef struct {
     int numLinks;
     char *parentFileNameHint;
     char *uuid;
-} VixDiskLibInfo6;
-
-typedef struct {
-    VixDiskLibGeometry biosGeo;
-    VixDiskLibGeometry physGeo;
-    VixDiskLibSectorType capacity;
-    int adapterType;
-    int numLinks;
-    char *parentFileNameHint;
-    char *uuid;
     uint32_t logicalSectorSize;
     uint32_t physicalSectorSize;
 } VixDiskLibInfo;

@@ -156,6 +156,47 @@ class AsyncRead:
 ASYNC_TRANSPORTS = frozenset({"nbd", "nbdssl"})
 
 
+class Connection:
+    """One read-only ConnectEx/Disconnect of a snapshot: under every DiskHandle, and alone for
+    libraries that open the disk themselves (VixMntapi_OpenDisks). Control thread only."""
+
+    def __init__(
+        self,
+        lib: VddkLibrary,
+        server: ServerTarget | None,
+        target: DiskTarget,
+        transport_modes: str | None = None,
+    ) -> None:
+        """`server` None: VDDK's local-file mode (Open then names a file)."""
+        self._lib = lib
+        self.target = target
+        self._transport_modes = transport_modes
+        self._params = ConnectParams(lib, server, target)
+        self.conn: Any = None
+
+    def open(self) -> None:
+        conn = ffi.new("VixDiskLibConnection *")
+        modes = self._transport_modes.encode() if self._transport_modes else ffi.NULL
+        self._lib.call(
+            "VixDiskLib_ConnectEx",
+            self._params.ptr,
+            b"\x01",
+            ffi.NULL,
+            modes,
+            conn,
+            context=self.target.describe(),
+        )
+        self.conn = conn[0]
+
+    def close(self) -> None:
+        try:
+            if self.conn is not None:
+                c, self.conn = self.conn, None
+                self._lib.call("VixDiskLib_Disconnect", c, context=self.target.describe())
+        finally:
+            self._params.free()
+
+
 class DiskHandle:
     """One ConnectEx + Open of a snapshot, read-only."""
 
@@ -170,10 +211,8 @@ class DiskHandle:
         self._lib = lib
         self.target = target
         self._path = path
-        self._transport_modes = transport_modes
-        self._conn: Any = None
+        self._connection = Connection(lib, server, target, transport_modes)
         self._handle: Any = None
-        self._params = ConnectParams(lib, server, target)
         self.capacity_sectors = 0
         self.transport = ""
         # ReadAsync bookkeeping: cbData is a small integer naming the request, so no Python
@@ -186,18 +225,13 @@ class DiskHandle:
 
     def open(self) -> None:
         lib, ctx = self._lib, self.target.describe()
-        conn = ffi.new("VixDiskLibConnection *")
-        modes = self._transport_modes.encode() if self._transport_modes else ffi.NULL
-        lib.call(
-            "VixDiskLib_ConnectEx", self._params.ptr, b"\x01", ffi.NULL, modes, conn, context=ctx
-        )
-        self._conn = conn[0]
+        self._connection.open()
         handle = ffi.new("VixDiskLibHandle *")
         # For an IVD the path may be NULL or the IVD id; naming the id reads better in VDDK's logs.
         path = (self._path or self.target.ivd_id).encode()
         lib.call(
             "VixDiskLib_Open",
-            self._conn,
+            self._connection.conn,
             path,
             _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY,
             handle,
@@ -323,55 +357,9 @@ class DiskHandle:
             self._lib.lib.VixDiskLib_FreeBlockList(out[0])
 
     def close(self) -> None:
-        lib = self._lib
         try:
             if self._handle is not None:
                 h, self._handle = self._handle, None
-                lib.call("VixDiskLib_Close", h, context=self.target.describe())
+                self._lib.call("VixDiskLib_Close", h, context=self.target.describe())
         finally:
-            try:
-                if self._conn is not None:
-                    c, self._conn = self._conn, None
-                    lib.call("VixDiskLib_Disconnect", c, context=self.target.describe())
-            finally:
-                self._params.free()
-
-
-class Connection:
-    """A bare ConnectEx/Disconnect of a snapshot, read-only, for libraries that open the disk
-    themselves (VixMntapi_OpenDisks). Control thread only, like DiskHandle."""
-
-    def __init__(
-        self,
-        lib: VddkLibrary,
-        server: ServerTarget,
-        target: DiskTarget,
-        transport_modes: str | None = None,
-    ) -> None:
-        self._lib = lib
-        self.target = target
-        self._transport_modes = transport_modes
-        self._params = ConnectParams(lib, server, target)
-        self.conn: Any = None
-
-    def open(self) -> None:
-        conn = ffi.new("VixDiskLibConnection *")
-        modes = self._transport_modes.encode() if self._transport_modes else ffi.NULL
-        self._lib.call(
-            "VixDiskLib_ConnectEx",
-            self._params.ptr,
-            b"\x01",
-            ffi.NULL,
-            modes,
-            conn,
-            context=self.target.describe(),
-        )
-        self.conn = conn[0]
-
-    def close(self) -> None:
-        try:
-            if self.conn is not None:
-                c, self.conn = self.conn, None
-                self._lib.call("VixDiskLib_Disconnect", c, context=self.target.describe())
-        finally:
-            self._params.free()
+            self._connection.close()

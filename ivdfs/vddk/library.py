@@ -109,6 +109,26 @@ def find_library(libdir: Path) -> Path:
     return max(candidates)[1]
 
 
+def log_callbacks(
+    logger: logging.Logger, level_of: Callable[[str, int], int] | None = None
+) -> list[Any]:
+    """VDDK's log, warning and panic callbacks for InitEx (VixDiskLib's and VixMntapi's): the
+    library passes a printf format and a va_list, formatted here with libc's vsnprintf.
+    `level_of(message, default level)` may pick another level (and see every message). May be
+    called on any library thread: nothing here blocks or raises into C."""
+
+    def make(level: int) -> Any:
+        def cb(fmt: Any, args: Any) -> None:
+            buf = ffi.new("char[]", 4096)
+            _libc.vsnprintf(buf, 4096, fmt, args)
+            msg = ffi.string(buf).decode("utf-8", "replace").rstrip()
+            logger.log(level if level_of is None else level_of(msg, level), "%s", msg)
+
+        return ffi.callback("VixDiskLibGenericLogFunc", cb)
+
+    return [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
+
+
 class VddkLibrary:
     """A loaded libvixDiskLib: symbol probe, InitEx/Exit, checked and timed calls."""
 
@@ -151,22 +171,15 @@ class VddkLibrary:
         if self._initialised:
             return
 
-        def make(level: int) -> Any:
-            def cb(fmt: Any, args: Any) -> None:
-                buf = ffi.new("char[]", 4096)
-                _libc.vsnprintf(buf, 4096, fmt, args)
-                msg = ffi.string(buf).decode("utf-8", "replace").rstrip()
-                if _PLUGIN_FAILED_RE.search(msg):
-                    self._plugin_messages.append(msg)
-                lvl = logging.DEBUG if _NOISE_RE.search(msg) else level
-                vddk_log.log(lvl, "%s", msg)
-
-            return ffi.callback("VixDiskLibGenericLogFunc", cb)
+        def seen(msg: str, level: int) -> int:
+            if _PLUGIN_FAILED_RE.search(msg):
+                self._plugin_messages.append(msg)
+            return logging.DEBUG if _NOISE_RE.search(msg) else level
 
         if config_file is None:
             config_file = self._private_config()
         # The library may call these at any time until Exit: keep them alive.
-        self._callbacks = [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
+        self._callbacks = log_callbacks(vddk_log, seen)
         self._plugin_messages.clear()
         try:
             err = self.lib.VixDiskLib_InitEx(

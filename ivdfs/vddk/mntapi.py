@@ -24,7 +24,7 @@ import cffi
 
 from ivdfs.vddk import _cdefs, _mntapi_cdefs
 from ivdfs.vddk.errors import VddkLoadError
-from ivdfs.vddk.library import VddkLibrary, _libc, has_symbol
+from ivdfs.vddk.library import VddkLibrary, has_symbol, log_callbacks
 from ivdfs.vddk.library import ffi as disklib_ffi
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,8 @@ class Mntapi:
         if self.initialised:
             return
 
-        def make(level: int) -> Any:
-            def cb(fmt: Any, args: Any) -> None:
-                buf = ffi.new("char[]", 4096)
-                _libc.vsnprintf(buf, 4096, fmt, args)
-                mntapi_log.log(level, "%s", ffi.string(buf).decode("utf-8", "replace").rstrip())
-
-            return ffi.callback("VixDiskLibGenericLogFunc", cb)
-
         # The library may call these until Exit: keep them alive.
-        self._callbacks = [make(logging.DEBUG), make(logging.WARNING), make(logging.CRITICAL)]
+        self._callbacks = log_callbacks(mntapi_log)
         self.call(
             "VixMntapi_Init",
             _mntapi_cdefs.VIXMNTAPI_MAJOR_VERSION,
