@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.testbed.vsphere import TESTBED, Vcsim
+from tests.testbed.images import DataManifest
+from tests.testbed.vsphere import TESTBED, Ivd, Vcsim
 
 REPO = TESTBED.parent.parent
 VDDK_LIBDIR = TESTBED / "build" / "vddk"
@@ -214,3 +215,45 @@ def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:
     connects = [c for c in call_lines(lines, "ConnectEx") if c["conn"] != "0"]  # 0: it failed
     assert len(call_lines(lines, "Disconnect")) == len(connects)
     assert call_lines(lines, "Exit")
+
+
+# --- what a test must find gone afterwards (only its own: other suites run meanwhile) -------
+
+
+def loop_devices_of(*roots: Path) -> list[str]:
+    """`losetup -a` lines of loop devices whose backing file lies under one of `roots`."""
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    return [ln for ln in out.splitlines() if any(str(r) in ln for r in roots)]
+
+
+def mounts_under(*dirs: Path | str) -> list[str]:
+    """Mount points (from mountinfo) at or below any of `dirs` (or starting with a str)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        points = [ln.split()[4] for ln in f]
+    return [
+        p
+        for p in points
+        for d in dirs
+        if (p.startswith(d) if isinstance(d, str) else p == str(d) or p.startswith(f"{d}/"))
+    ]
+
+
+def host_vgs() -> str:
+    """What the host's own LVM sees (its configuration, not the image builders' sandbox)."""
+    env = {k: v for k, v in os.environ.items() if k != "LVM_SYSTEM_DIR"}
+    env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
+    out = subprocess.run(["vgs", "--noheadings", "-o", "vg_name,vg_uuid"], capture_output=True,
+                         text=True, check=True, env=env)  # fmt: skip
+    return out.stdout
+
+
+@dataclass(frozen=True)
+class DataDisk:
+    """A snapshot of random data on the bed: its IVD, snapshot id and what it holds."""
+
+    ivd: Ivd
+    snapshot: str
+    manifest: DataManifest
+
+    def path(self, mountpoint: Path) -> Path:
+        return mountpoint / self.ivd.datastore_name / self.ivd.id / self.snapshot / "disk.raw"

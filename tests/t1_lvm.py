@@ -39,6 +39,7 @@ from ivdfs.io.lvm import (
     scan,
 )
 from ivdfs.io.partitions import FS_PROBE_SIZE, detect_filesystem
+from tests.mounting import host_vgs
 from tests.testbed import images
 
 MiB = 1 << 20
@@ -61,13 +62,6 @@ class Built:
     all_copies: images.DiskManifest
 
 
-def host_vgs() -> str:
-    """What the host's own LVM sees (its configuration, not the builders' sandbox)."""
-    env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
-    env.pop("LVM_SYSTEM_DIR", None)
-    out = subprocess.run(["vgs", "--noheadings", "-o", "vg_name,vg_uuid"], capture_output=True,
-                         text=True, check=True, env=env)  # fmt: skip
-    return out.stdout
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,12 @@ are checked against the same rules over made-up disks of any size, in this proce
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import ssl
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from ivdfs.io import holes
 from ivdfs.io.holes import AllocationMap
 from ivdfs.vddk.errors import VddkError, is_permanent
 from tests.mounting import REPO, VDDK_LIBDIR, call_lines
-from tests.testbed.vsphere import make_certificates
+from tests.testbed.vsphere import https_server
 
 LIB64 = VDDK_LIBDIR / "lib64"
 IVD = "6c4ad1b1-0000-4000-8000-00000000beef"
@@ -74,16 +72,8 @@ def root(built_testbed: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def https(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """An HTTPS server whose certificate only our own CA file verifies (like vcsim's)."""
-    d = tmp_path_factory.mktemp("https")
-    ca, cert, key = make_certificates(d)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield server.server_address[1], ca
-    server.shutdown()
+    with https_server(tmp_path_factory.mktemp("https")) as served:
+        yield served
 
 
 def system_ca_count() -> int:

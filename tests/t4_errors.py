@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import errno
-import http.server
 import shutil
-import ssl
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.mounting import VDDK6_LIBDIR, Bed, Mount, fuse_mounts, mounted_at
-from tests.testbed.vsphere import make_certificates, place_image
+from tests.testbed.vsphere import https_server, place_image
 
 
 @pytest.fixture(scope="module")
 def not_vsphere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """An HTTPS server that is not vSphere (every request: 404)."""
-    d = tmp_path_factory.mktemp("https")
-    ca, cert, key = make_certificates(d)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"127.0.0.1:{server.server_address[1]}", str(ca)
-    server.shutdown()
+    with https_server(tmp_path_factory.mktemp("https")) as (port, ca):
+        yield f"127.0.0.1:{port}", str(ca)
 
 
 def replace_opt(args: list[str], opt: str, value: str | None) -> list[str]:

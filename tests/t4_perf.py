@@ -10,27 +10,19 @@ import json
 import os
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.mounting import Bed, Mount, wait_for
-from tests.testbed.images import DataManifest, random_disk, sparse_disk
-from tests.testbed.vsphere import Ivd, place_image
+from tests.mounting import Bed, DataDisk, Mount, wait_for
+from tests.testbed.images import random_disk, sparse_disk
+from tests.testbed.vsphere import place_image
 
 MiB = 1 << 20
 
 
-@dataclass(frozen=True)
-class Disk:
-    ivd: Ivd
-    snapshot: str
-    manifest: DataManifest
-
-    def path(self, mountpoint: Path) -> Path:
-        return mountpoint / self.ivd.datastore_name / self.ivd.id / self.snapshot / "disk.raw"
+Disk = DataDisk
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 
 from ivdfs import journal
-from tests.mounting import IVDFS, VDDK_LIBDIR, Bed, Mount, call_lines, mounted_at, wait_for
+from tests.mounting import (
+    IVDFS,
+    VDDK_LIBDIR,
+    Bed,
+    Mount,
+    call_lines,
+    loop_devices_of,
+    mounted_at,
+    mounts_under,
+    wait_for,
+)
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
 
@@ -53,21 +63,8 @@ def status(bed: Bed, mp: Path) -> dict[str, object]:
     return doc  # type: ignore[no-any-return]
 
 
-def loops_under(mp: Path) -> list[str]:
-    out = []
-    for dev in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (dev / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(f"{mp}/"):
-            out.append(dev.name)
-    return out
 
 
-def mounts_under(prefix: str) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix)]
 
 
 def kill(m: Mount) -> int:
@@ -85,7 +82,7 @@ def assert_recovered(bed: Bed, mp: Path, pid: int, ivd: Ivd, snapshots: list[str
     assert "Traceback" not in r.stderr
     assert r.stdout.count("FAIL") == 0
     assert not mounted_at(mp) and os.listdir(mp) == []
-    assert loops_under(mp) == []
+    assert loop_devices_of(mp) == []
     assert mounts_under(f"/run/ivdfs-{pid}-") == []
     assert not list(Path("/run").glob(f"ivdfs-{pid}-*"))
     assert journal.find(mp) is None
@@ -112,7 +109,7 @@ def test_killed_with_guest_volumes_mounted(bed: Bed, disk: tuple[Ivd, str], mp: 
     m = Mount(bed, mp, "--volumes", "kernel", "--snapshot-now", ivd.id)
     vols = mp / ivd.datastore_name / ivd.id / snap / "volumes"
     assert os.listdir(vols) == ["0"] and os.listdir(vols / "0")  # mounted, with files
-    assert loops_under(mp)
+    assert loop_devices_of(mp)
     pid = kill(m)
     doc = status(bed, mp)
     assert doc["loop_devices"] and doc["volume_mounts"] and len(doc["snapshots"]) == 1

@@ -26,6 +26,7 @@ from tests.mounting import (
     Mount,
     assert_standin_log_clean,
     call_lines,
+    loop_devices_of,
     mounted_at,
     sha256_file,
 )
@@ -76,9 +77,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def loop_devices_of(*roots: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
-    return [ln for ln in out.splitlines() if any(str(r) in ln for r in roots)]
 
 
 def mounted_under(dirs: set[Path]) -> list[str]:

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import IVDFS, Bed, Mount, mounted_at, sha256_file
+from tests.mounting import (
+    IVDFS,
+    Bed,
+    Mount,
+    host_vgs,
+    loop_devices_of,
+    mounted_at,
+    mounts_under,
+    sha256_file,
+)
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, place_image
 
@@ -56,23 +65,10 @@ def supported(lv: imgs.LvManifest) -> bool:
     return all(s.segtype in ("linear", "striped") for s in lv.segments)
 
 
-def host_vgs() -> str:
-    env = {k: v for k, v in os.environ.items() if k != "LVM_SYSTEM_DIR"}
-    env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
-    out = subprocess.run(["vgs", "--noheadings", "-o", "vg_name,vg_uuid"], capture_output=True,
-                         text=True, check=True, env=env)  # fmt: skip
-    return out.stdout
 
 
-def loop_devices_of(*roots: Path) -> list[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
-    return [ln for ln in out.splitlines() if any(str(r) in ln for r in roots)]
 
 
-def mounts_under(*dirs: Path) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        points = [ln.split()[4] for ln in f]
-    return [p for p in points if any(p == str(d) or p.startswith(f"{d}/") for d in dirs)]
 
 
 @pytest.fixture(scope="module")

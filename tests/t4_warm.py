@@ -15,27 +15,19 @@ import mmap
 import os
 import random
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.mounting import Bed, Mount, call_lines, wait_for
-from tests.testbed.images import DataManifest, random_disk
+from tests.mounting import Bed, DataDisk, Mount, call_lines, wait_for
+from tests.testbed.images import random_disk
 from tests.testbed.vsphere import Ivd, place_image
 
 MiB = 1 << 20
 
 
-@dataclass(frozen=True)
-class Disk:
-    ivd: Ivd
-    snapshot: str
-    manifest: DataManifest
-
-    def path(self, mountpoint: Path) -> Path:
-        return mountpoint / self.ivd.datastore_name / self.ivd.id / self.snapshot / "disk.raw"
+Disk = DataDisk
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import http.server
 import json
 import os
 import secrets
@@ -112,6 +113,7 @@ import signal
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -783,6 +785,22 @@ class Vcsim:
             if res.allRecordsReturned or not res.id:
                 return
             last = res.id[-1].id
+
+
+@contextlib.contextmanager
+def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
+    """An HTTPS server that is not vSphere (every request: 404) on 127.0.0.1, whose
+    certificate only its own CA file verifies (like vcsim's): yields (port, CA file)."""
+    ca, cert, key = make_certificates(directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], ca
+    finally:
+        server.shutdown()
 
 
 def place_image(
