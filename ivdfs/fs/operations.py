@@ -114,7 +114,7 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = 0
         a.st_size = node.size
         a.st_blksize = self.look.block_size
-        a.st_blocks = (node.size + 511) // 512
+        a.st_blocks = node.blocks
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
 
