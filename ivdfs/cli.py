@@ -1,6 +1,6 @@
 """Command line: the parser (built from ivdfs.settings), credentials, and dispatch.
 
-`ivdfs mount|ls|snapshot|check|umount|status|refresh|end-access`. Settings come from
+`ivdfs mount|ls|snapshot|changes|check|umount|status|refresh|end-access`. Settings come from
 `ivdfs.settings` (flag > environment > config file > default); this module adds the positional
 arguments, reads the password, builds the frozen configs of `ivdfs.config`, and hands over to
 `ivdfs.mount` and `ivdfs.commands.*`. Every failure ends here as one line on stderr and the exit
@@ -47,6 +47,7 @@ the others); precedence: flag > environment > config file. It never holds the pa
 exit codes: 0 ok, 2 usage, 3 bad configuration, 4 login refused, 5 server unreachable or not
 vSphere, 6 TLS certificate problem, 7 VDDK library problem, 8 bad mountpoint or busy mount,
 9 FUSE failure, 10 no such datastore/IVD/snapshot, 11 a vCenter task failed,
+12 the server cannot answer (changes without changed block tracking, or on an ESXi host),
 128+N stopped by signal N during start-up
 """
 
@@ -119,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     delete = _command(snap_sub, "delete", "snapshot delete", "delete one snapshot of an IVD")
     delete.add_argument("ivd", metavar="IVD")
     delete.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id (see ivdfs ls)")
+
+    ch = _command(
+        sub,
+        "changes",
+        "changes",
+        "what changed between two snapshots of an IVD (changed block tracking)",
+        "List the extents that changed from snapshot OLDER to snapshot NEWER of IVD (UUID "
+        "or unique name), as vCenter's changed block tracking reports them: the same as "
+        "<NEWER>/changes/<OLDER>.json in a mount. Needs a vCenter and tracking enabled on the "
+        "IVD before OLDER was taken; otherwise says why (exit 12).",
+    )
+    ch.add_argument("ivd", metavar="IVD")
+    ch.add_argument("older", metavar="OLDER", help="snapshot id (see ivdfs ls)")
+    ch.add_argument("newer", metavar="NEWER", help="a later snapshot id of the same IVD")
+    ch.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
 
     _command(
         sub,
@@ -358,6 +374,12 @@ def _snapshot_delete(args: argparse.Namespace, v: Values) -> int:
     return inventory.snapshot_delete(server_config(v), args.ivd, args.snapshot)
 
 
+def _changes(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import changes
+
+    return changes.changes(server_config(v), args.ivd, args.older, args.newer, args.json)
+
+
 def _check(args: argparse.Namespace, v: Values) -> int:
     from ivdfs.commands import check
 
@@ -428,6 +450,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Values], int]] = {
     "ls": _ls,
     "snapshot create": _snapshot_create,
     "snapshot delete": _snapshot_delete,
+    "changes": _changes,
     "check": _check,
     "umount": _umount,
     "status": _status,

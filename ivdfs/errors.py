@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     FUSE = 9
     NOT_FOUND = 10  # no such datastore, IVD or snapshot (a name that is not unique: USAGE)
     VSPHERE = 11  # vCenter refused or failed an operation (a task ended in error)
+    NOT_SUPPORTED = 12  # the server cannot answer this question (changed areas without CBT)
 
 
 class IvdfsError(Exception):
@@ -54,6 +55,12 @@ class BackendError(IvdfsError):
     def __init__(self, message: str = "", *, quiet: bool = False) -> None:
         super().__init__(message)
         self.quiet = quiet
+
+
+class NotSupported(IvdfsError):
+    """The server cannot answer, and asking again will not change that: changed block
+    tracking was off for the IVD or its snapshot, the server refuses the change id, or the
+    server (an ESXi host) has no such query. The message says which, in one line."""
 
 
 class LoginRefused(IvdfsError):
@@ -98,4 +105,6 @@ def exit_code_of(e: BaseException) -> int:
         return ExitCode.USAGE
     if isinstance(e, BackendError):
         return ExitCode.VSPHERE
+    if isinstance(e, NotSupported):
+        return ExitCode.NOT_SUPPORTED
     return ExitCode.INTERNAL

@@ -62,8 +62,6 @@ class Built:
     all_copies: images.DiskManifest
 
 
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     before = host_vgs()
@@ -314,7 +312,7 @@ def test_parse_config_sample() -> None:
         "a = [[1]]",
         "a { b = 1",
         "}",
-        "a = \"unterminated",
+        'a = "unterminated',
         "a b",
         "= 1",
         "a = 12abc",
@@ -332,7 +330,7 @@ def test_parse_config_keeps_the_first_of_repeated_names() -> None:
 
 
 @FUZZ
-@given(text=st.text(alphabet=st.sampled_from(list('ab01 ={}[],"#\\\n.-\'')), max_size=300))
+@given(text=st.text(alphabet=st.sampled_from(list("ab01 ={}[],\"#\\\n.-'")), max_size=300))
 def test_parse_config_random_text_only_raises_config_error(text: str) -> None:
     try:
         parse_config(text)
@@ -460,7 +458,7 @@ def test_synthetic_pv_reads_like_a_real_one() -> None:
         ("", '"pv9", 0', 4, "unknown PV"),
         ("", '"pv0", 0, "pv0", 4', 4, "stripe_count and stripes disagree"),
         ("", '"other", 0', 4, "mapped onto LV"),
-        ("other { status = [\"VISIBLE\"] }", '"pv0", 0', 4, ""),
+        ('other { status = ["VISIBLE"] }', '"pv0", 0', 4, ""),
     ],
 )
 def test_bad_segments_are_unsupported_with_a_reason(

@@ -24,7 +24,7 @@ from ivdfs.tree.nodes import WindowFile
 from ivdfs.tree.tree import Tree, TreeSettings
 from tests.fakes import FakeDisk, FakeDiskSource, FakeInventory, pattern
 
-pytestmark = pytest.mark.allow_log('partition table \\(mbr\\)')
+pytestmark = pytest.mark.allow_log("partition table \\(mbr\\)")
 
 DISK = 96 * 1024
 SECTORS = DISK // 512

@@ -187,7 +187,7 @@ def test_no_permission_on_dev_fuse(bed: Bed) -> None:
     shutil.rmtree(tmp_path)
 
 
-@pytest.mark.allow_log('injected', 'VixDiskLib_', 'read: ')
+@pytest.mark.allow_log("injected", "VixDiskLib_", "read: ")
 def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_path: Path) -> None:
     """VDDK's generic error on a wrong thumbprint: EIO for the reader, one log line with a
     hint, and the rest of the mount keeps working."""

@@ -15,7 +15,12 @@ from tests.mounting import Bed, Mount, assert_standin_log_clean, call_lines, sha
 from tests.testbed.vsphere import place_image
 
 pytestmark = pytest.mark.allow_log(
-    "retrying", "failed recently", "VixDiskLib_", "stand-in", "read: ", "not retried yet",
+    "retrying",
+    "failed recently",
+    "VixDiskLib_",
+    "stand-in",
+    "read: ",
+    "not retried yet",
     "cannot open the disk",
 )
 

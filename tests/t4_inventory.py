@@ -97,9 +97,7 @@ def test_ls_with_vslm(vslm_bed: Bed) -> None:
     }
 
 
-def test_one_relogin_for_the_whole_pool(
-    vslm_bed: Bed, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_one_relogin_for_the_whole_pool(vslm_bed: Bed, caplog: pytest.LogCaptureFixture) -> None:
     """Eight threads that all find the session gone log in again once, and all get answers."""
     from ivdfs.config import Secret, ServerConfig
     from ivdfs.inventory.model import Datastore

@@ -169,7 +169,6 @@ def test_children_of_the_daemon_inherit_the_users_environment_not_vddks(
     assert_standin_log_clean(bed, {d.ivd.id})
 
 
-
 def read_requests(bed: Bed) -> list[dict[str, str]]:
     lines = bed.log_lines()
     return call_lines(lines, "Read") + call_lines(lines, "ReadAsync")

@@ -63,10 +63,6 @@ def status(bed: Bed, mp: Path) -> dict[str, object]:
     return doc  # type: ignore[no-any-return]
 
 
-
-
-
-
 def kill(m: Mount) -> int:
     pid = m.proc.pid
     m.proc.send_signal(signal.SIGKILL)
@@ -217,4 +213,3 @@ def test_status_of_a_live_mount(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> No
         assert doc["prepared_ivds"] == [ivd.id] and doc["snapshots"] == []
         assert m.unmount() == 0
     assert journal.find(mp) is None
-

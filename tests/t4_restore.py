@@ -77,8 +77,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-
-
 def mounted_under(dirs: set[Path]) -> list[str]:
     """Mount points (from mountinfo) at or below any of `dirs`. Only this test's own volume
     directories are checked: other suites may mount volumes on this machine meanwhile."""
@@ -146,7 +144,7 @@ def check_volume(vol: Path, part: imgs.PartitionManifest, scratch: Path) -> None
     assert {"needle.txt", "readme.txt"} <= hits
 
 
-@pytest.mark.allow_log('partition table')
+@pytest.mark.allow_log("partition table")
 def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -> None:
     bed.standin_log.unlink(missing_ok=True)
     with Mount(bed, mountpoint) as m:
@@ -193,7 +191,7 @@ def test_partition_windows(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -
     assert_nothing_left(bed, disks, mountpoint)
 
 
-@pytest.mark.allow_log('injected Open failure', 'cannot open the disk', 'VixDiskLib_Open')
+@pytest.mark.allow_log("injected Open failure", "cannot open the disk", "VixDiskLib_Open")
 def test_disk_that_fails_to_open_still_lists(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
@@ -225,7 +223,7 @@ def parts_of(d: Disk) -> dict[str, imgs.PartitionManifest]:
     return {str(p.number): p for p in d.manifest.partitions if p.fs is not None}
 
 
-@pytest.mark.allow_log('partition table', 'not mounted')
+@pytest.mark.allow_log("partition table", "not mounted")
 def test_kernel_volumes(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path) -> None:
     bed.standin_log.unlink(missing_ok=True)
     m = Mount(bed, mountpoint, "--volumes", "kernel")

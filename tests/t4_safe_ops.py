@@ -235,4 +235,3 @@ def test_generated_files_are_never_torn(bed: Bed, tmp_path: Path) -> None:
 def test_abbreviated_options_are_refused(bed: Bed) -> None:
     r = cli(bed, "ls", "--insec")
     assert r.returncode == 2 and "unrecognized arguments: --insec" in r.stderr
-

@@ -56,7 +56,7 @@ def test_terminated_session_logs_in_again(own_bed: Bed, tmp_path: Path) -> None:
     assert m.unexpected_log_records() == []
 
 
-@pytest.mark.allow_log('cannot reach', 'Connection refused', 'vCenter', 'listing', 'refreshing')
+@pytest.mark.allow_log("cannot reach", "Connection refused", "vCenter", "listing", "refreshing")
 def test_vcenter_outage_and_restart(own_bed: Bed, tmp_path: Path) -> None:
     first, digest1 = make_snapshot(own_bed, "one")
     v = own_bed.vcsim

@@ -61,12 +61,6 @@ class Clone:
         return mp / self.ivd.datastore_name / self.ivd.id / snap / "volumes" / "0"
 
 
-
-
-
-
-
-
 def mount_source(target: Path) -> tuple[str, str, str]:
     """(filesystem type, source device, options) of the mount at `target`."""
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -194,7 +188,7 @@ async def test_old_kernel_refuses_a_second_btrfs_clone_with_its_reason(
     assert loop_devices_of(*images) == []
 
 
-@pytest.mark.allow_log('not mounted')
+@pytest.mark.allow_log("not mounted")
 async def test_every_candidate_is_answered(clones: dict[str, Clone], tmp_path: Path) -> None:
     ext4 = clones["ext4"].manifest
     image = tmp_path / "ext4.img"

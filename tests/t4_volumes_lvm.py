@@ -40,7 +40,7 @@ from tests.mounting import (
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, place_image
 
-pytestmark = pytest.mark.allow_log('LVM', 'partition table')
+pytestmark = pytest.mark.allow_log("LVM", "partition table")
 
 MiB = 1 << 20
 
@@ -63,12 +63,6 @@ def dm_name(vg: str, lv: str) -> str:
 
 def supported(lv: imgs.LvManifest) -> bool:
     return all(s.segtype in ("linear", "striped") for s in lv.segments)
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

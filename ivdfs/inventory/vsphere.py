@@ -3,7 +3,8 @@
 Role: everything ivdfs asks vCenter or a standalone ESXi host, as plain records
 (`inventory.model`); no pyVmomi type escapes. A vCenter answers through its
 VcenterVStorageObjectManager, a host through its HostVStorageObjectManager (the same calls
-under `Host...` wire names; a host has no snapshot details or changed-block queries). For many
+under `Host...` wire names; a host has no snapshot details or changed-block queries: asking
+for changed areas there is NotSupported, with a message that says so). For many
 IVDs at once (`summaries`) the VSLM endpoint answers a whole datastore in a few paged calls;
 without it, one RetrieveVStorageObject per IVD runs on the session's pool of threads. Names
 that users type resolve to objects here and fail with NotFound or Ambiguous; exit codes and
@@ -23,7 +24,8 @@ from typing import Any
 from pyVmomi import vim, vmodl, vslm
 
 from ivdfs.config import ServerConfig
-from ivdfs.errors import Ambiguous, BackendError, NotFound
+from ivdfs.errors import Ambiguous, BackendError, NotFound, NotSupported
+from ivdfs.inventory.changes import ChangedAreas, Extent, merge
 from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot
 from ivdfs.inventory.session import DEFAULT_POOL, Session
 
@@ -38,6 +40,11 @@ VSLM_PAGE = 1000
 
 # Called while a task runs with the seconds elapsed so far (for progress on a terminal).
 Progress = Callable[[float], None]
+
+HOST_HAS_NO_CBT = (
+    "an ESXi host has no changed-block query for IVDs (QueryChangedDiskAreas and snapshot "
+    "details are vCenter methods): connect to the vCenter that manages the host"
+)
 
 
 class VSphere:
@@ -399,3 +406,94 @@ class VSphere:
             return self._vsom.DeleteSnapshot_Task(id=vid, datastore=ds, snapshotId=sid)
 
         self.wait_task(self._call(what, start), what, progress)
+
+    # --- changed block tracking (vCenter only) -------------------------------------------
+
+    def snapshot_change_id(self, ivd: Ivd, snapshot_id: str) -> str | None:
+        """The snapshot's changedBlockTrackingId (RetrieveSnapshotDetails); None when changed
+        block tracking was off when it was taken. NotSupported on an ESXi host."""
+        if self.is_host:
+            raise NotSupported(HOST_HAS_NO_CBT)
+
+        def run() -> str | None:
+            details = self._vsom.RetrieveSnapshotDetails(
+                id=vim.vslm.ID(id=ivd.id),
+                datastore=self._ds(ivd.datastore),
+                snapshotId=vim.vslm.ID(id=snapshot_id),
+            )
+            return str(getattr(details, "changedBlockTrackingId", None) or "") or None
+
+        what = f"retrieving details of snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
+        return self._call(what, run)  # type: ignore[no-any-return]
+
+    def changed_areas(self, ivd: Ivd, snapshot_id: str, change_id: str) -> ChangedAreas:
+        """What changed in snapshot `snapshot_id` since `change_id` ("*": every allocated
+        area), over the IVD's whole capacity: QueryChangedDiskAreas answers a piece at a time
+        (startOffset, length), so this asks again from where each answer ends.
+
+        NotSupported when the server refuses for a reason asking again will not change
+        (tracking off, an unknown or stale change id, an ESXi host); BackendError otherwise."""
+        if self.is_host:
+            raise NotSupported(HOST_HAS_NO_CBT)
+        name = ivd.name or ivd.id
+        what = f"changed areas of IVD {name} snapshot {snapshot_id}"
+        if ivd.capacity_bytes <= 0:  # nothing to loop over would read as "no changes"
+            raise BackendError(f"{what}: vCenter reports no capacity for the IVD")
+        found: list[Extent] = []
+        offset = 0
+        while offset < ivd.capacity_bytes:
+
+            def run(start: int = offset) -> Any:
+                try:
+                    return self._vsom.QueryChangedDiskAreas(
+                        id=vim.vslm.ID(id=ivd.id),
+                        datastore=self._ds(ivd.datastore),
+                        snapshotId=vim.vslm.ID(id=snapshot_id),
+                        startOffset=start,
+                        changeId=change_id,
+                    )
+                except vim.fault.FileNotFound:
+                    raise  # a missing disk file says nothing about tracking: a plain failure
+                except vim.fault.FileFault as e:
+                    # What vCenter answers for a disk whose tracking is not active (reported
+                    # for VM disks; assumed the same for IVDs).
+                    raise NotSupported(
+                        f"changed block tracking is off for IVD {name} or was when snapshot "
+                        f"{snapshot_id} was taken (vCenter: {e.msg or type(e).__name__})"
+                    ) from None
+                except vmodl.fault.InvalidArgument as e:
+                    if getattr(e, "invalidProperty", None) == "changeId":
+                        raise NotSupported(
+                            f"vCenter refuses change id {change_id!r} for snapshot "
+                            f"{snapshot_id} of IVD {name}: tracking was reset since the older "
+                            "snapshot, or it is not older"
+                        ) from None
+                    raise
+                except (vmodl.fault.NotSupported, vmodl.fault.MethodNotFound) as e:
+                    raise NotSupported(
+                        f"the server has no changed-areas query for IVDs ({type(e).__name__}; "
+                        "it needs vCenter 6.7 or later)"
+                    ) from None
+
+            info = self._call(what, run)
+            start, length = int(info.startOffset), int(info.length)
+            if start != offset or length <= 0:
+                raise BackendError(
+                    f"{what}: vCenter answered for {length} bytes at {start} when asked at {offset}"
+                )
+            found += [(int(a.start), int(a.length)) for a in info.changedArea or []]
+            offset = start + length
+        return ChangedAreas(change_id, ivd.capacity_bytes, merge(found))
+
+    def changes_between(self, ivd: Ivd, older_id: str, newer_id: str) -> ChangedAreas:
+        """What changed from snapshot `older_id` to `newer_id`: the older one's change id,
+        then the changed areas of the newer one since it. NotSupported (see changed_areas) also
+        when the older snapshot has no change id."""
+        change_id = self.snapshot_change_id(ivd, older_id)
+        if change_id is None:
+            raise NotSupported(
+                f"snapshot {older_id} of IVD {ivd.name or ivd.id} has no change id: changed "
+                "block tracking was off when it was taken (enable it with the IVD's "
+                "enableChangedBlockTracking control flag; later snapshots can be compared)"
+            )
+        return self.changed_areas(ivd, newer_id, change_id)

@@ -10,8 +10,9 @@ concurrent lookups cause one inventory query.
 
 from __future__ import annotations
 
+import bisect
 import stat
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,6 +21,7 @@ import trio
 from ivdfs.inventory.model import Datastore, Ivd
 
 if TYPE_CHECKING:
+    from ivdfs.tree.changes import ChangePair
     from ivdfs.tree.snapshots import SnapshotDisk
 
 DIR_MODE = stat.S_IFDIR | 0o555
@@ -99,6 +101,14 @@ class SnapshotDir(DirNode):
 
 
 @dataclass(eq=False)
+class ChangesDir(DirNode):
+    """``changes/`` of a snapshot: a .json and a .raw for each older snapshot of its IVD."""
+
+    disk: SnapshotDisk | None = None
+    pairs: dict[str, ChangePair] = field(default_factory=dict)  # by older snapshot id
+
+
+@dataclass(eq=False)
 class VolumesDir(DirNode):
     """``volumes/`` of a snapshot: its loader attaches the guest volumes on first listing."""
 
@@ -137,9 +147,10 @@ class Span(Protocol):
     @property
     def size(self) -> int: ...
 
-    def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def pieces(self, offset: int, length: int) -> Sequence[tuple[int | None, int]]:
         """(disk offset, length) runs of the window's bytes [offset, offset + length), clipped
-        to the window; every run lies inside the disk."""
+        to the window; every run lies inside the disk. A disk offset of None is a run of
+        zeros that comes from no disk (the unchanged part of a sparse view)."""
         ...
 
 
@@ -178,8 +189,67 @@ class WindowFile(Node):
     @property
     def stored(self) -> int:
         assert self.disk is not None
-        holes = sum(self.disk.hole_bytes(off, off + n) for off, n in self.span.pieces(0, self.size))
-        return self.size - holes
+        pieces = self.span.pieces(0, self.size)
+        # Zero runs from no disk (sparse views) hold nothing either.
+        empty = sum(n if off is None else self.disk.hole_bytes(off, off + n) for off, n in pieces)
+        return self.size - empty
+
+
+@dataclass(frozen=True)
+class SparseSpan:
+    """A whole disk of which only `extents` ((offset, length), sorted, apart) are its bytes;
+    the rest is zeros."""
+
+    length: int
+    extents: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    @property
+    def allocated(self) -> int:
+        return sum(max(0, min(s + n, self.length) - s) for s, n in self.extents if s < self.length)
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int | None, int]]:
+        end = min(offset + length, self.length)
+        out: list[tuple[int | None, int]] = []
+        pos = offset
+        # The first extent that ends after `offset`.
+        i = max(0, bisect.bisect_right(self.extents, (offset, 0)) - 1)
+        while pos < end:
+            while i < len(self.extents) and sum(self.extents[i]) <= pos:
+                i += 1
+            if i == len(self.extents) or self.extents[i][0] >= end:
+                out.append((None, end - pos))
+                break
+            start, n = self.extents[i]
+            if start > pos:
+                out.append((None, start - pos))
+                pos = start
+            stop = min(start + n, end)
+            out.append((pos, stop - pos))
+            pos = stop
+        return out
+
+
+@dataclass(eq=False)
+class SparseFile(WindowFile):
+    """A disk-sized view whose bytes come from the disk only where `span` has extents, zeros
+    elsewhere (``changes/<older>.raw``). `prepare` learns the extents before each open; until
+    they are known, `span` has none and st_blocks counts the whole size (an upper bound), and
+    the attributes are not kept."""
+
+    prepare: Callable[[], Awaitable[None]] | None = None
+    known: bool = False
+
+    @property
+    def stored(self) -> int:
+        return super().stored if self.known else self.size
+
+    @property
+    def stable(self) -> bool:
+        return self.known
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""What a snapshot directory holds: disk.raw, partition windows, info.json, volumes/.
+"""What a snapshot directory holds: disk.raw, partition windows, info.json, volumes/, changes/.
 
 Role: one `SnapshotDisk` per snapshot the tree shows: the VDDK-backed `Disk`, and, once probed,
 the disk's own size, its reader (block cache, holes, read-ahead) and its partition table. The
@@ -38,6 +38,7 @@ from ivdfs.io.partitions import (
 from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
 from ivdfs.tree.catalog import INFO_NAME, AddGenerated, to_ns
+from ivdfs.tree.changes import CHANGES_NAME, Changes, ChangeSource
 from ivdfs.tree.inodes import InodeTable
 from ivdfs.tree.nodes import (
     ByteRange,
@@ -238,7 +239,8 @@ Probe = Callable[[SnapshotDisk], Awaitable[bool]]
 
 
 class SnapshotDirs:
-    """Creates snapshot directories and fills them: disk.raw, info.json, partN.raw, volumes/."""
+    """Creates snapshot directories and fills them: disk.raw, info.json, partN.raw, volumes/,
+    changes/."""
 
     def __init__(
         self,
@@ -250,9 +252,12 @@ class SnapshotDirs:
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
         complete_ivd: Callable[[DirNode], Awaitable[None]] | None = None,
+        changes: ChangeSource | None = None,
     ) -> None:
         """`complete_ivd(snapshot dir)` makes the IVD record whole (a listing may have given
-        only a summary) before metadata is shown."""
+        only a summary) before metadata is shown. `changes`: where changes/ asks what changed
+        between snapshots (None: no changes/)."""
+        self.changes = Changes(changes, inodes, add_generated) if changes is not None else None
         self.complete_ivd = complete_ivd
         self.inodes = inodes
         self.disks = disks
@@ -274,7 +279,8 @@ class SnapshotDirs:
         """What a snapshot directory holds; the one place to add per-snapshot entries.
 
         A disk that cannot be opened yet or a table that cannot be trusted costs one log line
-        and leaves disk.raw and info.json alone; the partitions appear once a probe succeeds.
+        and leaves disk.raw and info.json alone; the partitions and changes/ appear once a
+        probe succeeds.
         """
         assert isinstance(d, SnapshotDir) and d.disk is not None
         sd = d.disk
@@ -299,6 +305,9 @@ class SnapshotDirs:
                 window = WindowFile(self.inodes.new_ino(), name, d.mtime_ns, disk=sd, span=span)
                 self.inodes.add(d, window)
                 sd.files.append(window.ino)
+        # After the probe: a .raw there has the disk's own size from the start.
+        if self.changes is not None and CHANGES_NAME not in d.children:
+            self.inodes.add(d, self.changes.make_dir(sd, d.mtime_ns))
         if self.volumes is not None and VOLUMES_NAME not in d.children:
             self.inodes.add(
                 d,

@@ -30,6 +30,7 @@ from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
 from ivdfs.tree.catalog import Catalog, Subset
+from ivdfs.tree.changes import ChangeSource
 from ivdfs.tree.files import FileHandle, OpenFile, OpenFiles
 from ivdfs.tree.inodes import ROOT_INO, InodeTable
 from ivdfs.tree.listing import Listings
@@ -41,6 +42,7 @@ from ivdfs.tree.nodes import (
     IvdDir,
     Node,
     SnapshotDir,
+    SparseFile,
     SymlinkNode,
     WindowFile,
 )
@@ -112,6 +114,7 @@ class Tree:
             self.mount_time_ns,
             volumes,
             mountpoint,
+            changes=inventory if isinstance(inventory, ChangeSource) else None,
         )
         self.catalog = Catalog(
             self.inodes,
@@ -256,6 +259,8 @@ class Tree:
                 await node.prepare()
             return self.files.add(OpenFile(node, content=node.content())), node
         assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
+        if isinstance(node, SparseFile) and node.prepare is not None:
+            await node.prepare()
         sd = node.disk
         if not await self.snapshots.probe(sd):
             raise BackendError(f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True)
@@ -273,9 +278,12 @@ class Tree:
         reader = f.stream.reader
         if isinstance(f.node, WindowFile):
             spans = f.node.span.pieces(offset, size)
-            if len(spans) == 1:
+            if len(spans) == 1 and spans[0][0] is not None:
                 return await reader.read(spans[0][0], spans[0][1], f.stream)
-            parts = [await reader.read(off, n, f.stream) for off, n in spans]
+            # A run without a disk offset is zeros of a sparse view: no block, no VDDK.
+            parts = [
+                bytes(n) if off is None else await reader.read(off, n, f.stream) for off, n in spans
+            ]
             return b"".join(parts)
         return await reader.read(offset, size, f.stream)
 
