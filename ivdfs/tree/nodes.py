@@ -245,7 +245,10 @@ class SparseFile(WindowFile):
 
     @property
     def stored(self) -> int:
-        return super().stored if self.known else self.size
+        # The changed extents, holes or not: a fixed figure, so the kernel may keep it.
+        if not self.known or not isinstance(self.span, SparseSpan):
+            return self.size
+        return self.span.allocated
 
     @property
     def stable(self) -> bool:
