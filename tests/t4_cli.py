@@ -322,6 +322,18 @@ def test_log_is_one_line_per_event_without_secrets_or_ceip(
 
 
 def test_help_of_every_command(bed: Bed) -> None:
-    for cmd in (["ls"], ["snapshot", "create"], ["check"], ["umount"], ["end-access"]):
+    commands = (
+        ["ls"],
+        ["snapshot", "create"],
+        ["snapshot", "delete"],
+        ["mount"],
+        ["umount"],
+        ["status"],
+        ["refresh"],
+        ["check"],
+        ["end-access"],
+        ["changes"],
+    )
+    for cmd in commands:
         r = subprocess.run([*IVDFS, *cmd, "--help"], capture_output=True, text=True, env=bed.env())
         assert r.returncode == 0 and "usage: ivdfs" in r.stdout
