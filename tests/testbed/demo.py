@@ -149,14 +149,14 @@ def main() -> int:
                     "unmount and stop the simulator. "
                 )
             else:
-                print(
-                    f"\nMounted at {mp}; unmounting now (run scripts/demo --keep to explore "
-                    "it; a real mount ends with: fusermount3 -u MOUNTPOINT)"
-                )
+                print(f"\nMounted at {mp}; unmounting now (run scripts/demo --keep to explore it)")
         finally:
-            subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+            print(f"\n$ ivdfs umount {mp}")
+            # Returns once the daemon has finished: handles closed, EndAccess called.
+            r = subprocess.run([sys.executable, "-m", "ivdfs", "umount", str(mp)], env=env)
+            if r.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
             wait_for(lambda: str(mp) not in fuse_mounts(), what="unmount")
-            # The ivdfs process exits right after the unmount; its VDDK summary follows.
             wait_for(lambda: log.exists() and " Exit " in log.read_text(), what="ivdfs exit")
     summary = next(ln for ln in log.read_text().splitlines() if " Exit " in ln)
     fields = dict(p.split("=", 1) for p in summary.split() if "=" in p)
