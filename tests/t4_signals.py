@@ -100,24 +100,38 @@ def test_sigterm_during_start_up(built_testbed: None, tmp_path: Path, stage: str
         assert v.snapshots(ivd) == before and v.snapshots(other) == []
 
 
-@pytest.mark.allow_log("cannot open the disk", "VixDiskLib_Open", "injected Open failure")
-def test_a_disk_failing_at_first_listing_appears_whole_later(bed: Bed, tmp_path: Path) -> None:
+@pytest.mark.allow_log("cannot open the disk", "VixDiskLib_Open", "injected Open failure",
+                       "not reconnecting")  # fmt: skip
+@pytest.mark.parametrize("cause", ["refused", "missing"])
+def test_a_disk_failing_at_first_listing_appears_whole_later(
+    bed: Bed, tmp_path: Path, cause: str
+) -> None:
     """The disk (a GPT disk of 64 MiB; vCenter says 65) fails to open when the snapshot is
-    first listed (connection refused, a transient code): disk.raw shows vCenter's size for
-    now, never kept by the kernel; at a later listing the partitions appear and the size is
-    the disk's own."""
-    ivd = bed.vcsim.create_ivd("late", 65, "LocalDS_2")
+    first listed: the connection is refused (a transient code), or its image is not there yet
+    (VixError 4, a permanent code of that disk alone). disk.raw shows vCenter's size for now,
+    never kept by the kernel; at a later listing the partitions appear and the size is the
+    disk's own."""
+    ivd = bed.vcsim.create_ivd(f"late-{cause}", 65, "LocalDS_2")
     snap = bed.vcsim.create_snapshot(ivd, "late")
     img = tmp_path / "late.raw"
     manifest = imgs.gpt_disk(img, 64)
     size = img.stat().st_size
     assert size == 64 * MiB and manifest.partitions
-    place_image(bed.images, ivd.id, snap, img)
-    with Mount(bed, tmp_path / "mnt", VDDK_STANDIN_FAIL_OPEN_CODE="14009",
-               VDDK_STANDIN_FAIL_OPEN_FIRST="1") as m:  # fmt: skip
+    env = {"VDDK_STANDIN_FAIL_OPEN_CODE": "14009", "VDDK_STANDIN_FAIL_OPEN_FIRST": "1"}
+    if cause == "missing":
+        env = {}
+    else:
+        place_image(bed.images, ivd.id, snap, img)
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, tmp_path / "mnt", **env) as m:
         snapdir = m.mountpoint / ivd.datastore_name / ivd.id / snap
         assert sorted(os.listdir(snapdir)) == ["disk.raw", "info.json"]
         assert (snapdir / "disk.raw").stat().st_size == 65 * MiB
+        # The stand-in, like VDDK, finds a missing disk at ConnectEx already.
+        failed = call_lines(bed.log_lines(), "ConnectEx" if cause == "missing" else "Open")
+        assert failed[-1]["err"] == ("4" if cause == "missing" else "14009")
+        if cause == "missing":
+            place_image(bed.images, ivd.id, snap, img)
 
         def whole() -> bool:
             names = os.listdir(snapdir)

@@ -49,10 +49,13 @@ T = TypeVar("T")
 # A disk opened for a probe (partition table, size) that no file then held closes this soon.
 PROBE_LINGER = 5.0
 # Remembered open failures: the first is retried after this long, each further failure doubles
-# the wait, up to the maximum. A permanent error (a refused login, a missing privilege) waits
-# the maximum at once: every attempt is a vCenter login, and repeated failed logins lock
-# service accounts.
+# the wait, up to the maximum. A permanent error of one disk (no such file, no access to it)
+# starts at a longer wait: its login worked, so retrying risks no lockout, and a disk that
+# appears later (a snapshot still being written) is found without remounting. An account error
+# (a refused login, a missing privilege) waits the maximum at once, for every disk: each
+# attempt is a failed vCenter login, and repeated ones lock service accounts.
 OPEN_RETRY_FIRST = 0.1
+OPEN_RETRY_PERMANENT_FIRST = 1.0
 OPEN_RETRY_MAX = 60.0
 # Reads: attempts per block and the backoff before the first retry (doubling).
 READ_ATTEMPTS = 4
@@ -308,13 +311,13 @@ class DiskService:
         except BackendError as e:
             self.stats.open_failures += 1
             previous = slot.failure
-            delay = (
-                OPEN_RETRY_FIRST if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)
-            )
             code = e.code if isinstance(e, VddkError) else None
             permanent = code is not None and is_permanent(code)
-            if permanent:
+            first = OPEN_RETRY_PERMANENT_FIRST if permanent else OPEN_RETRY_FIRST
+            delay = first if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)
+            if code in ACCOUNT_CODES:
                 delay = OPEN_RETRY_MAX
+            if permanent:
                 log.error("%s; not reconnecting for %.0f s (a permanent error)", e, delay)
                 e = BackendError(str(e), quiet=True)  # logged just now
             slot.failure = _Failure(self._clock() + delay, delay, e, permanent)
