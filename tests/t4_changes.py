@@ -354,3 +354,30 @@ def test_listing_and_stat_ask_vcenter_nothing(built_testbed: None, tmp_path: Pat
             assert e.value.errno == errno.EIO
             assert m.unmount() == 0
         check_standin_lines(own.log_lines())
+
+
+def test_an_answer_is_kept_for_the_life_of_the_mount(built_testbed: None, tmp_path: Path) -> None:
+    """Changed areas never change: once a pair was answered, its .json and .raw open and read
+    the same with vCenter gone (no second query), and the .raw's data comes from the cache."""
+    (tmp_path / "images").mkdir()
+    with Vcsim(images_dir=tmp_path / "images") as v:
+        own = Bed(v, tmp_path)
+        rng = random.Random(4)
+        first = rng.randbytes(MiB)
+        second = bytearray(first)
+        second[BLOCK : 2 * BLOCK] = rng.randbytes(BLOCK)
+        h = make_history(v, own.images, "kept", [first, bytes(second)])
+        older, newer = h.snaps
+        expected = block_extents(h.images[older], h.images[newer])
+        view = delta_view(h.images[newer], expected)
+        with Mount(own, tmp_path / "mnt") as m:
+            d = changes_dir(m.mountpoint, h, newer)
+            doc = (d / f"{older}.json").read_bytes()
+            assert [(e["offset"], e["length"]) for e in json.loads(doc)["extents"]] == expected
+            assert (d / f"{older}.raw").read_bytes() == view
+            v.kill_server()
+            for _ in range(2):
+                assert (d / f"{older}.json").read_bytes() == doc
+                assert (d / f"{older}.raw").read_bytes() == view
+            assert m.unmount() == 0
+        check_standin_lines(own.log_lines())

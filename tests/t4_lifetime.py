@@ -161,6 +161,35 @@ def test_open_files_beyond_the_cap(
     assert max_connections(bed) <= 2
 
 
+def test_an_open_waits_for_a_connection_in_use_and_says_so(
+    bed: Bed, snapshots: list[tuple[Ivd, str, bytes]], tmp_path: Path
+) -> None:
+    """With one connection allowed and a read in flight on it, a second disk waits (it never
+    evicts a disk mid-read), then reads right; the wait is counted in the stats."""
+    (slow, slow_snap, slow_data), (fast, fast_snap, fast_data) = snapshots[0], snapshots[2]
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, tmp_path / "mnt", "--max-connections", "1", "--prefetch", "0",
+               VDDK_STANDIN_SLOW_IVD=slow.id, VDDK_STANDIN_SLOW_US="1500000") as m:  # fmt: skip
+        got: list[bytes] = []
+
+        def read_slow() -> None:
+            with open(disk(m.mountpoint, slow, slow_snap), "rb", buffering=0) as f:
+                got.append(f.read(4096))
+
+        t = threading.Thread(target=read_slow)
+        t.start()
+        wait_for(lambda: any(" ReadAsync " in ln or " Read " in ln for ln in bed.log_lines()),
+                 what="the slow read in flight")  # fmt: skip
+        with open(disk(m.mountpoint, fast, fast_snap), "rb", buffering=0) as f:
+            assert f.read(4096) == fast_data[:4096]
+        t.join(timeout=60)
+        assert got == [slow_data[:4096]]
+        s = stats(m.mountpoint)["disks"]
+        assert s["waits"] >= 1 and s["wait_seconds"] > 0
+        assert m.unmount() == 0
+    assert max_connections(bed) == 1
+
+
 def test_nodes_removed_by_refresh_are_freed(bed: Bed, tmp_path: Path) -> None:
     """Snapshots created and deleted every cycle: the tree's nodes and the mount's memory stay
     bounded; removed nodes are freed once the kernel forgets them."""

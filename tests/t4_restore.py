@@ -29,6 +29,7 @@ from tests.mounting import (
     loop_devices_of,
     mounted_at,
     sha256_file,
+    wait_for,
 )
 from tests.testbed import images as imgs
 from tests.testbed.vsphere import Ivd, place_image
@@ -263,6 +264,46 @@ def test_kernel_volumes(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_
     assert m.unexpected_log_records(allowed=("partition table",)) == []
     assert_standin_log_clean(bed, {d.ivd.id for d in disks.values()})
     assert_nothing_left(bed, disks, mountpoint, dirs)
+
+
+def handles_of(lines: list[str], ivd: Ivd) -> tuple[set[str], set[str]]:
+    """The stand-in handles opened on `ivd`'s disks, and those of them closed."""
+    opened = {o["handle"] for o in call_lines(lines, "Open") if o.get("path") == ivd.id}
+    closed = {c["handle"] for c in call_lines(lines, "Close")} & opened
+    return opened, closed
+
+
+@pytest.mark.allow_log("partition table")
+def test_guest_volumes_hold_their_disk_past_the_idle_timeout(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path
+) -> None:
+    """A mounted guest volume is use: its disk stays open while another disk, used and let
+    go at the same time, is closed by the idle timeout; stats say what volumes hold."""
+    bed.standin_log.unlink(missing_ok=True)
+    held, other = disks["bare"], disks["mbr"]
+    with Mount(bed, mountpoint, "--volumes", "kernel", "--idle-timeout", "0.3") as m:
+        assert os.listdir(held.snapdir(mountpoint) / "volumes") == ["0"]
+        with open(other.snapdir(mountpoint) / "disk.raw", "rb") as f:
+            f.read(4096)
+
+        def other_closed() -> bool:
+            opened, closed = handles_of(bed.log_lines(), other.ivd)
+            return bool(opened) and opened == closed
+
+        wait_for(other_closed, what="the idle disk's Close")  # the idle timeout has passed
+        opened, closed = handles_of(bed.log_lines(), held.ivd)
+        assert opened and opened != closed, "the volume's disk was closed under it"
+        doc = json.loads((mountpoint / ".ivdfs" / "stats").read_text())
+        assert doc["tree"]["volumes_mounted"] == 1 and doc["tree"]["snapshots_with_volumes"] == 1
+        assert doc["disks"]["held_disks"] >= 1
+        r = subprocess.run([*IVDFS, "umount", str(mountpoint)], capture_output=True, text=True,
+                           env=bed.env(), timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert m.proc.wait(timeout=30) == 0, m.log()
+    opened, closed = handles_of(bed.log_lines(), held.ivd)
+    assert opened == closed
+    assert_standin_log_clean(bed, {held.ivd.id, other.ivd.id})
+    assert_nothing_left(bed, disks, mountpoint)
 
 
 @pytest.mark.parametrize("how", ["fusermount", "SIGINT"])

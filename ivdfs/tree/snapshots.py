@@ -266,6 +266,8 @@ class SnapshotDirs:
         self.mount_time_ns = mount_time_ns
         self.volumes = volumes
         self.mountpoint = mountpoint
+        # Guest volumes keep their disks open (their loop devices read our files) until unmount.
+        self.stats = {"volumes_mounted": 0, "volumes_refused": 0, "snapshots_with_volumes": 0}
 
     def make(self, ivd: Ivd, snap: Snapshot) -> SnapshotDir:
         sd = SnapshotDisk(ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes)
@@ -345,6 +347,9 @@ class SnapshotDirs:
         for lv in sd.logical_volumes:
             if not lv.supported:
                 refused[lv.dm_name] = f"LVM logical volume not supported: {lv.reason}"
+        self.stats["volumes_mounted"] += len(answer.mounted)
+        self.stats["volumes_refused"] += len(refused)
+        self.stats["snapshots_with_volumes"] += bool(answer.mounted)
         for name, target in sorted(answer.mounted.items()):
             self.inodes.add(d, SymlinkNode(self.inodes.new_ino(), name, d.mtime_ns, target=target))
         # No volume is silently absent: volumes/<name>.error says why it is not mounted.

@@ -311,4 +311,5 @@ class Tree:
             "nodes_freed": self.inodes.freed,
             "open_files": len(self.files),
             **self.catalog.stats,
+            **self.snapshots.stats,
         }
