@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pty
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,37 @@ def test_ls_with_vslm(vslm_bed: Bed) -> None:
         p.ivd.id: [s.id for s in sorted(p.snapshots, key=lambda s: s.create_time)]
         for p in vslm_bed.vcsim.populated
     }
+
+
+def test_ls_all_shows_progress_on_a_terminal_only(vslm_bed: Bed) -> None:
+    """A long listing counts on a terminal (stderr), and the table on stdout stays clean; with
+    stderr not a terminal nothing but the table is written."""
+    v = vslm_bed.vcsim
+    argv = [*IVDFS, "ls", "--all", "--server", v.server, "--user", v.user,
+            "--ca-file", str(v.ca_file)]  # fmt: skip
+    controller, terminal = pty.openpty()
+    try:
+        r = subprocess.run(argv, env=vslm_bed.env(), stdout=subprocess.PIPE, stderr=terminal,
+                           stdin=subprocess.DEVNULL, text=True, timeout=60)  # fmt: skip
+        os.close(terminal)
+        said = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(controller)
+    assert r.returncode == 0
+    total = len(v.populated)
+    assert f"listing IVDs ... {total}, done" in said.decode(), said
+    assert len(r.stdout.splitlines()) > total and "..." not in r.stdout
+    plain = subprocess.run(argv, env=vslm_bed.env(), capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)  # fmt: skip
+    assert plain.returncode == 0 and plain.stderr == "" and plain.stdout == r.stdout
 
 
 def test_one_relogin_for_the_whole_pool(vslm_bed: Bed, caplog: pytest.LogCaptureFixture) -> None:
