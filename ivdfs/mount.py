@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,15 +259,26 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
     signals = Signals()
     signals.install()
     journal: list[Journal] = []  # set by _run as soon as it exists
+    started = False
+
+    def now_ready() -> None:
+        nonlocal started
+        started = True
+        if ready is not None:
+            ready()
+
     try:
         with contextlib.ExitStack() as stack:
             try:
-                code = _run(cfg, ready, signals, stack, journal)
+                code = _run(cfg, now_ready, signals, stack, journal)
             finally:
                 signals.stopping = True  # from here on the ExitStack tears down
     except BaseException as e:
         if journal:
             journal[0].finish(exit_code_of(e))
+        if started and isinstance(e, IvdfsError) and not isinstance(e, Interrupted):
+            # Whoever started the mount is gone or not watching stderr: the log must say it.
+            log.error("%s", e)
         raise
     if journal:
         journal[0].finish(code)
@@ -396,6 +408,15 @@ def _run(
             "(libfuse refused it; see the log)",
             ExitCode.FUSE,
         )
+    if signals.received is None and mountinfo.find(cfg.mountpoint) is not None:
+        # Nobody unmounted it and no stop signal came: the kernel ended the connection (an
+        # abort through /sys/fs/fuse/connections/N/abort). Readers already see ENOTCONN; take
+        # the dead mount away rather than leave it behind, and say so.
+        served.clean = True
+        raise UserError(
+            f"the FUSE connection of {cfg.mountpoint} was aborted while mounted; unmounted it",
+            ExitCode.FUSE,
+        )
     served.clean = True
     record.set("state", "stopping")
     log.info("unmounting %s", cfg.mountpoint)
@@ -415,6 +436,10 @@ def _close_fuse(mountpoint: Path, served: _Served) -> None:
     # ("Transport endpoint is not connected") instead of looking like an empty snapshot.
     still_mounted = mountinfo.find(mountpoint) is not None
     pyfuse3.close(unmount=served.clean and still_mounted)
+    if served.clean and still_mounted and mountinfo.find(mountpoint) is not None:
+        # libfuse leaves a connection that was aborted mounted (its fd reports POLLERR).
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                       stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
 
 
 def _stats_level(cfg: MountConfig) -> int:
@@ -539,8 +564,7 @@ def daemonize_and_run(cfg: MountConfig) -> int:
         code = run(cfg, ready)
     except IvdfsError as e:
         code = exit_code_of(e)
-        if not pipe.send(f"ERR {code}\t{e}"):
-            log.error("%s", e)
+        pipe.send(f"ERR {code}\t{e}")  # after the mount was ready, run() logged it
     except BaseException as e:
         code = exit_code_of(e)
         log.exception("internal error")

@@ -32,6 +32,12 @@ def built_testbed() -> None:
             pytest.fail(f"{tool} is missing; run scripts/setup")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         pytest.fail("/dev/fuse is not usable; the tests mount for real and need it")
+    # FUSE connections' knobs (ivdfs raises max_background; tests abort connections) live in
+    # fusectl, which systemd mounts at boot but containers often lack.
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        if not any(" - fusectl " in ln for ln in f):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"],
+                           check=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

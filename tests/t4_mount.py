@@ -140,6 +140,32 @@ def test_stop_cleanly(bed: Bed, images: list[Image], mountpoint: Path, how: str)
     assert_standin_log_clean(bed, {img.ivd.id})
 
 
+@pytest.mark.allow_log("was aborted while mounted")
+def test_an_aborted_connection_is_exit_9_and_leaves_no_dead_mount(
+    bed: Bed, images: list[Image], mountpoint: Path
+) -> None:
+    """The kernel ends the session (the FUSE connection aborted through sysfs, as an admin or
+    a watchdog does): ivdfs exits 9 with one line, unmounts the dead mount and pairs every
+    Prepare, instead of exiting 0 and leaving "Transport endpoint is not connected"."""
+    bed.standin_log.unlink(missing_ok=True)
+    img = images[1]
+    m = Mount(bed, mountpoint)
+    disk = mountpoint / img.ivd.datastore_name / img.ivd.id / img.snapshot / "disk.raw"
+    with open(disk, "rb") as f:
+        assert f.read(4096) == img.path.read_bytes()[:4096]
+    conn = Path(f"/sys/fs/fuse/connections/{os.minor(os.stat(mountpoint).st_dev)}")
+    # Raised after INIT, so one slow disk's readers cannot take every background place.
+    wait_for(lambda: (conn / "max_background").read_text() == "256\n", what="max_background")
+    assert (conn / "congestion_threshold").read_text() == "192\n"
+    (conn / "abort").write_text("1\n")
+    assert m.proc.wait(timeout=30) == 9, m.log()
+    assert not mounted_at(mountpoint)
+    errors = [ln for ln in m.log().splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "was aborted while mounted" in errors[0], errors
+    assert "Traceback" not in m.log()
+    assert_standin_log_clean(bed, {img.ivd.id})
+
+
 def test_detached_mount_reports_ready_and_errors(
     bed: Bed, images: list[Image], mountpoint: Path
 ) -> None:

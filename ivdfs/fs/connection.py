@@ -29,6 +29,15 @@ def tune_connection(mountpoint: Path, root: Path = SYSFS_FUSE) -> bool:
     if entry is None:
         return False
     conn = root / entry.device.split(":")[1]
+    if not conn.is_dir():
+        # fusectl is mounted by systemd at boot, but often not in containers.
+        log.info(
+            "the FUSE connection keeps the kernel's limit of 12 background requests: fusectl "
+            "is not mounted on %s (as root: mount -t fusectl fusectl %s)",
+            root,
+            root,
+        )
+        return False
     try:
         # Raise the limit before the threshold: the kernel refuses a threshold above it.
         for name, value in (
