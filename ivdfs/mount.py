@@ -398,6 +398,7 @@ def _run(
     signals.check()
     if ready is not None:
         ready()
+    served.clean = False  # until the loop returns: a crash while serving leaves it visible
     try:
         trio.run(_serve, signals, service, tree, prefetcher, volumes, lambda: _after_init(cfg))
     except Exception as e:
@@ -428,7 +429,8 @@ def _run(
 
 @dataclass
 class _Served:
-    clean: bool = False
+    # False only while serving: a start-up error (or signal) before it still unmounts.
+    clean: bool = True
 
 
 def _close_fuse(mountpoint: Path, served: _Served) -> None:
