@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -116,22 +116,29 @@ def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     bed: Bed = request.getfixturevalue("bed")
     log = bed.standin_log
+    # Held open for the whole test: a log the test unlinks and a mount creates anew must not
+    # get the old one's inode number (ext4 and tmpfs hand it out again at once), or its lines
+    # would be read from the old size on, partly or not at all.
     try:
-        st = log.stat()
-        start = (st.st_ino, st.st_size)
+        held: BinaryIO | None = open(log, "rb")
     except FileNotFoundError:
-        start = (0, 0)
-    yield
-    if request.node.rep_call_failed:
-        return
+        held = None
     try:
-        st = log.stat()
-    except FileNotFoundError:
-        return
-    with open(log, "rb") as f:
-        if st.st_ino == start[0]:
-            f.seek(start[1])
-        lines = f.read().decode("utf-8", "replace").splitlines()
+        start = held.seek(0, os.SEEK_END) if held is not None else 0
+        yield
+        if request.node.rep_call_failed:
+            return
+        try:
+            f = open(log, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            if held is not None and os.fstat(f.fileno()).st_ino == os.fstat(held.fileno()).st_ino:
+                f.seek(start)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    finally:
+        if held is not None:
+            held.close()
     mounting.check_standin_lines(lines, killed=request.node.get_closest_marker("killed_mount"))
 
 

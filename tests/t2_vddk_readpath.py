@@ -7,6 +7,7 @@ from __future__ import annotations
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from ivdfs.errors import BackendError
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.reader import DiskReader
@@ -124,4 +125,75 @@ async def test_a_scan_at_the_scan_segments_reserve_reads_each_block_once() -> No
         # Block 0 started the stream as a random read: main borrowed free space for it, and
         # gave a block back once the scan segment wanted its reserve. Nothing else.
         assert cache.stats.evicted_main == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_scans_that_come_back_leave_the_hot_set_alone() -> None:
+    # Two passes with read-ahead over a disk four times the cache: a block the first pass
+    # brought in and the scan segment evicted is new to the second pass, not a re-reference.
+    # (Eviction must forget a block's reference with the block, or the second pass promotes
+    # every prefetched block on its first use and flushes the hot set.)
+    disk = FakeDisk(pattern(64 * BS, "again"))
+    disk.delay = 0.001
+    cache = BlockCache(16 * BS, 6 * BS)
+    prefetcher = Prefetcher(max_in_flight=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetcher.run)
+        reader = DiskReader("d", len(disk.data), BS, cache, disk.read, None, prefetcher, 2)
+        hot = [60, 61, 62, 63]
+        for i in hot:
+            await reader.read(i * BS + 1, 10)  # random reads: into main
+        for _ in range(2):
+            stream = reader.open_stream()
+            for off in range(8 * BS, 56 * BS, 16 * 1024):
+                got = await reader.read(off, 16 * 1024, stream)
+                assert bytes(got) == disk.data[off : off + 16 * 1024]
+                while prefetcher.queued:
+                    await trio.sleep(0)
+        before = len(disk.reads)
+        for i in hot:
+            assert bytes(await reader.read(i * BS, 10)) == disk.data[i * BS : i * BS + 10]
+        assert len(disk.reads) == before  # the hot set survived both passes
+        # Block 8 opened each pass as a random read; nothing the scans read was promoted.
+        assert cache.stats.promoted == 0
+        assert cache.current_bytes <= 16 * BS
+        nursery.cancel_scope.cancel()
+
+
+class FailsOnce(FakeDisk):
+    """Each sector in `fail_once` fails its first read only (a transient VDDK error), after
+    `fail_delay` seconds."""
+
+    fail_once: set[int]
+    fail_delay: float = 0.0
+
+    async def read(self, start_sector: int, nbytes: int) -> bytes:
+        if start_sector in self.fail_once:
+            self.fail_once.discard(start_sector)
+            self.reads.append((start_sector, nbytes))
+            await trio.sleep(self.fail_delay)
+            raise BackendError("injected transient failure")
+        return await super().read(start_sector, nbytes)
+
+
+async def test_a_failed_read_ahead_is_retried_by_the_reader_waiting_for_it() -> None:
+    # A reader that waits for a block the prefetcher is reading must not see the prefetch's
+    # error: the prefetch made one attempt only, and the reader's own read may well work.
+    disk = FailsOnce(pattern(16 * BS, "retry"))
+    disk.delay = 0.001
+    disk.fail_once, disk.fail_delay = {2 * BS // 512}, 0.1
+    cache = BlockCache(16 * BS, 8 * BS)
+    prefetcher = Prefetcher(max_in_flight=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetcher.run)
+        reader = DiskReader("d", len(disk.data), BS, cache, disk.read, None, prefetcher, 4)
+        stream = reader.open_stream()
+        for i in range(2):  # the second block in order starts the read-ahead of block 2
+            assert bytes(await reader.read(i * BS, BS, stream)) == disk.data[i * BS : (i + 1) * BS]
+        await wait_all_tasks_blocked()
+        assert ("d", 2) in cache and prefetcher.queued  # block 2 is being read ahead
+        got = await reader.read(2 * BS, BS, stream)  # waits for that read, which fails
+        assert bytes(got) == disk.data[2 * BS : 3 * BS]
+        assert [s for s, _ in disk.reads].count(2 * BS // 512) == 2  # the prefetch, then ours
+        assert cache.stats.prefetch_failures == 1
         nursery.cancel_scope.cancel()

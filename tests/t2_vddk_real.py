@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ivdfs.io import holes
 from ivdfs.io.holes import AllocationMap
@@ -257,6 +260,38 @@ async def test_a_library_that_cannot_query_turns_the_map_off() -> None:
     m = AllocationMap(q, 2048 * 8 * 512, 1 << 20, region_blocks=4)
     assert await m.is_allocated(0)
     assert not m.enabled and await m.is_allocated(5) and len(q.calls) == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    block_sectors=st.sampled_from([128, 256, 384, 2048, 4096]),
+    region_blocks=st.integers(1, 6),
+    capacity=st.integers(1, 60 * 384),
+    seeds=st.lists(st.floats(0, 1, exclude_max=True), max_size=12),
+)
+def test_every_region_answers_for_its_own_blocks(
+    block_sectors: int, region_blocks: int, capacity: int, seeds: list[float]
+) -> None:
+    """Over several regions (the real default is 1024 blocks; a small region here), any
+    block size and an odd tail: a block holding data is never a hole, whichever region it is
+    in and however the query's runs fall; a block wholly inside the queried range with no data
+    is one. Every query keeps VDDK's rules (a refused one would log a warning)."""
+    allocated = {int(f * capacity) for f in seeds}
+    q = RulesQuery(capacity, allocated)
+    m = AllocationMap(q, capacity * 512, block_sectors * 512, region_blocks=region_blocks)
+    chunk = m.chunk_sectors
+    queryable = capacity // chunk * chunk if chunk else 0
+
+    async def answers() -> list[bool]:
+        return [await m.is_allocated(i) for i in range(m.nblocks)]
+
+    got = trio.run(answers)
+    for i, answer in enumerate(got):
+        lo, hi = i * block_sectors, min((i + 1) * block_sectors, capacity)
+        if any(lo <= s < hi for s in allocated):
+            assert answer, f"block {i} holds data but reads as zeros"
+        elif (i + 1) * block_sectors <= queryable:
+            assert not answer, f"block {i} is a hole but gets read"
 
 
 # --- the scenarios, run in their own process ------------------------------------------------

@@ -164,6 +164,39 @@ def test_bad_input(
         subprocess.run(["umount", str(mounted)], check=True)
 
 
+def test_a_password_file_others_can_reach_is_refused(bed: Bed, tmp_path: Path) -> None:
+    """Any permission for group or others (read, write or search) refuses the file with one
+    line before anything connects; 0600 and 0400 are the only shapes accepted."""
+    modes = (0o640, 0o660, 0o620, 0o604)
+    runs = []
+    for mode in modes:
+        pw = tmp_path / f"pw{mode:o}"
+        pw.write_text(bed.vcsim.password + "\n")
+        pw.chmod(mode)
+        mp = tmp_path / f"mnt{mode:o}"
+        mp.mkdir()
+        args = bed.mount_args(mp)
+        args[-1:-1] = ["--password-file", str(pw)]
+        proc = subprocess.Popen(
+            args, env=bed.env(IVDFS_PASSWORD=""), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        runs.append((mode, mp, proc))
+    try:
+        for mode, mp, proc in runs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 3, (oct(mode), err)
+            assert err.startswith("ivdfs: password file "), (oct(mode), err)
+            assert "chmod 600" in err and len(err.splitlines()) == 1
+            assert bed.vcsim.password not in err
+            assert not mounted_at(mp)
+    finally:
+        for _, mp, proc in runs:  # what a bug mounted (detached) goes again
+            proc.kill()
+            if mounted_at(mp):
+                subprocess.run(["fusermount3", "-u", str(mp)], check=False)
+
+
 def test_usage_errors_exit_2(bed: Bed, tmp_path: Path) -> None:
     r = run_mount([*bed.mount_args(tmp_path)[:-1], "--no-such-option", str(tmp_path)], bed.env())
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Bed, DataDisk, Mount, wait_for
-from tests.testbed.images import random_disk, sparse_disk
+from tests.mounting import Bed, DataDisk, Mount, call_lines, wait_for
+from tests.testbed.images import block_data, random_disk, sparse_disk
 from tests.testbed.vsphere import place_image
 
 MiB = 1 << 20
@@ -154,6 +154,41 @@ def test_holes_read_as_zeros_without_vddk_reads(
         assert m.unmount() == 0
     assert m.unexpected_log_records() == []
     assert violations(bed) == []
+
+
+def test_data_in_every_allocation_region_reads_as_itself(bed: Bed, mountpoint: Path) -> None:
+    """The allocation map asks VDDK one region (1024 blocks) at a time; with 64 KiB blocks a
+    region is 64 MiB, so this 200 MiB disk spans four. Data on either side of each region
+    boundary reads as itself, holes as zeros without a VDDK read, and every region is asked
+    about once."""
+    bs, region = 64 << 10, 1024
+    nblocks = 200 * MiB // bs
+    data_blocks = {0, 517, region - 1, region, region + 1, 2 * region - 1, 2 * region,
+                   3 * region - 1, 3 * region, 3 * region + 77, nblocks - 1}  # fmt: skip
+    holes = {b + 2 for b in data_blocks if b + 2 < nblocks and b + 2 not in data_blocks}
+    ivd = bed.vcsim.create_ivd("perf-regions", 200, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "regions")
+    src = bed.root / "perf-regions.raw"
+    with open(src, "wb") as f:
+        f.truncate(200 * MiB)
+        for b in data_blocks:
+            os.pwrite(f.fileno(), block_data(21, b, bs), b * bs)
+    place_image(bed.images, ivd.id, snap, src)
+    bed.standin_log.unlink(missing_ok=True)
+    with Mount(bed, mountpoint, "--block-size", "64K", "--prefetch", "0") as m:
+        disk = mountpoint / ivd.datastore_name / ivd.id / snap / "disk.raw"
+        with open(disk, "rb", buffering=0) as f:
+            for b in sorted(data_blocks | holes):
+                want = block_data(21, b, bs) if b in data_blocks else bytes(bs)
+                assert os.pread(f.fileno(), bs, b * bs) == want, f"block {b}"
+        assert m.unmount() == 0
+    sectors = bs // 512
+    read = {int(r["start"]) // sectors for r in read_requests(bed)}
+    # The kernel's read-ahead may ask for more blocks; only blocks with data reach VDDK.
+    assert data_blocks <= read and read <= data_blocks
+    queried = sorted(int(q["start"]) // (region * sectors)
+                     for q in call_lines(bed.log_lines(), "QueryAllocatedBlocks"))  # fmt: skip
+    assert queried == [0, 1, 2, 3]
 
 
 def test_several_handles_per_snapshot(bed: Bed, disks: dict[str, Disk], mountpoint: Path) -> None:

@@ -142,14 +142,24 @@ def ntfs3g_processes(volume_dir: Path) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("password", ["environment", "file"])
 def test_children_of_the_daemon_inherit_the_users_environment_not_vddks(
-    bed: Bed, disks: dict[str, Disk], mountpoint: Path
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path, password: str
 ) -> None:
     """ntfs-3g (for --volumes kernel) lives as long as the mount: it must not run with VDDK's
-    libraries on its search path, and its LD_LIBRARY_PATH is the user's own."""
+    libraries on its search path, its LD_LIBRARY_PATH is the user's own, and it never sees
+    IVDFS_PASSWORD, whether that held the password or a --password-file did."""
     bed.standin_log.unlink(missing_ok=True)
     d = disks["gpt"]
-    m = Mount(bed, mountpoint, "--volumes", "kernel", LD_LIBRARY_PATH=USER_LIBS)
+    extra: list[str] = []
+    mount_env = {"LD_LIBRARY_PATH": USER_LIBS}
+    if password == "file":
+        pw = tmp_path / "pw"
+        pw.write_text(bed.vcsim.password)
+        pw.chmod(0o600)
+        extra = ["--password-file", str(pw)]
+        mount_env["IVDFS_PASSWORD"] = "a-stale-password-the-file-overrides"
+    m = Mount(bed, mountpoint, "--volumes", "kernel", *extra, **mount_env)
     try:
         assert environ_of(m.proc.pid)["LD_LIBRARY_PATH"] == f"{LIB64}:{USER_LIBS}"
         vols = d.raw(mountpoint).parent / "volumes"

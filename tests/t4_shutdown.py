@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def disks(bed: Bed) -> list[tuple[str, Path]]:
+def disks(bed: Bed) -> list[tuple[str, Path, Path]]:
+    """(IVD id, disk.raw relative to the mount point, source image) of two 64 MiB disks."""
     out = []
     for i, ds in enumerate(("LocalDS_0", "LocalDS_1")):
         ivd = bed.vcsim.create_ivd(f"shutdown-{i}", 64, ds)
@@ -25,21 +27,70 @@ def disks(bed: Bed) -> list[tuple[str, Path]]:
         src = bed.root / f"shutdown-{i}.raw"
         src.write_bytes(os.urandom(64 * MiB))
         place_image(bed.images, ivd.id, snap, src)
-        out.append((ivd.id, Path(ds) / ivd.id / snap / "disk.raw"))
+        out.append((ivd.id, Path(ds) / ivd.id / snap / "disk.raw", src))
     return out
 
 
-def start_readers(mp: Path, disks: list[tuple[str, Path]]) -> list[subprocess.Popen[bytes]]:
-    """dd readers that are mid-way when the stop comes (the stand-in adds latency)."""
-    cmd = ["dd", "of=/dev/null", "bs=1M"]
+# A reader that checks what it gets: each chunk against the source at the same offset. Exit 0:
+# the whole disk, right; 3: wrong bytes or a short file (EOF before the end), the outcome a
+# backup must never see; 4: a read failed with an error (its name on stdout).
+READER = """
+import os, sys
+path, source = sys.argv[1], sys.argv[2]
+size = os.path.getsize(source)
+src = open(source, "rb")
+pos, fd = 0, None
+try:
+    fd = os.open(path, os.O_RDONLY)
+    while chunk := os.read(fd, 1 << 20):
+        if chunk != src.read(len(chunk)):
+            print("wrong bytes at", pos)
+            sys.exit(3)
+        pos += len(chunk)
+except OSError as e:
+    print(os.strerror(e.errno), e.errno, pos)
+    sys.exit(4)
+finally:
+    try:
+        if fd is not None:
+            os.close(fd)  # fails too once the mount is gone
+    except OSError:
+        pass
+if pos != size:
+    print("EOF at", pos, "of", size)
+    sys.exit(3)
+"""
+# How a read may fail when the mount goes away under it: ivdfs answers EIO, or the kernel
+# finds the FUSE connection gone.
+CLEAN_ERRORS = {errno.EIO, errno.ENOTCONN, errno.ECONNABORTED}
+
+
+def start_readers(mp: Path, disks: list[tuple[str, Path, Path]]) -> list[subprocess.Popen[str]]:
+    """Readers that are mid-way when the stop comes (the stand-in adds latency)."""
+    argv = [sys.executable, "-c", READER]
     return [
-        subprocess.Popen([*cmd, f"if={mp / rel}"], stderr=subprocess.DEVNULL) for _, rel in disks
+        subprocess.Popen([*argv, str(mp / rel), str(src)], stdout=subprocess.PIPE, text=True)
+        for _, rel, src in disks
     ]
+
+
+def outcome(reader: subprocess.Popen[str]) -> tuple[int, str]:
+    """(exit status, what it printed); a reader that hangs fails the test."""
+    out, _ = reader.communicate(timeout=30)
+    return reader.returncode, out.strip()
+
+
+def assert_ended_cleanly(readers: list[subprocess.Popen[str]]) -> None:
+    for r in readers:
+        code, out = outcome(r)
+        assert code in (0, 4), out  # the right bytes, or an error: never wrong or short
+        if code == 4:
+            assert int(out.split()[-2]) in CLEAN_ERRORS, out
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_stop_with_reads_in_flight(
-    bed: Bed, disks: list[tuple[str, Path]], tmp_path: Path, how: str
+    bed: Bed, disks: list[tuple[str, Path, Path]], tmp_path: Path, how: str
 ) -> None:
     bed.standin_log.unlink(missing_ok=True)
     m = Mount(bed, tmp_path / "mnt", VDDK_STANDIN_LATENCY_US="20000")
@@ -47,25 +98,24 @@ def test_stop_with_reads_in_flight(
     # Wait until both disks are open and reading, then stop.
     wait_for(lambda: sum(" Read" in ln for ln in bed.log_lines()) >= 4, what="reads")
     assert m.unmount(how) == 0, m.log()
-    for r in readers:
-        r.wait(timeout=30)  # the readers end (with an error), nothing hangs
+    assert_ended_cleanly(readers)
     assert not mounted_at(m.mountpoint)
-    assert_standin_log_clean(bed, {ivd for ivd, _ in disks})
+    assert_standin_log_clean(bed, {ivd for ivd, _, _ in disks})
 
 
 def test_fusermount_after_readers_finish(
-    bed: Bed, disks: list[tuple[str, Path]], tmp_path: Path
+    bed: Bed, disks: list[tuple[str, Path, Path]], tmp_path: Path
 ) -> None:
     bed.standin_log.unlink(missing_ok=True)
     m = Mount(bed, tmp_path / "mnt")
     readers = start_readers(m.mountpoint, disks)
-    assert all(r.wait(timeout=60) == 0 for r in readers)
+    assert [outcome(r) for r in readers] == [(0, "")] * len(disks)
     assert m.unmount("fusermount") == 0
-    assert_standin_log_clean(bed, {ivd for ivd, _ in disks})
+    assert_standin_log_clean(bed, {ivd for ivd, _, _ in disks})
 
 
 def test_crash_leaves_the_mountpoint_visibly_broken(
-    bed: Bed, disks: list[tuple[str, Path]], tmp_path: Path
+    bed: Bed, disks: list[tuple[str, Path, Path]], tmp_path: Path
 ) -> None:
     """After a crash `ls` must fail, never show an empty directory that `rsync --delete`
     would take for an empty snapshot."""
