@@ -75,6 +75,7 @@ ENVIRON = (
 )
 
 
+# fmt: off
 MUTANTS: tuple[Mutant, ...] = (
     # --- read path ---------------------------------------------------------------------------
     Mutant(
@@ -243,8 +244,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "connect-not-read-only", "vddk", "ivdfs/vddk/connection.py",
-        '"VixDiskLib_ConnectEx", self._params.ptr, b"\\x01", ffi.NULL, modes, conn, context=ctx',
-        '"VixDiskLib_ConnectEx", self._params.ptr, b"\\x00", ffi.NULL, modes, conn, context=ctx',
+        '"VixDiskLib_ConnectEx",\n            self._params.ptr,\n            b"\\x01",',
+        '"VixDiskLib_ConnectEx",\n            self._params.ptr,\n            b"\\x00",',
         MOUNT, "the connection asks for write access",
     ),
     Mutant(
@@ -337,3 +338,4 @@ MUTANTS: tuple[Mutant, ...] = (
         PASSWORD, "a logged config or traceback shows the password",
     ),
 )
+# fmt: on
