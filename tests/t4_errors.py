@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ivdfs import journal
 from tests.mounting import VDDK6_LIBDIR, Bed, Mount, fuse_mounts, mounted_at
 from tests.testbed.vsphere import https_server, place_image
 
@@ -208,3 +209,21 @@ def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_pa
     log = m.log()
     assert "VixDiskLib_ConnectEx" in log and "hint:" in log and "thumbprint" in log
     assert "Traceback" not in log
+
+
+def test_a_failed_snapshot_task_is_exit_11(bed: Bed, tmp_path: Path) -> None:
+    """vCenter fails the --snapshot-now task: exit 11 with vCenter's reason in one line, and
+    nothing left: no mount, no journal, no snapshot, the access ended (the fixture)."""
+    v = bed.vcsim
+    ivd = v.create_ivd("refused-snapshot", 1, "LocalDS_2")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    for how in ([], ["-f"]):
+        with v.failing("createSnapshot"):
+            r = run_mount(bed.mount_args(mp, *how, "--snapshot-now", ivd.id), bed.env())
+        assert r.returncode == 11, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ivdfs:")]
+        assert len(errors) == 1 and "--snapshot-now" in errors[0] and "failed" in errors[0]
+        assert "Traceback" not in r.stderr
+        assert not mounted_at(mp) and journal.find(mp) is None
+        assert v.snapshots(ivd) == []

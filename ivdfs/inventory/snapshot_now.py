@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs.errors import BackendError, NotFound, TaskFailed
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk.connection import DiskTarget
@@ -76,7 +76,7 @@ class TemporarySnapshots:
                 snap = self._vs.create_snapshot(ivd, description)
             except BackendError as e:
                 self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": None})
-                raise UserError(f"--snapshot-now: {e}", ExitCode.VSPHERE) from None
+                raise TaskFailed(f"--snapshot-now: {e}") from None
             self._journal.update("snapshots", {"ivd": ivd.id, "snapshot": None}, snapshot=snap.id)
             self.created.append((ivd, snap))
             log.info("created snapshot %s of IVD %s (%s)", snap.id, ivd.id, ivd.name)
