@@ -188,21 +188,35 @@ def test_killed_while_creating_the_temporary_snapshot(
 
 
 @killed
-def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> None:
+@pytest.mark.parametrize("point", ["teardown-begins", "vddk-teardown-begins"])
+def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point: str) -> None:
+    """Killed as the teardown begins (the temporary snapshot may still be there), or once the
+    VDDK teardown has begun (the first handle closed): by then the temporary snapshot must be
+    deleted already, so a crash in VDDK's teardown cannot leave it behind (issue 12)."""
     ivd, snap = disk
     before = bed.vcsim.snapshots(ivd)
     # EndAccess takes a while: the kill comes between the unmount and the end.
     m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
     data = (mp / ivd.datastore_name / ivd.id / snap / "disk.raw").read_bytes()
     assert len(data) == 32 * MiB
+    closes = len(call_lines(bed.log_lines(), "Close"))
     m.proc.send_signal(signal.SIGTERM)
 
     def stopping() -> bool:
         rec = journal.find(mp)
         return rec is not None and rec.doc.get("state") == "stopping"
 
-    wait_for(stopping, timeout=60, what="the teardown")
+    def vddk_teardown() -> bool:
+        return len(call_lines(bed.log_lines(), "Close")) > closes
+
+    wait_for(stopping if point == "teardown-begins" else vddk_teardown, timeout=60,
+             what="the teardown")  # fmt: skip
     pid = kill(m)
+    rec = journal.find(mp)
+    assert rec is not None and not rec.alive and rec.prepared  # killed before its EndAccess
+    if point == "vddk-teardown-begins":
+        assert rec.snapshots == []
+        assert bed.vcsim.snapshots(ivd) == before
     assert_recovered(bed, mp, pid, ivd, before)
 
 
