@@ -1,8 +1,8 @@
 """Recovering a killed mount with one command (issue 15): for each kill point, SIGKILL the
 daemon, run `ivdfs umount`, and find nothing left: no loop device, no mount under the run
-directory, the mountpoint a plain empty directory again, the IVD's snapshots as before the
-mount, and every PrepareForAccess ended (the shared fixture checks the stand-in log across
-the killed daemon and the recovering command).
+directory, no FUSE driver of a guest volume, the mountpoint a plain empty directory again, the
+IVD's snapshots as before the mount, and every PrepareForAccess ended (the shared fixture
+checks the stand-in log across the killed daemon and the recovering command).
 
 What cannot be undone (vCenter unreachable, no connection options, a deletion vCenter
 refuses) is named with a command; run as printed, with the password supplied as before, that
@@ -80,6 +80,31 @@ def has_options(command: Sequence[str], given: Sequence[Sequence[str]]) -> bool:
     """Each of `given` (a flag, or a flag and its value) appears in `command` as given."""
     pairs = list(itertools.pairwise(command))
     return all(g[0] in command if len(g) == 1 else (g[0], g[1]) in pairs for g in given)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_naming(prefix: str) -> dict[int, str]:
+    """Live processes with a command-line argument starting with `prefix`: pid -> name."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            name = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        if any(os.fsdecode(a).startswith(prefix) for a in argv) and alive(int(entry)):
+            out[int(entry)] = name
+    return out
 
 
 def status(bed: Bed, mp: Path) -> dict[str, object]:
@@ -254,6 +279,39 @@ def test_status_of_a_live_mount(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> No
         assert doc["prepared_ivds"] == [ivd.id] and doc["snapshots"] == []
         assert m.unmount() == 0
     assert journal.find(mp) is None
+
+
+@pytest.fixture(scope="module")
+def windows_disk(bed: Bed) -> tuple[Ivd, str]:
+    """An IVD whose snapshot holds ext4, FAT32 and NTFS partitions: NTFS is served by ntfs-3g
+    and, on a kernel without vfat (this one), FAT by fusefat, FUSE drivers that outlive a
+    killed ivdfs."""
+    ivd = bed.vcsim.create_ivd("windows", 64, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "before")
+    img = bed.root / "windows.raw"
+    imgs.gpt_disk(img, 64)
+    place_image(bed.images, ivd.id, snap, img)
+    return ivd, snap
+
+
+@killed
+def test_killed_with_fuse_driven_guest_volumes(
+    bed: Bed, windows_disk: tuple[Ivd, str], mp: Path
+) -> None:
+    ivd, snap = windows_disk
+    before = bed.vcsim.snapshots(ivd)
+    m = Mount(bed, mp, "--volumes", "kernel")
+    vols = mp / ivd.datastore_name / ivd.id / snap / "volumes"
+    names = os.listdir(vols)
+    assert len(names) == 3 and all(os.listdir(vols / n) for n in names)  # each with files
+    pid = m.proc.pid
+    drivers = processes_naming(f"/run/ivdfs-{pid}-")
+    assert "ntfs-3g" in drivers.values(), drivers
+    kill(m)
+    assert all(alive(p) for p in drivers)  # they outlive ivdfs: recovery must stop them
+    assert_recovered(bed, mp, pid, ivd, before)
+    assert not [p for p in drivers if alive(p)]
+    assert processes_naming(f"/run/ivdfs-{pid}-") == {}
 
 
 @pytest.mark.allow_log("could not delete snapshot", "TLS verification disabled")
