@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import http.server
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,41 @@ def not_vsphere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     """An HTTPS server that is not vSphere (every request: 404)."""
     with https_server(tmp_path_factory.mktemp("https")) as (port, ca):
         yield f"127.0.0.1:{port}", str(ca)
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a TLS ClientHello is a "bad request" line on stderr otherwise
+
+
+@pytest.fixture(scope="module")
+def plain_http() -> Iterator[str]:
+    """An HTTP server without any TLS (every request: an HTTP error page)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def closes_at_once() -> Iterator[str]:
+    """A TCP port that accepts each connection and closes it before reading anything."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the module is done
+            while True:
+                conn, _ = listener.accept()
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 def replace_opt(args: list[str], opt: str, value: str | None) -> list[str]:
@@ -61,6 +100,10 @@ CASES = [
         6,
         "thumbprint mismatch",
     ),
+    # No TLS at all: the handshake gets an HTTP error page back.
+    ("plain-http", {"--server": "PLAINHTTP"}, {}, 5, "does not speak TLS"),
+    # Closed before the handshake: the client sees a reset or an EOF, whichever comes first.
+    ("closes-at-once", {"--server": "CLOSER"}, {}, 5, "closed the connection"),
     ("thumbprint-invalid", {"--thumbprint": "xyz"}, {}, 3, "invalid SHA-1 thumbprint"),
     (
         "insecure-and-pinned",
@@ -113,14 +156,16 @@ CASES = [
 @pytest.mark.parametrize(("changes", "env_changes", "code", "fragment"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])  # fmt: skip
 def test_bad_input(
-    bed: Bed, not_vsphere: tuple[str, str], tmp_path: Path, changes: dict[str, str | None],
-    env_changes: dict[str, str], code: int, fragment: str,
+    bed: Bed, not_vsphere: tuple[str, str], plain_http: str, closes_at_once: str, tmp_path: Path,
+    changes: dict[str, str | None], env_changes: dict[str, str], code: int, fragment: str,
 ) -> None:  # fmt: skip
     mp = tmp_path / "mnt"
     mp.mkdir()
     special = {
         "NOTVSPHERE": not_vsphere[0],
         "NOTVSPHERE_CA": not_vsphere[1],
+        "PLAINHTTP": plain_http,
+        "CLOSER": closes_at_once,
         "EMPTYDIR": str(tmp_path),
         "MISSING": str(tmp_path / "missing"),
         "FILE": str(tmp_path / "file"),
