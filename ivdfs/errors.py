@@ -57,6 +57,11 @@ class BackendError(IvdfsError):
         self.quiet = quiet
 
 
+class TaskFailed(BackendError):
+    """A vCenter task (creating or deleting a snapshot) ended in error or never ended; the
+    message names the task and vCenter's reason. A BackendError, so EIO at the FUSE boundary."""
+
+
 class NotSupported(IvdfsError):
     """The server cannot answer, and asking again will not change that: changed block
     tracking was off for the IVD or its snapshot, the server refuses the change id, or the
@@ -103,6 +108,8 @@ def exit_code_of(e: BaseException) -> int:
         return ExitCode.TLS
     if isinstance(e, Ambiguous):
         return ExitCode.USAGE
+    if isinstance(e, TaskFailed):  # vCenter's refusal, whatever other backend failures map to
+        return ExitCode.VSPHERE
     if isinstance(e, BackendError):
         return ExitCode.VSPHERE
     if isinstance(e, NotSupported):

@@ -11,6 +11,11 @@ file; a file whose process is gone is a dead mount: `ivdfs umount` undoes it
 (`ivdfs.commands.recover`), `ivdfs status` shows it, and `ivdfs mount` refuses to stack a new
 mount over it. Every write replaces the file atomically (write, fsync, rename).
 
+What cannot be undone automatically is named with the command that would undo it by hand:
+`advice` and `connection_options` build that command line, the same way at every site that
+prints one (the mount's teardown, recovery), from the connection settings the user gave (or,
+when none were given, from what the mount recorded). Never with a password.
+
 Concurrency: the daemon writes from the main thread (start-up, teardown), the trio thread
 (volumes) and the VDDK control thread (access); one lock serialises them. Readers are other
 processes.
@@ -22,14 +27,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ivdfs import __version__
+from ivdfs.config import ServerConfig
 
 FORMAT = 1
 
@@ -69,6 +76,33 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else None
 
 
+def server_option(host: str, port: int) -> str:
+    """HOST:PORT as --server takes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connection_options(server: ServerConfig, password_file: Path | None = None) -> list[str]:
+    """The options that reach `server` as the user's settings did (whether they came from
+    flags, the environment or the config file), for a command printed as advice: server,
+    user, the TLS trust settings and the password file's path. Never the password itself:
+    whoever runs the command supplies it again as before (IVDFS_PASSWORD, a prompt)."""
+    out = ["--server", server_option(server.host, server.port), "--user", server.user]
+    if server.ca_file is not None:
+        out += ["--ca-file", str(server.ca_file)]
+    if server.thumbprint:
+        out += ["--thumbprint", server.thumbprint]
+    if server.insecure:
+        out.append("--insecure")
+    if password_file is not None:
+        out += ["--password-file", str(password_file)]
+    return out
+
+
+def advice(*words: str, options: Sequence[str] = ()) -> str:
+    """An ivdfs command line to print as what to run, quoted for a POSIX shell."""
+    return shlex.join(["ivdfs", *words, *options])
+
+
 @dataclass
 class Record:
     """A journal as read back: what a (live or dead) mount holds."""
@@ -99,6 +133,19 @@ class Record:
     @property
     def run_dirs(self) -> list[str]:
         return list(self.doc.get("run_dirs", []))
+
+    def connection_options(self) -> list[str]:
+        """Options that reach the mount's own server as it did, for advice when the user gave
+        none: its server and user, and the certificate it verified, pinned by thumbprint
+        (which replaces a CA file or --insecure the journal does not know of)."""
+        doc = self.doc
+        if not doc.get("server") or not doc.get("user"):
+            return []
+        out = ["--server", server_option(str(doc["server"]), int(doc.get("port", 443)))]
+        out += ["--user", str(doc["user"])]
+        if doc.get("thumbprint"):
+            out += ["--thumbprint", str(doc["thumbprint"])]
+        return out
 
     def holds_anything(self) -> bool:
         return bool(self.snapshots or self.prepared or self.run_dirs)

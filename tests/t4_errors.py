@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import http.server
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ivdfs import journal
 from tests.mounting import VDDK6_LIBDIR, Bed, Mount, fuse_mounts, mounted_at
 from tests.testbed.vsphere import https_server, place_image
 
@@ -20,6 +25,41 @@ def not_vsphere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     """An HTTPS server that is not vSphere (every request: 404)."""
     with https_server(tmp_path_factory.mktemp("https")) as (port, ca):
         yield f"127.0.0.1:{port}", str(ca)
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a TLS ClientHello is a "bad request" line on stderr otherwise
+
+
+@pytest.fixture(scope="module")
+def plain_http() -> Iterator[str]:
+    """An HTTP server without any TLS (every request: an HTTP error page)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def closes_at_once() -> Iterator[str]:
+    """A TCP port that accepts each connection and closes it before reading anything."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the module is done
+            while True:
+                conn, _ = listener.accept()
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 def replace_opt(args: list[str], opt: str, value: str | None) -> list[str]:
@@ -60,6 +100,10 @@ CASES = [
         6,
         "thumbprint mismatch",
     ),
+    # No TLS at all: the handshake gets an HTTP error page back.
+    ("plain-http", {"--server": "PLAINHTTP"}, {}, 5, "does not speak TLS"),
+    # Closed before the handshake: the client sees a reset or an EOF, whichever comes first.
+    ("closes-at-once", {"--server": "CLOSER"}, {}, 5, "closed the connection"),
     ("thumbprint-invalid", {"--thumbprint": "xyz"}, {}, 3, "invalid SHA-1 thumbprint"),
     (
         "insecure-and-pinned",
@@ -112,14 +156,16 @@ CASES = [
 @pytest.mark.parametrize(("changes", "env_changes", "code", "fragment"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])  # fmt: skip
 def test_bad_input(
-    bed: Bed, not_vsphere: tuple[str, str], tmp_path: Path, changes: dict[str, str | None],
-    env_changes: dict[str, str], code: int, fragment: str,
+    bed: Bed, not_vsphere: tuple[str, str], plain_http: str, closes_at_once: str, tmp_path: Path,
+    changes: dict[str, str | None], env_changes: dict[str, str], code: int, fragment: str,
 ) -> None:  # fmt: skip
     mp = tmp_path / "mnt"
     mp.mkdir()
     special = {
         "NOTVSPHERE": not_vsphere[0],
         "NOTVSPHERE_CA": not_vsphere[1],
+        "PLAINHTTP": plain_http,
+        "CLOSER": closes_at_once,
         "EMPTYDIR": str(tmp_path),
         "MISSING": str(tmp_path / "missing"),
         "FILE": str(tmp_path / "file"),
@@ -241,3 +287,21 @@ def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_pa
     log = m.log()
     assert "VixDiskLib_ConnectEx" in log and "hint:" in log and "thumbprint" in log
     assert "Traceback" not in log
+
+
+def test_a_failed_snapshot_task_is_exit_11(bed: Bed, tmp_path: Path) -> None:
+    """vCenter fails the --snapshot-now task: exit 11 with vCenter's reason in one line, and
+    nothing left: no mount, no journal, no snapshot, the access ended (the fixture)."""
+    v = bed.vcsim
+    ivd = v.create_ivd("refused-snapshot", 1, "LocalDS_2")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    for how in ([], ["-f"]):
+        with v.failing("createSnapshot"):
+            r = run_mount(bed.mount_args(mp, *how, "--snapshot-now", ivd.id), bed.env())
+        assert r.returncode == 11, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ivdfs:")]
+        assert len(errors) == 1 and "--snapshot-now" in errors[0] and "failed" in errors[0]
+        assert "Traceback" not in r.stderr
+        assert not mounted_at(mp) and journal.find(mp) is None
+        assert v.snapshots(ivd) == []

@@ -1,17 +1,23 @@
 """Recovering a killed mount with one command (issue 15): for each kill point, SIGKILL the
 daemon, run `ivdfs umount`, and find nothing left: no loop device, no mount under the run
-directory, the mountpoint a plain empty directory again, the IVD's snapshots as before the
-mount, and every PrepareForAccess ended (the shared fixture checks the stand-in log across
-the killed daemon and the recovering command).
+directory, no FUSE driver of a guest volume, the mountpoint a plain empty directory again, the
+IVD's snapshots as before the mount, and every PrepareForAccess ended (the shared fixture
+checks the stand-in log across the killed daemon and the recovering command).
+
+What cannot be undone (vCenter unreachable, no connection options, a deletion vCenter
+refuses) is named with a command; run as printed, with the password supplied as before, that
+command works, and the journal is kept until it has.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,13 +52,59 @@ def disk(bed: Bed) -> tuple[Ivd, str]:
     return ivd, snap
 
 
-def umount(bed: Bed, mp: Path) -> subprocess.CompletedProcess[str]:
+def umount(bed: Bed, mp: Path, *extra: str, server: str | None = None,
+           **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
     v = bed.vcsim
     return subprocess.run(
-        [*IVDFS, "umount", str(mp), "--server", v.server, "--user", v.user, "--ca-file",
-         str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR)],
-        env=bed.env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        [*IVDFS, "umount", str(mp), "--server", server or v.server, "--user", v.user,
+         "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), *extra],
+        env=bed.env(**env), capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def advice(text: str, marker: str) -> list[list[str]]:
+    """The commands printed after `marker` (to the end of each line), split as a shell would."""
+    return [shlex.split(ln.split(marker, 1)[1]) for ln in text.splitlines() if marker in ln]
+
+
+def run_as_printed(bed: Bed, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """`command` as the user would paste it; the password as the tests give it everywhere
+    (IVDFS_PASSWORD), which the command must never carry itself."""
+    assert command[0] == "ivdfs" and bed.vcsim.password not in command
+    return subprocess.run([*IVDFS, *command[1:]], env=bed.env(), capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def has_options(command: Sequence[str], given: Sequence[Sequence[str]]) -> bool:
+    """Each of `given` (a flag, or a flag and its value) appears in `command` as given."""
+    pairs = list(itertools.pairwise(command))
+    return all(g[0] in command if len(g) == 1 else (g[0], g[1]) in pairs for g in given)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_naming(prefix: str) -> dict[int, str]:
+    """Live processes with a command-line argument starting with `prefix`: pid -> name."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            name = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        if any(os.fsdecode(a).startswith(prefix) for a in argv) and alive(int(entry)):
+            out[int(entry)] = name
+    return out
 
 
 def status(bed: Bed, mp: Path) -> dict[str, object]:
@@ -161,21 +213,35 @@ def test_killed_while_creating_the_temporary_snapshot(
 
 
 @killed
-def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> None:
+@pytest.mark.parametrize("point", ["teardown-begins", "vddk-teardown-begins"])
+def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point: str) -> None:
+    """Killed as the teardown begins (the temporary snapshot may still be there), or once the
+    VDDK teardown has begun (the first handle closed): by then the temporary snapshot must be
+    deleted already, so a crash in VDDK's teardown cannot leave it behind (issue 12)."""
     ivd, snap = disk
     before = bed.vcsim.snapshots(ivd)
     # EndAccess takes a while: the kill comes between the unmount and the end.
     m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
     data = (mp / ivd.datastore_name / ivd.id / snap / "disk.raw").read_bytes()
     assert len(data) == 32 * MiB
+    closes = len(call_lines(bed.log_lines(), "Close"))
     m.proc.send_signal(signal.SIGTERM)
 
     def stopping() -> bool:
         rec = journal.find(mp)
         return rec is not None and rec.doc.get("state") == "stopping"
 
-    wait_for(stopping, timeout=60, what="the teardown")
+    def vddk_teardown() -> bool:
+        return len(call_lines(bed.log_lines(), "Close")) > closes
+
+    wait_for(stopping if point == "teardown-begins" else vddk_teardown, timeout=60,
+             what="the teardown")  # fmt: skip
     pid = kill(m)
+    rec = journal.find(mp)
+    assert rec is not None and not rec.alive and rec.prepared  # killed before its EndAccess
+    if point == "vddk-teardown-begins":
+        assert rec.snapshots == []
+        assert bed.vcsim.snapshots(ivd) == before
     assert_recovered(bed, mp, pid, ivd, before)
 
 
@@ -213,3 +279,127 @@ def test_status_of_a_live_mount(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> No
         assert doc["prepared_ivds"] == [ivd.id] and doc["snapshots"] == []
         assert m.unmount() == 0
     assert journal.find(mp) is None
+
+
+@pytest.fixture(scope="module")
+def windows_disk(bed: Bed) -> tuple[Ivd, str]:
+    """An IVD whose snapshot holds ext4, FAT32 and NTFS partitions: NTFS is served by ntfs-3g
+    and, on a kernel without vfat (this one), FAT by fusefat, FUSE drivers that outlive a
+    killed ivdfs."""
+    ivd = bed.vcsim.create_ivd("windows", 64, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "before")
+    img = bed.root / "windows.raw"
+    imgs.gpt_disk(img, 64)
+    place_image(bed.images, ivd.id, snap, img)
+    return ivd, snap
+
+
+@killed
+def test_killed_with_fuse_driven_guest_volumes(
+    bed: Bed, windows_disk: tuple[Ivd, str], mp: Path
+) -> None:
+    ivd, snap = windows_disk
+    before = bed.vcsim.snapshots(ivd)
+    m = Mount(bed, mp, "--volumes", "kernel")
+    vols = mp / ivd.datastore_name / ivd.id / snap / "volumes"
+    names = os.listdir(vols)
+    assert len(names) == 3 and all(os.listdir(vols / n) for n in names)  # each with files
+    pid = m.proc.pid
+    drivers = processes_naming(f"/run/ivdfs-{pid}-")
+    assert "ntfs-3g" in drivers.values(), drivers
+    kill(m)
+    assert all(alive(p) for p in drivers)  # they outlive ivdfs: recovery must stop them
+    assert_recovered(bed, mp, pid, ivd, before)
+    assert not [p for p in drivers if alive(p)]
+    assert processes_naming(f"/run/ivdfs-{pid}-") == {}
+
+
+@pytest.mark.allow_log("could not delete snapshot", "TLS verification disabled")
+@pytest.mark.parametrize("tls", ["ca-file", "thumbprint", "insecure"])
+def test_a_failed_deletion_names_a_command_that_works(bed: Bed, mp: Path, tls: str) -> None:
+    """vCenter refuses to delete the --snapshot-now snapshots at unmount: the mount's log
+    and `ivdfs umount` each name a command with the connection options the user gave; run
+    as printed they delete the snapshots, and a later `ivdfs umount` finds nothing left."""
+    v = bed.vcsim
+    a = v.create_ivd(f"refused-a-{tls}", 2, "LocalDS_1")
+    b = v.create_ivd(f"refused-b-{tls}", 2, "LocalDS_1")
+    extra = {"ca-file": [], "thumbprint": ["--thumbprint", v.thumbprint],
+             "insecure": ["--insecure"]}[tls]  # fmt: skip
+    given = [["--server", v.server], ["--user", v.user], ["--ca-file", str(v.ca_file)]]
+    given += [extra] if extra else []
+    m = Mount(bed, mp, *extra, "--snapshot-now", a.id, "--snapshot-now", b.id)
+    temporary = {a.id: v.snapshots(a), b.id: v.snapshots(b)}
+    assert all(len(t) == 1 for t in temporary.values())
+    with v.failing("deleteSnapshot"):
+        r = umount(bed, mp, *extra)
+    m.proc.wait(timeout=30)
+    assert r.returncode == 11, r.stdout + r.stderr  # vCenter's refusal, as for any failed task
+    assert "Traceback" not in r.stderr and not mounted_at(mp)
+    logged = advice(m.log(), "delete it with: ")
+    printed = advice(r.stdout, "to undo it: ")
+    assert len(logged) == len(printed) == 2, m.log() + r.stdout
+    for command in logged + printed:
+        assert command[:3] == ["ivdfs", "snapshot", "delete"]
+        assert has_options(command, given), command
+        assert v.password not in command
+    by_ivd = {c[3]: c for c in logged}, {c[3]: c for c in printed}
+    assert by_ivd[0][a.id][4] == by_ivd[1][a.id][4] == temporary[a.id][0]
+    # What the mount logged, for one; what umount printed, for the other.
+    for command in (by_ivd[0][a.id], by_ivd[1][b.id]):
+        done = run_as_printed(bed, command)
+        assert done.returncode == 0, (command, done.stderr)
+    assert v.snapshots(a) == v.snapshots(b) == []
+    # The journal kept them; now umount finds them gone and clears it.
+    rec = journal.find(mp)
+    assert rec is not None and len(rec.snapshots) == 2
+    r = umount(bed, mp, *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("was already gone") == 2 and journal.find(mp) is None
+
+
+@killed
+def test_recovery_without_vcenter_names_what_is_left_and_finishes_later(
+    bed: Bed, disk: tuple[Ivd, str], mp: Path
+) -> None:
+    """A dead mount holding a temporary snapshot and a PrepareForAccess: `ivdfs umount` with
+    no connection options, then with an unreachable vCenter, undoes what it can, names each
+    thing it cannot with the command that would, exits non-zero and keeps the journal; that
+    command, run as printed once vCenter is reachable, finishes the job and exits 0."""
+    v = bed.vcsim
+    ivd, _ = disk
+    before = v.snapshots(ivd)
+    m = Mount(bed, mp, "--snapshot-now", ivd.id)
+    pid = kill(m)
+    rec = journal.find(mp)
+    assert rec is not None and len(rec.snapshots) == 1 and len(rec.prepared) == 1
+    snap = rec.snapshots[0]["snapshot"]
+
+    bare = subprocess.run([*IVDFS, "umount", str(mp)], env=bed.env(IVDFS_PASSWORD=""),
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    unreachable = umount(bed, mp, server="127.0.0.1:1")
+    for r, code, reason, server in ((bare, 3, "no server", v.server),
+                                    (unreachable, 5, "cannot reach", "127.0.0.1:1")):  # fmt: skip
+        assert r.returncode == code, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+        failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL")]
+        assert len(failed) == 2 and all(reason in ln for ln in failed), r.stdout
+        assert f"snapshot {snap} of IVD {ivd.id}" in failed[0]
+        assert f"IVD {ivd.id} left prepared" in failed[1]
+        (command,) = {tuple(c) for c in advice(r.stdout, "to undo it: ")}
+        assert command[:3] == ("ivdfs", "umount", str(mp))
+        assert has_options(command, [["--server", server], ["--user", v.user]]), command
+        kept = journal.find(mp)
+        assert kept is not None and kept.snapshots == rec.snapshots
+        assert kept.prepared == rec.prepared
+        assert not mounted_at(mp)  # what needed no vCenter is done
+    assert status(bed, mp)["state"] == "dead"
+    assert v.snapshots(ivd) == [*before, snap]
+
+    # The first advice (the mount's own server and certificate), as printed.
+    (command,) = advice(bare.stdout, "to undo it: ")[:1]
+    done = run_as_printed(bed, command)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"deleted snapshot {snap}" in done.stdout and "EndAccess for IVD" in done.stdout
+    assert journal.find(mp) is None and v.snapshots(ivd) == before
+    assert os.listdir(mp) == [] and mounts_under(f"/run/ivdfs-{pid}-") == []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError
+from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
@@ -128,13 +128,16 @@ def _cmd(argv: list[str]) -> str | None:
 class Report:
     def __init__(self) -> None:
         self.failed: list[str] = []
+        self.code: int = ExitCode.OK  # of the first failure: why the job is not done
 
     def ok(self, text: str) -> None:
         print(f"ok    {text}", flush=True)
 
-    def fail(self, text: str, remedy: str) -> None:
+    def fail(self, text: str, remedy: str, code: int = ExitCode.MOUNTPOINT) -> None:
         print(f"FAIL  {text}; to undo it: {remedy}", flush=True)
         self.failed.append(text)
+        if self.code == ExitCode.OK:
+            self.code = code
 
 
 def undo_local(rec: journal.Record, report: Report) -> None:
@@ -194,29 +197,39 @@ def undo_remote(rec: journal.Record, connection: Connection, report: Report) -> 
     """Temporary snapshots, then EndAccess: needs vCenter and VDDK."""
     if not rec.snapshots and not rec.prepared:
         return
-    advice = "ivdfs umount with the connection options (--server, --user, ...)"
     try:
         known = rec.doc.get("vddk_libdir")
         server, libdir = connection(Path(known) if known else None)
     except UserError as e:
-        for s in rec.snapshots:
-            report.fail(
-                f"snapshot {s.get('snapshot') or '(being created)'} of IVD {s['ivd']} "
-                f"left: {e.message}",
-                advice,
-            )
-        for p in rec.prepared:
-            report.fail(f"IVD {p['ivd']} left prepared: {e.message}", advice)
+        # No (usable) connection options: the mount's own server and certificate.
+        left_behind(rec, report, e, rec.connection_options())
         return
+    options = journal.connection_options(server)
     vs = VSphere(server)
     try:
-        thumbprint = vs.connect()
+        try:
+            thumbprint = vs.connect()
+        except IvdfsError as e:
+            left_behind(rec, report, e, options)
+            return
         for s in rec.snapshots:
-            _delete_snapshot(vs, rec, s, report, server)
+            _delete_snapshot(vs, rec, s, report, options)
         if rec.prepared:
             _end_access(rec, server, thumbprint, libdir, report)
     finally:
         vs.close()
+
+
+def left_behind(rec: journal.Record, report: Report, e: IvdfsError, options: list[str]) -> None:
+    """Nothing on vCenter could be undone (`e` says why): name each thing the journal still
+    holds, and the one command that undoes them all once the reason is fixed."""
+    again = journal.advice("umount", str(rec.mountpoint), options=options)
+    code = exit_code_of(e)
+    for s in rec.snapshots:
+        snap = s.get("snapshot") or "(being created)"
+        report.fail(f"snapshot {snap} of IVD {s['ivd']} left: {e}", again, code)
+    for p in rec.prepared:
+        report.fail(f"IVD {p['ivd']} left prepared (vMotion disabled): {e}", again, code)
 
 
 def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
@@ -227,13 +240,12 @@ def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
 
 
 def _delete_snapshot(
-    vs: VSphere, rec: journal.Record, s: dict[str, str], report: Report, server: ServerConfig
+    vs: VSphere, rec: journal.Record, s: dict[str, str], report: Report, options: list[str]
 ) -> None:
-    advice = f"ivdfs snapshot delete --server {server.host}:{server.port} --user {server.user}"
+    snap_id = s.get("snapshot")
     try:
         ivd = _ivd(vs, s["ivd"], s["datastore"])
         existing = vs.snapshots(ivd)
-        snap_id = s.get("snapshot")
         if not snap_id:
             # Killed while the task ran: the description (mount and pid) names it.
             matches = [x.id for x in existing if x.description == s["description"]]
@@ -248,12 +260,15 @@ def _delete_snapshot(
         vs.delete_snapshot(ivd, snap_id)
         report.ok(f"deleted snapshot {snap_id} of IVD {ivd.id} ({ivd.name})")
     except NotFound:
-        report.ok(f"snapshot {s.get('snapshot')} of IVD {s['ivd']} was already gone")
-    except (BackendError, UserError) as e:
-        report.fail(
-            f"snapshot {s.get('snapshot')} of IVD {s['ivd']}: {e}",
-            f"{advice} {s['ivd']} {s.get('snapshot')}",
+        report.ok(f"snapshot {snap_id} of IVD {s['ivd']} was already gone")
+    except IvdfsError as e:
+        remedy = (
+            journal.advice("snapshot", "delete", s["ivd"], snap_id, options=options)
+            if snap_id
+            else journal.advice("umount", str(rec.mountpoint), options=options)
         )
+        what = f"snapshot {snap_id or '(being created)'} of IVD {s['ivd']}"
+        report.fail(f"{what}: {e}", remedy, exit_code_of(e))
         return
     _journal_drop(rec, "snapshots", s)
 
@@ -298,10 +313,10 @@ def recover(rec: journal.Record, connection: Connection) -> int:
     undo_local(rec, report)
     try:
         undo_remote(rec, connection, report)
-    except IvdfsError as e:
-        report.fail(str(e), "ivdfs umount again once the server is reachable")
+    except IvdfsError as e:  # the server went away half way: what is left is named
+        left_behind(rec, report, e, rec.connection_options())
     if report.failed:
-        return ExitCode.MOUNTPOINT
+        return report.code
     with contextlib.suppress(FileNotFoundError):
         rec.path.unlink()
     return ExitCode.OK

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs import journal
+from ivdfs.errors import BackendError, NotFound, TaskFailed
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk.connection import DiskTarget
@@ -48,12 +50,22 @@ def description_for(mountpoint: str, pid: int) -> str:
 
 
 class TemporarySnapshots:
-    def __init__(self, vs: VSphere, pins: Pins, journal: Record, advice: str = "") -> None:
-        """`advice`: the connection options a user needs to delete a leftover by hand."""
+    def __init__(
+        self,
+        vs: VSphere,
+        pins: Pins,
+        record: Record,
+        advice: str = "",
+        password_file: Path | None = None,
+    ) -> None:
+        """`password_file`: the user's, named in the command printed for deleting a leftover
+        by hand (the rest of that command comes from `vs.server`). `advice` is ignored: the
+        options it carried are now taken from `vs.server`, with the TLS ones it lacked."""
+        del advice
         self._vs = vs
         self._pins = pins
-        self._journal = journal
-        self._advice = advice
+        self._journal = record
+        self._password_file = password_file
         self.created: list[tuple[Ivd, Snapshot]] = []
         self._pinned: list[DiskTarget] = []
 
@@ -76,7 +88,7 @@ class TemporarySnapshots:
                 snap = self._vs.create_snapshot(ivd, description)
             except BackendError as e:
                 self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": None})
-                raise UserError(f"--snapshot-now: {e}", ExitCode.VSPHERE) from None
+                raise TaskFailed(f"--snapshot-now: {e}") from None
             self._journal.update("snapshots", {"ivd": ivd.id, "snapshot": None}, snapshot=snap.id)
             self.created.append((ivd, snap))
             log.info("created snapshot %s of IVD %s (%s)", snap.id, ivd.id, ivd.name)
@@ -96,15 +108,14 @@ class TemporarySnapshots:
             except NotFound:
                 log.warning("snapshot %s of IVD %s was already deleted", snap.id, ivd.id)
             except BackendError as e:
+                options = journal.connection_options(self._vs.server, self._password_file)
                 log.error(
                     "could not delete snapshot %s of IVD %s (%s); `ivdfs umount` of this "
-                    "mountpoint tries again, or delete it with: ivdfs snapshot delete%s %s %s",
+                    "mountpoint tries again, or delete it with: %s",
                     snap.id,
                     ivd.id,
                     e,
-                    self._advice,
-                    ivd.id,
-                    snap.id,
+                    journal.advice("snapshot", "delete", ivd.id, snap.id, options=options),
                 )
                 continue
             self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": snap.id})

@@ -441,6 +441,8 @@ class Vcsim:
             )
             # vcsim backs each datastore with a directory under TMPDIR: keep them here.
             (self.tmpdir / "datastores").mkdir()
+            (self.tmpdir / "faults").mkdir()
+            self._args += ["-faults", str(self.tmpdir / "faults")]
             extra: list[str] = []
             if self._populate:
                 spec = self.tmpdir / "populate.json"
@@ -489,6 +491,17 @@ class Vcsim:
         """Start again on the same port and certificate, with an empty inventory (like a
         vCenter whose sessions are gone): `populate` is not applied again."""
         self._launch(f"{self.host}:{self.port}")
+
+    @contextlib.contextmanager
+    def failing(self, operation: str) -> Iterator[None]:
+        """Inside, every `operation` task ("createSnapshot", "deleteSnapshot") ends in a
+        SystemError fault, as a vCenter that cannot do it (the launcher's -faults switch)."""
+        switch = self.tmpdir / "faults" / operation
+        switch.touch()
+        try:
+            yield
+        finally:
+            switch.unlink()
 
     def _read_line(self, timeout: float) -> str:
         assert self._proc is not None and self._proc.stdout is not None

@@ -11,8 +11,9 @@
 // managers.go): the same behaviour for what it had, plus snapshot details,
 // changed block tracking (cbt.go), control flags, associations, an ESX mode
 // with HostVStorageObjectManager (-esx), the VSLM endpoint (-vslm, vslm.go),
-// start-up population (-populate) and a delay on the inventory queries only
-// (-inventory-delay). Every new behaviour is off unless its flag is given.
+// start-up population (-populate), a delay on the inventory queries only
+// (-inventory-delay) and failing snapshot tasks on demand (-faults, faults.go).
+// Every new behaviour is off unless its flag is given.
 //
 // The vmware_soap_session cookie is sent quoted, as vCenter and ESXi send it
 // (vcsim sends it bare), for clients connecting as 127.0.0.1 or localhost.
@@ -89,6 +90,7 @@ func main() {
 	cbtBlock := flag.Int64("cbt-block", 64<<10, "CBT granularity in bytes (power of two, 512 or more)")
 	cbtAreas := flag.Int("cbt-max-areas", 2000, "most changed areas one QueryChangedDiskAreas call returns")
 	cbtSpan := flag.Int64("cbt-max-span", 16<<20, "most bytes one QueryChangedDiskAreas call covers (multiple of -cbt-block)")
+	faultDir := flag.String("faults", "", "fail every createSnapshot/deleteSnapshot task while DIR/<operation> exists (faults.go)")
 	flag.Parse()
 
 	user, pass := os.Getenv("VCSIM_USER"), os.Getenv("VCSIM_PASSWORD")
@@ -123,6 +125,11 @@ func main() {
 	if *images != "" {
 		if st, err := os.Stat(*images); err != nil || !st.IsDir() {
 			fail("-images %s: not a directory", *images)
+		}
+	}
+	if *faultDir != "" {
+		if st, err := os.Stat(*faultDir); err != nil || !st.IsDir() {
+			fail("-faults %s: not a directory", *faultDir)
 		}
 	}
 
@@ -168,7 +175,8 @@ func main() {
 	}
 
 	st := newStore()
-	o := ops{st: st, cbt: &cbtConfig{images: *images, block: *cbtBlock, maxAreas: *cbtAreas, maxSpan: *cbtSpan}}
+	o := ops{st: st, cbt: &cbtConfig{images: *images, block: *cbtBlock, maxAreas: *cbtAreas, maxSpan: *cbtSpan},
+		faults: faults{dir: *faultDir}}
 	content := simulator.Map.Get(vim25.ServiceInstance).(*simulator.ServiceInstance).Content
 	ref := *content.VStorageObjectManager
 	if *esxMode {

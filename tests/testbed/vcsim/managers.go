@@ -23,8 +23,9 @@ import (
 )
 
 type ops struct {
-	st  *store
-	cbt *cbtConfig
+	st     *store
+	cbt    *cbtConfig
+	faults faults
 }
 
 func fault(f types.BaseMethodFault) *soap.Fault { return simulator.Fault("", f) }
@@ -103,6 +104,9 @@ func (o *ops) snapshotInfo(ds types.ManagedObjectReference, id types.ID) (*types
 }
 
 func (o *ops) createSnapshot(ds types.ManagedObjectReference, id types.ID, description string) (*types.ID, types.BaseMethodFault) {
+	if f := o.faults.injected("createSnapshot"); f != nil {
+		return nil, f
+	}
 	o.st.mu.Lock()
 	defer o.st.mu.Unlock()
 	v := o.st.getLocked(ds, id.Id)
@@ -114,6 +118,9 @@ func (o *ops) createSnapshot(ds types.ManagedObjectReference, id types.ID, descr
 }
 
 func (o *ops) deleteSnapshot(ds types.ManagedObjectReference, id, snapshotID types.ID) types.BaseMethodFault {
+	if f := o.faults.injected("deleteSnapshot"); f != nil {
+		return f
+	}
 	o.st.mu.Lock()
 	defer o.st.mu.Unlock()
 	v := o.st.getLocked(ds, id.Id)
