@@ -229,7 +229,8 @@ def server_config(v: Values) -> ServerConfig:
         raise UserError("no user: use --user USER or IVDFS_USER")
     if v.insecure and v.thumbprint:
         raise UserError("--insecure and --thumbprint contradict each other; choose one")
-    ca_file = v.ca_file.expanduser() if v.ca_file else None
+    # Absolute: the detached daemon changes to / before it connects.
+    ca_file = v.ca_file.expanduser().absolute() if v.ca_file else None
     if ca_file is not None and not ca_file.is_file():
         raise UserError(f"CA file {ca_file} does not exist", ExitCode.TLS)
     return ServerConfig(
@@ -240,6 +241,7 @@ def server_config(v: Values) -> ServerConfig:
         ca_file=ca_file,
         thumbprint=normalize_thumbprint(v.thumbprint) if v.thumbprint else None,
         insecure=v.insecure,
+        password_file=v.password_file.expanduser().absolute() if v.password_file else None,
     )
 
 

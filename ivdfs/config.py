@@ -125,6 +125,8 @@ class ServerConfig:
     ca_file: Path | None = None
     thumbprint: str | None = None  # pinned SHA-1, normalised
     insecure: bool = False
+    # Where the password came from, if a file: named in printed advice (never the password).
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)

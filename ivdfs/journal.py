@@ -81,7 +81,7 @@ def server_option(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connection_options(server: ServerConfig, password_file: Path | None = None) -> list[str]:
+def connection_options(server: ServerConfig) -> list[str]:
     """The options that reach `server` as the user's settings did (whether they came from
     flags, the environment or the config file), for a command printed as advice: server,
     user, the TLS trust settings and the password file's path. Never the password itself:
@@ -93,8 +93,8 @@ def connection_options(server: ServerConfig, password_file: Path | None = None) 
         out += ["--thumbprint", server.thumbprint]
     if server.insecure:
         out.append("--insecure")
-    if password_file is not None:
-        out += ["--password-file", str(password_file)]
+    if server.password_file is not None:
+        out += ["--password-file", str(server.password_file)]
     return out
 
 
@@ -146,6 +146,13 @@ class Record:
         if doc.get("thumbprint"):
             out += ["--thumbprint", str(doc["thumbprint"])]
         return out
+
+    def umount_advice(self) -> str:
+        """The command that undoes this (dead) mount: with the connection options when what
+        it holds needs vCenter (snapshots, prepared IVDs)."""
+        remote = self.snapshots or self.prepared
+        options = self.connection_options() if remote else []
+        return advice("umount", str(self.mountpoint), options=options)
 
     def holds_anything(self) -> bool:
         return bool(self.snapshots or self.prepared or self.run_dirs)

@@ -171,7 +171,7 @@ def check_mountpoint(mp: Path) -> None:
             )
         raise UserError(
             f"{mp} has the leftovers of an ivdfs mount whose process (pid {stale.pid}) died; "
-            f"run `ivdfs umount {mp}` first, which undoes them",
+            f"run `{stale.umount_advice()}` first, which undoes them",
             ExitCode.MOUNTPOINT,
         )
     try:
@@ -345,9 +345,7 @@ def _run(
         frozenset(cfg.datastores) if cfg.datastores else None,
         frozenset(vs.find_ivd(i).id for i in cfg.ivds) if cfg.ivds else None,
     )
-    temporary = TemporarySnapshots(
-        vs, service, record, advice=f" --server {s.host}:{s.port} --user {s.user}"
-    )
+    temporary = TemporarySnapshots(vs, service, record)
     # Registered before creating: a failure half way still deletes what was made. Runs before
     # the VDDK teardown, so a crash there cannot leave these snapshots behind.
     stack.callback(_step("deleting --snapshot-now snapshots", temporary.delete_all))

@@ -68,12 +68,12 @@ def advice(text: str, marker: str) -> list[list[str]]:
     return [shlex.split(ln.split(marker, 1)[1]) for ln in text.splitlines() if marker in ln]
 
 
-def run_as_printed(bed: Bed, command: list[str]) -> subprocess.CompletedProcess[str]:
-    """`command` as the user would paste it; the password as the tests give it everywhere
-    (IVDFS_PASSWORD), which the command must never carry itself."""
+def run_as_printed(bed: Bed, command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`command` as the user would paste it; the password supplied as the test gave it (by
+    default IVDFS_PASSWORD), which the command must never carry itself."""
     assert command[0] == "ivdfs" and bed.vcsim.password not in command
-    return subprocess.run([*IVDFS, *command[1:]], env=bed.env(), capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run([*IVDFS, *command[1:]], env=bed.env(**env), capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 def has_options(command: Sequence[str], given: Sequence[Sequence[str]]) -> bool:
@@ -315,23 +315,31 @@ def test_killed_with_fuse_driven_guest_volumes(
 
 
 @pytest.mark.allow_log("could not delete snapshot", "TLS verification disabled")
-@pytest.mark.parametrize("tls", ["ca-file", "thumbprint", "insecure"])
-def test_a_failed_deletion_names_a_command_that_works(bed: Bed, mp: Path, tls: str) -> None:
+@pytest.mark.parametrize("tls", ["ca-file", "thumbprint", "insecure", "password-file"])
+def test_a_failed_deletion_names_a_command_that_works(
+    bed: Bed, mp: Path, tmp_path: Path, tls: str
+) -> None:
     """vCenter refuses to delete the --snapshot-now snapshots at unmount: the mount's log
     and `ivdfs umount` each name a command with the connection options the user gave; run
     as printed they delete the snapshots, and a later `ivdfs umount` finds nothing left."""
     v = bed.vcsim
     a = v.create_ivd(f"refused-a-{tls}", 2, "LocalDS_1")
     b = v.create_ivd(f"refused-b-{tls}", 2, "LocalDS_1")
+    pw = tmp_path / "password"
+    pw.write_text(v.password + "\n")
+    pw.chmod(0o600)
     extra = {"ca-file": [], "thumbprint": ["--thumbprint", v.thumbprint],
-             "insecure": ["--insecure"]}[tls]  # fmt: skip
+             "insecure": ["--insecure"],
+             "password-file": ["--password-file", str(pw)]}[tls]  # fmt: skip
+    # The password as given: in the file, or else (and only then) in IVDFS_PASSWORD.
+    env = {"IVDFS_PASSWORD": ""} if tls == "password-file" else {}
     given = [["--server", v.server], ["--user", v.user], ["--ca-file", str(v.ca_file)]]
     given += [extra] if extra else []
-    m = Mount(bed, mp, *extra, "--snapshot-now", a.id, "--snapshot-now", b.id)
+    m = Mount(bed, mp, *extra, "--snapshot-now", a.id, "--snapshot-now", b.id, **env)
     temporary = {a.id: v.snapshots(a), b.id: v.snapshots(b)}
     assert all(len(t) == 1 for t in temporary.values())
     with v.failing("deleteSnapshot"):
-        r = umount(bed, mp, *extra)
+        r = umount(bed, mp, *extra, **env)
     m.proc.wait(timeout=30)
     assert r.returncode == 11, r.stdout + r.stderr  # vCenter's refusal, as for any failed task
     assert "Traceback" not in r.stderr and not mounted_at(mp)
@@ -346,13 +354,13 @@ def test_a_failed_deletion_names_a_command_that_works(bed: Bed, mp: Path, tls: s
     assert by_ivd[0][a.id][4] == by_ivd[1][a.id][4] == temporary[a.id][0]
     # What the mount logged, for one; what umount printed, for the other.
     for command in (by_ivd[0][a.id], by_ivd[1][b.id]):
-        done = run_as_printed(bed, command)
+        done = run_as_printed(bed, command, **env)
         assert done.returncode == 0, (command, done.stderr)
     assert v.snapshots(a) == v.snapshots(b) == []
     # The journal kept them; now umount finds them gone and clears it.
     rec = journal.find(mp)
     assert rec is not None and len(rec.snapshots) == 2
-    r = umount(bed, mp, *extra)
+    r = umount(bed, mp, *extra, **env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("was already gone") == 2 and journal.find(mp) is None
 

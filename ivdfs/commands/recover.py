@@ -281,6 +281,7 @@ def _end_access(
     report: Report,
 ) -> None:
     identity = str(rec.doc.get("identity") or "")
+    options = [*journal.connection_options(server), "--vddk-libdir", str(libdir)]
     try:
         lib = VddkLibrary(libdir)
         lib.init()
@@ -288,7 +289,7 @@ def _end_access(
         for p in rec.prepared:
             report.fail(
                 f"IVD {p['ivd']} left prepared: VDDK: {e}",
-                f"ivdfs end-access {p['ivd']} --vddk-libdir DIR",
+                journal.advice("end-access", p["ivd"], options=options),
             )
         return
     try:
@@ -299,7 +300,8 @@ def _end_access(
             try:
                 Access(lib, target_server, DiskTarget(p["ivd"], p["datastore"]), identity).recover()
             except BackendError as e:
-                report.fail(f"EndAccess for IVD {p['ivd']}: {e}", f"ivdfs end-access {p['ivd']}")
+                remedy = journal.advice("end-access", p["ivd"], options=options)
+                report.fail(f"EndAccess for IVD {p['ivd']}: {e}", remedy)
                 continue
             report.ok(f"EndAccess for IVD {p['ivd']} (vMotion enabled again)")
             _journal_drop(rec, "prepared", p)

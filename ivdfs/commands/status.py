@@ -76,9 +76,9 @@ def status(mountpoint: Path | None, as_json: bool) -> int:
     ]
     headers = ["MOUNTPOINT", "PID", "STATE", "SERVER", "PREPARED", "SNAPSHOTS", "LOOPS", "VOLUMES"]
     print(table(headers, rows))
-    dead = [d["mountpoint"] for d in docs if d["state"] == "dead"]
-    for mp in dead:
-        print(f"dead mount: run `ivdfs umount {mp}` to undo what it holds")
+    for rec, d in zip(records, docs, strict=True):
+        if d["state"] == "dead":
+            print(f"dead mount: run `{rec.umount_advice()}` to undo what it holds")
     return ExitCode.OK
 
 

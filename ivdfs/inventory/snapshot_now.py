@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from ivdfs import journal
@@ -50,22 +49,10 @@ def description_for(mountpoint: str, pid: int) -> str:
 
 
 class TemporarySnapshots:
-    def __init__(
-        self,
-        vs: VSphere,
-        pins: Pins,
-        record: Record,
-        advice: str = "",
-        password_file: Path | None = None,
-    ) -> None:
-        """`password_file`: the user's, named in the command printed for deleting a leftover
-        by hand (the rest of that command comes from `vs.server`). `advice` is ignored: the
-        options it carried are now taken from `vs.server`, with the TLS ones it lacked."""
-        del advice
+    def __init__(self, vs: VSphere, pins: Pins, record: Record) -> None:
         self._vs = vs
         self._pins = pins
         self._journal = record
-        self._password_file = password_file
         self.created: list[tuple[Ivd, Snapshot]] = []
         self._pinned: list[DiskTarget] = []
 
@@ -108,7 +95,7 @@ class TemporarySnapshots:
             except NotFound:
                 log.warning("snapshot %s of IVD %s was already deleted", snap.id, ivd.id)
             except BackendError as e:
-                options = journal.connection_options(self._vs.server, self._password_file)
+                options = journal.connection_options(self._vs.server)
                 log.error(
                     "could not delete snapshot %s of IVD %s (%s); `ivdfs umount` of this "
                     "mountpoint tries again, or delete it with: %s",

@@ -46,22 +46,33 @@ def probe_certificate(server: ServerConfig, ctx: ssl.SSLContext) -> str:
     """Handshake once to verify the certificate and learn its SHA-1 thumbprint for VDDK."""
     where = f"{server.host}:{server.port}"
     try:
-        with socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT) as raw:
-            with ctx.wrap_socket(raw, server_hostname=server.host) as tls:
-                der = tls.getpeercert(binary_form=True)
+        raw = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise Unreachable(f"cannot reach {where}: {reason}") from None
+    try:
+        with raw, ctx.wrap_socket(raw, server_hostname=server.host) as tls:
+            der = tls.getpeercert(binary_form=True)
     except ssl.SSLCertVerificationError as e:
         raise TlsProblem(
             f"TLS certificate of {where} failed verification ({e.verify_message}); add its CA "
             "with --ca-file, pin it with --thumbprint, or (lab only) use --insecure"
+        ) from None
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+        # Accepted, then closed before any certificate: whether the client sees an EOF or a
+        # reset is a race, and either way no vSphere server answered.
+        raise Unreachable(
+            f"{where} closed the connection during the TLS handshake: it is not a vCenter or "
+            "ESXi (or something in between blocks TLS)"
         ) from None
     except ssl.SSLError as e:
         if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):
             # A plain-HTTP server answered the handshake with text: it is not vSphere.
             raise Unreachable(f"{where} does not speak TLS: it is not a vCenter or ESXi") from None
         raise TlsProblem(f"TLS handshake with {where} failed: {e}") from None
-    except OSError as e:
+    except OSError as e:  # a timeout: connected, but no answer to the handshake
         reason = e.strerror or str(e) or type(e).__name__
-        raise Unreachable(f"cannot reach {where}: {reason}") from None
+        raise Unreachable(f"{where} does not answer the TLS handshake: {reason}") from None
     if not der:
         raise TlsProblem(f"{where} presented no certificate")
     thumbprint = sha1_thumbprint(der)
