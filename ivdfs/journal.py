@@ -251,15 +251,23 @@ class Journal:
     def ended(self, ivd_id: str) -> None:
         self.drop("prepared", {"ivd": ivd_id})
 
-    def finish(self, exit_code: int) -> None:
+    def document(self) -> dict[str, Any]:
+        """A copy of the document as it stands (to read it back as a Record)."""
+        with self._lock:
+            return json.loads(json.dumps(self._doc))  # type: ignore[no-any-return]
+
+    def finish(self, exit_code: int) -> list[str]:
         """The process ends: the file goes if nothing is held any more; otherwise it stays,
-        with the exit status, for `ivdfs umount` to finish the job."""
+        with the exit status, for `ivdfs umount` to finish the job. Returns what is left
+        ("snapshots", "prepared", "run_dirs"), if anything."""
         with self._lock:
             d = self._doc
-            if d["snapshots"] or d["prepared"] or d["run_dirs"]:
+            left = [k for k in ("snapshots", "prepared", "run_dirs") if d[k]]
+            if left:
                 d["state"] = "exited"
                 d["exit_code"] = exit_code
                 self._write()
             else:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
+            return left

@@ -281,7 +281,18 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             log.error("%s", e)
         raise
     if journal:
-        journal[0].finish(code)
+        left = journal[0].finish(code)
+        if left and code == ExitCode.OK:
+            # The teardown logged each failure with its remedy; the exit status must not
+            # say all is well while a snapshot or vMotion block stays behind.
+            what = {"snapshots": "temporary snapshots", "prepared": "prepared IVDs (vMotion "
+                    "blocked)", "run_dirs": "guest volume directories"}  # fmt: skip
+            log.error(
+                "the mount ended but left %s behind; `%s` undoes them",
+                ", ".join(what[k] for k in left),
+                journal_mod.Record(journal[0].path, journal[0].document()).umount_advice(),
+            )
+            code = ExitCode.VSPHERE if "snapshots" in left else ExitCode.INTERNAL
     return code
 
 
