@@ -364,6 +364,94 @@ def test_vixmntapi_volumes_without_libfuse2_fail_at_once_naming_it(
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+# --- --vddk-config and --nfc-host-port reach VDDK from every command that loads it ---------
+
+NFC_PORT = "9902"
+
+
+def vddk_config(tmp_path: Path) -> tuple[Path, Path]:
+    """A VDDK config file of the user's, and the tmpDirectory it names."""
+    tmp = tmp_path / "vddk-tmp"
+    tmp.mkdir(mode=0o700)
+    conf = tmp_path / "vixDiskLib.conf"
+    conf.write_text(f'# the user\'s own\ntmpDirectory = "{tmp}"\n')
+    return conf, tmp
+
+
+def tuning(conf: Path) -> tuple[str, ...]:
+    return ("--vddk-config", str(conf), "--nfc-host-port", NFC_PORT)
+
+
+def assert_tuned(bed: Bed, conf: Path, tmp: Path, *calls: str) -> None:
+    """Every InitEx got the user's config file (and VDDK used its tmpDirectory), and every one
+    of `calls` carried the NFC port."""
+    lines = bed.log_lines()
+    inits = call_lines(lines, "InitEx")
+    assert inits and all(i["configFile"] == str(conf) and i["err"] == "0" for i in inits)
+    assert all(i["tmpDirectory"] == str(tmp) for i in inits)
+    assert list(tmp.glob("vixDiskLib-standin-*.log")), "VDDK did not use the config's tmpDirectory"
+    for fn in calls:
+        entries = call_lines(lines, fn)
+        assert entries, f"no {fn} call"
+        assert all(e["nfcHostPort"] == NFC_PORT for e in entries), entries
+
+
+def test_check_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    r = ivdfs(bed, "check", *tuning(conf))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert step(r, "read").startswith("ok")
+    assert_tuned(bed, conf, tmp, "ConnectEx")
+
+
+def test_end_access_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    d = disks["full"]
+    r = ivdfs(bed, "end-access", *tuning(conf), d.ivd.id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_tuned(bed, conf, tmp, "EndAccess")
+    assert [e["id"] for e in call_lines(bed.log_lines(), "EndAccess")] == [d.ivd.id]
+
+
+def test_mount_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    d = disks["full"]
+    with Mount(bed, mountpoint, *tuning(conf)) as m:
+        assert sha256_file(d.raw(mountpoint)) == sha256_file(d.path)
+        assert m.unmount() == 0
+    assert_tuned(bed, conf, tmp, "ConnectEx", "PrepareForAccess", "EndAccess")
+    assert conf.exists() and tmp.is_dir()  # the user's, not ivdfs's to remove
+
+
+@pytest.mark.killed_mount
+def test_umount_of_a_dead_mount_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """The EndAccess that `ivdfs umount` does for a killed mount goes through VDDK as the user
+    configured it."""
+    d = disks["full"]
+    m = Mount(bed, mountpoint)
+    with open(d.raw(mountpoint), "rb") as f:
+        assert f.read(MiB) == d.path.read_bytes()[:MiB]  # opened: its IVD is prepared
+    m.proc.kill()
+    m.proc.wait(timeout=30)
+    bed.standin_log.unlink()  # from here on: only the recovering process
+    conf, tmp = vddk_config(tmp_path)
+    r = ivdfs(bed, "umount", *tuning(conf), str(mountpoint))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"EndAccess for IVD {d.ivd.id}" in r.stdout
+    assert_tuned(bed, conf, tmp, "EndAccess")
+
+
 @pytest.fixture(autouse=True)
 def no_mount_left(mountpoint: Path) -> Iterator[None]:
     yield

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, UserError, exit_code_of
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk import _cdefs
-from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.connection import DiskHandle, DiskTarget
 from ivdfs.vddk.errors import VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
 
@@ -42,7 +42,8 @@ class Report:
         print(f"skip  {step:<12} {text}", flush=True)
 
 
-def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> int:
+def check(server: ServerConfig, vddk: VddkOptions | None, transport: str | None) -> int:
+    """`vddk` None: no VDDK directory was configured (reported as the vddk step's failure)."""
     report = Report()
     vs = VSphere(server)
     lib: VddkLibrary | None = None
@@ -69,11 +70,11 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
             )
 
         try:
-            if libdir is None:
+            if vddk is None:
                 raise UserError(
                     "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
                 )
-            lib, plugin_error = _load(libdir)
+            lib, plugin_error = _load(vddk)
             missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
             report.ok(
                 "vddk",
@@ -91,8 +92,8 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
         else:
             report.skip("plugin", "needs the VDDK library")
 
-        if logged_in and lib is not None:
-            _test_read(report, vs, lib, server, transport)
+        if logged_in and lib is not None and vddk is not None:
+            _test_read(report, vs, lib, server, vddk, transport)
         else:
             report.skip("read", "needs a login and a VDDK library")
     finally:
@@ -106,14 +107,14 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
     return ExitCode.OK
 
 
-def _load(libdir: Path) -> tuple[VddkLibrary, VddkPluginError | None]:
+def _load(vddk: VddkOptions) -> tuple[VddkLibrary, VddkPluginError | None]:
     """The initialised library, or the library and its plugin failure (InitEx undone)."""
     try:
-        lib = VddkLibrary(libdir)
+        lib = VddkLibrary(vddk.libdir)
     except BackendError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     try:
-        lib.init()
+        lib.init(vddk.config_file)
     except VddkPluginError as e:
         return lib, e
     except BackendError as e:
@@ -142,7 +143,12 @@ def _first_snapshot(vs: VSphere) -> tuple[Ivd, Snapshot] | None:
 
 
 def _test_read(
-    report: Report, vs: VSphere, lib: VddkLibrary, server: ServerConfig, transport: str | None
+    report: Report,
+    vs: VSphere,
+    lib: VddkLibrary,
+    server: ServerConfig,
+    vddk: VddkOptions,
+    transport: str | None,
 ) -> None:
     try:
         found = _first_snapshot(vs)
@@ -154,12 +160,7 @@ def _test_read(
         return
     ivd, snap = found
     target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
-    handle = DiskHandle(
-        lib,
-        ServerTarget(server.host, server.port, server.user, server.password, vs.thumbprint),
-        target,
-        transport,
-    )
+    handle = DiskHandle(lib, vddk.server(server, vs.thumbprint), target, transport)
     try:
         handle.open()
         n = min(TEST_READ_BYTES, handle.capacity_bytes) // _cdefs.SECTOR_SIZE * _cdefs.SECTOR_SIZE
