@@ -16,6 +16,8 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import threading
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
     src = bed.root / "real-src"
     src.mkdir()
     imgs.random_disk(src / "full.img", 8, seed=21)
+    imgs.random_disk(src / "big.img", 16, seed=23)
     # Half allocated, and 24.5 MiB + 512 bytes: no whole number of blocks or chunks. The tail
     # past the last whole MiB holds data after a hole.
     odd = src / "odd.img"
@@ -85,6 +88,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
     gpt = imgs.gpt_disk(src / "gpt.img", 64)  # ext4, FAT32 and NTFS (ntfs-3g stays running)
     return {
         "full": add_disk(bed, "real-full", src / "full.img"),
+        "big": add_disk(bed, "real-big", src / "big.img"),
         "odd": add_disk(bed, "real-odd", odd),
         "gpt": add_disk(bed, "real-gpt", gpt.path, tuple(gpt.partitions)),
     }
@@ -362,6 +366,103 @@ def test_vixmntapi_volumes_without_libfuse2_fail_at_once_naming_it(
     assert r.returncode == 7, r.stderr
     assert "libvixMntapi.so.1" in r.stderr and "needs libfuse2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- bytes in flight per handle within ESXi's NFC session memory ---------------------------
+
+READERS = 4
+# Long enough that requests pile up: the readers' and the prefetcher's reads all wait at once.
+PILE_UP = {"VDDK_STANDIN_LATENCY_US": "50000"}
+
+
+def read_in_parallel(path: Path, readers: int = READERS) -> list[bytes | OSError]:
+    """Each of `readers` threads reads its own slice of the file, all at once."""
+    part = path.stat().st_size // readers
+    out: list[bytes | OSError] = [b""] * readers
+
+    def run(i: int) -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(i * part)
+                chunks = []
+                while (left := part - sum(map(len, chunks))) and (b := f.read(min(MiB, left))):
+                    chunks.append(b)
+                out[i] = b"".join(chunks)
+        except OSError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a reader hung"
+    return out
+
+
+def most_bytes_in_flight(lines: list[str]) -> int:
+    """The most bytes any one handle had queued, from the call log: a ReadAsync line is
+    written once its bytes are held, a ReadAsyncDone line once they are given back."""
+    held: dict[str, int] = defaultdict(int)
+    most = 0
+    for line in lines:
+        parts = line.split()
+        if parts[2:3] not in (["ReadAsync"], ["ReadAsyncDone"]):
+            continue
+        f = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+        if parts[2] == "ReadAsync" and f.get("mode") == "queued":
+            held[f["handle"]] += int(f["n"]) * 512
+            most = max(most, held[f["handle"]])
+        elif parts[2] == "ReadAsyncDone" and f.get("inline") == "0":
+            held[f["handle"]] -= int(f["n"]) * 512
+    return most
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "block", "limit"),
+    [("2M", "1M", 2 * MiB), ("1M", "2M", MiB)],
+    ids=["two-blocks", "block-larger-than-the-bound"],
+)
+def test_bytes_in_flight_stay_within_the_nfc_session_memory(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, in_flight: str, block: str, limit: int
+) -> None:
+    """Concurrent readers and read-ahead against a slow server fill --max-in-flight up to the
+    server's limit and never past it; a block larger than the bound is read in parts."""
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["big"]
+    env = {**PILE_UP, "VDDK_STANDIN_NFC_SESSION_BYTES": str(limit)}
+    args = ("--max-in-flight", in_flight, "--block-size", block)
+    with Mount(bed, mountpoint, *args, **env) as m:
+        parts = read_in_parallel(d.raw(mountpoint))
+        assert m.unmount() == 0
+    assert all(isinstance(p, bytes) for p in parts), parts
+    got = b"".join(p for p in parts if isinstance(p, bytes))
+    assert hashlib.sha256(got).hexdigest() == sha256_file(d.path)
+    lines = bed.log_lines()
+    assert most_bytes_in_flight(lines) == limit  # the requests did pile up, to the bound
+    # One VDDK request is a block, or a part of one that fits the bound.
+    assert max(int(r["n"]) for r in read_requests(bed)) * 512 == MiB
+    assert m.unexpected_log_records() == []
+    assert_standin_log_clean(bed, {d.ivd.id})  # no VIOLATION nfc-session-memory
+
+
+@pytest.mark.allow_log("NFC session", "nfc-session-memory", "VixError 2", "Out of memory",
+                       "reopening and retrying", "fuse_reply_")  # fmt: skip
+def test_more_in_flight_than_the_nfc_session_memory_is_caught(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """The same workload with --max-in-flight above the server's limit: the stand-in, as
+    strict as ESXi, refuses the request past it and reports the violation."""
+    log = tmp_path / "over.log"  # its own call log: the violation is what this test wants
+    d = disks["big"]
+    env = {**PILE_UP, "VDDK_STANDIN_NFC_SESSION_BYTES": str(2 * MiB), "VDDK_STANDIN_LOG": str(log)}
+    with Mount(bed, mountpoint, "--max-in-flight", "4M", "--block-size", "1M", **env) as m:
+        read_in_parallel(d.raw(mountpoint))  # failures are expected: the server refused reads
+        assert m.unmount() == 0
+    lines = log.read_text().splitlines()
+    over = [ln for ln in lines if ln.split()[2:4] == ["VIOLATION", "nfc-session-memory"]]
+    assert over, "no request went past the NFC session's memory"
+    assert "VixError 2" in m.log()  # ivdfs saw the refusal
 
 
 # --- --vddk-config and --nfc-host-port reach VDDK from every command that loads it ---------
