@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sysconfig
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -463,6 +464,69 @@ def test_more_in_flight_than_the_nfc_session_memory_is_caught(
     over = [ln for ln in lines if ln.split()[2:4] == ["VIOLATION", "nfc-session-memory"]]
     assert over, "no request went past the NFC session's memory"
     assert "VixError 2" in m.log()  # ivdfs saw the refusal
+
+
+# --- VMware's order around a temporary snapshot --------------------------------------------
+
+
+class AccessGate:
+    """Releases the stand-in's held PrepareForAccess/EndAccess calls (VDDK_STANDIN_HOLD_ACCESS)
+    one by one, after noting vCenter's snapshots of `ivd` while each call is under way: what
+    exists then was created before the call, and what is gone was deleted before it."""
+
+    def __init__(self, bed: Bed, ivd: Ivd, path: Path) -> None:
+        self.bed, self.ivd, self.path = bed, ivd, path
+        self.seen: list[tuple[str, list[str]]] = []  # (function, snapshots during it)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        path.write_text("0")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            deadline = time.monotonic() + 120
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                for hold in call_lines(self.bed.log_lines(), "Hold")[len(self.seen) :]:
+                    self.seen.append((hold["func"], self.bed.vcsim.snapshots(self.ivd)))
+                    self.path.write_text(str(len(self.seen)))
+                self._stop.wait(0.005)
+        except BaseException as e:  # reported by close()
+            self.error = e
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.error is not None:
+            raise self.error
+
+
+def test_snapshot_now_prepares_before_creating_and_ends_access_after_deleting(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """VMware's order for a temporary snapshot: PrepareForAccess, create, read, delete,
+    EndAccess. Each access call is held until vCenter's snapshots were looked at."""
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["full"]
+    before = bed.vcsim.snapshots(d.ivd)
+    gate = AccessGate(bed, d.ivd, tmp_path / "release")
+    try:
+        with Mount(bed, mountpoint, "--snapshot-now", d.ivd.id,
+                   VDDK_STANDIN_HOLD_ACCESS=str(gate.path)) as m:  # fmt: skip
+            listed = set(os.listdir(d.raw(mountpoint).parent.parent)) - {"info.json"}
+            assert m.unmount() == 0, m.log()
+    finally:
+        gate.close()
+    temporary = listed - set(before)
+    assert len(temporary) == 1, listed  # the mount showed the snapshot it made
+    assert [f for f, _ in gate.seen] == ["PrepareForAccess", "EndAccess"]
+    assert gate.seen[0][1] == before, "the snapshot was created before PrepareForAccess"
+    assert gate.seen[1][1] == before, "EndAccess came before the snapshot was deleted"
+    lines = bed.log_lines()
+    assert [a["err"] for a in call_lines(lines, "PrepareForAccess")] == ["0"]
+    assert [a["err"] for a in call_lines(lines, "EndAccess")] == ["0"]
+    assert bed.vcsim.snapshots(d.ivd) == before
+    assert m.unexpected_log_records() == []
 
 
 # --- --vddk-config and --nfc-host-port reach VDDK from every command that loads it ---------
