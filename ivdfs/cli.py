@@ -398,7 +398,8 @@ def _check(args: argparse.Namespace, v: Values) -> int:
         vddk: VddkOptions | None = vddk_options(v, vddk_libdir(v))
     except UserError:
         vddk = None  # reported by the check itself, after the vCenter steps
-    return check.check(server_config(v), vddk, v.transport)
+    # --volumes decides whether VixMntapi must load; a command without it mounts none.
+    return check.check(server_config(v), vddk, v.transport, v.get("volumes", "none"))
 
 
 def _umount(args: argparse.Namespace, v: Values) -> int:

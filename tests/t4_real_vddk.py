@@ -348,25 +348,64 @@ def test_mount_fails_at_once_when_the_plugin_did_not_load(
     assert not mounted_at(mountpoint) and str(mountpoint) not in fuse_mounts()
 
 
+def run(bed: Bed, argv: list[str], libfuse2: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `argv`; without `libfuse2`, with libfuse.so.2 hidden from it (a private mount
+    namespace with /dev/null bound over it): VixMntapi cannot load, as VMware's cannot on a
+    host without libfuse2."""
+    if not libfuse2:
+        libfuse = os.path.realpath(
+            Path("/usr/lib", sysconfig.get_config_var("MULTIARCH"), "libfuse.so.2"))  # fmt: skip
+        shell = 'mount --bind /dev/null "$0" && exec "$@"'
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", shell, libfuse, *argv]
+    return subprocess.run(argv, env=bed.env(), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
 def test_vixmntapi_volumes_without_libfuse2_fail_at_once_naming_it(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
-    """libfuse.so.2 hidden from the ivdfs process (a private mount namespace with /dev/null
-    bound over it): VixMntapi cannot load, as VMware's cannot on a host without libfuse2."""
-    libfuse = os.path.realpath(
-        Path("/usr/lib", sysconfig.get_config_var("MULTIARCH"), "libfuse.so.2"))  # fmt: skip
     v = bed.vcsim
     argv = [*IVDFS, "mount", "--server", v.server, "--user", v.user, "--ca-file",
             str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), "--volumes", "vixmntapi",
             str(mountpoint)]  # fmt: skip
-    shell = 'mount --bind /dev/null "$0" && exec "$@"'
-    r = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", shell, libfuse, *argv],
-        env=bed.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    r = run(bed, argv, libfuse2=False)
     assert r.returncode == 7, r.stderr
     assert "libvixMntapi.so.1" in r.stderr and "needs libfuse2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("libfuse2", "volumes", "code", "outcome"),
+    [
+        (True, (), 0, "ok"),
+        (False, (), 0, "warn"),
+        (True, ("--volumes", "vixmntapi"), 0, "ok"),
+        (False, ("--volumes", "vixmntapi"), 7, "FAIL"),
+    ],
+    ids=["libfuse2", "no-libfuse2", "libfuse2-asked", "no-libfuse2-asked"],
+)
+def test_check_says_whether_vixmntapi_loads_and_fails_only_when_asked_for(
+    bed: Bed, disks: dict[str, Disk], libfuse2: bool, volumes: tuple[str, ...], code: int,
+    outcome: str,
+) -> None:  # fmt: skip
+    v = bed.vcsim
+    argv = [*IVDFS, "check", "--server", v.server, "--user", v.user, "--ca-file",
+            str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), *volumes]  # fmt: skip
+    r = run(bed, argv, libfuse2)
+    assert r.returncode == code, r.stdout + r.stderr
+    line = step(r, "vixmntapi")
+    assert line.split()[0] == outcome, line
+    assert "libvixMntapi.so.1" in line
+    if libfuse2:
+        assert "--volumes vixmntapi can use it" in line
+    else:
+        assert "needs libfuse2" in line
+    assert [step(r, s).split()[0] for s in ("vddk", "plugin", "read")] == ["ok"] * 3
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ivdfs:")]
+    assert errors == (
+        [f"ivdfs: check failed at vixmntapi: {line.split(None, 2)[2]}"] if code else []
+    )
+    assert "Traceback" not in r.stderr
 
 
 # --- bytes in flight per handle within ESXi's NFC session memory ---------------------------

@@ -2,10 +2,12 @@
 
 Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (load, version,
 optional symbols, InitEx), VDDK's vSphere plugin (libvddkVimAccess.so, which VDDK loads during
-InitEx and whose failure it only logs), and a test ConnectEx/Open/Read of one IVD snapshot if
-there is one.
+InitEx and whose failure it only logs), VixMntapi (whether libvixMntapi.so.1 loads: it needs
+libfuse2), and a test ConnectEx/Open/Read of one IVD snapshot if there is one.
 Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
-the result. Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
+the result. VixMntapi is needed only for `--volumes vixmntapi`: otherwise its failure is a
+warning that leaves the exit code alone.
+Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.connection import DiskHandle, DiskTarget
-from ivdfs.vddk.errors import VddkPluginError
+from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
+from ivdfs.vddk.mntapi import Mntapi
 
 TEST_READ_BYTES = 64 * 1024
 
@@ -41,12 +44,19 @@ class Report:
     def skip(self, step: str, text: str) -> None:
         print(f"skip  {step:<12} {text}", flush=True)
 
+    def warn(self, step: str, text: str) -> None:
+        print(f"warn  {step:<12} {text}", flush=True)
 
-def check(server: ServerConfig, vddk: VddkOptions | None, transport: str | None) -> int:
-    """`vddk` None: no VDDK directory was configured (reported as the vddk step's failure)."""
+
+def check(
+    server: ServerConfig, vddk: VddkOptions | None, transport: str | None, volumes: str = "none"
+) -> int:
+    """`vddk` None: no VDDK directory was configured (reported as the vddk step's failure).
+    `volumes`: the --volumes mode the mount would use (VixMntapi must load for vixmntapi)."""
     report = Report()
     vs = VSphere(server)
     lib: VddkLibrary | None = None
+    loaded: VddkLibrary | None = None  # even when InitEx was undone: VixMntapi lies beside it
     plugin_error: VddkPluginError | None = None
     logged_in = False
     try:
@@ -75,6 +85,7 @@ def check(server: ServerConfig, vddk: VddkOptions | None, transport: str | None)
                     "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
                 )
             lib, plugin_error = _load(vddk)
+            loaded = lib
             missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
             report.ok(
                 "vddk",
@@ -91,6 +102,7 @@ def check(server: ServerConfig, vddk: VddkOptions | None, transport: str | None)
             report.ok("plugin", _plugin_text())
         else:
             report.skip("plugin", "needs the VDDK library")
+        _vixmntapi(report, loaded, needed=volumes == "vixmntapi")
 
         if logged_in and lib is not None and vddk is not None:
             _test_read(report, vs, lib, server, vddk, transport)
@@ -120,6 +132,21 @@ def _load(vddk: VddkOptions) -> tuple[VddkLibrary, VddkPluginError | None]:
     except BackendError as e:
         raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
     return lib, None
+
+
+def _vixmntapi(report: Report, lib: VddkLibrary | None, needed: bool) -> None:
+    if lib is None:
+        report.skip("vixmntapi", "needs the VDDK library")
+        return
+    try:
+        mntapi = Mntapi(lib)
+    except VddkLoadError as e:
+        if needed:
+            report.fail("vixmntapi", UserError(str(e), ExitCode.VDDK))
+        else:
+            report.warn("vixmntapi", f"{e} (needed only for --volumes vixmntapi)")
+        return
+    report.ok("vixmntapi", f"{mntapi.path} loads: --volumes vixmntapi can use it")
 
 
 def _plugin_text() -> str:
