@@ -59,9 +59,10 @@ class OpenDisk:
         self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
         self.use_async = use_async and handles[0].truly_async
         sector = _cdefs.SECTOR_SIZE
-        # One VDDK request: a block, or less when one block alone would exceed the bound.
-        self.request_bytes = max(sector, min(block_size, in_flight_bytes) // sector * sector)
-        per_handle = max(1, in_flight_bytes // self.request_bytes) if self.use_async else 1
+        # A read larger than the bound (a block larger than --max-in-flight) goes in parts.
+        self.max_request = max(sector, in_flight_bytes // sector * sector)
+        per_handle = in_flight_bytes // min(block_size, self.max_request)
+        per_handle = max(1, per_handle) if self.use_async else 1
         # More waiting requests than the handles can serve would only queue on their threads.
         self._slots = PrioritySlots(per_handle * len(handles))
         # Set on the trio thread before the I/O threads stop: a reader that was waiting for a
@@ -76,11 +77,11 @@ class OpenDisk:
             io = min(self._ios, key=lambda h: h.load)
             io.load += 1
             try:
-                if nbytes <= self.request_bytes:
+                if nbytes <= self.max_request:
                     return await self._read_one(io, start_sector, nbytes)
                 # Larger than the bound: in turn, on this one slot.
                 buf = bytearray(nbytes)
-                step = self.request_bytes
+                step = self.max_request
                 for off in range(0, nbytes, step):
                     n = min(step, nbytes - off)
                     part = await self._read_one(io, start_sector + off // _cdefs.SECTOR_SIZE, n)
