@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ivdfs import __version__, settings
 from ivdfs.config import (
@@ -31,6 +31,9 @@ from ivdfs.config import (
 )
 from ivdfs.errors import ExitCode, IvdfsError, UserError, exit_code_of
 from ivdfs.settings import Values
+
+if TYPE_CHECKING:
+    from ivdfs.commands.admin import VddkOptions
 
 log = logging.getLogger("ivdfs")
 
@@ -382,14 +385,23 @@ def _changes(args: argparse.Namespace, v: Values) -> int:
     return changes.changes(server_config(v), args.ivd, args.older, args.newer, args.json)
 
 
+def vddk_options(v: Values, libdir: Path) -> VddkOptions:
+    """The VDDK settings of a command that loads VDDK outside a mount, as mount takes them."""
+    from ivdfs.commands.admin import VddkOptions
+
+    config = v.vddk_config.expanduser().absolute() if v.vddk_config else None
+    return VddkOptions(libdir, config, v.nfc_host_port)
+
+
 def _check(args: argparse.Namespace, v: Values) -> int:
     from ivdfs.commands import check
 
     try:
-        libdir: Path | None = vddk_libdir(v)
+        vddk: VddkOptions | None = vddk_options(v, vddk_libdir(v))
     except UserError:
-        libdir = None  # reported by the check itself, after the vCenter steps
-    return check.check(server_config(v), libdir, v.transport)
+        vddk = None  # reported by the check itself, after the vCenter steps
+    # --volumes decides whether VixMntapi must load; a command without it mounts none.
+    return check.check(server_config(v), vddk, v.transport, v.get("volumes", "none"))
 
 
 def _umount(args: argparse.Namespace, v: Values) -> int:
@@ -402,10 +414,9 @@ def _umount(args: argparse.Namespace, v: Values) -> int:
         used = rec.doc.get("vddk_libdir")
         _vddk_search_path(v, Path(used) if used else None)
 
-    def connection(used: Path | None) -> tuple[ServerConfig, Path]:
-        if v.vddk_libdir is None and used is not None:
-            return server_config(v), used
-        return server_config(v), vddk_libdir(v)
+    def connection(used: Path | None) -> tuple[ServerConfig, VddkOptions]:
+        libdir = used if v.vddk_libdir is None and used is not None else vddk_libdir(v)
+        return server_config(v), vddk_options(v, libdir)
 
     return umount.umount(args.mountpoint, args.timeout, args.force, args.lazy, connection)
 
@@ -425,7 +436,7 @@ def _refresh(args: argparse.Namespace, v: Values) -> int:
 def _end_access(args: argparse.Namespace, v: Values) -> int:
     from ivdfs.commands import admin
 
-    return admin.end_access(server_config(v), vddk_libdir(v), args.ivd)
+    return admin.end_access(server_config(v), vddk_options(v, vddk_libdir(v)), args.ivd)
 
 
 # Commands that load VDDK in this process: they run with its lib64 on the search path.

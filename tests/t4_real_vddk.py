@@ -16,6 +16,9 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
     src = bed.root / "real-src"
     src.mkdir()
     imgs.random_disk(src / "full.img", 8, seed=21)
+    imgs.random_disk(src / "big.img", 16, seed=23)
     # Half allocated, and 24.5 MiB + 512 bytes: no whole number of blocks or chunks. The tail
     # past the last whole MiB holds data after a hole.
     odd = src / "odd.img"
@@ -85,6 +89,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
     gpt = imgs.gpt_disk(src / "gpt.img", 64)  # ext4, FAT32 and NTFS (ntfs-3g stays running)
     return {
         "full": add_disk(bed, "real-full", src / "full.img"),
+        "big": add_disk(bed, "real-big", src / "big.img"),
         "odd": add_disk(bed, "real-odd", odd),
         "gpt": add_disk(bed, "real-gpt", gpt.path, tuple(gpt.partitions)),
     }
@@ -343,25 +348,312 @@ def test_mount_fails_at_once_when_the_plugin_did_not_load(
     assert not mounted_at(mountpoint) and str(mountpoint) not in fuse_mounts()
 
 
+def run(bed: Bed, argv: list[str], libfuse2: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `argv`; without `libfuse2`, with libfuse.so.2 hidden from it (a private mount
+    namespace with /dev/null bound over it): VixMntapi cannot load, as VMware's cannot on a
+    host without libfuse2."""
+    if not libfuse2:
+        libfuse = os.path.realpath(
+            Path("/usr/lib", sysconfig.get_config_var("MULTIARCH"), "libfuse.so.2"))  # fmt: skip
+        shell = 'mount --bind /dev/null "$0" && exec "$@"'
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", shell, libfuse, *argv]
+    return subprocess.run(argv, env=bed.env(), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
 def test_vixmntapi_volumes_without_libfuse2_fail_at_once_naming_it(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
-    """libfuse.so.2 hidden from the ivdfs process (a private mount namespace with /dev/null
-    bound over it): VixMntapi cannot load, as VMware's cannot on a host without libfuse2."""
-    libfuse = os.path.realpath(
-        Path("/usr/lib", sysconfig.get_config_var("MULTIARCH"), "libfuse.so.2"))  # fmt: skip
     v = bed.vcsim
     argv = [*IVDFS, "mount", "--server", v.server, "--user", v.user, "--ca-file",
             str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), "--volumes", "vixmntapi",
             str(mountpoint)]  # fmt: skip
-    shell = 'mount --bind /dev/null "$0" && exec "$@"'
-    r = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", shell, libfuse, *argv],
-        env=bed.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    r = run(bed, argv, libfuse2=False)
     assert r.returncode == 7, r.stderr
     assert "libvixMntapi.so.1" in r.stderr and "needs libfuse2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("libfuse2", "volumes", "code", "outcome"),
+    [
+        (True, (), 0, "ok"),
+        (False, (), 0, "warn"),
+        (True, ("--volumes", "vixmntapi"), 0, "ok"),
+        (False, ("--volumes", "vixmntapi"), 7, "FAIL"),
+    ],
+    ids=["libfuse2", "no-libfuse2", "libfuse2-asked", "no-libfuse2-asked"],
+)
+def test_check_says_whether_vixmntapi_loads_and_fails_only_when_asked_for(
+    bed: Bed, disks: dict[str, Disk], libfuse2: bool, volumes: tuple[str, ...], code: int,
+    outcome: str,
+) -> None:  # fmt: skip
+    v = bed.vcsim
+    argv = [*IVDFS, "check", "--server", v.server, "--user", v.user, "--ca-file",
+            str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), *volumes]  # fmt: skip
+    r = run(bed, argv, libfuse2)
+    assert r.returncode == code, r.stdout + r.stderr
+    line = step(r, "vixmntapi")
+    assert line.split()[0] == outcome, line
+    assert "libvixMntapi.so.1" in line
+    if libfuse2:
+        assert "--volumes vixmntapi can use it" in line
+    else:
+        assert "needs libfuse2" in line
+    assert [step(r, s).split()[0] for s in ("vddk", "plugin", "read")] == ["ok"] * 3
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ivdfs:")]
+    assert errors == (
+        [f"ivdfs: check failed at vixmntapi: {line.split(None, 2)[2]}"] if code else []
+    )
+    assert "Traceback" not in r.stderr
+
+
+# --- bytes in flight per handle within ESXi's NFC session memory ---------------------------
+
+READERS = 4
+# Long enough that requests pile up: the readers' and the prefetcher's reads all wait at once.
+PILE_UP = {"VDDK_STANDIN_LATENCY_US": "50000"}
+
+
+def read_in_parallel(path: Path, readers: int = READERS) -> list[bytes | OSError]:
+    """Each of `readers` threads reads its own slice of the file, all at once."""
+    part = path.stat().st_size // readers
+    out: list[bytes | OSError] = [b""] * readers
+
+    def run(i: int) -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(i * part)
+                chunks = []
+                while (left := part - sum(map(len, chunks))) and (b := f.read(min(MiB, left))):
+                    chunks.append(b)
+                out[i] = b"".join(chunks)
+        except OSError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a reader hung"
+    return out
+
+
+def most_bytes_in_flight(lines: list[str]) -> int:
+    """The most bytes any one handle had queued, from the call log: a ReadAsync line is
+    written once its bytes are held, a ReadAsyncDone line once they are given back."""
+    held: dict[str, int] = defaultdict(int)
+    most = 0
+    for line in lines:
+        parts = line.split()
+        if parts[2:3] not in (["ReadAsync"], ["ReadAsyncDone"]):
+            continue
+        f = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+        if parts[2] == "ReadAsync" and f.get("mode") == "queued":
+            held[f["handle"]] += int(f["n"]) * 512
+            most = max(most, held[f["handle"]])
+        elif parts[2] == "ReadAsyncDone" and f.get("inline") == "0":
+            held[f["handle"]] -= int(f["n"]) * 512
+    return most
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "block", "limit"),
+    [("2M", "1M", 2 * MiB), ("1M", "2M", MiB)],
+    ids=["two-blocks", "block-larger-than-the-bound"],
+)
+def test_bytes_in_flight_stay_within_the_nfc_session_memory(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, in_flight: str, block: str, limit: int
+) -> None:
+    """Concurrent readers and read-ahead against a slow server fill --max-in-flight up to the
+    server's limit and never past it; a block larger than the bound is read in parts."""
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["big"]
+    env = {**PILE_UP, "VDDK_STANDIN_NFC_SESSION_BYTES": str(limit)}
+    args = ("--max-in-flight", in_flight, "--block-size", block)
+    with Mount(bed, mountpoint, *args, **env) as m:
+        parts = read_in_parallel(d.raw(mountpoint))
+        assert m.unmount() == 0
+    assert all(isinstance(p, bytes) for p in parts), parts
+    got = b"".join(p for p in parts if isinstance(p, bytes))
+    assert hashlib.sha256(got).hexdigest() == sha256_file(d.path)
+    lines = bed.log_lines()
+    assert most_bytes_in_flight(lines) == limit  # the requests did pile up, to the bound
+    # One VDDK request is a block, or a part of one that fits the bound.
+    assert max(int(r["n"]) for r in read_requests(bed)) * 512 == MiB
+    assert m.unexpected_log_records() == []
+    assert_standin_log_clean(bed, {d.ivd.id})  # no VIOLATION nfc-session-memory
+
+
+@pytest.mark.allow_log("NFC session", "nfc-session-memory", "VixError 2", "Out of memory",
+                       "reopening and retrying", "fuse_reply_")  # fmt: skip
+def test_more_in_flight_than_the_nfc_session_memory_is_caught(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """The same workload with --max-in-flight above the server's limit: the stand-in, as
+    strict as ESXi, refuses the request past it and reports the violation."""
+    log = tmp_path / "over.log"  # its own call log: the violation is what this test wants
+    d = disks["big"]
+    env = {**PILE_UP, "VDDK_STANDIN_NFC_SESSION_BYTES": str(2 * MiB), "VDDK_STANDIN_LOG": str(log)}
+    with Mount(bed, mountpoint, "--max-in-flight", "4M", "--block-size", "1M", **env) as m:
+        read_in_parallel(d.raw(mountpoint))  # failures are expected: the server refused reads
+        assert m.unmount() == 0
+    lines = log.read_text().splitlines()
+    over = [ln for ln in lines if ln.split()[2:4] == ["VIOLATION", "nfc-session-memory"]]
+    assert over, "no request went past the NFC session's memory"
+    assert "VixError 2" in m.log()  # ivdfs saw the refusal
+
+
+# --- VMware's order around a temporary snapshot --------------------------------------------
+
+
+class AccessGate:
+    """Releases the stand-in's held PrepareForAccess/EndAccess calls (VDDK_STANDIN_HOLD_ACCESS)
+    one by one, after noting vCenter's snapshots of `ivd` while each call is under way: what
+    exists then was created before the call, and what is gone was deleted before it."""
+
+    def __init__(self, bed: Bed, ivd: Ivd, path: Path) -> None:
+        self.bed, self.ivd, self.path = bed, ivd, path
+        self.seen: list[tuple[str, list[str]]] = []  # (function, snapshots during it)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        path.write_text("0")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            deadline = time.monotonic() + 120
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                for hold in call_lines(self.bed.log_lines(), "Hold")[len(self.seen) :]:
+                    self.seen.append((hold["func"], self.bed.vcsim.snapshots(self.ivd)))
+                    self.path.write_text(str(len(self.seen)))
+                self._stop.wait(0.005)
+        except BaseException as e:  # reported by close()
+            self.error = e
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self.error is not None:
+            raise self.error
+
+
+def test_snapshot_now_prepares_before_creating_and_ends_access_after_deleting(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """VMware's order for a temporary snapshot: PrepareForAccess, create, read, delete,
+    EndAccess. Each access call is held until vCenter's snapshots were looked at."""
+    bed.standin_log.unlink(missing_ok=True)
+    d = disks["full"]
+    before = bed.vcsim.snapshots(d.ivd)
+    gate = AccessGate(bed, d.ivd, tmp_path / "release")
+    try:
+        with Mount(bed, mountpoint, "--snapshot-now", d.ivd.id,
+                   VDDK_STANDIN_HOLD_ACCESS=str(gate.path)) as m:  # fmt: skip
+            listed = set(os.listdir(d.raw(mountpoint).parent.parent)) - {"info.json"}
+            assert m.unmount() == 0, m.log()
+    finally:
+        gate.close()
+    temporary = listed - set(before)
+    assert len(temporary) == 1, listed  # the mount showed the snapshot it made
+    assert [f for f, _ in gate.seen] == ["PrepareForAccess", "EndAccess"]
+    assert gate.seen[0][1] == before, "the snapshot was created before PrepareForAccess"
+    assert gate.seen[1][1] == before, "EndAccess came before the snapshot was deleted"
+    lines = bed.log_lines()
+    assert [a["err"] for a in call_lines(lines, "PrepareForAccess")] == ["0"]
+    assert [a["err"] for a in call_lines(lines, "EndAccess")] == ["0"]
+    assert bed.vcsim.snapshots(d.ivd) == before
+    assert m.unexpected_log_records() == []
+
+
+# --- --vddk-config and --nfc-host-port reach VDDK from every command that loads it ---------
+
+NFC_PORT = "9902"
+
+
+def vddk_config(tmp_path: Path) -> tuple[Path, Path]:
+    """A VDDK config file of the user's, and the tmpDirectory it names."""
+    tmp = tmp_path / "vddk-tmp"
+    tmp.mkdir(mode=0o700)
+    conf = tmp_path / "vixDiskLib.conf"
+    conf.write_text(f'# the user\'s own\ntmpDirectory = "{tmp}"\n')
+    return conf, tmp
+
+
+def tuning(conf: Path) -> tuple[str, ...]:
+    return ("--vddk-config", str(conf), "--nfc-host-port", NFC_PORT)
+
+
+def assert_tuned(bed: Bed, conf: Path, tmp: Path, *calls: str) -> None:
+    """Every InitEx got the user's config file (and VDDK used its tmpDirectory), and every one
+    of `calls` carried the NFC port."""
+    lines = bed.log_lines()
+    inits = call_lines(lines, "InitEx")
+    assert inits and all(i["configFile"] == str(conf) and i["err"] == "0" for i in inits)
+    assert all(i["tmpDirectory"] == str(tmp) for i in inits)
+    assert list(tmp.glob("vixDiskLib-standin-*.log")), "VDDK did not use the config's tmpDirectory"
+    for fn in calls:
+        entries = call_lines(lines, fn)
+        assert entries, f"no {fn} call"
+        assert all(e["nfcHostPort"] == NFC_PORT for e in entries), entries
+
+
+def test_check_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    r = ivdfs(bed, "check", *tuning(conf))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert step(r, "read").startswith("ok")
+    assert_tuned(bed, conf, tmp, "ConnectEx")
+
+
+def test_end_access_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    d = disks["full"]
+    r = ivdfs(bed, "end-access", *tuning(conf), d.ivd.id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_tuned(bed, conf, tmp, "EndAccess")
+    assert [e["id"] for e in call_lines(bed.log_lines(), "EndAccess")] == [d.ivd.id]
+
+
+def test_mount_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    bed.standin_log.unlink(missing_ok=True)
+    conf, tmp = vddk_config(tmp_path)
+    d = disks["full"]
+    with Mount(bed, mountpoint, *tuning(conf)) as m:
+        assert sha256_file(d.raw(mountpoint)) == sha256_file(d.path)
+        assert m.unmount() == 0
+    assert_tuned(bed, conf, tmp, "ConnectEx", "PrepareForAccess", "EndAccess")
+    assert conf.exists() and tmp.is_dir()  # the user's, not ivdfs's to remove
+
+
+@pytest.mark.killed_mount
+def test_umount_of_a_dead_mount_hands_vddk_config_and_nfc_port_to_vddk(
+    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
+) -> None:
+    """The EndAccess that `ivdfs umount` does for a killed mount goes through VDDK as the user
+    configured it."""
+    d = disks["full"]
+    m = Mount(bed, mountpoint)
+    with open(d.raw(mountpoint), "rb") as f:
+        assert f.read(MiB) == d.path.read_bytes()[:MiB]  # opened: its IVD is prepared
+    m.proc.kill()
+    m.proc.wait(timeout=30)
+    bed.standin_log.unlink()  # from here on: only the recovering process
+    conf, tmp = vddk_config(tmp_path)
+    r = ivdfs(bed, "umount", *tuning(conf), str(mountpoint))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"EndAccess for IVD {d.ivd.id}" in r.stdout
+    assert_tuned(bed, conf, tmp, "EndAccess")
 
 
 @pytest.fixture(autouse=True)

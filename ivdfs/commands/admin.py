@@ -1,4 +1,5 @@
-"""`ivdfs end-access`: EndAccess for one IVD, after a crash that no journal recorded.
+"""`ivdfs end-access`: EndAccess for one IVD, after a crash that no journal recorded; and the
+VDDK settings that every command loading VDDK outside a mount honours as `ivdfs mount` does.
 
 Main thread only; blocks on vCenter and VDDK.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
@@ -18,21 +20,38 @@ from ivdfs.vddk.library import VddkLibrary
 log = logging.getLogger(__name__)
 
 
-def end_access(server: ServerConfig, libdir: Path, ivd_text: str) -> int:
+@dataclass(frozen=True)
+class VddkOptions:
+    """Where VDDK is and how to start it: `--vddk-libdir`, `--vddk-config` (InitEx's config
+    file; None: ivdfs's private one) and `--nfc-host-port` (0: VDDK's default)."""
+
+    libdir: Path
+    config_file: Path | None = None
+    nfc_host_port: int = 0
+
+    def load(self) -> VddkLibrary:
+        """The library, initialised; BackendError (VddkPluginError among them) on failure."""
+        lib = VddkLibrary(self.libdir)
+        lib.init(self.config_file)
+        return lib
+
+    def server(self, s: ServerConfig, thumbprint: str) -> ServerTarget:
+        return ServerTarget(s.host, s.port, s.user, s.password, thumbprint, self.nfc_host_port)
+
+
+def end_access(server: ServerConfig, vddk: VddkOptions, ivd_text: str) -> int:
     vs = VSphere(server)
     try:
         thumbprint = vs.connect()
         ivd = vs.find_ivd(ivd_text)
         try:
-            lib = VddkLibrary(libdir)
-            lib.init()
+            lib = vddk.load()
         except BackendError as e:
             raise UserError(str(e), ExitCode.VDDK) from None
         try:
-            s = server
             access = Access(
                 lib,
-                ServerTarget(s.host, s.port, s.user, s.password, thumbprint),
+                vddk.server(server, thumbprint),
                 DiskTarget(ivd.id, ivd.datastore.moref),
                 ACCESS_IDENTITY,
             )

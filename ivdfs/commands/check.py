@@ -2,27 +2,30 @@
 
 Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (load, version,
 optional symbols, InitEx), VDDK's vSphere plugin (libvddkVimAccess.so, which VDDK loads during
-InitEx and whose failure it only logs), and a test ConnectEx/Open/Read of one IVD snapshot if
-there is one.
+InitEx and whose failure it only logs), VixMntapi (whether libvixMntapi.so.1 loads: it needs
+libfuse2), and a test ConnectEx/Open/Read of one IVD snapshot if there is one.
 Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
-the result. Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
+the result. VixMntapi is needed only for `--volumes vixmntapi`: otherwise its failure is a
+warning that leaves the exit code alone.
+Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, UserError, exit_code_of
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk import _cdefs
-from ivdfs.vddk.connection import DiskHandle, DiskTarget, ServerTarget
-from ivdfs.vddk.errors import VddkPluginError
+from ivdfs.vddk.connection import DiskHandle, DiskTarget
+from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
+from ivdfs.vddk.mntapi import Mntapi
 
 TEST_READ_BYTES = 64 * 1024
 
@@ -41,11 +44,19 @@ class Report:
     def skip(self, step: str, text: str) -> None:
         print(f"skip  {step:<12} {text}", flush=True)
 
+    def warn(self, step: str, text: str) -> None:
+        print(f"warn  {step:<12} {text}", flush=True)
 
-def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> int:
+
+def check(
+    server: ServerConfig, vddk: VddkOptions | None, transport: str | None, volumes: str = "none"
+) -> int:
+    """`vddk` None: no VDDK directory was configured (reported as the vddk step's failure).
+    `volumes`: the --volumes mode the mount would use (VixMntapi must load for vixmntapi)."""
     report = Report()
     vs = VSphere(server)
     lib: VddkLibrary | None = None
+    loaded: VddkLibrary | None = None  # even when InitEx was undone: VixMntapi lies beside it
     plugin_error: VddkPluginError | None = None
     logged_in = False
     try:
@@ -69,11 +80,12 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
             )
 
         try:
-            if libdir is None:
+            if vddk is None:
                 raise UserError(
                     "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
                 )
-            lib, plugin_error = _load(libdir)
+            lib, plugin_error = _load(vddk)
+            loaded = lib
             missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
             report.ok(
                 "vddk",
@@ -90,9 +102,10 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
             report.ok("plugin", _plugin_text())
         else:
             report.skip("plugin", "needs the VDDK library")
+        _vixmntapi(report, loaded, needed=volumes == "vixmntapi")
 
-        if logged_in and lib is not None:
-            _test_read(report, vs, lib, server, transport)
+        if logged_in and lib is not None and vddk is not None:
+            _test_read(report, vs, lib, server, vddk, transport)
         else:
             report.skip("read", "needs a login and a VDDK library")
     finally:
@@ -106,19 +119,34 @@ def check(server: ServerConfig, libdir: Path | None, transport: str | None) -> i
     return ExitCode.OK
 
 
-def _load(libdir: Path) -> tuple[VddkLibrary, VddkPluginError | None]:
+def _load(vddk: VddkOptions) -> tuple[VddkLibrary, VddkPluginError | None]:
     """The initialised library, or the library and its plugin failure (InitEx undone)."""
     try:
-        lib = VddkLibrary(libdir)
+        lib = VddkLibrary(vddk.libdir)
     except BackendError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     try:
-        lib.init()
+        lib.init(vddk.config_file)
     except VddkPluginError as e:
         return lib, e
     except BackendError as e:
         raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
     return lib, None
+
+
+def _vixmntapi(report: Report, lib: VddkLibrary | None, needed: bool) -> None:
+    if lib is None:
+        report.skip("vixmntapi", "needs the VDDK library")
+        return
+    try:
+        mntapi = Mntapi(lib)
+    except VddkLoadError as e:
+        if needed:
+            report.fail("vixmntapi", UserError(str(e), ExitCode.VDDK))
+        else:
+            report.warn("vixmntapi", f"{e} (needed only for --volumes vixmntapi)")
+        return
+    report.ok("vixmntapi", f"{mntapi.path} loads: --volumes vixmntapi can use it")
 
 
 def _plugin_text() -> str:
@@ -142,7 +170,12 @@ def _first_snapshot(vs: VSphere) -> tuple[Ivd, Snapshot] | None:
 
 
 def _test_read(
-    report: Report, vs: VSphere, lib: VddkLibrary, server: ServerConfig, transport: str | None
+    report: Report,
+    vs: VSphere,
+    lib: VddkLibrary,
+    server: ServerConfig,
+    vddk: VddkOptions,
+    transport: str | None,
 ) -> None:
     try:
         found = _first_snapshot(vs)
@@ -154,12 +187,7 @@ def _test_read(
         return
     ivd, snap = found
     target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
-    handle = DiskHandle(
-        lib,
-        ServerTarget(server.host, server.port, server.user, server.password, vs.thumbprint),
-        target,
-        transport,
-    )
+    handle = DiskHandle(lib, vddk.server(server, vs.thumbprint), target, transport)
     try:
         handle.open()
         n = min(TEST_READ_BYTES, handle.capacity_bytes) // _cdefs.SECTOR_SIZE * _cdefs.SECTOR_SIZE

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ivdfs import journal, mountinfo
+from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
-from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
-from ivdfs.vddk.library import VddkLibrary
+from ivdfs.vddk.connection import Access, DiskTarget
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ SYS_BLOCK = Path("/sys/block")
 
 # Resolves the connection options (flags, environment, config file) when they are needed; the
 # argument is the VDDK directory the mount used, for when none is configured.
-Connection = Callable[[Path | None], tuple[ServerConfig, Path]]
+Connection = Callable[[Path | None], tuple[ServerConfig, VddkOptions]]
 
 
 def _under(path: str, root: str) -> bool:
@@ -199,7 +199,7 @@ def undo_remote(rec: journal.Record, connection: Connection, report: Report) -> 
         return
     try:
         known = rec.doc.get("vddk_libdir")
-        server, libdir = connection(Path(known) if known else None)
+        server, vddk = connection(Path(known) if known else None)
     except UserError as e:
         # No (usable) connection options: the mount's own server and certificate.
         left_behind(rec, report, e, rec.connection_options())
@@ -215,7 +215,7 @@ def undo_remote(rec: journal.Record, connection: Connection, report: Report) -> 
         for s in rec.snapshots:
             _delete_snapshot(vs, rec, s, report, options)
         if rec.prepared:
-            _end_access(rec, server, thumbprint, libdir, report)
+            _end_access(rec, server, thumbprint, vddk, report)
     finally:
         vs.close()
 
@@ -277,14 +277,13 @@ def _end_access(
     rec: journal.Record,
     server: ServerConfig,
     thumbprint: str,
-    libdir: Path,
+    vddk: VddkOptions,
     report: Report,
 ) -> None:
     identity = str(rec.doc.get("identity") or "")
     options = [*journal.connection_options(server), "--vddk-libdir", str(libdir)]
     try:
-        lib = VddkLibrary(libdir)
-        lib.init()
+        lib = vddk.load()
     except (BackendError, OSError) as e:
         for p in rec.prepared:
             report.fail(
@@ -293,9 +292,7 @@ def _end_access(
             )
         return
     try:
-        target_server = ServerTarget(
-            server.host, server.port, server.user, server.password, thumbprint
-        )
+        target_server = vddk.server(server, thumbprint)
         for p in rec.prepared:
             try:
                 Access(lib, target_server, DiskTarget(p["ivd"], p["datastore"]), identity).recover()

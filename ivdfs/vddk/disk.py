@@ -6,8 +6,10 @@ Trio tasks hand the I/O threads whole blocks and wait on a `trio.Event`; results
 through the trio token, from the I/O thread or, for ReadAsync, from the library's completion
 thread. With ReadAsync an I/O thread only starts requests, so one handle keeps several in
 flight, bounded in bytes (ESXi's NFC server has a per-session memory limit); without it (or on
-transports where VDDK serves ReadAsync inline) a handle has one read at a time. Opening and
-closing are the service's job (`vddk.service`), on its control thread.
+transports where VDDK serves ReadAsync inline) a handle has one read at a time. A block larger
+than the bound is read as requests of at most the bound, one after another, so the bound holds
+for every block size. Opening and closing are the service's job (`vddk.service`), on its control
+thread.
 
 Concurrency: `read`/`query_allocated` on the trio thread; `stop_io` from a worker thread
 (it joins threads); the handles' blocking calls only on their own I/O thread.
@@ -20,6 +22,7 @@ import logging
 import trio
 
 from ivdfs.errors import BackendError
+from ivdfs.vddk import _cdefs
 from ivdfs.vddk.connection import AsyncRead, DiskHandle
 from ivdfs.vddk.threads import BACKGROUND, PrioritySlots, ThreadWorker
 
@@ -55,7 +58,11 @@ class OpenDisk:
         self.capacity = handles[0].capacity_bytes
         self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
         self.use_async = use_async and handles[0].truly_async
-        per_handle = max(1, in_flight_bytes // block_size) if self.use_async else 1
+        sector = _cdefs.SECTOR_SIZE
+        # A read larger than the bound (a block larger than --max-in-flight) goes in parts.
+        self.max_request = max(sector, in_flight_bytes // sector * sector)
+        per_handle = in_flight_bytes // min(block_size, self.max_request)
+        per_handle = max(1, per_handle) if self.use_async else 1
         # More waiting requests than the handles can serve would only queue on their threads.
         self._slots = PrioritySlots(per_handle * len(handles))
         # Set on the trio thread before the I/O threads stop: a reader that was waiting for a
@@ -70,19 +77,31 @@ class OpenDisk:
             io = min(self._ios, key=lambda h: h.load)
             io.load += 1
             try:
-                if self.use_async:
-                    return await self._read_async(io, start_sector, nbytes)
-
-                def work() -> bytearray:
-                    buf = bytearray(nbytes)
-                    io.handle.read_into(start_sector, buf)
-                    return buf
-
-                return await io.worker.run(work)
+                if nbytes <= self.max_request:
+                    return await self._read_one(io, start_sector, nbytes)
+                # Larger than the bound: in turn, on this one slot.
+                buf = bytearray(nbytes)
+                step = self.max_request
+                for off in range(0, nbytes, step):
+                    n = min(step, nbytes - off)
+                    part = await self._read_one(io, start_sector + off // _cdefs.SECTOR_SIZE, n)
+                    buf[off : off + n] = part
+                return buf
             finally:
                 io.load -= 1
         finally:
             self._slots.release()
+
+    async def _read_one(self, io: _HandleIO, start_sector: int, nbytes: int) -> bytearray:
+        if self.use_async:
+            return await self._read_async(io, start_sector, nbytes)
+
+        def work() -> bytearray:
+            buf = bytearray(nbytes)
+            io.handle.read_into(start_sector, buf)
+            return buf
+
+        return await io.worker.run(work)
 
     async def _read_async(self, io: _HandleIO, start_sector: int, nbytes: int) -> bytearray:
         token = trio.lowlevel.current_trio_token()

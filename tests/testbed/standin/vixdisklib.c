@@ -78,6 +78,16 @@ _Static_assert(sizeof(VixDiskLibBlock) == 16, "block size");
 /* ---- constants ------------------------------------------------------------------------ */
 #define SECTOR 512ULL
 #define MAX_REQUEST_SECTORS 4096ULL /* 2 MiB: NFC servers fail larger requests */
+/* ESXi's NFC server limits the memory of each session, so the bytes of a handle's outstanding
+   requests are bounded. The real figure is not documented and varies by release; we assume
+   the stricter one issue 9 gives (16 x 2 MiB can exceed it, a default of 8 MiB in flight must
+   not). */
+#define DEFAULT_NFC_SESSION_BYTES (8ULL << 20)
+/* Assumed, not verified against real VDDK: a request the NFC server cannot allocate for fails
+   as "Memory allocation failed. Out of memory" (reports of real failures quote NFC error 5,
+   "Failed to allocate the requested N bytes", but not the VixError VDDK makes of it). */
+#define NFC_MEMORY_CODE VIX_E_OUT_OF_MEMORY
+#define HOLD_TIMEOUT_NS (120LL * 1000000000LL)
 #define MAX_IDENTITY_LEN 50
 #define MAX_NTH 64
 #define LOGBUF 4096
@@ -157,6 +167,8 @@ typedef struct {
     int64_t stall_ns;
     uint64_t short_nth;
     int async_threads;
+    uint64_t nfc_session_bytes;
+    char *hold_access;
 } config_t;
 
 static config_t g_cfg;
@@ -184,6 +196,7 @@ static void config_free(config_t *c) {
     free(c->password);
     free(c->thumb);
     free(c->slow_ivd);
+    free(c->hold_access);
     memset(c, 0, sizeof(*c));
 }
 
@@ -244,6 +257,9 @@ static void config_load(config_t *c) {
     c->async_threads = (int)env_u64("VDDK_STANDIN_ASYNC_THREADS", 4);
     if (c->async_threads < 1) c->async_threads = 1;
     if (c->async_threads > 64) c->async_threads = 64;
+    c->nfc_session_bytes = env_u64("VDDK_STANDIN_NFC_SESSION_BYTES", 0);
+    if (!c->nfc_session_bytes) c->nfc_session_bytes = DEFAULT_NFC_SESSION_BYTES;
+    c->hold_access = dup_or_null(env_str("VDDK_STANDIN_HOLD_ACCESS"));
 }
 
 /* ---- global state --------------------------------------------------------------------- */
@@ -260,6 +276,7 @@ static int64_t g_global_next_free;
 static pthread_mutex_t g_rand_mu = PTHREAD_MUTEX_INITIALIZER;
 static unsigned g_rand_state;
 static _Atomic uint64_t g_connects, g_opens; /* injection counters, from InitEx */
+static _Atomic uint64_t g_holds;              /* VDDK_STANDIN_HOLD_ACCESS, from InitEx */
 static void *g_plugin;        /* dlopen handle of libvddkVimAccess.so */
 static _Atomic int g_plugin_ok; /* the plugin loaded: vSphere access works */
 
@@ -411,6 +428,7 @@ typedef struct handle {
     pthread_cond_t cv;
     int outstanding;   /* queued async requests not yet completed (callback returned) */
     int64_t next_free; /* per-handle bandwidth reservation, under mu */
+    uint64_t nfc_bytes; /* bytes of this session's requests the NFC server holds, under mu */
 } handle_t;
 
 static conn_t *g_conns;
@@ -510,7 +528,9 @@ static int check_inited(const char *func) {
 }
 
 /* ---- read requests -------------------------------------------------------------------- */
-enum { FAULT_NONE, FAULT_FAIL, FAULT_SHORT };
+enum { FAULT_NONE, FAULT_FAIL, FAULT_SHORT, FAULT_NFC_MEMORY };
+
+static int is_network(const char *t) { return !strcmp(t, "nbd") || !strcmp(t, "nbdssl"); }
 
 typedef struct {
     handle_t *h;
@@ -521,6 +541,7 @@ typedef struct {
     uint64_t seq;
     int64_t due;
     int fault;
+    uint64_t nfc_bytes; /* held in the session's NFC memory until completion */
 } req_t;
 
 static int64_t transfer_ns(uint64_t bytes, uint64_t bw) {
@@ -573,6 +594,34 @@ static void plan_request(req_t *r) {
     }
 }
 
+/* On a network transport a request takes its bytes of the NFC session's memory from when it
+   reaches the server until it completes. One that would take the session past its limit is a
+   VIOLATION and fails with NFC_MEMORY_CODE. Returns the bytes to give back at completion. */
+static uint64_t nfc_reserve(req_t *r, const char *func) {
+    handle_t *h = r->h;
+    if (!is_network(h->transport)) return 0;
+    uint64_t bytes = r->n * SECTOR;
+    pthread_mutex_lock(&h->mu);
+    uint64_t held = h->nfc_bytes;
+    int over = held + bytes > g_cfg.nfc_session_bytes;
+    if (!over) h->nfc_bytes += bytes;
+    pthread_mutex_unlock(&h->mu);
+    if (!over) return bytes;
+    violation("nfc-session-memory", "func=%s handle=%llu start=%llu n=%llu held=%llu limit=%llu",
+              func, (unsigned long long)h->id, (unsigned long long)r->start,
+              (unsigned long long)r->n, (unsigned long long)held,
+              (unsigned long long)g_cfg.nfc_session_bytes);
+    r->fault = FAULT_NFC_MEMORY;
+    return 0;
+}
+
+static void nfc_release(handle_t *h, uint64_t bytes) {
+    if (!bytes) return;
+    pthread_mutex_lock(&h->mu);
+    h->nfc_bytes -= bytes;
+    pthread_mutex_unlock(&h->mu);
+}
+
 static int pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
     while (len) {
         ssize_t k = pread(fd, buf, len, off);
@@ -598,6 +647,13 @@ static VixError execute_request(req_t *r) {
         WARN_MSG("VixDiskLib stand-in: connection %llu is lost; read #%llu fails with %llu.\n",
                  (unsigned long long)c->id, (unsigned long long)r->seq,
                  (unsigned long long)err);
+    } else if (r->fault == FAULT_NFC_MEMORY) {
+        memset(r->buf, 0xA5, bytes);
+        err = NFC_MEMORY_CODE;
+        WARN_MSG("VixDiskLib stand-in: read #%llu (handle %llu) exceeds the NFC session's "
+                 "memory (%llu bytes): error %llu.\n",
+                 (unsigned long long)r->seq, (unsigned long long)h->id,
+                 (unsigned long long)g_cfg.nfc_session_bytes, (unsigned long long)err);
     } else if (r->fault == FAULT_FAIL) {
         memset(r->buf, 0xA5, bytes); /* poison: a caller that uses the data anyway notices */
         err = g_cfg.fail_code;
@@ -722,6 +778,9 @@ static req_t *q_pop_locked(void) {
 
 static void complete_async(req_t *r, VixError err, int is_inline) {
     handle_t *h = r->h;
+    /* Before the callback: once it has run, the caller may start the next request. */
+    nfc_release(h, r->nfc_bytes);
+    r->nfc_bytes = 0;
     log_read("ReadAsyncDone", h, r->start, r->n, r->seq, err,
              is_inline ? "inline=1" : "inline=0");
     r->cb(r->cb_data, err);
@@ -899,7 +958,6 @@ static const char *pick_transport(const char *requested) {
     return NULL;
 }
 
-static int is_network(const char *t) { return !strcmp(t, "nbd") || !strcmp(t, "nbdssl"); }
 
 static void make_uuid(const char *seed, char *out, size_t outlen) {
     uint64_t h1 = 1469598103934665603ULL, h2 = 0x9e3779b97f4a7c15ULL;
@@ -1035,6 +1093,7 @@ EXPORT VixError VixDiskLib_InitEx(uint32_t majorVersion, uint32_t minorVersion,
     atomic_store(&g_async_reads, 0);
     atomic_store(&g_connects, 0);
     atomic_store(&g_opens, 0);
+    atomic_store(&g_holds, 0);
     g_rand_state = (unsigned)env_u64("VDDK_STANDIN_SEED", 1);
     g_global_next_free = 0;
     g_inited = 1;
@@ -1543,8 +1602,10 @@ EXPORT VixError VixDiskLib_Read(VixDiskLibHandle diskHandle, VixDiskLibSectorTyp
         req_t r = {.h = h, .start = startSector, .n = numSectors, .buf = readBuffer};
         plan_request(&r);
         seq = r.seq;
+        uint64_t held = nfc_reserve(&r, "Read");
         sleep_until_ns(r.due);
         err = execute_request(&r);
+        nfc_release(h, held);
     }
     leave_request(h);
     log_read("Read", h, startSector, numSectors, seq, err, NULL);
@@ -1572,6 +1633,7 @@ EXPORT VixError VixDiskLib_ReadAsync(VixDiskLibHandle diskHandle,
     *r = (req_t){.h = h, .start = startSector, .n = numSectors, .buf = readBuffer,
                  .cb = callback, .cb_data = cbData};
     plan_request(r);
+    r->nfc_bytes = nfc_reserve(r, "ReadAsync");
     atomic_fetch_add(&g_async_reads, 1);
     uint64_t k = atomic_fetch_add(&g_async_seq, 1) + 1;
     int is_inline = !is_network(h->transport) || (g_cfg.inline_every && k % g_cfg.inline_every == 0);
@@ -1659,6 +1721,33 @@ EXPORT void VixDiskLib_FreeErrorText(char *errMsg) {
     free(errMsg);
 }
 
+/* VDDK_STANDIN_HOLD_ACCESS=FILE: PrepareForAccess and EndAccess first log `Hold ... hold=K`
+   (K = 1, 2, ... from InitEx) and wait until FILE holds a number >= K, so that a test can look
+   at the world (vCenter's snapshots) while the call is under way and order the two. */
+static void hold_access(const char *name, const char *id) {
+    if (!g_cfg.hold_access) return;
+    uint64_t k = atomic_fetch_add(&g_holds, 1) + 1;
+    logline_t l;
+    ll_begin(&l, "Hold");
+    ll_add(&l, "func=%s", name);
+    ll_str(&l, "id", id);
+    ll_add(&l, "hold=%llu", (unsigned long long)k);
+    ll_emit(&l);
+    int64_t deadline = mono_ns() + HOLD_TIMEOUT_NS;
+    for (;;) {
+        unsigned long long released = 0;
+        FILE *f = fopen(g_cfg.hold_access, "re");
+        int got = f && fscanf(f, "%llu", &released) == 1;
+        if (f) fclose(f);
+        if (got && released >= k) return;
+        if (mono_ns() > deadline) {
+            violation("hold-timeout", "func=%s hold=%llu", name, (unsigned long long)k);
+            return;
+        }
+        sleep_ns(1000000);
+    }
+}
+
 static VixError access_common(const char *name, const VixDiskLibConnectParams *p,
                               const char *identity, int prepare) {
     if (!check_inited(name)) return VIX_E_FAIL;
@@ -1667,6 +1756,7 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
     const char *id = NULL;
     if (p) id = p->specType == VIXDISKLIB_SPEC_VSTORAGE_OBJECT ? p->spec.vStorageObjSpec.id
                                                               : p->vmxSpec;
+    hold_access(name, id);
     if (!p || !identity || strlen(identity) > MAX_IDENTITY_LEN) {
         err = VIX_E_INVALID_ARG;
     } else if ((err = check_params(p, name)) != VIX_OK) {
@@ -1687,7 +1777,7 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
     ll_str(&l, "id", id);
     ll_str(&l, "identity", identity);
     ll_str(&l, "server", p ? p->serverName : NULL);
-    ll_add(&l, "err=%llu", (unsigned long long)err);
+    ll_add(&l, "err=%llu nfcHostPort=%u", (unsigned long long)err, p ? p->nfcHostPort : 0U);
     ll_emit(&l);
     return err;
 }
