@@ -283,7 +283,7 @@ def mount_config(v: Values, mountpoint: Path) -> MountConfig:
         debug=v.debug,
         log_file=v.log.expanduser().absolute() if v.log else None,
         transport_modes=v.transport,
-        vddk_config=v.vddk_config.expanduser().absolute() if v.vddk_config else None,
+        vddk_config=_vddk_config(v),
         nfc_host_port=v.nfc_host_port,
         prefetch=v.prefetch,
         vddk_handles=v.vddk_handles,
@@ -389,8 +389,12 @@ def vddk_options(v: Values, libdir: Path) -> VddkOptions:
     """The VDDK settings of a command that loads VDDK outside a mount, as mount takes them."""
     from ivdfs.commands.admin import VddkOptions
 
-    config = v.vddk_config.expanduser().absolute() if v.vddk_config else None
-    return VddkOptions(libdir, config, v.nfc_host_port)
+    return VddkOptions(libdir, _vddk_config(v), v.nfc_host_port)
+
+
+def _vddk_config(v: Values) -> Path | None:
+    # Absolute: the detached daemon changes to / before VDDK reads it.
+    return v.vddk_config.expanduser().absolute() if v.vddk_config else None
 
 
 def _check(args: argparse.Namespace, v: Values) -> int:

@@ -329,7 +329,7 @@ SETTINGS: tuple[Setting, ...] = (
         "read-only mounts, set up when volumes/ is first listed: 'kernel' mounts each "
         "partition from a read-only loop device, 'vixmntapi' asks VDDK's libvixMntapi "
         "(needs libfuse2); root only (default none)",
-        frozenset({"mount"}),
+        frozenset({"mount", "check"}),
         str,
         default="none",
         choices=("none", "kernel", "vixmntapi"),

@@ -35,6 +35,15 @@ class VddkOptions:
         lib.init(self.config_file)
         return lib
 
+    def options(self) -> list[str]:
+        """These settings as command-line options, for printed advice."""
+        out = ["--vddk-libdir", str(self.libdir)]
+        if self.config_file is not None:
+            out += ["--vddk-config", str(self.config_file)]
+        if self.nfc_host_port:
+            out += ["--nfc-host-port", str(self.nfc_host_port)]
+        return out
+
     def server(self, s: ServerConfig, thumbprint: str) -> ServerTarget:
         return ServerTarget(s.host, s.port, s.user, s.password, thumbprint, self.nfc_host_port)
 

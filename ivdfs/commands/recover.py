@@ -281,7 +281,7 @@ def _end_access(
     report: Report,
 ) -> None:
     identity = str(rec.doc.get("identity") or "")
-    options = [*journal.connection_options(server), "--vddk-libdir", str(libdir)]
+    options = [*journal.connection_options(server), *vddk.options()]
     try:
         lib = vddk.load()
     except (BackendError, OSError) as e:
