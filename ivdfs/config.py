@@ -154,6 +154,8 @@ class MountConfig:
     datastores: tuple[str, ...] = ()
     ivds: tuple[str, ...] = ()
     volumes: str = "none"
+    audit_log: Path | None = None
+    hashes: bool = True
 
 
 def env(name: str) -> str | None:

@@ -104,6 +104,7 @@ _SERVER = "vCenter / ESXi"
 _VDDK = "VDDK and data path"
 _TREE = "tree"
 _PROC = "FUSE and process"
+_FORENSICS = "forensics"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -408,6 +409,30 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         metavar="FILE",
         group=_PROC,
+    ),
+    Setting(
+        "audit_log",
+        ("--audit-log",),
+        "journal every open and the byte ranges read (who, what, "
+        "when) to FILE, one hash-chained JSON line per event; an existing journal is verified "
+        "and continued; reads fail if it cannot be written; disk files are then read without "
+        "the page cache (check it with ivdfs audit verify)",
+        frozenset({"mount"}),
+        Path,
+        metavar="FILE",
+        group=_FORENSICS,
+    ),
+    Setting(
+        "hashes",
+        ("--no-hash",),
+        "do not compute SHA-256 and MD5 of disk.raw and partition "
+        "files read in order (by default the user.ivdfs.sha256/.md5 attributes and info.json "
+        "show them once one open has read a whole file)",
+        frozenset({"mount"}),
+        kind="flag",
+        default=True,
+        group=_FORENSICS,
+        extra={"action": "store_false"},
     ),
 )
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import trio
 
 from ivdfs.errors import BackendError
+from ivdfs.forensics.evidence import Source
+from ivdfs.forensics.hashing import Digests
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.io import lvm
 from ivdfs.io.block_cache import Block
@@ -107,6 +110,11 @@ class SnapshotDisk:
     table: PartitionTable | None = None
     logical_volumes: tuple[lvm.LogicalVolume, ...] = ()
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Provenance and evidence (ivdfs.forensics): the server, when the probe opened the disk,
+    # and the hashes of its files by name (None: two complete reads disagreed).
+    source: Source | None = None
+    probed_at: datetime | None = None
+    digests: dict[str, Digests | None] = field(default_factory=dict)
 
     @property
     def probed(self) -> bool:
@@ -202,6 +210,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
                 log.info("%s: LVM volume %s not shown: %s", sd.where(), lv.dm_name, lv.reason)
         sd.size, sd.table, sd.partitions = size, table, table.partitions
         sd.logical_volumes = found.volumes
+        sd.probed_at = datetime.now(UTC)
         sd.reader = reader  # last: `probed` means everything above is set
         return True
 
@@ -243,6 +252,7 @@ class SnapshotDirs:
         mount_time_ns: int,
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
+        source: Source | None = None,
     ) -> None:
         self.inodes = inodes
         self.disks = disks
@@ -251,9 +261,12 @@ class SnapshotDirs:
         self.mount_time_ns = mount_time_ns
         self.volumes = volumes
         self.mountpoint = mountpoint
+        self.source = source
 
     def make(self, ivd: Ivd, snap: Snapshot) -> SnapshotDir:
-        sd = SnapshotDisk(ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes)
+        sd = SnapshotDisk(
+            ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes, source=self.source
+        )
         mtime = to_ns(snap.create_time, self.mount_time_ns)
         return SnapshotDir(self.inodes.new_ino(), snap.id, mtime, loader=self.load, disk=sd)
 
@@ -338,4 +351,11 @@ def lv_file_name(lv: lvm.LogicalVolume) -> str:
 
 
 def snapshot_info(sd: SnapshotDisk) -> bytes:
-    return info.snapshot_json(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
+    return info.snapshot_json(
+        sd.ivd,
+        sd.snapshot,
+        sd.size if sd.probed else None,
+        source=sd.source,
+        read_at=sd.probed_at,
+        digests=sd.digests,
+    )

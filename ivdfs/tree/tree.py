@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from ivdfs.errors import BackendError, NotFound
+from ivdfs.forensics.audit import AuditLog, Caller
+from ivdfs.forensics.evidence import Evidence
+from ivdfs.forensics.hashing import Digests, SequentialHash
 from ivdfs.inventory.model import Inventory
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
@@ -58,6 +63,8 @@ RELIST_MIN_INTERVAL = 2.0
 # getxattr of this name on a directory lists it again now (`ivdfs refresh`): reads are all a
 # read-only mount offers, and a name nobody lists is never read by `getfattr -d` or backups.
 REFRESH_XATTR = "user.ivdfs.refresh"
+# A reader whose evidence hashing falls this far behind waits for it (bounded memory).
+HASH_BACKLOG = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,13 @@ class Tree:
         mountpoint: Path | None = None,
         on_detach: Callable[[int, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        evidence: Evidence | None = None,
     ) -> None:
         """`volumes` and `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
-        tells the kernel an entry is gone."""
+        tells the kernel an entry is gone. `evidence`: hashes, audit journal, provenance."""
         self.settings = settings
+        self.evidence = evidence or Evidence()
         self.cache = cache
         self.prefetcher = prefetcher
         self.clock = clock
@@ -103,6 +112,7 @@ class Tree:
             self.mount_time_ns,
             volumes,
             mountpoint,
+            self.evidence.source,
         )
         self.catalog = Catalog(
             self.inodes,
@@ -207,26 +217,67 @@ class Tree:
 
     # --- files ---------------------------------------------------------------------------
 
-    async def open(self, ino: int) -> tuple[FileHandle, Node]:
+    async def open(self, ino: int, caller: Caller | None = None) -> tuple[FileHandle, Node]:
+        """`caller`: who opens, for the audit journal (which must hold the open before it
+        succeeds)."""
+        audit = self.evidence.audit
+        if audit is not None:
+            audit.check()
         node = self.get(ino)
         if isinstance(node, DirNode):
             raise OSError(errno.EISDIR, node.name)
         if isinstance(node, SymlinkNode):
             raise OSError(errno.ELOOP, node.name)
         if isinstance(node, GeneratedFile):
-            return self.files.add(OpenFile(node, content=node.render())), node
-        assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
-        sd = node.disk
-        if not await self.snapshots.probe(sd):
-            raise BackendError(f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True)
-        assert sd.reader is not None
-        sd.disk.hold()
-        return self.files.add(OpenFile(node, stream=sd.reader.open_stream(), disk=sd)), node
+            f = OpenFile(node, content=node.render())
+        else:
+            assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
+            sd = node.disk
+            if not await self.snapshots.probe(sd):
+                raise BackendError(
+                    f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
+                )
+            assert sd.reader is not None
+            sd.disk.hold()
+            digest = None
+            if self.evidence.hashes and node.size and node.name not in sd.digests:
+                digest = SequentialHash(node.size)
+            f = OpenFile(node, stream=sd.reader.open_stream(), disk=sd, digest=digest)
+        fh = self.files.add(f)
+        if audit is not None:
+            try:
+                await self._journal_open(audit, fh, f, caller)
+            except BaseException:
+                self.release(fh)
+                raise
+        return fh, node
+
+    async def _journal_open(
+        self, audit: AuditLog, fh: FileHandle, f: OpenFile, caller: Caller | None
+    ) -> None:
+        who = caller or Caller(-1, -1, -1, -1, "")
+        f.access, written = audit.opened(fh, str(self.inodes.path_of(f.node)), who)
+        await trio.to_thread.run_sync(written.wait)
+
+    def hashing(self, fh: int) -> bool:
+        """Whether this open may yet produce its file's evidence hashes."""
+        return self.files.get(fh).digest is not None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         f = self.files.get(fh)
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size")
+        audit = self.evidence.audit
+        if audit is not None:
+            audit.check()  # fail closed: nothing is served that the journal cannot record
+        data = await self._read(f, offset, size)
+        if audit is not None and f.access is not None:
+            audit.read(f.access, offset, len(data))
+        if f.digest is not None:
+            await self._hash(f, offset, data)
+        return data
+
+    async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         if f.content is not None:
             return f.content[offset : offset + size]
         assert f.stream is not None
@@ -239,21 +290,68 @@ class Tree:
             return b"".join(parts)
         return await reader.read(offset, size, f.stream)
 
+    async def _hash(self, f: OpenFile, offset: int, data: bytes | memoryview) -> None:
+        h = f.digest
+        assert h is not None
+        h.feed(offset, data)
+        if h.abandoned:
+            f.digest = None  # not read in order: this open yields no hash
+            return
+        if h.complete:
+            if not h.collected:
+                h.collected = True
+                # Before this read's reply: once the reader has seen EOF, the hash is there.
+                self._store_digests(f, await trio.to_thread.run_sync(h.result))
+            return
+        if h.digester.backlog > HASH_BACKLOG:
+            await trio.to_thread.run_sync(h.digester.wait_below, HASH_BACKLOG // 2)
+
+    def _store_digests(self, f: OpenFile, digests: Digests) -> None:
+        sd, name = f.disk, f.node.name
+        assert sd is not None
+        path = str(self.inodes.path_of(f.node))
+        if name not in sd.digests:
+            sd.digests[name] = digests
+            log.info("%s: sha256 %s md5 %s", path, digests.sha256, digests.md5)
+        elif sd.digests[name] not in (None, digests):
+            # The same snapshot read twice gave different bytes: neither hash can be trusted.
+            log.error("%s: two complete reads hashed differently (%s, then %s); no hash is shown",
+                      path, sd.digests[name], digests)  # fmt: skip
+            sd.digests[name] = None
+        if self.evidence.audit is not None and f.access is not None:
+            self.evidence.audit.record("hash", path=path, fh=f.access.fh, **digests.as_dict())
+
     def release(self, fh: int) -> None:
         f = self.files.pop(fh)
-        if f is not None and f.disk is not None:
+        if f is None:
+            return
+        if f.digest is not None and not f.digest.collected:
+            f.digest.cancel()
+        if f.access is not None and self.evidence.audit is not None:
+            self.evidence.audit.closed(f.access)
+        if f.disk is not None:
             f.disk.disk.release()
 
     # --- metadata ------------------------------------------------------------------------
 
     async def xattrs(self, ino: int) -> dict[str, bytes]:
-        """Extended attributes: the metadata of disk.raw's IVD and snapshot."""
+        """Extended attributes: the metadata of disk.raw's IVD and snapshot, and the evidence
+        hashes of disk.raw and windows once known."""
         node = self.get(ino)
+        if isinstance(node, WindowFile) and node.disk is not None:
+            return info.digest_xattrs(node.disk.digests.get(node.name))
         if not isinstance(node, DiskFile) or node.disk is None:
             return {}
         sd: SnapshotDisk = node.disk
         await self.snapshots.probe(sd)
-        return info.disk_xattrs(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
+        return info.disk_xattrs(
+            sd.ivd,
+            sd.snapshot,
+            sd.size if sd.probed else None,
+            source=sd.source,
+            read_at=sd.probed_at,
+            digests=sd.digests.get(node.name),
+        )
 
     def report(self) -> dict[str, Any]:
         return {
