@@ -263,7 +263,10 @@ def test_hash_command_output_checks_inside_the_mount(
     assert md5.stdout == f"{hashlib.md5(sparse.data()).hexdigest()}  {sparse.rel}/disk.raw\n"
     # Holes were not read: VDDK served exactly the allocated blocks of the sparse disk.
     lines = bed.log_lines()
-    reads = sorted(int(r["start"]) * 512 // MiB for r in call_lines(lines, "Read"))
+    reads = sorted(
+        int(r["start"]) * 512 // MiB
+        for r in call_lines(lines, "Read") + call_lines(lines, "ReadAsync")
+    )
     assert reads == list(sparse.allocated)
     assert len(call_lines(lines, "PrepareForAccess")) == len(call_lines(lines, "EndAccess")) == 1
     both = hash_cmd(bed, d.ivd.id, d.snapshot)
@@ -296,6 +299,30 @@ def test_hash_command_output_checks_inside_the_mount(
         # The by-product hashes of those reads agree with the command.
         assert hash_xattrs(d.path(mountpoint)) == digests(d.data())
         assert m.unmount() == 0
+
+
+def test_hash_command_stopped_by_sigterm_still_ends_access(
+    bed: Bed, disks: dict[str, Disk]
+) -> None:
+    d = disks["parted"]
+    bed.standin_log.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [*IVDFS, "hash", "--server", bed.vcsim.server, "--user", bed.vcsim.user,
+         "--ca-file", str(bed.vcsim.ca_file), "--vddk-libdir", str(VDDK_LIBDIR),
+         d.ivd.id, d.snapshot],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=bed.env(VDDK_STANDIN_LATENCY_US="100000"),
+    )  # fmt: skip
+    wait_for(lambda: len(call_lines(bed.log_lines(), "ReadAsync")) >= 2, what="reads")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "" and err == "ivdfs: interrupted\n"
+    lines = bed.log_lines()
+    # Closed, then EndAccess: the conftest check pairs Prepare and EndAccess, Open and Close.
+    assert [ln.split()[2] for ln in lines if ln.split()[2] in ("Close", "EndAccess")] == [
+        "Close",
+        "EndAccess",
+    ]
 
 
 # --- the audit journal -----------------------------------------------------------------------

@@ -3,10 +3,11 @@
 Reads as `check` does, in this process, between PrepareForAccess and EndAccess (always paired,
 even when Prepare fails or the read is interrupted; SIGTERM and SIGHUP stop it like Ctrl-C).
 Regions that QueryAllocatedBlocks reports unallocated are not read: they hash as the zeros
-disk.raw shows for them. Hashing runs on pool threads (ivdfs.forensics.hashing) while the next
-block is read. The lines name the file as a mount shows it, relative to the mount root
-(`<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw` or `.../partN.raw`), so `sha256sum -c` and
-`md5sum -c` run in the root of an ivdfs mount check them against the mount.
+disk.raw shows for them. Over NBD/NBDSSL up to IN_FLIGHT reads are in flight; hashing runs on
+pool threads (ivdfs.forensics.hashing) meanwhile. The lines name the file as a mount shows it,
+relative to the mount root (`<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw` or
+`.../partN.raw`), so `sha256sum -c` and `md5sum -c` run in the root of an ivdfs mount check
+them against the mount.
 
 Main thread only: VDDK's Open, Read and Close happen on it.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +32,7 @@ from ivdfs.forensics.hashing import Digester
 from ivdfs.io.holes import MAX_CHUNKS_PER_QUERY, query_chunk_sectors
 from ivdfs.io.partitions import parse
 from ivdfs.vddk._cdefs import SECTOR_SIZE
-from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20  # bytes per VDDK read (at most 2 MiB per request)
 BACKLOG = 32 << 20  # bytes read but not hashed yet before reading waits
+IN_FLIGHT = 8  # ReadAsync requests of BLOCK bytes, as a mount's default --max-in-flight
 _VIX_E_NOT_SUPPORTED = 6
 ALGORITHMS = {"both": ("sha256", "md5"), "sha256": ("sha256",), "md5": ("md5",)}
 _TAGS = {"sha256": "SHA256", "md5": "MD5"}
@@ -145,26 +149,85 @@ def _hash_disk(
         start, end = p.start, p.start + p.length
     allocated = _Allocated(_allocated_runs(handle, start, end))
     digester = Digester(algorithms)
-    zeros = bytes(BLOCK)
+    reader = _Pipeline(handle, IN_FLIGHT if handle.truly_async else 1)
     read_bytes = 0
     with _progress(name, end - start) as progress:
-        pos = start
-        while pos < end:
-            # Whole blocks of the disk, so holes and reads line up with the allocation map.
-            piece_end = min(end, (pos // BLOCK + 1) * BLOCK)
-            n = piece_end - pos
-            if allocated.any(pos, piece_end):
-                digester.update(_read_bytes(handle, pos, n))
-                read_bytes += n
-            else:
-                digester.update(memoryview(zeros)[:n])
-            pos = piece_end
-            if digester.backlog > BACKLOG:
-                digester.wait_below(BACKLOG // 2)
-            progress(pos - start)
+        try:
+            pos = start
+            while pos < end:
+                # Whole blocks of the disk, so holes and reads line up with the allocation map.
+                piece_end = min(end, (pos // BLOCK + 1) * BLOCK)
+                if allocated.any(pos, piece_end):
+                    reader.read(pos, piece_end - pos)
+                    read_bytes += piece_end - pos
+                else:
+                    reader.zeros(piece_end - pos)
+                pos = piece_end
+                for data in reader.ready():
+                    digester.update(data)
+                if digester.backlog > BACKLOG:
+                    digester.wait_below(BACKLOG // 2)
+                progress(pos - start)
+            for data in reader.rest():
+                digester.update(data)
+        finally:
+            reader.drain()
         result = digester.result()
     log.debug("%s: read %d of %d bytes (the rest unallocated)", name, read_bytes, end - start)
     return result
+
+
+class _Pipeline:
+    """Reads in order with up to `depth` ReadAsync requests in flight (only NBD/NBDSSL
+    overlap them; other transports read one block at a time), zeros for holes in between."""
+
+    def __init__(self, handle: DiskHandle, depth: int) -> None:
+        self._handle = handle
+        self._depth = depth
+        self._queue: deque[tuple[AsyncRead, threading.Event] | int] = deque()
+        self._zeros = bytes(BLOCK)
+
+    def read(self, offset: int, n: int) -> None:
+        if self._depth == 1:
+            buf = bytearray(n)
+            self._handle.read_into(offset // SECTOR_SIZE, buf)
+            done = threading.Event()
+            done.set()
+            self._queue.append((AsyncRead(offset // SECTOR_SIZE, buf, lambda _r: None), done))
+            return
+        done = threading.Event()
+        req = AsyncRead(offset // SECTOR_SIZE, bytearray(n), lambda _r: done.set())
+        self._handle.read_async(req)  # never raises: a failure comes back through `req`
+        self._queue.append((req, done))
+
+    def zeros(self, n: int) -> None:
+        self._queue.append(n)
+
+    def _pop(self) -> memoryview:
+        item = self._queue.popleft()
+        if isinstance(item, int):
+            return memoryview(self._zeros)[:item]
+        req, done = item
+        done.wait()
+        if req.error is not None:
+            raise req.error
+        return memoryview(req.buf)
+
+    def ready(self) -> Iterator[memoryview]:
+        """Blocks in order, waiting only while `depth` requests are in flight."""
+        while self._queue and (len(self._queue) > self._depth or isinstance(self._queue[0], int)):
+            yield self._pop()
+
+    def rest(self) -> Iterator[memoryview]:
+        while self._queue:
+            yield self._pop()
+
+    def drain(self) -> None:
+        """Every request the library holds has called back (before Close)."""
+        if self._queue and self._depth > 1:
+            with _signals_deferred():
+                self._handle.wait()
+        self._queue.clear()
 
 
 def target_text(handle: DiskHandle) -> str:
