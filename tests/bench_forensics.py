@@ -5,7 +5,8 @@ One run, one table of ratios against a mount that does neither (`--no-hash`):
 1. hashlib in this process: ms per MiB for SHA-256 and MD5 (what the hashing costs if it ran on
    the trio thread: it does not, it runs on pool threads).
 2. cold `dd bs=1M` of a fresh mount's disk.raw (stand-in at `--bw` MiB/s and 1 ms per read):
-   default (SHA-256 and MD5 computed), and `--audit-log` (direct I/O, journal, hashes).
+   default (SHA-256 and MD5 computed), `--audit-log --no-hash` (direct I/O and the journal
+   alone) and `--audit-log` (direct I/O, journal, hashes).
 3. warm `dd bs=1M`: the block cache holds the whole disk (filled by O_DIRECT reads in random
    order, which leave no hash), so the pass is FUSE and ivdfs only: the worst case for hashing.
 4. CPU seconds of the ivdfs process per pass (hashing costs CPU, not wall time).
@@ -37,7 +38,12 @@ from tests.testbed.images import random_disk
 from tests.testbed.vsphere import Vcsim, place_image
 
 MiB = 1 << 20
-MODES = {"plain": ("--no-hash",), "hash": (), "audit": ("--audit-log",)}
+MODES = {
+    "plain": ("--no-hash",),
+    "hash": (),
+    "audit-only": ("--no-hash", "--audit-log"),
+    "audit": ("--audit-log",),
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -90,7 +96,7 @@ class Bench:
     def mount(self, bed: Bed, mode: str, run: int) -> Iterator[Mount]:
         mp = self.work / f"mnt-{mode}-{run}"
         extra = list(MODES[mode])
-        if mode == "audit":
+        if mode.startswith("audit"):
             extra.append(str(self.work / f"audit-{run}.jsonl"))
         m = Mount(bed, mp, "--cache-size", self.cache, *extra, **self.env)
         try:
@@ -124,7 +130,7 @@ class Bench:
                         c0 = cpu_seconds(m.proc.pid)
                         cold[mode].append(dd(disk))
                         cpu_cold[mode].append(cpu_seconds(m.proc.pid) - c0)
-                        if mode != "plain":
+                        if mode in ("hash", "audit"):
                             assert os.getxattr(disk, "user.ivdfs.sha256") == (
                                 image.sha256.encode()
                             ), "the cold pass left no (or a wrong) hash"
@@ -144,16 +150,20 @@ class Bench:
             rows.append((f"cold dd, no hashing ({mb} MiB)", mb / med["plain"], None, "MiB/s"))
             rows.append(("cold dd, hashing (default)", mb / med["hash"], mb / med["plain"],
                          "MiB/s"))  # fmt: skip
+            rows.append(("cold dd, --audit-log --no-hash (direct I/O)", mb / med["audit-only"],
+                         mb / med["plain"], "MiB/s"))  # fmt: skip
             rows.append(("cold dd, --audit-log (direct I/O) + hashing", mb / med["audit"],
                          mb / med["plain"], "MiB/s"))  # fmt: skip
             rows.append(("warm dd, no hashing", mb / wmed["plain"], None, "MiB/s"))
             rows.append(("warm dd, hashing (default)", mb / wmed["hash"], mb / wmed["plain"],
                          "MiB/s"))  # fmt: skip
+            rows.append(("warm dd, --audit-log --no-hash (direct I/O)", mb / wmed["audit-only"],
+                         mb / wmed["plain"], "MiB/s"))  # fmt: skip
             rows.append(("warm dd, --audit-log (direct I/O) + hashing", mb / wmed["audit"],
                          mb / wmed["plain"], "MiB/s"))  # fmt: skip
             for label, series in (("cold", cpu_cold), ("warm", cpu_warm)):
                 ref = statistics.median(series["plain"])
-                for mode in ("hash", "audit"):
+                for mode in ("hash", "audit-only", "audit"):
                     rows.append((f"ivdfs CPU seconds, {label} pass, {mode}",
                                  statistics.median(series[mode]), ref, "s"))  # fmt: skip
             times = []

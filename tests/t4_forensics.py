@@ -527,7 +527,12 @@ def test_a_damaged_journal_stops_the_mount(
 ) -> None:
     log = tmp_path / "audit.jsonl"
     with Mount(bed, mountpoint, "--audit-log", str(log)) as m:
-        (disks["plain"].path(mountpoint)).read_bytes()
+        disk = disks["plain"].path(mountpoint)
+        assert disk.read_bytes() == disks["plain"].data()
+        # Direct I/O: no shared mappings (docs/forensics.md says so).
+        with open(disk, "rb") as f, pytest.raises(OSError) as e:
+            mmap.mmap(f.fileno(), 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert e.value.errno == errno.ENODEV
         assert m.unmount() == 0
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(lines[:1] + lines[2:]))
