@@ -9,7 +9,8 @@ them into errno values. Inode numbers are sequential and never reused, so the ke
 one change meaning; a node removed by a refresh lives until the kernel forgets it, so an open
 file keeps reading its own data (or fails with EIO once VDDK refuses), never another disk's.
 
-Concurrency: trio thread only.
+Concurrency: trio thread only. Evidence hashes are computed on pool threads and finished on a
+short-lived thread that hands them back through the trio token (`_collect`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -125,6 +127,8 @@ class Tree:
         )
         root.loader = self.catalog.load_root
         self.files = OpenFiles()
+        # Evidence hashes being finished on a thread, by snapshot (see `_collect`).
+        self._hashing: dict[tuple[str, str], list[trio.Event]] = {}
 
     @property
     def root(self) -> DirNode:
@@ -229,6 +233,9 @@ class Tree:
         if isinstance(node, SymlinkNode):
             raise OSError(errno.ELOOP, node.name)
         if isinstance(node, GeneratedFile):
+            parent = self.inodes.parent_of(node)
+            if isinstance(parent, SnapshotDir) and parent.disk is not None:
+                await self._settled(parent.disk)  # info.json shows hashes just completed
             f = OpenFile(node, content=node.render())
         else:
             assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
@@ -300,16 +307,58 @@ class Tree:
         if h.complete:
             if not h.collected:
                 h.collected = True
-                # Before this read's reply: once the reader has seen EOF, the hash is there.
-                self._store_digests(f, await trio.to_thread.run_sync(h.result))
+                self._collect(f, h)
             return
         if h.digester.backlog > HASH_BACKLOG:
             await trio.to_thread.run_sync(h.digester.wait_below, HASH_BACKLOG // 2)
 
-    def _store_digests(self, f: OpenFile, digests: Digests) -> None:
-        sd, name = f.disk, f.node.name
+    def _collect(self, f: OpenFile, h: SequentialHash) -> None:
+        """Store the hashes once the pool has hashed the last bytes, without holding up the
+        reply to this read (an unmount meanwhile would abort it). Whoever asks for them
+        (attributes, info.json) waits until then: `_settled`."""
+        sd, node = f.disk, f.node
         assert sd is not None
-        path = str(self.inodes.path_of(f.node))
+        fh = f.access.fh if f.access is not None else None
+        done = trio.Event()
+        self._hashing.setdefault(sd.key, []).append(done)
+        token = trio.lowlevel.current_trio_token()
+
+        def finish(digests: Digests | None) -> None:  # trio thread
+            try:
+                if digests is not None:
+                    self._store_digests(sd, node, fh, digests)
+            except Exception:
+                log.exception("storing the hashes of %s", node.name)
+            finally:
+                pending = self._hashing[sd.key]
+                pending.remove(done)
+                if not pending:
+                    del self._hashing[sd.key]
+                done.set()
+
+        def wait() -> None:  # its own short-lived thread: the pool may be busy hashing
+            digests: Digests | None = None
+            try:
+                digests = h.result()
+            except Exception as e:
+                log.error("hashing %s failed: %s", node.name, e)
+            try:
+                token.run_sync_soon(finish, digests)
+            except trio.RunFinishedError:
+                pass  # unmounted meanwhile: nobody can ask any more
+
+        threading.Thread(target=wait, name="ivdfs-hash-done", daemon=True).start()
+
+    async def _settled(self, sd: SnapshotDisk) -> None:
+        """Wait for hashes still being finished for files of this snapshot."""
+        for done in list(self._hashing.get(sd.key, ())):
+            await done.wait()
+
+    def _store_digests(
+        self, sd: SnapshotDisk, node: Node, fh: int | None, digests: Digests
+    ) -> None:
+        name = node.name
+        path = str(self.inodes.path_of(node))
         if name not in sd.digests:
             sd.digests[name] = digests
             log.info("%s: sha256 %s md5 %s", path, digests.sha256, digests.md5)
@@ -318,8 +367,8 @@ class Tree:
             log.error("%s: two complete reads hashed differently (%s, then %s); no hash is shown",
                       path, sd.digests[name], digests)  # fmt: skip
             sd.digests[name] = None
-        if self.evidence.audit is not None and f.access is not None:
-            self.evidence.audit.record("hash", path=path, fh=f.access.fh, **digests.as_dict())
+        if self.evidence.audit is not None and fh is not None:
+            self.evidence.audit.record("hash", path=path, fh=fh, **digests.as_dict())
 
     def release(self, fh: int) -> None:
         f = self.files.pop(fh)
@@ -339,11 +388,13 @@ class Tree:
         hashes of disk.raw and windows once known."""
         node = self.get(ino)
         if isinstance(node, WindowFile) and node.disk is not None:
+            await self._settled(node.disk)
             return info.digest_xattrs(node.disk.digests.get(node.name))
         if not isinstance(node, DiskFile) or node.disk is None:
             return {}
         sd: SnapshotDisk = node.disk
         await self.snapshots.probe(sd)
+        await self._settled(sd)
         return info.disk_xattrs(
             sd.ivd,
             sd.snapshot,
