@@ -245,6 +245,10 @@ class Tree:
                     f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
                 )
             assert sd.reader is not None
+            if self.evidence.hashes:
+                # A hash just completed by another open counts as known (no second pass, and
+                # this open keeps the kernel's pages).
+                await self._settled(sd)
             sd.disk.hold()
             digest = None
             if self.evidence.hashes and node.size and node.name not in sd.digests:
