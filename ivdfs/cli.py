@@ -1,10 +1,11 @@
 """Command line: the parser (built from ivdfs.settings), credentials, and dispatch.
 
-`ivdfs mount|ls|snapshot|changes|check|umount|status|refresh|end-access`. Settings come from
-`ivdfs.settings` (flag > environment > config file > default); this module adds the positional
-arguments, reads the password, builds the frozen configs of `ivdfs.config`, and hands over to
-`ivdfs.mount` and `ivdfs.commands.*`. Every failure ends here as one line on stderr and the exit
-code of `errors.exit_code_of`; users never see a traceback. Runs on the main thread only.
+`ivdfs mount|ls|snapshot|changes|check|umount|status|refresh|end-access|hash|audit`.
+Settings come from `ivdfs.settings` (flag > environment > config file > default); this module
+adds the positional arguments, reads the password, builds the frozen configs of
+`ivdfs.config`, and hands over to `ivdfs.mount` and `ivdfs.commands.*`. Every failure ends here
+as one line on stderr and the exit code of `errors.exit_code_of`; users never see a traceback.
+Runs on the main thread only.
 """
 
 from __future__ import annotations
@@ -202,6 +203,47 @@ def build_parser() -> argparse.ArgumentParser:
         "mount from its journal.)",
     )
     end.add_argument("ivd", metavar="IVD", help="UUID or unique name")
+
+    hs = _command(
+        sub,
+        "hash",
+        "hash",
+        "compute SHA-256 and MD5 of a snapshot (or one partition) for sha256sum -c",
+        "Read a snapshot's disk (or partition N) through VDDK, skipping unallocated "
+        "regions (they hash as zeros), and print its hashes as lines that sha256sum -c and "
+        "md5sum -c check when run in the root of an ivdfs mount: the file name is "
+        "<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw (or partN.raw).",
+    )
+    hs.add_argument("ivd", metavar="IVD", help="UUID or unique name")
+    hs.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot id (see ivdfs ls)")
+    hs.add_argument(
+        "--partition", type=int, metavar="N", help="hash partition N (partN.raw) instead"
+    )
+    hs.add_argument(
+        "--algorithm",
+        choices=("both", "sha256", "md5"),
+        default="both",
+        help="both (default): 'SHA256 (file) = ...' and 'MD5 (file) = ...' lines; one: "
+        "that tool's own '<hex>  <file>' line",
+    )
+
+    audit = sub.add_parser("audit", help="check an --audit-log journal")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
+    audit_sub.required = True
+    av = _command(
+        audit_sub,
+        "verify",
+        "audit verify",
+        "verify a journal's hash chain and summarise who read what",
+        "Check every line of FILE (an ivdfs mount --audit-log journal): its own hash, its "
+        "number and its link to the line before. Prints the mount sessions, each process's "
+        "reads per file and the evidence hashes recorded, and the head (last line and its "
+        "hash): note it, and pass it later with --head to show that nothing was cut off or "
+        "rewritten since. Exit 0: intact; 1: broken, naming the first bad line.",
+    )
+    av.add_argument("file", type=Path, metavar="FILE")
+    av.add_argument("--head", metavar="SHA256", help="a head noted earlier: it must be there")
+    av.add_argument("--json", action="store_true", help="the summary as JSON for scripts")
     return parser
 
 
@@ -297,6 +339,8 @@ def mount_config(v: Values, mountpoint: Path) -> MountConfig:
         ivds=v.ivds,
         volumes=v.volumes,
         vcenter_connections=v.vcenter_connections,
+        audit_log=v.audit_log.expanduser().absolute() if v.audit_log else None,
+        hashes=v.hashes,
     )
 
 
@@ -443,8 +487,30 @@ def _end_access(args: argparse.Namespace, v: Values) -> int:
     return admin.end_access(server_config(v), vddk_options(v, vddk_libdir(v)), args.ivd)
 
 
+def _hash(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import hash as hash_cmd
+
+    return hash_cmd.hash_snapshot(
+        server_config(v),
+        vddk_libdir(v),
+        v.vddk_config.expanduser().absolute() if v.vddk_config else None,
+        v.transport,
+        v.nfc_host_port,
+        args.ivd,
+        args.snapshot,
+        args.partition,
+        args.algorithm,
+    )
+
+
+def _audit_verify(args: argparse.Namespace, v: Values) -> int:
+    from ivdfs.commands import audit
+
+    return audit.verify(args.file, args.head, args.json)
+
+
 # Commands that load VDDK in this process: they run with its lib64 on the search path.
-LOADS_VDDK = frozenset({"mount", "check", "end-access"})
+LOADS_VDDK = frozenset({"mount", "check", "end-access", "hash"})
 
 
 def _vddk_search_path(v: Values, fallback: Path | None = None) -> None:
@@ -473,6 +539,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Values], int]] = {
     "status": _status,
     "refresh": _refresh,
     "end-access": _end_access,
+    "hash": _hash,
+    "audit verify": _audit_verify,
 }
 
 

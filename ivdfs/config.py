@@ -157,6 +157,8 @@ class MountConfig:
     ivds: tuple[str, ...] = ()
     volumes: str = "none"
     vcenter_connections: int = 8
+    audit_log: Path | None = None
+    hashes: bool = False
 
 
 def env(name: str) -> str | None:

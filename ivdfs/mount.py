@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import IO, Any
 
 import pyfuse3
@@ -38,6 +38,8 @@ from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
 from ivdfs.errors import ExitCode, Interrupted, IvdfsError, UserError, exit_code_of
+from ivdfs.forensics.audit import AuditLog, start_fields
+from ivdfs.forensics.evidence import Evidence, Source
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
 from ivdfs.inventory.model import Ivd, Snapshot
@@ -312,6 +314,7 @@ def _run(
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     volumes_factory = volumes_setup.prepare(cfg.volumes, lib)
+    audit = _open_audit(cfg, signals, stack)
     s = cfg.server
     record = Journal(
         cfg.mountpoint,
@@ -329,6 +332,9 @@ def _run(
     stack.callback(_step("logging out of vCenter", vs.close))
     thumbprint = vs.connect()
     record.set("thumbprint", thumbprint)
+    if audit is not None:
+        audit.start(**start_fields(server=f"{s.host}:{s.port}", user=s.user,
+                                   thumbprint=thumbprint, mountpoint=cfg.mountpoint))  # fmt: skip
     signals.check()
     try:
         lib.init(cfg.vddk_config)
@@ -382,6 +388,7 @@ def _run(
         mountpoint=cfg.mountpoint,
         on_detach=_invalidate_entry,
         on_attrs=_invalidate_attrs,
+        evidence=Evidence(Source(f"{s.host}:{s.port}", thumbprint), cfg.hashes, audit),
     )
     stats_dir = tree.add_dir(tree.root, STATS_DIR)
 
@@ -434,6 +441,32 @@ def _run(
         _step("statistics", lambda: io_stats.log_report(log, _stats_level(cfg), report()))
     )
     return ExitCode.OK
+
+
+def _open_audit(cfg: MountConfig, signals: Signals, stack: contextlib.ExitStack) -> AuditLog | None:
+    """The access journal, verified and locked; it ends (with `stop`) after the unmount, which
+    is registered later, so every close is in it."""
+    if cfg.audit_log is None:
+        return None
+    audit = AuditLog.open(cfg.audit_log, not_under=cfg.mountpoint)
+
+    def close(
+        _type: type[BaseException] | None, exc: BaseException | None, _tb: TracebackType | None
+    ) -> bool:
+        if exc is not None:
+            reason = f"failed: {exc}"
+        elif signals.received is not None:
+            reason = signal.Signals(signals.received).name
+        else:
+            reason = "unmounted"
+        try:
+            audit.close(reason=reason)
+        except Exception as e:
+            log.error("closing the audit log failed: %s", e)
+        return False
+
+    stack.push(close)
+    return audit
 
 
 @dataclass

@@ -104,6 +104,7 @@ _SERVER = "vCenter / ESXi"
 _VDDK = "VDDK and data path"
 _TREE = "tree"
 _PROC = "FUSE and process"
+_FORENSICS = "forensics"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -420,6 +421,31 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         metavar="FILE",
         group=_PROC,
+    ),
+    Setting(
+        "audit_log",
+        ("--audit-log",),
+        "journal every open and the byte ranges read (who, what, "
+        "when) to FILE, one hash-chained JSON line per event; an existing journal is verified "
+        "and continued; reads fail if it cannot be written; disk files are then read without "
+        "the page cache (check it with ivdfs audit verify)",
+        frozenset({"mount"}),
+        Path,
+        metavar="FILE",
+        group=_FORENSICS,
+    ),
+    Setting(
+        "hashes",
+        ("--hashes",),
+        "compute SHA-256 and MD5 of disk.raw, partN.raw and lv-*.raw as "
+        "they are read in order (dd, sha256sum, ewfacquire): the user.ivdfs.sha256/.md5 "
+        "attributes and info.json show them once one open has read a whole file; costs about "
+        "2 ms of CPU per MiB, and files not yet hashed are read past the kernel's page cache",
+        frozenset({"mount"}),
+        kind="flag",
+        default=False,
+        group=_FORENSICS,
+        extra={"action": "store_true"},
     ),
 )
 

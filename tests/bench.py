@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests import bench_inventory
+from tests import bench_forensics, bench_inventory
 from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, call_lines, wait_for
 from tests.testbed.images import DataManifest, random_disk, sparse_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
@@ -666,9 +666,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bw", type=int, default=400, help="global bandwidth cap, MiB/s (400)")
     ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
     ap.add_argument("--warm-mb", type=int, default=192, help="disk size of rows 8-9 (192)")
-    ap.add_argument("--only", choices=["warm", "read", "inventory"],
+    ap.add_argument("--only", choices=["warm", "read", "inventory", "forensics"],
                     help="warm: rows 8-10 only; read: rows 1-10; inventory: the inventory "
-                    "table only (default: everything)")  # fmt: skip
+                    "table only; forensics: the cost of --hashes and --audit-log "
+                    "(tests/bench_forensics.py; default: everything)")  # fmt: skip
     ap.add_argument("--inventory-n", default="500,2000,5000", help="inventory sizes")
     ap.add_argument("--inventory-ms", default="0,20,50", help="inventory round trips, ms")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output")
@@ -677,6 +678,8 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     if args.only == "inventory":
         return _inventory(args)
+    if args.only == "forensics":
+        return bench_forensics.main(["--size-mb", "512", "--bw", str(args.bw)])
     with tempfile.TemporaryDirectory(prefix="ivdfs-bench-", dir="/var/tmp") as tmp:
         result = Bench(args, Path(tmp)).run()
     if args.only is None:
@@ -699,6 +702,8 @@ def main(argv: list[str]) -> int:
         print("\ninventory (issue 11), ratios to the serial cost IVDs x round trip:")
         print(bench_inventory.table(result["inventory"]))
     print(f"\nJSON: {args.out}")
+    if args.only is None:
+        bench_forensics.main(["--size-mb", "512", "--bw", str(args.bw)])
     return 0
 
 

@@ -333,6 +333,8 @@ def test_help_of_every_command(bed: Bed) -> None:
         ["check"],
         ["end-access"],
         ["changes"],
+        ["hash"],
+        ["audit", "verify"],
     )
     for cmd in commands:
         r = subprocess.run([*IVDFS, *cmd, "--help"], capture_output=True, text=True, env=bed.env())

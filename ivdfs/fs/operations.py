@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
+from ivdfs.forensics.audit import Caller
 from ivdfs.tree.nodes import DirNode, GeneratedFile, Node, SymlinkNode
 from ivdfs.tree.tree import REFRESH_XATTR, Tree
 
@@ -195,10 +196,22 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "read-only")
-        fh, node = await self.tree.open(inode)
+        audited = self.tree.evidence.audit is not None
+        # The journal names the caller of the open; reads carry no context of their own.
+        caller = Caller.of(ctx.uid, ctx.gid, ctx.pid) if audited else None
+        fh, node = await self.tree.open(inode, caller)
         if isinstance(node, GeneratedFile):
             # direct_io: reads are not bounded by a size the kernel cached earlier.
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
+        if audited:
+            # The journal records what each open was served: pages the kernel kept from another
+            # open would be read without ivdfs seeing it. So no page cache for disk files.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
+        if self.tree.hashing(fh):
+            # This open may produce the file's evidence hashes, which needs every byte to reach
+            # ivdfs: drop the pages of earlier opens (the block cache still has their blocks).
+            # Once the hashes are known, opens keep the pages as below.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         # keep_cache: the kernel keeps the pages of earlier opens. Nothing here drops them
         # (issue 17, traced): mtime never changes, and the size only once, from vCenter's guess
         # to the disk's own when a failed probe succeeds at open (before any page exists), so

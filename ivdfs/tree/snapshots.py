@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import trio
 
 from ivdfs.errors import BackendError
+from ivdfs.forensics.evidence import Source
+from ivdfs.forensics.hashing import Digests
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.io import lvm
 from ivdfs.io.block_cache import Block
@@ -110,6 +113,11 @@ class SnapshotDisk:
     # Inodes whose attributes show this disk's holes (disk.raw, windows): refreshed in the
     # kernel when the allocation map learns more.
     files: list[int] = field(default_factory=list)
+    # Provenance and evidence (ivdfs.forensics): the server, when the probe opened the disk,
+    # and the hashes of its files by name (None: two complete reads disagreed).
+    source: Source | None = None
+    probed_at: datetime | None = None
+    digests: dict[str, Digests | None] = field(default_factory=dict)
 
     @property
     def probed(self) -> bool:
@@ -209,6 +217,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
                 log.info("%s: LVM volume %s not shown: %s", sd.where(), lv.dm_name, lv.reason)
         sd.size, sd.table, sd.partitions = size, table, table.partitions
         sd.logical_volumes = found.volumes
+        sd.probed_at = datetime.now(UTC)
         sd.reader = reader  # last: `probed` means everything above is set
         return True
 
@@ -253,6 +262,7 @@ class SnapshotDirs:
         mountpoint: Path | None = None,
         complete_ivd: Callable[[DirNode], Awaitable[None]] | None = None,
         changes: ChangeSource | None = None,
+        source: Source | None = None,
     ) -> None:
         """`complete_ivd(snapshot dir)` makes the IVD record whole (a listing may have given
         only a summary) before metadata is shown. `changes`: where changes/ asks what changed
@@ -268,9 +278,12 @@ class SnapshotDirs:
         self.mountpoint = mountpoint
         # Guest volumes keep their disks open (their loop devices read our files) until unmount.
         self.stats = {"volumes_mounted": 0, "volumes_refused": 0, "snapshots_with_volumes": 0}
+        self.source = source
 
     def make(self, ivd: Ivd, snap: Snapshot) -> SnapshotDir:
-        sd = SnapshotDisk(ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes)
+        sd = SnapshotDisk(
+            ivd, snap, self.disks.disk(ivd, snap), ivd.capacity_bytes, source=self.source
+        )
         mtime = to_ns(snap.create_time, self.mount_time_ns)
         return SnapshotDir(self.inodes.new_ino(), snap.id, mtime, loader=self.load, disk=sd)
 
@@ -369,8 +382,16 @@ def lv_file_name(lv: lvm.LogicalVolume) -> str:
 
 
 def snapshot_info_key(sd: SnapshotDisk) -> Hashable:
-    return (sd.ivd, sd.snapshot, sd.probed, sd.size)
+    # Everything snapshot_info shows that can change: the probe, and hashes as they complete.
+    return (sd.ivd, sd.snapshot, sd.probed, sd.size, sd.probed_at, tuple(sd.digests.items()))
 
 
 def snapshot_info(sd: SnapshotDisk) -> bytes:
-    return info.snapshot_json(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
+    return info.snapshot_json(
+        sd.ivd,
+        sd.snapshot,
+        sd.size if sd.probed else None,
+        source=sd.source,
+        read_at=sd.probed_at,
+        digests=sd.digests,
+    )

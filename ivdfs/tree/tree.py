@@ -9,7 +9,8 @@ them into errno values. Inode numbers are sequential and never reused, so the ke
 one change meaning; a node removed by a refresh lives until the kernel forgets it, so an open
 file keeps reading its own data (or fails with EIO once VDDK refuses), never another disk's.
 
-Concurrency: trio thread only.
+Concurrency: trio thread only. Evidence hashes are computed on pool threads and finished on a
+short-lived thread that hands them back through the trio token (`_collect`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,19 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from ivdfs.errors import BackendError, NotFound
+from ivdfs.forensics.audit import AuditLog, Caller
+from ivdfs.forensics.evidence import Evidence
+from ivdfs.forensics.hashing import Digests, SequentialHash
 from ivdfs.inventory.model import Inventory
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
@@ -64,6 +71,8 @@ RELIST_WINDOW = 10.0
 # getxattr of this name on a directory lists it again now (`ivdfs refresh`): reads are all a
 # read-only mount offers, and a name nobody lists is never read by `getfattr -d` or backups.
 REFRESH_XATTR = "user.ivdfs.refresh"
+# A reader whose evidence hashing falls this far behind waits for it (bounded memory).
+HASH_BACKLOG = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,15 @@ class Tree:
         on_detach: Callable[[int, str], None] | None = None,
         on_attrs: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        evidence: Evidence | None = None,
     ) -> None:
         """`volumes` and `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
         tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
-        (st_blocks, as holes become known)."""
+        (st_blocks, as holes become known). `evidence`: hashes, audit journal, provenance."""
         self._on_attrs = on_attrs or (lambda _ino: None)
         self.settings = settings
+        self.evidence = evidence or Evidence()
         self.cache = cache
         self.prefetcher = prefetcher
         self.clock = clock
@@ -115,6 +126,7 @@ class Tree:
             volumes,
             mountpoint,
             changes=inventory if isinstance(inventory, ChangeSource) else None,
+            source=self.evidence.source,
         )
         self.catalog = Catalog(
             self.inodes,
@@ -132,6 +144,8 @@ class Tree:
         # Lookups of ids missing from a listing (see _may_relist).
         self._missing: dict[tuple[int, str], float] = {}
         self._relists: dict[int, list[float]] = {}
+        # Evidence hashes being finished on a thread, by snapshot (see `_collect`).
+        self._hashing: dict[tuple[str, str], list[trio.Event]] = {}
 
     @property
     def root(self) -> DirNode:
@@ -248,7 +262,12 @@ class Tree:
 
     # --- files ---------------------------------------------------------------------------
 
-    async def open(self, ino: int) -> tuple[FileHandle, Node]:
+    async def open(self, ino: int, caller: Caller | None = None) -> tuple[FileHandle, Node]:
+        """`caller`: who opens, for the audit journal (which must hold the open before it
+        succeeds)."""
+        audit = self.evidence.audit
+        if audit is not None:
+            audit.check()
         node = self.get(ino)
         if isinstance(node, DirNode):
             raise OSError(errno.EISDIR, node.name)
@@ -257,21 +276,66 @@ class Tree:
         if isinstance(node, GeneratedFile):
             if node.prepare is not None:
                 await node.prepare()
-            return self.files.add(OpenFile(node, content=node.content())), node
-        assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
-        if isinstance(node, SparseFile) and node.prepare is not None:
-            await node.prepare()
-        sd = node.disk
-        if not await self.snapshots.probe(sd):
-            raise BackendError(f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True)
-        assert sd.reader is not None
-        sd.disk.hold()
-        return self.files.add(OpenFile(node, stream=sd.reader.open_stream(), disk=sd)), node
+            parent = self.inodes.parent_of(node)
+            if isinstance(parent, SnapshotDir) and parent.disk is not None:
+                await self._settled(parent.disk)  # info.json shows hashes just completed
+            f = OpenFile(node, content=node.content())
+        else:
+            assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
+            if isinstance(node, SparseFile) and node.prepare is not None:
+                await node.prepare()
+            sd = node.disk
+            if not await self.snapshots.probe(sd):
+                raise BackendError(
+                    f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
+                )
+            assert sd.reader is not None
+            if self.evidence.hashes:
+                # A hash just completed by another open counts as known (no second pass, and
+                # this open keeps the kernel's pages).
+                await self._settled(sd)
+            sd.disk.hold()
+            digest = None
+            # Evidence is the disk and its windows, not a changes/ view of the delta.
+            evident = not isinstance(node, SparseFile) and node.name not in sd.digests
+            if self.evidence.hashes and node.size and evident:
+                digest = SequentialHash(node.size)
+            f = OpenFile(node, stream=sd.reader.open_stream(), disk=sd, digest=digest)
+        fh = self.files.add(f)
+        if audit is not None:
+            try:
+                await self._journal_open(audit, fh, f, caller)
+            except BaseException:
+                self.release(fh)
+                raise
+        return fh, node
+
+    async def _journal_open(
+        self, audit: AuditLog, fh: FileHandle, f: OpenFile, caller: Caller | None
+    ) -> None:
+        who = caller or Caller(-1, -1, -1, -1, "")
+        f.access, written = audit.opened(fh, str(self.inodes.path_of(f.node)), who)
+        await trio.to_thread.run_sync(written.wait)
+
+    def hashing(self, fh: int) -> bool:
+        """Whether this open may yet produce its file's evidence hashes."""
+        return self.files.get(fh).digest is not None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         f = self.files.get(fh)
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size")
+        audit = self.evidence.audit
+        if audit is not None:
+            audit.check()  # fail closed: nothing is served that the journal cannot record
+        data = await self._read(f, offset, size)
+        if audit is not None and f.access is not None:
+            audit.read(f.access, offset, len(data))
+        if f.digest is not None:
+            await self._hash(f, offset, data)
+        return data
+
+    async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
         if f.content is not None:
             return f.content[offset : offset + size]
         assert f.stream is not None
@@ -287,22 +351,113 @@ class Tree:
             return b"".join(parts)
         return await reader.read(offset, size, f.stream)
 
+    async def _hash(self, f: OpenFile, offset: int, data: bytes | memoryview) -> None:
+        h = f.digest
+        assert h is not None
+        h.feed(offset, data)
+        if h.abandoned:
+            f.digest = None  # not read in order: this open yields no hash
+            return
+        if h.complete:
+            if not h.collected:
+                h.collected = True
+                self._collect(f, h)
+            return
+        if h.digester.backlog > HASH_BACKLOG:
+            await trio.to_thread.run_sync(h.digester.wait_below, HASH_BACKLOG // 2)
+
+    def _collect(self, f: OpenFile, h: SequentialHash) -> None:
+        """Store the hashes once the pool has hashed the last bytes, without holding up the
+        reply to this read (an unmount meanwhile would abort it). Whoever asks for them
+        (attributes, info.json) waits until then: `_settled`."""
+        sd, node = f.disk, f.node
+        assert sd is not None
+        fh = f.access.fh if f.access is not None else None
+        done = trio.Event()
+        self._hashing.setdefault(sd.key, []).append(done)
+        token = trio.lowlevel.current_trio_token()
+
+        def finish(digests: Digests | None) -> None:  # trio thread
+            try:
+                if digests is not None:
+                    self._store_digests(sd, node, fh, digests)
+            except Exception:
+                log.exception("storing the hashes of %s", node.name)
+            finally:
+                pending = self._hashing[sd.key]
+                pending.remove(done)
+                if not pending:
+                    del self._hashing[sd.key]
+                done.set()
+
+        def wait() -> None:  # its own short-lived thread: the pool may be busy hashing
+            digests: Digests | None = None
+            try:
+                digests = h.result()
+            except Exception as e:
+                log.error("hashing %s failed: %s", node.name, e)
+            try:
+                token.run_sync_soon(finish, digests)
+            except trio.RunFinishedError:
+                pass  # unmounted meanwhile: nobody can ask any more
+
+        threading.Thread(target=wait, name="ivdfs-hash-done", daemon=True).start()
+
+    async def _settled(self, sd: SnapshotDisk) -> None:
+        """Wait for hashes still being finished for files of this snapshot."""
+        for done in list(self._hashing.get(sd.key, ())):
+            await done.wait()
+
+    def _store_digests(
+        self, sd: SnapshotDisk, node: Node, fh: int | None, digests: Digests
+    ) -> None:
+        name = node.name
+        path = str(self.inodes.path_of(node))
+        if name not in sd.digests:
+            sd.digests[name] = digests
+            log.info("%s: sha256 %s md5 %s", path, digests.sha256, digests.md5)
+        elif sd.digests[name] not in (None, digests):
+            # The same snapshot read twice gave different bytes: neither hash can be trusted.
+            log.error("%s: two complete reads hashed differently (%s, then %s); no hash is shown",
+                      path, sd.digests[name], digests)  # fmt: skip
+            sd.digests[name] = None
+        if self.evidence.audit is not None and fh is not None:
+            self.evidence.audit.record("hash", path=path, fh=fh, **digests.as_dict())
+
     def release(self, fh: int) -> None:
         f = self.files.pop(fh)
-        if f is not None and f.disk is not None:
+        if f is None:
+            return
+        if f.digest is not None and not f.digest.collected:
+            f.digest.cancel()
+        if f.access is not None and self.evidence.audit is not None:
+            self.evidence.audit.closed(f.access)
+        if f.disk is not None:
             f.disk.disk.release()
 
     # --- metadata ------------------------------------------------------------------------
 
     async def xattrs(self, ino: int) -> dict[str, bytes]:
-        """Extended attributes: the metadata of disk.raw's IVD and snapshot."""
+        """Extended attributes: the metadata of disk.raw's IVD and snapshot, and the evidence
+        hashes of disk.raw and windows once known."""
         node = self.get(ino)
+        if isinstance(node, WindowFile) and node.disk is not None:
+            await self._settled(node.disk)
+            return info.digest_xattrs(node.disk.digests.get(node.name))
         if not isinstance(node, DiskFile) or node.disk is None:
             return {}
         sd: SnapshotDisk = node.disk
         await self.catalog.complete_parent(self.inodes.parent_of(node))
         await self.snapshots.probe(sd)
-        return info.disk_xattrs(sd.ivd, sd.snapshot, sd.size if sd.probed else None)
+        await self._settled(sd)
+        return info.disk_xattrs(
+            sd.ivd,
+            sd.snapshot,
+            sd.size if sd.probed else None,
+            source=sd.source,
+            read_at=sd.probed_at,
+            digests=sd.digests.get(node.name),
+        )
 
     def report(self) -> dict[str, Any]:
         return {
