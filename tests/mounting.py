@@ -138,8 +138,14 @@ class Mount:
             self.unmount()
 
     def unmount(self, how: str = "fusermount") -> int:
+        """fusermount3 -u, `ivdfs umount` (which has ivdfs detach guest volumes first), or a
+        signal's name; the daemon's exit status."""
         if how == "fusermount":
             subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+        elif how == "ivdfs":
+            r = subprocess.run([*IVDFS, "umount", str(self.mountpoint)], capture_output=True,
+                               text=True, env=self.bed.env(), timeout=60)  # fmt: skip
+            assert r.returncode == 0, r.stdout + r.stderr
         else:
             self.proc.send_signal(getattr(signal, how))
         try:

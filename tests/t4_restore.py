@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import (
-    IVDFS,
     Bed,
     Mount,
     assert_standin_log_clean,
@@ -252,10 +251,7 @@ def test_kernel_volumes(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_
         assert len(dirs) == 1 + 3 + 3 + 1 + 1  # the run directory and 8 volumes
         assert mounted_under(dirs) != []
         # `ivdfs umount` sees the mount busy and has ivdfs detach its volumes first.
-        r = subprocess.run([*IVDFS, "umount", str(mountpoint)], capture_output=True, text=True,
-                           env=bed.env(), timeout=60)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert m.proc.wait(timeout=30) == 0, m.log()
+        assert m.unmount("ivdfs") == 0, m.log()
     finally:
         if m.proc.poll() is None:
             m.unmount("SIGTERM")
@@ -296,10 +292,7 @@ def test_guest_volumes_hold_their_disk_past_the_idle_timeout(
         doc = json.loads((mountpoint / ".ivdfs" / "stats").read_text())
         assert doc["tree"]["volumes_mounted"] == 1 and doc["tree"]["snapshots_with_volumes"] == 1
         assert doc["disks"]["held_disks"] >= 1
-        r = subprocess.run([*IVDFS, "umount", str(mountpoint)], capture_output=True, text=True,
-                           env=bed.env(), timeout=60)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert m.proc.wait(timeout=30) == 0, m.log()
+        assert m.unmount("ivdfs") == 0, m.log()
     opened, closed = handles_of(bed.log_lines(), held.ivd)
     assert opened == closed
     assert_standin_log_clean(bed, {held.ivd.id, other.ivd.id})

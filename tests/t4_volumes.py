@@ -28,7 +28,6 @@ from ivdfs.inventory.model import Ivd as IvdRecord
 from ivdfs.volumes.base import Candidate, VolumeRequest
 from ivdfs.volumes.kernel import KernelProfile, KernelVolumes
 from tests.mounting import (
-    IVDFS,
     Bed,
     Mount,
     host_vgs,
@@ -121,10 +120,7 @@ def test_clones_mount_side_by_side(bed: Bed, clones: dict[str, Clone], mountpoin
             # Two filesystems, not one mount shown twice.
             assert len(devices[c.fs]) == 2, c.fs
         assert len(run_dirs) == 1
-        r = subprocess.run([*IVDFS, "umount", str(mountpoint)], capture_output=True, text=True,
-                           env=bed.env(), timeout=60)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert m.proc.wait(timeout=30) == 0, m.log()
+        assert m.unmount("ivdfs") == 0, m.log()
     finally:
         if m.proc.poll() is None:
             m.unmount("SIGTERM")

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from tests.mounting import (
-    IVDFS,
     Bed,
     Mount,
     host_vgs,
@@ -201,10 +200,7 @@ def test_lv_filesystems_mount_with_reasons_for_the_rest(
         }
         assert len(devs) == 2
         assert not Path("/dev/mapper/ivdvg-data").exists()
-        r = subprocess.run([*IVDFS, "umount", str(mountpoint)], capture_output=True, text=True,
-                           env=bed.env(), timeout=60)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert m.proc.wait(timeout=30) == 0, m.log()
+        assert m.unmount("ivdfs") == 0, m.log()
     finally:
         if m.proc.poll() is None:
             m.unmount("SIGTERM")
