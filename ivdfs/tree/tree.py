@@ -125,6 +125,7 @@ class Tree:
             self.mount_time_ns,
             volumes,
             mountpoint,
+            complete_ivd=self._complete_ivd,
             changes=inventory if isinstance(inventory, ChangeSource) else None,
             source=self.evidence.source,
         )
