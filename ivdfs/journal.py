@@ -251,10 +251,10 @@ class Journal:
     def ended(self, ivd_id: str) -> None:
         self.drop("prepared", {"ivd": ivd_id})
 
-    def document(self) -> dict[str, Any]:
-        """A copy of the document as it stands (to read it back as a Record)."""
+    def record(self) -> Record:
+        """The journal as it stands, read back as `ivdfs umount` and `status` would."""
         with self._lock:
-            return json.loads(json.dumps(self._doc))  # type: ignore[no-any-return]
+            return Record(self.path, json.loads(json.dumps(self._doc)))
 
     def finish(self, exit_code: int) -> list[str]:
         """The process ends: the file goes if nothing is held any more; otherwise it stays,

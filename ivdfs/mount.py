@@ -292,7 +292,7 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             log.error(
                 "the mount ended but left %s behind; `%s` undoes them",
                 ", ".join(what[k] for k in left),
-                journal_mod.Record(journal[0].path, journal[0].document()).umount_advice(),
+                journal[0].record().umount_advice(),
             )
             code = ExitCode.VSPHERE if "snapshots" in left else ExitCode.INTERNAL
     return code

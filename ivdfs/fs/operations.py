@@ -216,7 +216,8 @@ class Operations(pyfuse3.Operations):
         # (issue 17, traced): mtime never changes, and the size only once, from vCenter's guess
         # to the disk's own when a failed probe succeeds at open (before any page exists), so
         # libfuse's default auto_inval_data never throws pages away; reads are short only at
-        # EOF; nothing sends notify_inval. Pages lost all the same (the host's proactive
+        # EOF; the only notify_inval sent is attributes-only (st_blocks as holes become known),
+        # which keeps the pages. Pages lost all the same (the host's proactive
         # reclaim) come back from the block cache: see ivdfs/io/block_cache.py.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
