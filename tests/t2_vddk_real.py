@@ -294,6 +294,45 @@ def test_every_region_answers_for_its_own_blocks(
             assert not answer, f"block {i} is a hole but gets read"
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    block_sectors=st.sampled_from([128, 256, 2048]),
+    region_blocks=st.integers(1, 6),
+    capacity=st.integers(1, 40 * 256),
+    seeds=st.lists(st.floats(0, 1, exclude_max=True), max_size=12),
+    asked=st.lists(st.floats(0, 1, exclude_max=True), max_size=6),
+    ranges=st.lists(st.tuples(st.integers(0, 40 * 256 * 512), st.integers(0, 40 * 256 * 512)),
+                    min_size=1, max_size=6),
+)  # fmt: skip
+def test_hole_bytes_count_exactly_the_known_holes_in_any_range(
+    block_sectors: int,
+    region_blocks: int,
+    capacity: int,
+    seeds: list[float],
+    asked: list[float],
+    ranges: list[tuple[int, int]],
+) -> None:
+    """What st_blocks leaves out, against a count block by block: only regions already
+    known, only blocks known to be holes, only their bytes inside the range."""
+    q = RulesQuery(capacity, {int(f * capacity) for f in seeds})
+    m = AllocationMap(q, capacity * 512, block_sectors * 512, region_blocks=region_blocks)
+
+    async def learn() -> None:  # some regions known, the others not
+        for f in asked:
+            await m.is_allocated(int(f * m.nblocks))
+
+    trio.run(learn)
+    bs = m.block_size
+    for a, b in ranges:
+        start, end = min(a, b), max(a, b)
+        want = sum(
+            max(0, min(end, (i + 1) * bs) - max(start, i * bs))
+            for i in range(m.nblocks)
+            if m.known(i) is False
+        )
+        assert m.unallocated_bytes(start, end) == want, (start, end)
+
+
 # --- the scenarios, run in their own process ------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.mounting import Bed, DataDisk, Mount, call_lines, wait_for
+from tests.testbed import images as imgs
 from tests.testbed.images import block_data, random_disk, sparse_disk
 from tests.testbed.vsphere import place_image
 
@@ -223,3 +224,58 @@ def test_statistics_on_sigusr1_and_at_unmount_with_debug(
     lines = m.log().splitlines()
     assert sum(" cache: " in ln for ln in lines) == 2
     assert any("VixDiskLib_ReadAsync: " in ln for ln in lines)
+
+
+def data_blocks(path: Path, bs: int) -> set[int]:
+    """Blocks of a (sparse) image holding data, as the stand-in's QueryAllocatedBlocks sees
+    them (SEEK_DATA/SEEK_HOLE of the image)."""
+    out: set[int] = set()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            out.update(range(start // bs, (end - 1) // bs + 1))
+            pos = end
+    return out
+
+
+def test_partition_windows_leave_out_their_known_holes(bed: Bed, tmp_path: Path) -> None:
+    """st_blocks of partN.raw counts the partition's bytes in blocks not known to be holes,
+    and follows the allocation map as reads teach it more: with 64 KiB blocks a region is 64
+    MiB, and the probe (partition table, GPT backup, each partition's first bytes) leaves the
+    second unknown."""
+    bs, region = 64 << 10, 64 * MiB
+    src = tmp_path / "gpt.img"
+    manifest = imgs.gpt_disk(src, 320)
+    ivd = bed.vcsim.create_ivd("perf-windows", 320, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "windows")
+    allocated = data_blocks(place_image(bed.images, ivd.id, snap, src), bs)
+    image = src.read_bytes()
+
+    def counted(p: imgs.PartitionManifest, unknown: range) -> int:
+        end = p.start + p.length
+        return sum(
+            min(end, (b + 1) * bs) - max(p.start, b * bs)
+            for b in range(p.start // bs, (end - 1) // bs + 1)
+            if b in allocated or b * bs // region in unknown
+        )
+
+    with Mount(bed, tmp_path / "mnt", "--prefetch", "0", "--block-size", "64K") as m:
+        snapdir = m.mountpoint / ivd.datastore_name / ivd.id / snap
+        windows = {p.number: snapdir / f"part{p.number}.raw" for p in manifest.partitions}
+        for p in manifest.partitions:
+            assert windows[p.number].stat().st_blocks * 512 == counted(p, range(1, 2)), p.number
+        some_holes = False
+        for p in manifest.partitions:
+            assert windows[p.number].read_bytes() == image[p.start : p.start + p.length]
+        for p in manifest.partitions:
+            data = counted(p, range(0))
+            some_holes |= data < counted(p, range(1, 2))
+            assert windows[p.number].stat().st_blocks * 512 == data, p.number
+        assert some_holes, "no partition had holes in the middle region: nothing was checked"
+        assert m.unmount() == 0

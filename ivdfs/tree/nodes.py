@@ -177,6 +177,8 @@ class WindowFile(Node):
 
     disk: SnapshotDisk | None = None
     span: Span = ByteRange(0, 0)
+    # (map version, stored): a striped LV has a run per stripe chunk, too many for every stat.
+    _stored: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def mode(self) -> int:
@@ -189,10 +191,15 @@ class WindowFile(Node):
     @property
     def stored(self) -> int:
         assert self.disk is not None
-        pieces = self.span.pieces(0, self.size)
-        # Zero runs from no disk (sparse views) hold nothing either.
-        empty = sum(n if off is None else self.disk.hole_bytes(off, off + n) for off, n in pieces)
-        return self.size - empty
+        version = self.disk.map_version
+        if self._stored is None or self._stored[0] != version:
+            pieces = self.span.pieces(0, self.size)
+            # Zero runs from no disk (sparse views) hold nothing either.
+            empty = sum(
+                n if off is None else self.disk.hole_bytes(off, off + n) for off, n in pieces
+            )
+            self._stored = (version, self.size - empty)
+        return self._stored[1]
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,11 @@ class SnapshotDisk:
     def where(self) -> str:
         return f"IVD {self.ivd.id} snapshot {self.snapshot.id}"
 
+    @property
+    def map_version(self) -> int:
+        """Changes whenever `hole_bytes` may answer differently."""
+        return self.reader.holes.version if self.reader else -1
+
     def hole_bytes(self, start: int, end: int) -> int:
         """Bytes of [start, end) known to be unallocated so far (learned as reads go)."""
         return self.reader.holes.unallocated_bytes(start, end) if self.reader else 0
