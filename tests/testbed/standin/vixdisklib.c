@@ -891,6 +891,12 @@ static const struct {
     {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to host"},
     {VIX_ASYNC, "The operation is pending and will complete asynchronously"},
     {VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED, "Mixed synchronous and asynchronous I/O is not supported"},
+    /* VixMntapi's codes, as the real libvixDiskLib 7.0.2 words them (its GetErrorText). */
+    {24001, "The mountpoint is already in use"},
+    {24009, "The umount command failed"},
+    {24010, "The virtual disk does not have any partitions that the host system knows how to mount"},
+    {24016, "Cannot create directory '/var/run/vmware/fuse'"},
+    {24019, "The VMware fuse daemon failed to start"},
 };
 
 static const char *error_text(VixError err) {
