@@ -268,6 +268,12 @@ def fuse_mounts() -> set[str]:
     }
 
 
+def _names(disk_field: str, disk_name: str) -> bool:
+    # For an IVD the real library (7.0.2) writes "<user>@<server>:[<datastore>]
+    # VStorageObject:<id>", not the name OpenDisks got; for a local file, the name itself.
+    return disk_field == disk_name or disk_field.endswith(f"VStorageObject:{disk_name}")
+
+
 def fuse_mounts_of(disk_name: str) -> list[str]:
     """The mounted ``FUSE_ROOT/<n>`` whose ``<n>.info`` names `disk_name` (an IVD id): for a
     process killed during OpenDisks, before it noted what the call mounted."""
@@ -282,7 +288,7 @@ def fuse_mounts_of(disk_name: str) -> list[str]:
                     if sep:
                         fields[key.strip()] = value.strip().strip('"')
             path = fields.get("mountPath") or str(info.with_suffix(""))
-            if fields.get("diskName") == disk_name and path in mounted:
+            if _names(fields.get("diskName", ""), disk_name) and path in mounted:
                 out.append(path)
     return out
 

@@ -453,7 +453,9 @@ static int mounted_at(const char *dir) {
 /* The disk's FUSE mount, made (by a forked server) if this process has none for it yet. The
    key is the disk name and the image it serves: two snapshots of one IVD (the same name, the
    IVD id) must not share one (the real library's key is not known). */
-static VixError fuse_attach(diskset_t *s, const char *name) {
+char *VixDiskLibStandin_ConnectionDiskName(VixDiskLibConnection connection);
+
+static VixError fuse_attach(diskset_t *s, VixDiskLibConnection conn, const char *name) {
     uint64_t n = fnv1a(name, s->image);
     for (fusemnt_t *m = g_fuse; m; m = m->next)
         if (m->n == n && m->refs > 0) {
@@ -479,10 +481,15 @@ static VixError fuse_attach(diskset_t *s, const char *name) {
     }
     FILE *inf = fopen(m->info, "we");
     if (inf) {
+        /* For an IVD the real library names the disk after the connection, not after the name
+           it was given: "<user>@<server>:[<datastore>] VStorageObject:<id>". */
+        char *disk = VixDiskLibStandin_ConnectionDiskName(conn);
         fprintf(inf, ".encoding = \"UTF-8\"\nbackingPath = \"%s\"\ndiskName = \"%s\"\n"
                      "mountPath = \"%s\"\nrefCount = \"1\"\nprivateFlatFile = \"TRUE\"\n"
-                     "isRemote = \"FALSE\"\nopenFlags = \"4\"\nreadOnly = \"TRUE\"\n",
-                s->image, name, m->dir);
+                     "isRemote = \"%s\"\nopenFlags = \"4\"\nreadOnly = \"TRUE\"\n",
+                disk ? strchr(disk, '[') : s->image, disk ? disk : name, m->dir,
+                disk ? "TRUE" : "FALSE");
+        free(disk);
         fclose(inf);
     }
     int fd = open(s->image, O_RDONLY | O_CLOEXEC);
@@ -736,7 +743,7 @@ EXPORT VixError VixMntapi_OpenDisks(VixDiskLibConnection connection, const char 
             list_volumes(s, fd, (uint64_t)st.st_size);
         }
         if (fd >= 0) close(fd);
-        if (!err) err = fuse_attach(s, diskNames[0]);
+        if (!err) err = fuse_attach(s, connection, diskNames[0]);
         if (err) VixDiskLib_Close(s->disk);
         /* VDDK_STANDIN_MNTAPI_HOLD_OPEN=FILE: with the disk's FUSE mount made, log `Hold` and
            wait until FILE exists, so that a test can kill the caller in the middle of
