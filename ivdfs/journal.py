@@ -39,6 +39,8 @@ from ivdfs import __version__
 from ivdfs.config import ServerConfig
 
 FORMAT = 1
+# What a journal holds: each kind is undone by `ivdfs umount` (commands/recover.py).
+HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi")
 
 
 def runtime_dir() -> Path:
@@ -134,6 +136,12 @@ class Record:
     def run_dirs(self) -> list[str]:
         return list(self.doc.get("run_dirs", []))
 
+    @property
+    def vixmntapi(self) -> list[dict[str, Any]]:
+        """VixMntapi's disk mounts: {"ivd", "snapshot", "name", "fuse": [paths]}; "fuse" is
+        empty while OpenDisks runs (recovery then finds them by "name")."""
+        return list(self.doc.get("vixmntapi", []))
+
     def connection_options(self) -> list[str]:
         """Options that reach the mount's own server as it did, for advice when the user gave
         none: its server and user, and the certificate it verified, pinned by thumbprint
@@ -155,7 +163,7 @@ class Record:
         return advice("umount", str(self.mountpoint), options=options)
 
     def holds_anything(self) -> bool:
-        return bool(self.snapshots or self.prepared or self.run_dirs)
+        return bool(self.snapshots or self.prepared or self.run_dirs or self.vixmntapi)
 
 
 def load(path: Path) -> Record | None:
@@ -207,6 +215,7 @@ class Journal:
             "snapshots": [],
             "prepared": [],
             "run_dirs": [],
+            "vixmntapi": [],
         }
         self._write()
 
@@ -227,7 +236,7 @@ class Journal:
     def set(self, key: str, value: Any) -> None:
         self._change(lambda d: d.__setitem__(key, value))
 
-    def add(self, kind: str, entry: dict[str, Any]) -> None:
+    def add(self, kind: str, entry: Any) -> None:
         self._change(lambda d: d[kind].append(entry))
 
     def update(self, kind: str, match: dict[str, Any], **fields: Any) -> None:
@@ -237,6 +246,10 @@ class Journal:
                     e.update(fields)
 
         self._change(fn)
+
+    def drop_value(self, kind: str, value: Any) -> None:
+        """Remove a plain entry (a run directory's path)."""
+        self._change(lambda d: d.__setitem__(kind, [e for e in d[kind] if e != value]))
 
     def drop(self, kind: str, match: dict[str, Any]) -> None:
         def fn(d: dict[str, Any]) -> None:
@@ -259,10 +272,10 @@ class Journal:
     def finish(self, exit_code: int) -> list[str]:
         """The process ends: the file goes if nothing is held any more; otherwise it stays,
         with the exit status, for `ivdfs umount` to finish the job. Returns what is left
-        ("snapshots", "prepared", "run_dirs"), if anything."""
+        (one of `HOLDINGS`), if anything."""
         with self._lock:
             d = self._doc
-            left = [k for k in ("snapshots", "prepared", "run_dirs") if d[k]]
+            left = [k for k in HOLDINGS if d.get(k)]
             if left:
                 d["state"] = "exited"
                 d["exit_code"] = exit_code

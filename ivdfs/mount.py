@@ -288,7 +288,8 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             # The teardown logged each failure with its remedy; the exit status must not
             # say all is well while a snapshot or vMotion block stays behind.
             what = {"snapshots": "temporary snapshots", "prepared": "prepared IVDs (vMotion "
-                    "blocked)", "run_dirs": "guest volume directories"}  # fmt: skip
+                    "blocked)", "run_dirs": "guest volume directories",
+                    "vixmntapi": "VixMntapi's FUSE mounts"}  # fmt: skip
             log.error(
                 "the mount ended but left %s behind; `%s` undoes them",
                 ", ".join(what[k] for k in left),
@@ -340,7 +341,17 @@ def _run(
         lib.init(cfg.vddk_config)
     except Exception as e:
         raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
-    stack.callback(_step("VixDiskLib_Exit", lib.exit))
+    private_dir = lib.private_dir
+    if private_dir is not None:
+        # VDDK's (and VixMntapi's) tmpDirectory: VixMntapi mounts guest volumes in it.
+        record.add("run_dirs", str(private_dir))
+
+    def vddk_exit() -> None:
+        lib.exit()  # removes the private directory
+        if private_dir is not None and not private_dir.exists():
+            record.drop_value("run_dirs", str(private_dir))
+
+    stack.callback(_step("VixDiskLib_Exit", vddk_exit))
     service = DiskService(
         lib,
         ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),
@@ -375,7 +386,7 @@ def _run(
         cfg.cache_size, scan_segment_bytes(cfg.cache_size, cfg.block_size, cfg.prefetch)
     )
     prefetcher = Prefetcher(min(cfg.prefetch, PREFETCH_IN_FLIGHT)) if cfg.prefetch else None
-    volumes = volumes_factory(service) if volumes_factory is not None else None
+    volumes = volumes_factory(service, record) if volumes_factory is not None else None
     if volumes is not None:
         stack.callback(_step("detaching volumes", volumes.close_blocking))
     tree = Tree(

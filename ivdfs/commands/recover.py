@@ -2,7 +2,9 @@
 
 Role: `leftovers` finds, from the kernel, what a mount's guest volumes left: mounts under its
 run directories (and the FUSE helpers serving them: ntfs-3g, fusefat), loop devices whose
-backing file is inside the mountpoint, and the FUSE mount itself. `recover` undoes those, then
+backing file is inside the mountpoint, VixMntapi's own FUSE mounts of the disks it opened
+(journaled, or found by the disk name in VixMntapi's .info files when the mount was killed during
+OpenDisks) and the loop devices on them, and the FUSE mount itself. `recover` undoes those, then
 (with a vCenter session and VDDK, only if the journal holds any) deletes the temporary
 snapshots and calls EndAccess for every prepared IVD, VMware's order. Each step prints one
 line; what cannot be undone is named with the command that would undo it. The journal is
@@ -30,6 +32,8 @@ from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
+from ivdfs.rundirs import remove_tree
+from ivdfs.vddk import mntapi
 from ivdfs.vddk.connection import Access, DiskTarget
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class Leftovers:
     volume_mounts: list[str] = field(default_factory=list)  # deepest first
     helpers: list[int] = field(default_factory=list)  # FUSE drivers serving them
     loops: list[str] = field(default_factory=list)  # /dev/loopN
+    vixmntapi: list[str] = field(default_factory=list)  # VixMntapi's /run/vmware/fuse/<n>
     fuse_mounted: bool = False
 
 
@@ -100,11 +105,28 @@ def leftovers(rec: journal.Record) -> Leftovers:
         e.mountpoint for e in mountinfo.entries() if any(_under(e.mountpoint, r) for r in roots)
     ]
     found.volume_mounts = sorted(set(mounts), key=len, reverse=True)
+    found.vixmntapi = vixmntapi_mounts(rec)
     found.loops = loop_devices_under(str(rec.mountpoint))
+    for path in found.vixmntapi:
+        found.loops += loop_devices_under(path)
     found.helpers = _helpers(found.volume_mounts + found.loops)
     entry = mountinfo.find(rec.mountpoint)
     found.fuse_mounted = entry is not None and entry.fstype.startswith("fuse")
     return found
+
+
+def vixmntapi_mounts(rec: journal.Record) -> list[str]:
+    """VixMntapi's FUSE mounts of the disks the mount opened that are still mounted."""
+    now = mntapi.fuse_mounts()
+    paths: set[str] = set()
+    for entry in rec.vixmntapi:
+        journaled = [str(p) for p in entry.get("fuse", [])]
+        if journaled:
+            paths |= {p for p in journaled if p in now}
+        elif entry.get("name"):
+            # Killed during OpenDisks, before it noted the path: VixMntapi's .info files.
+            paths |= set(mntapi.fuse_mounts_of(str(entry["name"])))
+    return sorted(paths)
 
 
 def _cmd(argv: list[str]) -> str | None:
@@ -159,18 +181,24 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.ok(f"detached {loop}")
         else:
             report.fail(f"{loop}: {err}", f"losetup --detach {loop}")
+    for path in found.vixmntapi:
+        err = mntapi.unmount_fuse(path)  # its server, a forked copy of the dead mount, exits
+        if err is None:
+            report.ok(f"unmounted VixMntapi's disk mount {path}")
+        else:
+            report.fail(f"VixMntapi's disk mount {path}: {err}", f"umount --lazy {path}")
+    if not mntapi.fuse_mounts() & set(found.vixmntapi):
+        for entry in rec.vixmntapi:
+            _journal_drop(rec, "vixmntapi", entry)
     for d in _run_dirs(rec):
-        with contextlib.suppress(FileNotFoundError):
-            for sub in sorted(Path(d).iterdir(), reverse=True):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
-            try:
-                Path(d).rmdir()
-                report.ok(f"removed {d}")
-            except OSError as e:
-                report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
-        with contextlib.suppress(Exception):
-            _journal_drop(rec, "run_dirs", d)
+        existed = os.path.lexists(d)
+        err = remove_tree(d)
+        if err is not None:
+            report.fail(f"{d}: {err}", f"umount what is under {d}, then rm -r {d}")
+            continue  # stays in the journal for the next run
+        if existed:
+            report.ok(f"removed {d}")
+        _journal_drop(rec, "run_dirs", d)
     if found.fuse_mounted:
         err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
         if err is not None:

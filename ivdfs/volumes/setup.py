@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Callable
 
 from ivdfs.errors import ExitCode, UserError
+from ivdfs.journal import Journal
 from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService
@@ -18,7 +19,8 @@ from ivdfs.volumes.base import VolumeBackend
 
 MODES = ("none", "kernel", "vixmntapi")
 
-Factory = Callable[[DiskService], VolumeBackend]
+# Called with the disk service and the mount's journal (what a backend holds is journaled).
+Factory = Callable[[DiskService, Journal], VolumeBackend]
 
 
 def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
@@ -34,7 +36,7 @@ def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
             raise UserError(f"--volumes kernel needs {', '.join(missing)} (util-linux)")
         from ivdfs.volumes.kernel import KernelVolumes
 
-        return lambda _service: KernelVolumes()
+        return lambda _service, _journal: KernelVolumes()
     from ivdfs.vddk.mntapi import Mntapi
     from ivdfs.volumes.vixmntapi import MntapiVolumes
 
@@ -42,4 +44,4 @@ def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
         mntapi = Mntapi(lib)
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
-    return lambda service: MntapiVolumes(mntapi, service)
+    return lambda service, journal: MntapiVolumes(mntapi, service, journal)

@@ -891,6 +891,12 @@ static const struct {
     {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to host"},
     {VIX_ASYNC, "The operation is pending and will complete asynchronously"},
     {VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED, "Mixed synchronous and asynchronous I/O is not supported"},
+    /* VixMntapi's codes, as the real libvixDiskLib 7.0.2 words them (its GetErrorText). */
+    {24001, "The mountpoint is already in use"},
+    {24009, "The umount command failed"},
+    {24010, "The virtual disk does not have any partitions that the host system knows how to mount"},
+    {24016, "Cannot create directory '/var/run/vmware/fuse'"},
+    {24019, "The VMware fuse daemon failed to start"},
 };
 
 static const char *error_text(VixError err) {
@@ -1910,6 +1916,21 @@ EXPORT VixError VixDiskLib_FreeBlockList(VixDiskLibBlockList *blockList) {
  * The image file a connection serves (server mode), malloc'ed for the caller to free, or NULL
  * for a local-file connection or a bad token. Lets ../mntapi/ loop-mount the very bytes that
  * VixDiskLib_Read would return. */
+/* For the stand-in VixMntapi's .info file: the disk's name as the real VixMntapi 7.0.2 writes
+   it for an IVD connection ("<user>@<server>:[<datastore>] VStorageObject:<id>", measured), or
+   NULL for a local-file connection (the name given to OpenDisks is the file). */
+EXPORT char *VixDiskLibStandin_ConnectionDiskName(VixDiskLibConnection connection) {
+    conn_t *c = conn_get(connection, "StandinConnectionDiskName");
+    if (!c) return NULL;
+    char *s = NULL;
+    if (c->server && c->ivd_id &&
+        asprintf(&s, "%s@%s:[%s] VStorageObject:%s", g_cfg.user ? g_cfg.user : "user",
+                 c->server_name ? c->server_name : "", c->ds ? c->ds : "", c->ivd_id) < 0)
+        s = NULL;
+    conn_put(c);
+    return s;
+}
+
 EXPORT char *VixDiskLibStandin_ConnectionImage(VixDiskLibConnection connection) {
     conn_t *c = conn_get(connection, "StandinConnectionImage");
     if (!c) return NULL;
