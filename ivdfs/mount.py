@@ -214,6 +214,9 @@ class ServiceDisk:
     async def capacity(self) -> int:
         return await self._service.capacity(self._slot)
 
+    async def sector_size(self) -> int:
+        return await self._service.sector_size(self._slot)
+
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
         return await self._service.read(self._slot, start_sector, nbytes)
 

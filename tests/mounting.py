@@ -63,6 +63,10 @@ class Bed:
     root: Path
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The stand-in must know every IVD's datastore, images or not (record_ivd).
+        self.vcsim.tell_standin(self.images)
+
     @property
     def images(self) -> Path:
         return self.root / "images"

@@ -24,6 +24,7 @@ import pytest
 
 from tests.mounting import REPO, VDDK_LIBDIR, call_lines
 from tests.testbed.images import block_data, random_disk, sparse_disk
+from tests.testbed.vsphere import record_ivd
 
 MiB = 1 << 20
 IVD = "6c4ad1b1-0000-4000-8000-00000000c0de"
@@ -56,7 +57,7 @@ def run_scenario(
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vddk")
-    (root / "images" / IVD).mkdir(parents=True)
+    record_ivd(root / "images", IVD, "datastore-1")
     # 24 MiB of distinct blocks plus a 3-sector tail: the last block is short.
     random_disk(root / "full.raw", 24, seed=5)
     with open(root / "full.raw", "ab") as f:

@@ -53,7 +53,7 @@ def ivds(bed: Bed) -> dict[str, Ivd]:
     src.write_bytes(os.urandom(8 * MiB))
     for desc in ("nightly", "weekly"):
         snap = v.create_snapshot(out["alpha"], desc)
-        place_image(bed.images, out["alpha"].id, snap, src)
+        place_image(bed.images, out["alpha"], snap, src)
     return out
 
 

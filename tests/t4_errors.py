@@ -275,7 +275,7 @@ def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_pa
     snap = v.create_snapshot(ivd, "x")
     src = tmp_path / "img"
     src.write_bytes(b"\x42" * (1 << 20))
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     mp = tmp_path / "mnt"
     with Mount(bed, mp, VDDK_STANDIN_THUMBPRINT="00:" * 19 + "00") as m:
         disk = mp / ivd.datastore_name / ivd.id / snap / "disk.raw"

@@ -33,7 +33,7 @@ def sources(bed: Bed) -> dict[Path, bytes]:
             data = rng.randbytes(48 * MiB)
             src = bed.root / f"load-{i}-{j}.raw"
             src.write_bytes(data)
-            place_image(bed.images, ivd.id, snap, src)
+            place_image(bed.images, ivd, snap, src)
             out[Path(ds) / ivd.id / snap / "disk.raw"] = data
     return out
 

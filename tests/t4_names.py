@@ -34,7 +34,7 @@ def disks(bed: Bed) -> dict[str, tuple[Ivd, list[tuple[str, str]]]]:
             data = bytes([i * 16 + j]) * MiB
             src = bed.root / f"{ivd.id}-{snap}"
             src.write_bytes(data)
-            place_image(bed.images, ivd.id, snap, src)
+            place_image(bed.images, ivd, snap, src)
             snaps.append((snap, hashlib.sha256(data).hexdigest()))
         out[f"{name}@{ds}"] = (ivd, snaps)
     return out

@@ -48,7 +48,7 @@ def disk(bed: Bed) -> tuple[Ivd, str]:
     snap = bed.vcsim.create_snapshot(ivd, "before")
     img = bed.root / "victim.raw"
     imgs.bare_fs_disk(img, 32, "ext4")
-    place_image(bed.images, ivd.id, snap, img)
+    place_image(bed.images, ivd, snap, img)
     return ivd, snap
 
 
@@ -290,7 +290,7 @@ def windows_disk(bed: Bed) -> tuple[Ivd, str]:
     snap = bed.vcsim.create_snapshot(ivd, "before")
     img = bed.root / "windows.raw"
     imgs.gpt_disk(img, 64)
-    place_image(bed.images, ivd.id, snap, img)
+    place_image(bed.images, ivd, snap, img)
     return ivd, snap
 
 

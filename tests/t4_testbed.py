@@ -16,7 +16,7 @@ import pytest
 from pyVim.connect import Disconnect
 from pyVmomi import vim, vmodl
 
-from tests.testbed.vsphere import Vcsim, place_image
+from tests.testbed.vsphere import Ivd, Vcsim, place_image, record_ivd
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +117,20 @@ def test_place_image_keeps_holes_and_is_read_only(tmp_path: Path) -> None:
         f.write(b"head")
         f.seek(32 << 20)
         f.write(b"tail")
-    dest = place_image(tmp_path / "images", "ivd-1", "snap-1", src)
+    ivd = Ivd("ivd-1", "one", "LocalDS_0", "datastore-11", 32 << 20)
+    dest = place_image(tmp_path / "images", ivd, "snap-1", src)
     assert dest == tmp_path / "images" / "ivd-1" / "snap-1.raw"
     assert dest.read_bytes() == src.read_bytes()
     assert dest.stat().st_blocks * 512 < 1 << 20
     assert dest.stat().st_mode & 0o222 == 0
     assert dest.stat().st_ino != src.stat().st_ino
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["snap-1.raw"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["datastore", "snap-1.raw"]
+    assert (dest.parent / "datastore").read_text() == "datastore-11\n"
     with pytest.raises(FileExistsError):
-        place_image(tmp_path / "images", "ivd-1", "snap-1", src)
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["snap-1.raw"]
+        place_image(tmp_path / "images", ivd, "snap-1", src)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["datastore", "snap-1.raw"]
+    with pytest.raises(ValueError, match="datastore"):
+        record_ivd(tmp_path / "images", "ivd-1", "datastore-12")
 
 
 def test_launcher_exits_cleanly_on_stdin_eof() -> None:

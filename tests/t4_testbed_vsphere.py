@@ -455,8 +455,8 @@ def test_inventory_delay_applies_to_inventory_methods_only(
         a, b = p.snapshots
         image = tmp_path / "img.raw"
         image.write_bytes(b"x" * 4096)
-        place_image(images, p.ivd.id, a.id, image)
-        place_image(images, p.ivd.id, b.id, image)
+        place_image(images, p.ivd, a.id, image)
+        place_image(images, p.ivd, b.id, image)
         vsom = v.content.vStorageObjectManager
         ds = vim.Datastore(p.ivd.datastore_moref, v.si._stub)
         vid = _vid(p.ivd)
@@ -705,7 +705,7 @@ def cbt_ivd(vc: Vcsim, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ivd, l
     _write(src / "edited.raw", CAP, BASE + EDITS)
     _write(src / "empty.raw", CAP, [])
     for sid, name in zip(snaps, ("base", "edited", "empty"), strict=True):
-        place_image(images, ivd.id, sid, src / f"{name}.raw")
+        place_image(images, ivd, sid, src / f"{name}.raw")
     return ivd, snaps, images
 
 
@@ -799,7 +799,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
 
     image = _write(tmp_path / "x.raw", 2 * MiB, [(0, b"x")])
     untracked = vc.create_snapshot(ivd, "before CBT")
-    place_image(images, ivd.id, untracked, image)
+    place_image(images, ivd, untracked, image)
     assert not cbt_enabled() and vc.snapshot_details(ivd, untracked)[1] == ""
     with pytest.raises(vim.fault.FileFault):
         vc.changed_areas(ivd, untracked, "*")
@@ -808,7 +808,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
     assert cbt_enabled()
     s1, s2 = vc.create_snapshot(ivd, "1"), vc.create_snapshot(ivd, "2")
     for s in (s1, s2):
-        place_image(images, ivd.id, s, image)
+        place_image(images, ivd, s, image)
     c1 = vc.snapshot_details(ivd, s1)[1]
     assert vc.all_changed_areas(ivd, s2, c1) == []
     with pytest.raises(vim.fault.FileFault):  # taken while CBT was off
@@ -825,7 +825,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
 
     vc.set_cbt(ivd, True)  # a new epoch: what was tracked before is gone
     s3 = vc.create_snapshot(ivd, "3")
-    place_image(images, ivd.id, s3, image)
+    place_image(images, ivd, s3, image)
     with pytest.raises(vmodl.fault.InvalidArgument):
         vc.changed_areas(ivd, s3, c1)
     with pytest.raises(vim.fault.FileFault):
@@ -842,7 +842,7 @@ def test_cbt_defaults_and_no_images(built_testbed: None, tmp_path: Path) -> None
         (p,) = v.populated
         place_image(
             images,
-            p.ivd.id,
+            p.ivd,
             p.snapshots[0].id,
             _write(tmp_path / "a.raw", 64 * MiB, [(40 * MiB, b"a")]),
         )

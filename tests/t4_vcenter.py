@@ -21,7 +21,7 @@ def make_snapshot(bed: Bed, name: str, ds: str = "LocalDS_0") -> tuple[Path, str
     snap = v.create_snapshot(ivd, name)
     src = bed.root / f"{name}.raw"
     src.write_bytes(hashlib.sha256(name.encode()).digest() * (2 * MiB // 32))
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     return Path(ds) / ivd.id / snap / "disk.raw", hashlib.sha256(src.read_bytes()).hexdigest()
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.commands.admin import VddkOptions
-from ivdfs.config import ServerConfig
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
@@ -280,7 +280,8 @@ def _end_access(
     vddk: VddkOptions,
     report: Report,
 ) -> None:
-    identity = str(rec.doc.get("identity") or "")
+    # A journal from before the identity was recorded: the only one ivdfs ever used.
+    identity = str(rec.doc.get("identity") or ACCESS_IDENTITY)
     options = [*journal.connection_options(server), *vddk.options()]
     try:
         lib = vddk.load()
