@@ -55,6 +55,10 @@ def fuse_mounts() -> list[str]:
         return [line.split()[4] for line in f if " fuse.ivdfs " in line]
 
 
+# Every Bed made in this process (module fixtures and tests' own); conftest checks their logs.
+BEDS: list[Bed] = []
+
+
 @dataclass
 class Bed:
     """A vcsim plus an images directory and a stand-in call log."""
@@ -66,6 +70,7 @@ class Bed:
     def __post_init__(self) -> None:
         # The stand-in must know every IVD's datastore, images or not (record_ivd).
         self.vcsim.tell_standin(self.images)
+        BEDS.append(self)  # conftest's standin_log_clean checks every bed's log, whoever made it
 
     @property
     def images(self) -> Path:
