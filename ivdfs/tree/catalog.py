@@ -44,6 +44,7 @@ AddGenerated = Callable[
 ]
 
 BY_NAME = "by-name"
+STATS_DIR = ".ivdfs"  # the mount's own statistics, beside the datastores
 INFO_NAME = "info.json"
 # Directory read-ahead starts after this many IVD directories of one datastore were listed
 # within this many seconds.
@@ -115,6 +116,7 @@ class Catalog:
         self._ahead_ttl = listings.refresh if listings.refresh > 0 else math.inf
         self._recent: dict[str, list[float]] = {}
         self._summaries: dict[str, dict[str, IvdSummary]] = {}
+        self._ds_entries: dict[str, str] = {}  # datastore moref -> its root entry's name
         self.stats = {
             "read_ahead_workers": self._ahead_workers,
             "read_ahead_queued": 0,
@@ -133,17 +135,21 @@ class Catalog:
         if BY_NAME not in d.children:
             self.inodes.add(d, self._dir(ByNameDir, BY_NAME, self.load_by_name))
 
-        def make(ds: Datastore) -> Make:
-            return lambda: self._dir(DatastoreDir, ds.name, self.load_datastore, datastore=ds)
+        def make(name: str, ds: Datastore) -> Make:
+            return lambda: self._dir(DatastoreDir, name, self.load_datastore, datastore=ds)
 
-        wanted: dict[str, tuple[Hashable, Make]] = {}
-        for ds in await self._query(self.inventory.datastores):
-            if not self.subset.shows_datastore(ds):
-                continue
-            if ds.name in wanted:
-                self.listings.warn_once(f"two datastores are named {ds.name!r}; showing one only")
-                continue
-            wanted[ds.name] = (ds.moref, make(ds))
+        shown = {
+            ds.moref: ds
+            for ds in await self._query(self.inventory.datastores)
+            if self.subset.shows_datastore(ds)
+        }
+        names = naming.datastore_names(
+            ((ds.name, ds.moref) for ds in shown.values()), reserved=(BY_NAME, STATS_DIR)
+        )
+        self._ds_entries = {moref: name for name, moref in names.items()}
+        wanted: dict[str, tuple[Hashable, Make]] = {
+            name: (moref, make(name, shown[moref])) for name, moref in names.items()
+        }
         self.listings.sync(d, DatastoreDir, wanted)
         return True
 
@@ -374,7 +380,8 @@ class Catalog:
         wanted: dict[str, tuple[Hashable, Make]] = {}
         for name, snap in naming.snapshot_names(snaps).items():
             # Relative, so the links also resolve through bind mounts and in copies of the tree.
-            target = f"../../{ivd_dir.datastore.name}/{ivd_dir.ivd_id}/{snap.id}"
+            ds_entry = self._ds_entries.get(ivd_dir.datastore.moref, ivd_dir.datastore.name)
+            target = f"../../{ds_entry}/{ivd_dir.ivd_id}/{snap.id}"
             wanted[name] = (target, make(name, target, to_ns(snap.create_time, self.mount_time_ns)))
         self.listings.sync(d, SymlinkNode, wanted)
         return True

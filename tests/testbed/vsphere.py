@@ -357,6 +357,7 @@ class Vcsim:
         cbt_block: int = 64 << 10,
         cbt_max_areas: int = 2000,
         cbt_max_span: int = 16 << 20,
+        datastore_names: Sequence[str] = (),
     ) -> None:
         """`datastores`: LocalDS_0..N-1; `delay_ms`: added to every SOAP call;
         `session_idle_timeout` (s): vcsim expires idle sessions (0: never).
@@ -369,7 +370,8 @@ class Vcsim:
         snapshot info/details, changed areas, associations, and their Host/VSLM forms);
         `populate`: IVDs made at start-up, listed in `populated` once started;
         `images_dir`: where the stand-in VDDK's images are, for QueryChangedDiskAreas;
-        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc).
+        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc);
+        `datastore_names`: names for the first datastores instead of LocalDS_<n>, any text.
         """
         self.user = user
         self.password = password if password is not None else secrets.token_urlsafe(16)
@@ -405,6 +407,7 @@ class Vcsim:
         if images_dir is not None:
             self._args += ["-images", os.fspath(images_dir)]
         self._populate = list(populate)
+        self._datastore_names = list(datastore_names)
         self.populated: list[PopulatedIvd] = []
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -445,6 +448,10 @@ class Vcsim:
             (self.tmpdir / "faults").mkdir()
             self._args += ["-faults", str(self.tmpdir / "faults")]
             extra: list[str] = []
+            if self._datastore_names:
+                names = self.tmpdir / "datastore-names.json"
+                names.write_text(json.dumps(self._datastore_names))
+                self._args += ["-ds-names", str(names)]
             if self._populate:
                 spec = self.tmpdir / "populate.json"
                 spec.write_text(json.dumps({"ivds": [_spec_json(p) for p in self._populate]}))
@@ -627,9 +634,10 @@ class Vcsim:
         return found
 
     def _datastore(self, name: str | None) -> tuple[str, Any]:
+        """The datastore of that name or moref (two may share a name); None: the first."""
         stores = self.datastores()
         for ds_name, moref in stores:
-            if name is None or ds_name == name:
+            if name is None or name in (ds_name, moref):
                 return ds_name, vim.Datastore(moref, self.si._stub)
         raise LookupError(f"no datastore {name!r} in {stores}")
 
@@ -641,7 +649,7 @@ class Vcsim:
         return self.content.vStorageObjectManager
 
     def create_ivd(self, name: str, capacity_mb: int, datastore: str | None = None) -> Ivd:
-        """Create a thin IVD on datastore `datastore` (a name; default: the first one),
+        """Create a thin IVD on datastore `datastore` (a name or moref; default: the first one),
         through HostCreateDisk_Task in ESX mode and CreateDisk_Task otherwise."""
         ds_name, ds = self._datastore(datastore)
         spec = vim.vslm.CreateSpec(
