@@ -236,27 +236,35 @@ class VSphere:
             last = ids[-1]
         return sorted(out, key=lambda s: s.ivd.id)
 
-    def attached_vms(self, ivds: list[Ivd]) -> dict[str, tuple[str, ...]]:
+    def attached_vms(self, ivds: list[Ivd]) -> dict[str, tuple[str, ...]] | None:
         """IVD id -> ids of the VMs it is attached to, in one call for all (VSLM, or the
         vCenter's RetrieveVStorageObjectAssociations); a host has neither: what the records
-        said (consumerId)."""
+        said (consumerId). None when the server lacks the call (an optional column)."""
         if not ivds or self.is_host:
             return {v.id: v.consumers for v in ivds}
+        missing = object()
 
         def run() -> Any:
-            if self.session.vslm is not None:
-                ids = [vim.vslm.ID(id=v.id) for v in ivds]
-                return self.session.vslm.VslmRetrieveVStorageObjectAssociations(ids=ids)
-            specs = [
-                vim.vslm.vcenter.RetrieveVStorageObjSpec(
-                    id=vim.vslm.ID(id=v.id), datastore=self._ds(v.datastore)
-                )
-                for v in ivds
-            ]
-            return self._vsom.RetrieveVStorageObjectAssociations(ids=specs)
+            try:
+                if self.session.vslm is not None:
+                    ids = [vim.vslm.ID(id=v.id) for v in ivds]
+                    return self.session.vslm.VslmRetrieveVStorageObjectAssociations(ids=ids)
+                specs = [
+                    vim.vslm.vcenter.RetrieveVStorageObjSpec(
+                        id=vim.vslm.ID(id=v.id), datastore=self._ds(v.datastore)
+                    )
+                    for v in ivds
+                ]
+                return self._vsom.RetrieveVStorageObjectAssociations(ids=specs)
+            except (vmodl.fault.MethodNotFound, vmodl.fault.NotSupported):
+                return missing  # a release without it: the answer is "unknown", not a failure
 
+        found = self._call("listing attached VMs", run)
+        if found is missing:
+            log.debug("the server cannot list attached VMs; that column stays empty")
+            return None
         out = {v.id: v.consumers for v in ivds}
-        for a in self._call("listing attached VMs", run) or []:
+        for a in found or []:
             disks = getattr(a, "vmDiskAssociation", None) or getattr(a, "vmDiskAssociations", [])
             if getattr(a, "fault", None) is None and a.id is not None:
                 out[str(a.id.id)] = tuple(sorted({str(d.vmId) for d in disks or []}))

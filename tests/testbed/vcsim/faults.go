@@ -29,3 +29,13 @@ func (f faults) injected(op string) types.BaseMethodFault {
 	}
 	return &types.SystemError{Reason: "vcsim test bed: injected " + op + " failure"}
 }
+
+// missing: while DIR/<method>.missing exists, the method answers MethodNotFound, as on a
+// server of a release that lacks it (an optional call a client must do without).
+func (f faults) missing(method string) bool {
+	if f.dir == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(f.dir, method+".missing"))
+	return err == nil
+}

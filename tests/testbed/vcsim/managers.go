@@ -298,6 +298,10 @@ func (m *vcenterManager) ClearVStorageObjectControlFlags(req *types.ClearVStorag
 // RetrieveVStorageObjectAssociations is the vim (6.7) batch call: one entry
 // per requested (id, datastore), with a per-entry NotFound fault.
 func (m *vcenterManager) RetrieveVStorageObjectAssociations(req *types.RetrieveVStorageObjectAssociations) soap.HasFault {
+	if m.faults.missing("RetrieveVStorageObjectAssociations") {
+		return &methods.RetrieveVStorageObjectAssociationsBody{Fault_: simulator.Fault("",
+			&types.MethodNotFound{Receiver: m.Self, Method: "RetrieveVStorageObjectAssociations"})}
+	}
 	m.st.mu.RLock()
 	defer m.st.mu.RUnlock()
 	res := &types.RetrieveVStorageObjectAssociationsResponse{}
