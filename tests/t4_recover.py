@@ -414,3 +414,32 @@ def test_recovery_without_vcenter_names_what_is_left_and_finishes_later(
     assert f"deleted snapshot {snap}" in done.stdout and "EndAccess for IVD" in done.stdout
     assert journal.find(mp) is None and v.snapshots(ivd) == before
     assert os.listdir(mp) == [] and mounts_under(f"/run/ivdfs-{pid}-") == []
+
+
+def test_a_run_directory_that_cannot_be_removed_stays_journaled(tmp_path: Path) -> None:
+    """undo_local names a run directory it could not remove and keeps it in the journal (the
+    next umount finds it again); a journal it cannot update is said, not swallowed."""
+    from ivdfs.commands import recover as rc
+
+    stuck, gone = tmp_path / "ivdfs-stuck", tmp_path / "ivdfs-gone"
+    for d in (stuck, gone):
+        (d / "1").mkdir(parents=True)
+    (stuck / "1" / "busy").write_bytes(b"x")  # rmdir fails: not empty
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    doc = {"mountpoint": str(mp), "pid": 1, "run_dirs": [str(stuck), str(gone)]}
+    rec = journal.Record(tmp_path / "state" / "mount.json", doc)
+    rec.path.parent.mkdir()
+    rec.path.write_text(json.dumps(doc))
+    report = rc.Report()
+    rc.undo_local(rec, report)
+    assert report.failed and not gone.exists() and stuck.exists()
+    assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]
+    # A journal that cannot be written (its temporary name is taken by a directory, which
+    # root cannot write through either): the failure is reported, not hidden.
+    (stuck / "1" / "busy").unlink()
+    rec.path.with_name(f".{rec.path.name}.{os.getpid()}.tmp").mkdir()
+    report = rc.Report()
+    rc.undo_local(rec, report)
+    assert not stuck.exists() and report.failed and "cannot update the journal" in report.failed[0]
+    assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]

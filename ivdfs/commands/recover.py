@@ -160,17 +160,25 @@ def undo_local(rec: journal.Record, report: Report) -> None:
         else:
             report.fail(f"{loop}: {err}", f"losetup --detach {loop}")
     for d in _run_dirs(rec):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             for sub in sorted(Path(d).iterdir(), reverse=True):
                 with contextlib.suppress(OSError):
-                    sub.rmdir()
-            try:
-                Path(d).rmdir()
-                report.ok(f"removed {d}")
-            except OSError as e:
-                report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
-        with contextlib.suppress(Exception):
+                    sub.rmdir()  # what stays is named by the rmdir below
+            Path(d).rmdir()
+            report.ok(f"removed {d}")
+        except FileNotFoundError:
+            pass  # already gone: nothing left to name
+        except OSError as e:
+            # Kept in the journal: the next `ivdfs umount` finds it again.
+            report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
+            continue
+        try:
             _journal_drop(rec, "run_dirs", d)
+        except OSError as e:
+            report.fail(
+                f"cannot update the journal {rec.path}: {e.strerror}",
+                f"check {rec.path.parent}, then run ivdfs umount {rec.mountpoint} again",
+            )
     if found.fuse_mounted:
         err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
         if err is not None:
