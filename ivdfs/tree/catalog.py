@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ivdfs.errors import BackendError, NotFound
+from ivdfs.errors import BackendError, IvdfsError, NotFound
 from ivdfs.inventory.model import Datastore, Inventory, Ivd, IvdSummary, Snapshot, creation_order
 from ivdfs.tree import info, naming
 from ivdfs.tree.inodes import InodeTable
@@ -50,6 +50,26 @@ INFO_NAME = "info.json"
 # within this many seconds.
 SCAN_LENGTH = 3
 SCAN_WINDOW = 10.0
+
+
+def _first_ivdfs_error(group: BaseExceptionGroup[BaseException]) -> IvdfsError | None:
+    """The first error of a nursery's group when all of them are ivdfs's own (a backend
+    failure, a name not found); None when anything else is in it (a bug, a cancellation)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    if not leaves or not all(isinstance(e, IvdfsError) for e in leaves):
+        return None
+    first = leaves[0]
+    assert isinstance(first, IvdfsError)
+    return first
 
 
 @dataclass(eq=False)
@@ -239,9 +259,17 @@ class Catalog:
             else:
                 out["snaps"] = await self._query(lambda: self.inventory.snapshots_of(ds, ivd_id))
 
-        async with trio.open_nursery() as n:
-            n.start_soon(record)
-            n.start_soon(snapshots)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(record)
+                n.start_soon(snapshots)
+        except BaseExceptionGroup as group:
+            # Both queries fail together when vCenter does (refused, down, logged out): one
+            # error says it, and callers catch IvdfsError, not a group of them.
+            first = _first_ivdfs_error(group)
+            if first is None:
+                raise
+            raise first from None
         return out["ivd"], out["snaps"], known is None  # type: ignore[return-value]
 
     async def _ivd_data(self, ds: Datastore, ivd_id: str) -> IvdData:
