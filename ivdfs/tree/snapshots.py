@@ -352,10 +352,12 @@ class SnapshotDirs:
         return True
 
     async def load_volumes(self, d: DirNode) -> bool:
-        """Attach the snapshot's volumes on first listing; failures leave fewer (or no) links.
+        """Attach the snapshot's volumes on first listing; failures leave fewer (or no) links,
+        and never silently: volumes/.error says what failed.
 
-        Not retried on the next listing: a backend that failed once would fail again, each
-        time with its cost (mounts, VDDK connections)."""
+        A disk that could not be read (looking for filesystems) is tried again at the next
+        listing; a volume backend that failed is not (it would fail again, each time with
+        its cost: mounts, VDDK connections)."""
         assert isinstance(d, VolumesDir) and d.disk is not None
         sd = d.disk
         if self.volumes is None or self.mountpoint is None:
@@ -364,12 +366,19 @@ class SnapshotDirs:
         here = self.mountpoint / self.inodes.path_of(snapdir)
         lv_paths = {lv.dm_name: here / lv_file_name(lv) for lv in sd.logical_volumes}
         try:
-            request = VolumeRequest(
-                sd.ivd, sd.snapshot, here / DISK_NAME, await volume_candidates(sd, lv_paths)
+            candidates = await volume_candidates(sd, lv_paths)
+        except BackendError as e:
+            log.warning("volumes of %s: cannot read the disk (will try again): %s", sd.where(), e)
+            self._volumes_error(d, f"cannot read the disk (tried again at the next listing): {e}")
+            return False
+        self._volumes_error(d, None)
+        try:
+            answer = await self.volumes.attach(
+                VolumeRequest(sd.ivd, sd.snapshot, here / DISK_NAME, candidates)
             )
-            answer = await self.volumes.attach(request)
         except Exception as e:  # any backend failure: the snapshot stays readable
             log.error("volumes of %s: %s", sd.where(), e)
+            self._volumes_error(d, f"the volume backend failed: {e}")
             return True
         refused = dict(answer.refused)
         for lv in sd.logical_volumes:
@@ -385,6 +394,15 @@ class SnapshotDirs:
             text = (reason + "\n").encode()
             self.add_generated(d, name + ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
         return True
+
+
+    def _volumes_error(self, d: DirNode, reason: str | None) -> None:
+        """volumes/.error: why no volume is there at all (None: remove it)."""
+        if ERROR_SUFFIX in d.children:
+            self.inodes.remove(d, ERROR_SUFFIX)
+        if reason is not None:
+            text = (reason + "\n").encode()
+            self.add_generated(d, ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
 
 
 def _constant(value: T) -> Callable[[], T]:
