@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -174,6 +176,47 @@ class Mount:
             ):
                 bad.append(line)
         return bad
+
+
+def as_nobody(argv: list[str], scratch: Path, *, fuse_mode: int | None = None) -> list[str]:
+    """`argv` (an `ivdfs` command: IVDFS + arguments) run as nobody, in a private mount
+    namespace that gives it the conditions it needs whatever the host's:
+
+    - Python: the interpreter, the venv's site-packages and the repository are bind-mounted
+      under `scratch`, so nobody reaches them even when they live under a home it cannot
+      enter (a pyenv under a 0700 /root);
+    - `fuse_mode`: /dev/fuse replaced by a node of our own with that mode (0600: nobody may
+      not use it; the host's is often 0666, as udev's fuse rule makes it).
+
+    Nothing outside the namespace changes. `scratch` must be a directory nobody can enter."""
+    base = Path(sys.base_prefix)
+    exe = Path(os.path.realpath(sys.executable))
+    site_dirs = [Path(p) for p in site.getsitepackages()]
+    py = scratch / "py"
+    lines = ["set -e", f"mount -t tmpfs -o mode=0755 ivdfs-nobody {shlex.quote(str(py))}"]
+    binds = [(base, py / "base"), (REPO, py / "repo")]
+    binds += [(d, py / f"site{i}") for i, d in enumerate(site_dirs)]
+    for src, dst in binds:
+        q = shlex.quote(str(dst))
+        lines += [f"mkdir -p {q}", f"mount --bind {shlex.quote(str(src))} {q}"]
+    if fuse_mode is not None:
+        node = shlex.quote(str(py / "fuse"))
+        lines += [f"mknod -m {fuse_mode:o} {node} c 10 229", f"mount --bind {node} /dev/fuse"]
+    interpreter = py / "base" / exe.relative_to(base)
+    pythonpath = ":".join(
+        [str(py / "repo"), *(str(py / f"site{i}") for i in range(len(site_dirs)))]
+    )
+    assert argv[: len(IVDFS)] == IVDFS, argv
+    command = [str(interpreter), "-m", "ivdfs", *argv[len(IVDFS) :]]
+    # A pyenv interpreter finds its libpython through an absolute RUNPATH under the old prefix.
+    libpath = shlex.quote(str(py / "base" / "lib"))
+    lines.append(
+        f"exec env PYTHONPATH={shlex.quote(pythonpath)} LD_LIBRARY_PATH={libpath} "
+        "setpriv --reuid=65534 --regid=65534 --clear-groups "
+        + " ".join(shlex.quote(a) for a in command)
+    )
+    py.mkdir(exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines)]
 
 
 def sha256_file(path: Path) -> str:
