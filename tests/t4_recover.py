@@ -188,13 +188,17 @@ def test_killed_with_reads_in_flight(bed: Bed, disk: tuple[Ivd, str], mp: Path) 
 def test_killed_while_creating_the_temporary_snapshot(
     built_testbed: None, tmp_path: Path, mp: Path
 ) -> None:
-    """A slow vCenter: the kill lands while the snapshot task runs; the snapshot (if the task
-    made one) is found by its description and deleted."""
-    with Vcsim(delay_ms=150) as v:
+    """The kill lands while the snapshot task is queued on vCenter (the test holds the task,
+    so where the kill lands is the test's choice, not chance), and the task makes its snapshot
+    only after recovery has begun: recovery waits for the task, journaled by its id when it
+    started, before it looks for what it made by its description, and deletes it."""
+    with Vcsim() as v:
         (tmp_path / "images").mkdir()
         bed = Bed(v, tmp_path)
         ivd = v.create_ivd("slow", 2, "LocalDS_0")
         before = v.snapshots(ivd)
+        hold = v.tmpdir / "faults" / "createSnapshot.hold"
+        hold.touch()
         m = Mount.__new__(Mount)  # started by hand: it never gets to be mounted
         m.bed, m.mountpoint, m.log_file = bed, mp, tmp_path / "mnt.ivdfs.log"
         m.proc = subprocess.Popen(
@@ -203,13 +207,39 @@ def test_killed_while_creating_the_temporary_snapshot(
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
-        def creating() -> bool:
+        def task_started() -> bool:
             rec = journal.find(mp)
-            return rec is not None and any(s["snapshot"] is None for s in rec.snapshots)
+            return rec is not None and any(
+                s["snapshot"] is None and s.get("task") for s in rec.snapshots
+            )
 
-        wait_for(creating, timeout=60, what="the snapshot task")
+        wait_for(task_started, timeout=60, what="the snapshot task")
         pid = kill(m)
-        assert_recovered(bed, mp, pid, ivd, before)
+        assert v.snapshots(ivd) == before  # the task has not run: nothing to find yet
+        doc = status(bed, mp)
+        assert doc["state"] == "dead" and doc["pid"] == pid
+        recovery = subprocess.Popen(
+            [*IVDFS, "umount", str(mp), "--server", v.server, "--user", v.user,
+             "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR)],
+            env=bed.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert recovery.stdout is not None
+            first = recovery.stdout.readline()  # blocks until recovery says it waits
+            while first and "waiting for the interrupted creation" not in first:
+                first = recovery.stdout.readline()
+            assert "waiting for the interrupted creation" in first, first
+            hold.unlink()  # now the task runs and makes its snapshot
+            out, err = recovery.communicate(timeout=120)
+        finally:
+            hold.unlink(missing_ok=True)
+            if recovery.poll() is None:
+                recovery.kill()
+        assert recovery.returncode == 0, out + err
+        assert "deleted snapshot" in out and "FAIL" not in out, out
+        assert v.snapshots(ivd) == before
+        assert journal.find(mp) is None and not mounted_at(mp)
 
 
 @killed

@@ -240,6 +240,11 @@ def left_behind(rec: journal.Record, report: Report, e: IvdfsError, options: lis
         report.fail(f"IVD {p['ivd']} left prepared (vMotion disabled): {e}", again, code)
 
 
+# How long recovery waits for a snapshot creation its process left running; after that it
+# says so, and `ivdfs umount` again finishes the job.
+CREATE_TASK_WAIT = 300.0
+
+
 def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
     for ds in vs.datastores():
         if ds.moref == moref:
@@ -253,9 +258,15 @@ def _delete_snapshot(
     snap_id = s.get("snapshot")
     try:
         ivd = _ivd(vs, s["ivd"], s["datastore"])
+        if not snap_id and s.get("task"):
+            # Killed while the task ran: what it made is looked for once it has ended.
+            # Looking earlier would miss a snapshot the task makes later.
+            what = f"the interrupted creation of a snapshot of IVD {ivd.id}"
+            report.ok(f"waiting for {what} (task {s['task']}) to end")
+            vs.wait_task_ended(s["task"], what, CREATE_TASK_WAIT)
         existing = vs.snapshots(ivd)
         if not snap_id:
-            # Killed while the task ran: the description (mount and pid) names it.
+            # The description (mount and pid) names what the interrupted task made.
             matches = [x.id for x in existing if x.description == s["description"]]
             if not matches:
                 report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")

@@ -244,7 +244,7 @@ func (m *vcenterManager) VStorageObjectCreateSnapshotTask(req *types.VStorageObj
 		return m.createSnapshot(req.Datastore, req.Id, req.Description)
 	})
 	return &methods.VStorageObjectCreateSnapshot_TaskBody{
-		Res: &types.VStorageObjectCreateSnapshot_TaskResponse{Returnval: task.Run()},
+		Res: &types.VStorageObjectCreateSnapshot_TaskResponse{Returnval: m.faults.runTask("createSnapshot", task)},
 	}
 }
 
@@ -394,7 +394,7 @@ func (m *hostManager) HostVStorageObjectCreateSnapshotTask(req *types.HostVStora
 		return m.createSnapshot(req.Datastore, req.Id, req.Description)
 	})
 	return &methods.HostVStorageObjectCreateSnapshot_TaskBody{
-		Res: &types.HostVStorageObjectCreateSnapshot_TaskResponse{Returnval: task.Run()},
+		Res: &types.HostVStorageObjectCreateSnapshot_TaskResponse{Returnval: m.faults.runTask("createSnapshot", task)},
 	}
 }
 
