@@ -151,12 +151,6 @@ func main() {
 	model.Datastore = *datastores
 	model.Machine = 0 // VMs are not needed and slow start-up
 	model.DelayConfig.Delay = *delay
-	if *invDelay > 0 {
-		model.DelayConfig.MethodDelay = make(map[string]int)
-		for _, m := range inventoryMethods {
-			model.DelayConfig.MethodDelay[m] = int(*invDelay / time.Millisecond)
-		}
-	}
 	simulator.SessionIdleTimeout = *idle
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
@@ -216,11 +210,12 @@ func main() {
 
 	mux := http.NewServeMux()
 	model.Service.ServeMux = mux
+	slow := newInventoryDelay(*invDelay, *faultDir)
 	if *vslmOn {
-		mux.Handle(vslm.Path, registerVSLM(model.Service, o, api, *pageLimit, content.About))
+		mux.Handle(vslm.Path, slow.wrap(registerVSLM(model.Service, o, api, *pageLimit, content.About)))
 	}
 	// Host-specific patterns win over the plain "/sdk" that NewServer registers.
-	quoted := quoteSessionCookie(http.HandlerFunc(model.Service.ServeSDK))
+	quoted := quoteSessionCookie(slow.wrap(http.HandlerFunc(model.Service.ServeSDK)))
 	mux.Handle("127.0.0.1"+vim25.Path, quoted)
 	mux.Handle("localhost"+vim25.Path, quoted)
 
