@@ -250,8 +250,11 @@ def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point
     deleted already, so a crash in VDDK's teardown cannot leave it behind (issue 12)."""
     ivd, snap = disk
     before = bed.vcsim.snapshots(ivd)
-    # EndAccess takes a while: the kill comes between the unmount and the end.
-    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
+    # The stand-in holds the mount's EndAccess (its second access call) until the test
+    # releases it, which it never does: the kill lands before the end, whatever the load.
+    hold = mp.parent / "hold"
+    hold.write_text("1")  # PrepareForAccess (1) goes; EndAccess (2) waits
+    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_HOLD_ACCESS=str(hold))
     data = (mp / ivd.datastore_name / ivd.id / snap / "disk.raw").read_bytes()
     assert len(data) == 32 * MiB
     closes = len(call_lines(bed.log_lines(), "Close"))
@@ -284,7 +287,9 @@ def test_umount_of_a_live_mount_reports_a_daemon_that_dies_in_teardown(
     exits non-zero."""
     ivd, _ = disk
     before = bed.vcsim.snapshots(ivd)
-    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
+    hold = mp.parent / "hold"
+    hold.write_text("1")  # the daemon's EndAccess waits: the kill lands in its teardown
+    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_HOLD_ACCESS=str(hold))
     pid = m.proc.pid
     killer = subprocess.Popen(
         ["sh", "-c", f"while ! grep -q stopping {journal.find(mp).path}; do sleep 0.01; done; "  # type: ignore[union-attr]
