@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
@@ -106,69 +106,22 @@ def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
     )
 
 
-class _LogMark:
-    """Where a bed's stand-in log stood when the test began. The file is held open for the
-    whole test: a log the test unlinks and a mount creates anew must not get the old one's
-    inode number (ext4 and tmpfs hand it out again at once), or its lines would be read from
-    the old size on, partly or not at all."""
-
-    def __init__(self, bed: Bed) -> None:
-        self.bed = bed
-        try:
-            self.held: BinaryIO | None = open(bed.standin_log, "rb")
-        except FileNotFoundError:
-            self.held = None
-        self.start = self.held.seek(0, os.SEEK_END) if self.held is not None else 0
-
-    def new_lines(self) -> list[str] | None:
-        """The lines written since; None when there is no log now."""
-        try:
-            f = open(self.bed.standin_log, "rb")
-        except FileNotFoundError:
-            return None
-        with f:
-            same = self.held is not None and (
-                os.fstat(f.fileno()).st_ino == os.fstat(self.held.fileno()).st_ino
-            )
-            if same:
-                f.seek(self.start)
-            return f.read().decode("utf-8", "replace").splitlines()
-
-    def close(self) -> None:
-        if self.held is not None:
-            self.held.close()
-
-
 @pytest.fixture(autouse=True)
 def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test that uses a test bed leaves each bed's stand-in VDDK log clean: no rule
     violation, every PrepareForAccess ended, every connection and handle closed (by a
     recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else). Beds the
     test builds itself are checked as well as fixtures' (mounting.BEDS); a bed that a mount
-    of this test used must have a log (every mount initialises VDDK before it is mounted)."""
+    of this test used must have a log (mounting.LogMarks)."""
     if "bed" in request.fixturenames:
         request.getfixturevalue("bed")  # made before the marks, so its log is marked too
-    marks = {id(b): _LogMark(b) for b in mounting.BEDS}
+    marks = mounting.LogMarks()
     try:
         yield
-        if request.node.rep_call_failed:
-            return
-        used = {id(m.bed) for m in mounting.STARTED}
-        for bed in list(mounting.BEDS):
-            mark = marks.get(id(bed))
-            if mark is None:  # built by the test: all of its log is this test's
-                mark = marks[id(bed)] = _LogMark.__new__(_LogMark)
-                mark.bed, mark.held, mark.start = bed, None, 0
-            lines = mark.new_lines()
-            if lines is None:
-                assert id(bed) not in used, f"no stand-in log at {bed.standin_log}"
-                continue
-            mounting.check_standin_lines(
-                lines, killed=request.node.get_closest_marker("killed_mount")
-            )
+        if not request.node.rep_call_failed:
+            marks.check(killed=request.node.get_closest_marker("killed_mount"))
     finally:
-        for mark in marks.values():
-            mark.close()
+        marks.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.testbed.images import DataManifest
 from tests.testbed.vsphere import TESTBED, Ivd, Vcsim
@@ -251,6 +252,68 @@ def check_standin_lines(lines: list[str], killed: object = None) -> None:
     assert len(opens) == len(call_lines(lines, "Close")), "a handle was never closed"
     connects = [c for c in call_lines(lines, "ConnectEx") if c["err"] == "0"]
     assert len(connects) == len(call_lines(lines, "Disconnect")), "a connection stayed open"
+
+
+class _LogMark:
+    """Where a bed's stand-in log stood when a test began. The file is held open for the
+    whole test: a log the test unlinks and a mount creates anew must not get the old one's
+    inode number (ext4 and tmpfs hand it out again at once), or its lines would be read from
+    the old size on, partly or not at all."""
+
+    def __init__(self, bed: Bed, *, from_start: bool = False) -> None:
+        self.bed = bed
+        self.held: BinaryIO | None = None
+        self.start = 0
+        if from_start:
+            return
+        try:
+            self.held = open(bed.standin_log, "rb")
+        except FileNotFoundError:
+            return
+        self.start = self.held.seek(0, os.SEEK_END)
+
+    def new_lines(self) -> list[str] | None:
+        """The lines written since; None when there is no log now."""
+        try:
+            f = open(self.bed.standin_log, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            if self.held is not None and (
+                os.fstat(f.fileno()).st_ino == os.fstat(self.held.fileno()).st_ino
+            ):
+                f.seek(self.start)
+            return f.read().decode("utf-8", "replace").splitlines()
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.close()
+
+
+class LogMarks:
+    """The stand-in logs of every bed (BEDS) as a test began; `check` then checks what each
+    gained (check_standin_lines), beds made during the test from their first line. A bed that
+    a mount of the test used (STARTED) must have a log: every mount initialises VDDK before
+    it is mounted, so no log means the check could not be made."""
+
+    def __init__(self) -> None:
+        self._marks = {id(b): _LogMark(b) for b in BEDS}
+
+    def check(self, killed: object = None) -> None:
+        used = {id(m.bed) for m in STARTED}
+        for bed in list(BEDS):
+            mark = self._marks.get(id(bed))
+            if mark is None:  # built by the test: all of its log is this test's
+                mark = self._marks[id(bed)] = _LogMark(bed, from_start=True)
+            lines = mark.new_lines()
+            if lines is None:
+                assert id(bed) not in used, f"no stand-in log at {bed.standin_log}"
+                continue
+            check_standin_lines(lines, killed=killed)
+
+    def close(self) -> None:
+        for mark in self._marks.values():
+            mark.close()
 
 
 def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:
