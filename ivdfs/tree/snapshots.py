@@ -395,7 +395,6 @@ class SnapshotDirs:
             self.add_generated(d, name + ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
         return True
 
-
     def _volumes_error(self, d: DirNode, reason: str | None) -> None:
         """volumes/.error: why no volume is there at all (None: remove it)."""
         if ERROR_SUFFIX in d.children:
