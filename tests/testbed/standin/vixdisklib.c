@@ -1586,7 +1586,10 @@ EXPORT VixError VixDiskLib_GetInfo(VixDiskLibHandle diskHandle, VixDiskLibInfo *
     /* capacity and every Read/ReadAsync/QueryAllocatedBlocks sector stay 512 bytes
        (VIXDISKLIB_SECTOR_SIZE) whatever the disk's own sector size: VMware's guide, "Sector
        size could vary, but is defined in <vixDiskLib.h> as 512 bytes because VMDK files have
-       that sector size". These two fields only say what the guest sees (a 4Kn disk: 4096). */
+       that sector size". Measured with real VDDK 7.0.2 (local mode, a disk created with
+       logicalSectorSize 4096): GetInfo says 4096/4096 and capacity 16384 for 8 MiB, sector 1
+       is byte 512, and a one-sector read at sector 1 succeeds. These two fields only say what
+       the guest sees. */
     i->logicalSectorSize = h->conn->logical_sector;
     i->physicalSectorSize = h->conn->physical_sector;
 #endif
