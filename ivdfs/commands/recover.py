@@ -172,13 +172,7 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             # Kept in the journal: the next `ivdfs umount` finds it again.
             report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
             continue
-        try:
-            _journal_drop(rec, "run_dirs", d)
-        except OSError as e:
-            report.fail(
-                f"cannot update the journal {rec.path}: {e.strerror}",
-                f"check {rec.path.parent}, then run ivdfs umount {rec.mountpoint} again",
-            )
+        _journal_drop(rec, "run_dirs", d, report)
     if found.fuse_mounted:
         err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
         if err is not None:
@@ -189,10 +183,18 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.fail(f"{rec.mountpoint}: {err}", f"fusermount3 -u -z {rec.mountpoint}")
 
 
-def _journal_drop(rec: journal.Record, kind: str, value: object) -> None:
+def _journal_drop(rec: journal.Record, kind: str, value: object, report: Report) -> None:
+    """Strike one undone thing from the journal. A journal that cannot be written is said
+    (the thing stays listed, and the next umount finds it undone already), never hidden."""
     items = rec.doc.get(kind, [])
     rec.doc[kind] = [i for i in items if i != value]
-    _save(rec)
+    try:
+        _save(rec)
+    except OSError as e:
+        report.fail(
+            f"cannot update the journal {rec.path}: {e.strerror or e}",
+            f"check {rec.path.parent}, then run ivdfs umount {rec.mountpoint} again",
+        )
 
 
 def _save(rec: journal.Record) -> None:
@@ -270,7 +272,7 @@ def _delete_snapshot(
             matches = [x.id for x in existing if x.description == s["description"]]
             if not matches:
                 report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")
-                _journal_drop(rec, "snapshots", s)
+                _journal_drop(rec, "snapshots", s, report)
                 return
             snap_id = matches[0]
         if snap_id not in {x.id for x in existing}:
@@ -289,7 +291,7 @@ def _delete_snapshot(
         what = f"snapshot {snap_id or '(being created)'} of IVD {s['ivd']}"
         report.fail(f"{what}: {e}", remedy, exit_code_of(e))
         return
-    _journal_drop(rec, "snapshots", s)
+    _journal_drop(rec, "snapshots", s, report)
 
 
 def _end_access(
@@ -321,7 +323,7 @@ def _end_access(
                 report.fail(f"EndAccess for IVD {p['ivd']}: {e}", remedy)
                 continue
             report.ok(f"EndAccess for IVD {p['ivd']} (vMotion enabled again)")
-            _journal_drop(rec, "prepared", p)
+            _journal_drop(rec, "prepared", p, report)
     finally:
         lib.exit()
 
