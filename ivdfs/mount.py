@@ -51,7 +51,7 @@ from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.journal import Journal
-from ivdfs.tree.catalog import Subset
+from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree, TreeSettings
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError
@@ -62,7 +62,6 @@ from ivdfs.volumes import setup as volumes_setup
 log = logging.getLogger(__name__)
 
 # /.ivdfs/stats: run-time statistics, readable by whoever can read the mount.
-STATS_DIR = ".ivdfs"
 # Kernel read-ahead of the mount, in blocks (raised through sysfs when permitted).
 READ_AHEAD_BLOCKS = 4
 # pyfuse3 worker tasks: requests that wait for a slow disk must not hold up the others.
@@ -213,6 +212,9 @@ class ServiceDisk:
 
     async def capacity(self) -> int:
         return await self._service.capacity(self._slot)
+
+    async def sector_size(self) -> int:
+        return await self._service.sector_size(self._slot)
 
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
         return await self._service.read(self._slot, start_sector, nbytes)

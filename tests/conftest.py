@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
@@ -108,38 +108,20 @@ def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test that uses the test bed leaves the stand-in VDDK's log clean: no rule
+    """Every test that uses a test bed leaves each bed's stand-in VDDK log clean: no rule
     violation, every PrepareForAccess ended, every connection and handle closed (by a
-    recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else)."""
-    if "bed" not in request.fixturenames:
-        yield
-        return
-    bed: Bed = request.getfixturevalue("bed")
-    log = bed.standin_log
-    # Held open for the whole test: a log the test unlinks and a mount creates anew must not
-    # get the old one's inode number (ext4 and tmpfs hand it out again at once), or its lines
-    # would be read from the old size on, partly or not at all.
+    recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else). Beds the
+    test builds itself are checked as well as fixtures' (mounting.BEDS); a bed that a mount
+    of this test used must have a log (mounting.LogMarks)."""
+    if "bed" in request.fixturenames:
+        request.getfixturevalue("bed")  # made before the marks, so its log is marked too
+    marks = mounting.LogMarks()
     try:
-        held: BinaryIO | None = open(log, "rb")
-    except FileNotFoundError:
-        held = None
-    try:
-        start = held.seek(0, os.SEEK_END) if held is not None else 0
         yield
-        if request.node.rep_call_failed:
-            return
-        try:
-            f = open(log, "rb")
-        except FileNotFoundError:
-            return
-        with f:
-            if held is not None and os.fstat(f.fileno()).st_ino == os.fstat(held.fileno()).st_ino:
-                f.seek(start)
-            lines = f.read().decode("utf-8", "replace").splitlines()
+        if not request.node.rep_call_failed:
+            marks.check(killed=request.node.get_closest_marker("killed_mount"))
     finally:
-        if held is not None:
-            held.close()
-    mounting.check_standin_lines(lines, killed=request.node.get_closest_marker("killed_mount"))
+        marks.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

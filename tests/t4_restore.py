@@ -63,7 +63,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         manifest = build(src / f"{kind}.img")
         ivd = bed.vcsim.create_ivd(f"restore-{kind}", size_mb, "LocalDS_0")
         snap = bed.vcsim.create_snapshot(ivd, kind)
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         out[kind] = Disk(kind, ivd, snap, manifest, sha256_file(manifest.path))
     return out
 
@@ -297,3 +297,46 @@ def test_guest_volumes_hold_their_disk_past_the_idle_timeout(
     assert opened == closed
     assert_standin_log_clean(bed, {held.ivd.id, other.ivd.id})
     assert_nothing_left(bed, disks, mountpoint)
+
+
+def test_4kn_gpt_disk(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path) -> None:
+    """A 4Kn disk (GetInfo: 4096-byte logical sectors; VDDK still counts 512-byte sectors):
+    its GPT sits at byte 4096 and counts 4096-byte LBAs. Read as a 512-byte disk it would show
+    no partition (the protective MBR's GPT header is not at byte 512). Every partN.raw and
+    disk.raw read byte-exact; a guest volume mounts; info.json tells the sector size."""
+    manifest = imgs.gpt_4kn_disk(tmp_path / "4kn.img", 64)
+    src = manifest.path.read_bytes()
+    assert src[4096:4104] == b"EFI PART" and src[512:520] != b"EFI PART"
+    ivd = bed.vcsim.create_ivd("restore-4kn", 64, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "4kn")
+    place_image(bed.images, ivd, snap, manifest.path, sector_size=4096)
+    d = Disk("4kn", ivd, snap, manifest, sha(src))
+    bed.standin_log.unlink(missing_ok=True)
+    m = Mount(bed, mountpoint, "--volumes", "kernel")
+    dirs: set[Path] = set()
+    try:
+        sd = d.snapdir(mountpoint)
+        assert entries(sd) == {"disk.raw", "part1.raw", "part2.raw", "volumes"}
+        for p in manifest.partitions:
+            f = sd / f"part{p.number}.raw"
+            assert f.stat().st_size == p.length
+            assert sha256_file(f) == sha(src[p.start : p.start + p.length]), f
+            with open(f, "rb", buffering=0) as fh:
+                end = p.start + p.length
+                assert os.pread(fh.fileno(), 8192, p.length - 100) == src[end - 100 : end]
+        assert sha256_file(sd / "disk.raw") == d.sha256
+        doc = json.loads((sd / "info.json").read_text())
+        assert doc["provenance"]["logical_sector_size"] == 4096
+        assert doc["provenance"]["capacity_sectors"] == len(src) // 512  # VDDK's unit
+        vols = sd / "volumes"
+        assert sorted(os.listdir(vols)) == ["1", "2"]
+        check_volume(vols / "1", manifest.partitions[0], tmp_path)
+        dirs = volume_dirs(mountpoint, {"4kn": d}, ["4kn"])
+        assert m.unmount("ivdfs") == 0, m.log()
+    finally:
+        if m.proc.poll() is None:
+            m.unmount("SIGTERM")
+    infos = call_lines(bed.log_lines(), "GetInfo")
+    assert infos and all(i["logical"] == "4096" for i in infos)
+    assert_standin_log_clean(bed, {ivd.id})
+    assert_nothing_left(bed, {"4kn": d}, mountpoint, dirs)

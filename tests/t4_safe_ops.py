@@ -28,7 +28,7 @@ def ivds(bed: Bed) -> dict[str, tuple[Ivd, str]]:
         snap = bed.vcsim.create_snapshot(ivd, name)
         src = bed.root / f"{name}.raw"
         src.write_bytes(name.encode() * (2 * MiB // len(name)) + bytes(2 * MiB % len(name)))
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
         out[name] = (ivd, snap)
     return out
 
@@ -120,7 +120,7 @@ def test_a_new_snapshot_is_found_by_its_id_and_refresh_relists(
         ivd_dir = m.mountpoint / ivd.datastore_name / ivd.id
         assert snap in os.listdir(ivd_dir)
         new = bed.vcsim.create_snapshot(ivd, "made after mounting")
-        place_image(bed.images, ivd.id, new, bed.root / "safe-a.raw")
+        place_image(bed.images, ivd, new, bed.root / "safe-a.raw")
         # By its exact path: asked from vCenter although the listing is fresh.
         assert disk(m.mountpoint, ivd, new).stat().st_size == 2 * MiB
         other = bed.vcsim.create_snapshot(ivd, "another")

@@ -11,12 +11,15 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pyVim.connect import Disconnect
 from pyVmomi import vim, vmodl
 
-from tests.testbed.vsphere import Vcsim, place_image
+from tests import mounting
+from tests.mounting import Bed
+from tests.testbed.vsphere import Ivd, Vcsim, place_image, record_ivd
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +120,20 @@ def test_place_image_keeps_holes_and_is_read_only(tmp_path: Path) -> None:
         f.write(b"head")
         f.seek(32 << 20)
         f.write(b"tail")
-    dest = place_image(tmp_path / "images", "ivd-1", "snap-1", src)
+    ivd = Ivd("ivd-1", "one", "LocalDS_0", "datastore-11", 32 << 20)
+    dest = place_image(tmp_path / "images", ivd, "snap-1", src)
     assert dest == tmp_path / "images" / "ivd-1" / "snap-1.raw"
     assert dest.read_bytes() == src.read_bytes()
     assert dest.stat().st_blocks * 512 < 1 << 20
     assert dest.stat().st_mode & 0o222 == 0
     assert dest.stat().st_ino != src.stat().st_ino
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["snap-1.raw"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["datastore", "snap-1.raw"]
+    assert (dest.parent / "datastore").read_text() == "datastore-11\n"
     with pytest.raises(FileExistsError):
-        place_image(tmp_path / "images", "ivd-1", "snap-1", src)
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["snap-1.raw"]
+        place_image(tmp_path / "images", ivd, "snap-1", src)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["datastore", "snap-1.raw"]
+    with pytest.raises(ValueError, match="datastore"):
+        record_ivd(tmp_path / "images", "ivd-1", "datastore-12")
 
 
 def test_launcher_exits_cleanly_on_stdin_eof() -> None:
@@ -138,3 +145,40 @@ def test_launcher_exits_cleanly_on_stdin_eof() -> None:
             assert proc.wait(timeout=10) == 0
         except subprocess.TimeoutExpired:
             pytest.fail("vcsim ignored stdin EOF")
+
+
+def test_log_marks_check_every_bed_and_a_used_bed_needs_a_log(tmp_path: Path) -> None:
+    """conftest's standin_log_clean (mounting.LogMarks): a bed the test builds is checked from
+    its first line, a log recreated under the same name from its start, and a bed that a
+    mount of the test used but that has no log fails."""
+    v = Vcsim()  # never started: the beds only need somewhere to record IVDs
+    start = "1 tid=1 InitEx major=8\n"
+    old = Bed(v, tmp_path / "old")
+    old.root.mkdir()
+    old.standin_log.write_text(start + "2 tid=1 VIOLATION write handle=1\n")  # before the test
+    marks = mounting.LogMarks()
+    used = SimpleNamespace(bed=None, log=lambda: "")
+    try:
+        marks.check()  # the old violation was before the marks
+        new = Bed(v, tmp_path / "new")
+        new.root.mkdir()
+        new.standin_log.write_text(start + "3 tid=1 VIOLATION write handle=2\n")
+        with pytest.raises(AssertionError, match="VIOLATION write handle=2"):
+            marks.check()
+        new.standin_log.write_text(start)
+        old.standin_log.unlink()  # a test that unlinks the log; a mount makes it anew
+        old.standin_log.write_text(start + "4 tid=1 PrepareForAccess id=x err=0\n")
+        with pytest.raises(AssertionError, match="PrepareForAccess without EndAccess"):
+            marks.check()
+        old.standin_log.write_text(start)
+        marks.check()
+        used.bed = new
+        mounting.STARTED.append(used)  # type: ignore[arg-type]
+        new.standin_log.unlink()
+        with pytest.raises(AssertionError, match="no stand-in log"):
+            marks.check()
+    finally:
+        marks.close()
+        if used in mounting.STARTED:
+            mounting.STARTED.remove(used)  # type: ignore[arg-type]
+        mounting.BEDS[:] = [b for b in mounting.BEDS if b.vcsim is not v]

@@ -70,7 +70,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         manifest = build(src / f"{kind}.img", size)
         ivd = bed.vcsim.create_ivd(f"mntapi-{kind}", size, "LocalDS_0")
         snap = bed.vcsim.create_snapshot(ivd, kind)
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         out[kind] = Disk(kind, ivd, snap, manifest, sha256_file(manifest.path))
     return out
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.commands.admin import VddkOptions
-from ivdfs.config import ServerConfig
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
@@ -189,16 +189,17 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.fail(f"VixMntapi's disk mount {path}: {err}", f"umount --lazy {path}")
     if not mntapi.fuse_mounts() & set(found.vixmntapi):
         for entry in rec.vixmntapi:
-            _journal_drop(rec, "vixmntapi", entry)
+            _journal_drop(rec, "vixmntapi", entry, report)
     for d in _run_dirs(rec):
         existed = os.path.lexists(d)
         err = remove_tree(d)
         if err is not None:
+            # Kept in the journal: the next `ivdfs umount` finds it again.
             report.fail(f"{d}: {err}", f"umount what is under {d}, then rm -r {d}")
-            continue  # stays in the journal for the next run
+            continue
         if existed:
             report.ok(f"removed {d}")
-        _journal_drop(rec, "run_dirs", d)
+        _journal_drop(rec, "run_dirs", d, report)
     if found.fuse_mounted:
         err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
         if err is not None:
@@ -209,10 +210,18 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.fail(f"{rec.mountpoint}: {err}", f"fusermount3 -u -z {rec.mountpoint}")
 
 
-def _journal_drop(rec: journal.Record, kind: str, value: object) -> None:
+def _journal_drop(rec: journal.Record, kind: str, value: object, report: Report) -> None:
+    """Strike one undone thing from the journal. A journal that cannot be written is said
+    (the thing stays listed, and the next umount finds it undone already), never hidden."""
     items = rec.doc.get(kind, [])
     rec.doc[kind] = [i for i in items if i != value]
-    _save(rec)
+    try:
+        _save(rec)
+    except OSError as e:
+        report.fail(
+            f"cannot update the journal {rec.path}: {e.strerror or e}",
+            f"check {rec.path.parent}, then run ivdfs umount {rec.mountpoint} again",
+        )
 
 
 def _save(rec: journal.Record) -> None:
@@ -260,6 +269,11 @@ def left_behind(rec: journal.Record, report: Report, e: IvdfsError, options: lis
         report.fail(f"IVD {p['ivd']} left prepared (vMotion disabled): {e}", again, code)
 
 
+# How long recovery waits for a snapshot creation its process left running; after that it
+# says so, and `ivdfs umount` again finishes the job.
+CREATE_TASK_WAIT = 300.0
+
+
 def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
     for ds in vs.datastores():
         if ds.moref == moref:
@@ -273,13 +287,19 @@ def _delete_snapshot(
     snap_id = s.get("snapshot")
     try:
         ivd = _ivd(vs, s["ivd"], s["datastore"])
+        if not snap_id and s.get("task"):
+            # Killed while the task ran: what it made is looked for once it has ended.
+            # Looking earlier would miss a snapshot the task makes later.
+            what = f"the interrupted creation of a snapshot of IVD {ivd.id}"
+            report.ok(f"waiting for {what} (task {s['task']}) to end")
+            vs.wait_task_ended(s["task"], what, CREATE_TASK_WAIT)
         existing = vs.snapshots(ivd)
         if not snap_id:
-            # Killed while the task ran: the description (mount and pid) names it.
+            # The description (mount and pid) names what the interrupted task made.
             matches = [x.id for x in existing if x.description == s["description"]]
             if not matches:
                 report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")
-                _journal_drop(rec, "snapshots", s)
+                _journal_drop(rec, "snapshots", s, report)
                 return
             snap_id = matches[0]
         if snap_id not in {x.id for x in existing}:
@@ -298,7 +318,7 @@ def _delete_snapshot(
         what = f"snapshot {snap_id or '(being created)'} of IVD {s['ivd']}"
         report.fail(f"{what}: {e}", remedy, exit_code_of(e))
         return
-    _journal_drop(rec, "snapshots", s)
+    _journal_drop(rec, "snapshots", s, report)
 
 
 def _end_access(
@@ -308,7 +328,8 @@ def _end_access(
     vddk: VddkOptions,
     report: Report,
 ) -> None:
-    identity = str(rec.doc.get("identity") or "")
+    # A journal from before the identity was recorded: the only one ivdfs ever used.
+    identity = str(rec.doc.get("identity") or ACCESS_IDENTITY)
     options = [*journal.connection_options(server), *vddk.options()]
     try:
         lib = vddk.load()
@@ -329,7 +350,7 @@ def _end_access(
                 report.fail(f"EndAccess for IVD {p['ivd']}: {e}", remedy)
                 continue
             report.ok(f"EndAccess for IVD {p['ivd']} (vMotion enabled again)")
-            _journal_drop(rec, "prepared", p)
+            _journal_drop(rec, "prepared", p, report)
     finally:
         lib.exit()
 

@@ -357,6 +357,7 @@ class Vcsim:
         cbt_block: int = 64 << 10,
         cbt_max_areas: int = 2000,
         cbt_max_span: int = 16 << 20,
+        datastore_names: Sequence[str] = (),
     ) -> None:
         """`datastores`: LocalDS_0..N-1; `delay_ms`: added to every SOAP call;
         `session_idle_timeout` (s): vcsim expires idle sessions (0: never).
@@ -369,7 +370,8 @@ class Vcsim:
         snapshot info/details, changed areas, associations, and their Host/VSLM forms);
         `populate`: IVDs made at start-up, listed in `populated` once started;
         `images_dir`: where the stand-in VDDK's images are, for QueryChangedDiskAreas;
-        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc).
+        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc);
+        `datastore_names`: names for the first datastores instead of LocalDS_<n>, any text.
         """
         self.user = user
         self.password = password if password is not None else secrets.token_urlsafe(16)
@@ -405,6 +407,7 @@ class Vcsim:
         if images_dir is not None:
             self._args += ["-images", os.fspath(images_dir)]
         self._populate = list(populate)
+        self._datastore_names = list(datastore_names)
         self.populated: list[PopulatedIvd] = []
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -413,6 +416,7 @@ class Vcsim:
         self._content: Any = None
         self._log: Any = None
         self.returncode: int | None = None  # the launcher's, once stopped (0: clean exit)
+        self.facts_dir: Path | None = None  # tell_standin
         self.url = self.server = self.thumbprint = ""
         self.port = 0
         self.tmpdir = self.ca_file = self.cert_file = self._key_file = Path()
@@ -444,6 +448,10 @@ class Vcsim:
             (self.tmpdir / "faults").mkdir()
             self._args += ["-faults", str(self.tmpdir / "faults")]
             extra: list[str] = []
+            if self._datastore_names:
+                names = self.tmpdir / "datastore-names.json"
+                names.write_text(json.dumps(self._datastore_names))
+                self._args += ["-ds-names", str(names)]
             if self._populate:
                 spec = self.tmpdir / "populate.json"
                 spec.write_text(json.dumps({"ivds": [_spec_json(p) for p in self._populate]}))
@@ -626,9 +634,10 @@ class Vcsim:
         return found
 
     def _datastore(self, name: str | None) -> tuple[str, Any]:
+        """The datastore of that name or moref (two may share a name); None: the first."""
         stores = self.datastores()
         for ds_name, moref in stores:
-            if name is None or ds_name == name:
+            if name is None or name in (ds_name, moref):
                 return ds_name, vim.Datastore(moref, self.si._stub)
         raise LookupError(f"no datastore {name!r} in {stores}")
 
@@ -640,7 +649,7 @@ class Vcsim:
         return self.content.vStorageObjectManager
 
     def create_ivd(self, name: str, capacity_mb: int, datastore: str | None = None) -> Ivd:
-        """Create a thin IVD on datastore `datastore` (a name; default: the first one),
+        """Create a thin IVD on datastore `datastore` (a name or moref; default: the first one),
         through HostCreateDisk_Task in ESX mode and CreateDisk_Task otherwise."""
         ds_name, ds = self._datastore(datastore)
         spec = vim.vslm.CreateSpec(
@@ -652,13 +661,25 @@ class Vcsim:
         )
         create = self._vsom.HostCreateDisk_Task if self.esx else self._vsom.CreateDisk_Task
         obj = self.wait_task(create(spec))
-        return Ivd(
+        ivd = Ivd(
             id=obj.config.id.id,
             name=obj.config.name,
             datastore_name=ds_name,
             datastore_moref=ds._moId,
             capacity_bytes=obj.config.capacityInMB * 1024 * 1024,
         )
+        if self.facts_dir is not None:
+            record_ivd(self.facts_dir, ivd.id, ivd.datastore_moref)
+        return ivd
+
+    def tell_standin(self, images_dir: str | os.PathLike[str]) -> None:
+        """From now on, record every IVD this vCenter has and makes in `images_dir` for the
+        stand-in VDDK (`record_ivd`): it checks the datastore that PrepareForAccess, EndAccess
+        and ConnectEx name even for an IVD without images (a --snapshot-now's, before its
+        snapshot exists)."""
+        self.facts_dir = Path(images_dir)
+        for p in self.populated:
+            record_ivd(self.facts_dir, p.ivd.id, p.ivd.datastore_moref)
 
     def delete_ivd(self, ivd: Ivd) -> None:
         ivd_id, ds = self._ref(ivd)
@@ -816,13 +837,46 @@ def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
         server.shutdown()
 
 
-def place_image(
+def record_ivd(
     images_dir: str | os.PathLike[str],
     ivd_id: str,
+    datastore_moref: str,
+    *,
+    sector_size: int = 512,
+) -> Path:
+    """Tell the stand-in VDDK what vCenter knows of IVD `ivd_id`: the moref of its datastore
+    (ConnectEx, PrepareForAccess and EndAccess must name it) and its logical = physical sector
+    size (GetInfo's logicalSectorSize/physicalSectorSize; 4096 for a 4Kn disk). Idempotent; a
+    different answer for the same IVD is a test bug (ValueError)."""
+    dest_dir = Path(images_dir) / ivd_id
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    facts = {"datastore": datastore_moref}
+    if sector_size != 512:
+        facts["sector-size"] = f"{sector_size} {sector_size}"
+    elif (dest_dir / "sector-size").exists():
+        facts["sector-size"] = "512 512"
+    for name, value in facts.items():
+        path = dest_dir / name
+        try:
+            old = path.read_text().strip()
+        except FileNotFoundError:
+            path.write_text(value + "\n")
+            continue
+        if old != value:
+            raise ValueError(f"IVD {ivd_id}: {name} is {old!r}, not {value!r}")
+    return dest_dir
+
+
+def place_image(
+    images_dir: str | os.PathLike[str],
+    ivd: Ivd,
     snapshot_id: str,
     src_path: str | os.PathLike[str],
+    *,
+    sector_size: int = 512,
 ) -> Path:
-    """Install `src_path` as images_dir/<ivd_id>/<snapshot_id>.raw for the stand-in VDDK.
+    """Install `src_path` as images_dir/<ivd.id>/<snapshot_id>.raw for the stand-in VDDK, and
+    record the IVD's datastore and sector size beside it (`record_ivd`).
 
     A copy, not a hard link: a link would share the inode with the source, so a later
     in-place rewrite of the source (tests reuse scratch files) would silently change a
@@ -831,8 +885,7 @@ def place_image(
     name, made read-only (0444) and linked into place: readers never see a partial
     image, and an existing image is never replaced (FileExistsError).
     """
-    dest_dir = Path(images_dir) / ivd_id
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir = record_ivd(images_dir, ivd.id, ivd.datastore_moref, sector_size=sector_size)
     dest = dest_dir / f"{snapshot_id}.raw"
     tmp = dest_dir / f".{snapshot_id}.raw.{os.getpid()}.tmp"
     try:

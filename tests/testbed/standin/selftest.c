@@ -94,6 +94,16 @@ static int matches_file(const char *path, uint64_t start_sector, const uint8_t *
     return ok;
 }
 
+static void write_text(const char *dir, const char *name, const char *text) {
+    char path[2048];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    FILE *f = fopen(path, "we");
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
+        perror(path);
+        exit(2);
+    }
+}
+
 static char *slurp(const char *path) {
     FILE *f = fopen(path, "r");
     if (!f) return strdup("");
@@ -382,7 +392,38 @@ static void phase_basic(void) {
     const char *longid = "x123456789x123456789x123456789x123456789x123456789X"; /* 51 */
     CHECK_ERR(VixDiskLib_PrepareForAccess(p, longid), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_EndAccess(p, longid), VIX_E_INVALID_ARG);
+    /* the identity that ends access must be the one that prepared it (across processes: the
+       state lives beside the images), and none of id, datastore, identity may be empty */
+    CHECK_ERR(VixDiskLib_PrepareForAccess(p, ""), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_PrepareForAccess(p, "ivdfs-a"), VIX_OK);
+    CHECK_ERR(VixDiskLib_EndAccess(p, ""), VIX_E_INVALID_ARG);
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs-b"), VIX_E_INVALID_ARG);
+    p->spec.vStorageObjSpec.datastoreMoRef = "";
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs-a"), VIX_E_INVALID_ARG);
+    p->spec.vStorageObjSpec.datastoreMoRef = "datastore-12";
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs-a"), VIX_E_FILE_NOT_FOUND);
+    p->spec.vStorageObjSpec.datastoreMoRef = "datastore-11";
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs-a"), VIX_OK);
+    CHECK_ERR(VixDiskLib_EndAccess(p, "ivdfs-b"), VIX_OK); /* nothing pending: harmless */
+    /* ConnectEx: the datastore must be the IVD's; snapshotRef (a VM snapshot) is refused */
+    p->spec.vStorageObjSpec.datastoreMoRef = "datastore-12";
+    c = NULL;
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c), VIX_E_FILE_NOT_FOUND);
+    p->spec.vStorageObjSpec.datastoreMoRef = "datastore-11";
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, "snapshot-7", NULL, &c), VIX_E_INVALID_ARG);
+    CHECK(c == NULL, "refused ConnectEx leaves NULL");
     VixDiskLib_FreeConnectParams(p);
+    /* a 4Kn disk: GetInfo says so, capacity and reads stay in 512-byte sectors */
+    CHECK_ERR(connect_server("ivd-4k", NULL, NULL, &c), VIX_OK);
+    h = open_ro(c, NULL);
+    VixDiskLibInfo *i4 = NULL;
+    CHECK_ERR(VixDiskLib_GetInfo(h, &i4), VIX_OK);
+    CHECK(i4 && i4->logicalSectorSize == 4096 && i4->physicalSectorSize == 4096 &&
+              i4->capacity == IMG_SIZE / SECTOR,
+          "4Kn GetInfo");
+    VixDiskLib_FreeInfo(i4);
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
     free(buf);
     VixDiskLib_Exit();
 
@@ -409,7 +450,15 @@ static void phase_basic(void) {
     CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 11, "11 QAB violations, got %d",
           count(log, "VIOLATION query-allocated-blocks handle="));
     CHECK(count(log, "chunk=1024 capacity=9217 rule=beyond-disk") == 1, "partial last chunk");
-    CHECK(count(log, "VIOLATION") == 16, "exactly 16 violations, got %d", count(log, "VIOLATION"));
+    CHECK(count(log, "VIOLATION access-identity") == 2, "empty identity violations");
+    CHECK(count(log, "VIOLATION access-args") == 1, "empty datastore violation");
+    CHECK(count(log, "VIOLATION end-access-identity id=ivd-1 identity=ivdfs-b pending=1") == 1,
+          "wrong identity violation");
+    CHECK(count(log, "VIOLATION wrong-datastore") == 2, "wrong datastore violations");
+    CHECK(count(log, "VIOLATION connect-snapshot-ref") == 1, "snapshotRef violation");
+    CHECK(count(log, "GetInfo handle=") >= 1 && count(log, "logical=4096 physical=4096") == 1,
+          "4Kn GetInfo line");
+    CHECK(count(log, "VIOLATION") == 23, "exactly 23 violations, got %d", count(log, "VIOLATION"));
     CHECK(strstr(log, " plugin=loaded ") != NULL, "InitEx logs the loaded plugin");
     CHECK(strstr(log, "secretpw") == NULL, "password must never be logged");
     CHECK(strstr(log, "ConnectEx conn=1 mode=local") != NULL, "local ConnectEx line");
@@ -424,7 +473,7 @@ static void phase_basic(void) {
           "Prepare line");
     CHECK(strstr(log, "EndAccess id=ivd-1 identity=ivdfs-test server=vcsim.example err=0"),
           "EndAccess line");
-    CHECK(strstr(log, "Exit prepares=2 endaccess=2 open_handles=0 connections=0") != NULL,
+    CHECK(strstr(log, "Exit prepares=4 endaccess=8 open_handles=0 connections=0") != NULL,
           "Exit summary");
     CHECK(strstr(log, "Disconnect conn=2 handles=0") != NULL, "Disconnect line");
     free(log);
@@ -1001,6 +1050,15 @@ int main(int argc, char **argv) {
     snprintf(ivd, sizeof(ivd), "%s/ivd-1", g_images);
     mkdir(g_images, 0755);
     mkdir(ivd, 0755);
+    write_text(ivd, "datastore", "datastore-11\n");
+    char ivd4k[1536];
+    snprintf(ivd4k, sizeof(ivd4k), "%s/ivd-4k", g_images);
+    mkdir(ivd4k, 0755);
+    write_text(ivd4k, "datastore", "datastore-11\n");
+    write_text(ivd4k, "sector-size", "4096 4096\n");
+    char cur4k[1600];
+    snprintf(cur4k, sizeof(cur4k), "%s/current.raw", ivd4k);
+    write_pattern(cur4k, IMG_SIZE, 5);
     write_pattern(g_local, LOCAL_SIZE, 1);
     write_pattern(g_odd, ODD_SECTORS * SECTOR, 4);
     write_pattern(g_current, IMG_SIZE, 2);

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -408,6 +409,7 @@ typedef struct conn {
     _Atomic int refs;
     int server;
     char *server_name, *ivd_id, *ds, *ssid, *image, *transport_req;
+    uint32_t logical_sector, physical_sector; /* what GetInfo reports (VDDK 7+ fields) */
     _Atomic uint64_t ok_reads;
     _Atomic int lost;
     _Atomic int nhandles;
@@ -944,6 +946,46 @@ static char *image_path(const char *id, const char *ssid) {
     return path;
 }
 
+/* What the test bed records beside an IVD's images (tests/testbed/vsphere.py place_image), i.e.
+   what vCenter knows of the IVD: `datastore` holds the moref of the datastore it lives on, and
+   an optional `sector-size` its logical and physical sector sizes ("4096 4096" for a 4Kn
+   disk). Returns a malloc'd, trimmed first line, or NULL when the file is missing. */
+static char *ivd_fact(const char *id, const char *name) {
+    if (!g_cfg.images || !safe_component(id)) return NULL;
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s/%s", g_cfg.images, id, name) < 0) return NULL;
+    FILE *f = fopen(path, "re");
+    free(path);
+    if (!f) return NULL;
+    char line[256];
+    char *out = NULL;
+    if (fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        out = strdup(line);
+    }
+    fclose(f);
+    return out;
+}
+
+/* The IVD lives on datastore `ds`? Real vCenter looks the IVD up on the datastore the caller
+   names and fails when it is not there (the error code is assumed: not found). A test bed that
+   never recorded the IVD's datastore is a VIOLATION too: the check could not be made. */
+static VixError check_datastore(const char *func, const char *id, const char *ds) {
+    char *known = ivd_fact(id, "datastore");
+    VixError err = VIX_OK;
+    if (!known) {
+        violation("datastore-unknown", "func=%s id=%s ds=%s", func, nz(id), nz(ds));
+        err = VIX_E_FILE_NOT_FOUND;
+    } else if (strcmp(known, nz(ds)) != 0) {
+        violation("wrong-datastore", "func=%s id=%s ds=%s expected=%s", func, nz(id), nz(ds),
+                  known);
+        LOG_MSG("VixDiskLib: vStorageObject %s not found on datastore %s.\n", nz(id), nz(ds));
+        err = VIX_E_FILE_NOT_FOUND;
+    }
+    free(known);
+    return err;
+}
+
 /* The mode a server connection's handles use: the configured one if the caller's list allows
    it (or gives none); otherwise the first network mode in the caller's list; else none. */
 static const char *pick_transport(const char *requested) {
@@ -1308,6 +1350,15 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
             err = VIX_E_FILE_NOT_FOUND;
             goto out;
         }
+        if ((err = check_datastore("ConnectEx", s->id, s->datastoreMoRef)) != VIX_OK) goto out;
+        /* An IVD's snapshot is named by vStorageObjSpec.ssId; snapshotRef is the moref of a VM
+           snapshot (VMware's sample passes it for VMX specs), which means nothing for an IVD.
+           Real VDDK's answer to both at once is unknown: refusing it is the stricter choice. */
+        if (snapshotRef && *snapshotRef) {
+            violation("connect-snapshot-ref", "id=%s snapshotRef=%s", s->id, snapshotRef);
+            err = VIX_E_INVALID_ARG;
+            goto out;
+        }
     } else if (p->vmxSpec) {
         err = VIX_E_NOT_SUPPORTED; /* hosted VMs are not served by the stand-in */
         goto out;
@@ -1327,6 +1378,15 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
         c->ssid = dup_or_null(p->spec.vStorageObjSpec.ssId);
         c->image = image;
         image = NULL;
+    }
+    c->logical_sector = c->physical_sector = (uint32_t)SECTOR;
+    char *sizes = server ? ivd_fact(c->ivd_id, "sector-size") : NULL;
+    if (sizes) {
+        unsigned lss = 0, pss = 0;
+        int n = sscanf(sizes, "%u %u", &lss, &pss);
+        if (n >= 1 && lss) c->logical_sector = c->physical_sector = lss;
+        if (n == 2 && pss) c->physical_sector = pss;
+        free(sizes);
     }
     c->transport_req = dup_or_null(transportModes);
     pthread_mutex_lock(&g_mu);
@@ -1529,15 +1589,23 @@ EXPORT VixError VixDiskLib_GetInfo(VixDiskLibHandle diskHandle, VixDiskLibInfo *
     i->numLinks = 1;
     i->parentFileNameHint = NULL;
 #ifndef STANDIN_VDDK6
-    i->logicalSectorSize = 512;
-    i->physicalSectorSize = 512;
+    /* capacity and every Read/ReadAsync/QueryAllocatedBlocks sector stay 512 bytes
+       (VIXDISKLIB_SECTOR_SIZE) whatever the disk's own sector size: VMware's guide, "Sector
+       size could vary, but is defined in <vixDiskLib.h> as 512 bytes because VMDK files have
+       that sector size". Measured with real VDDK 7.0.2 (local mode, a disk created with
+       logicalSectorSize 4096): GetInfo says 4096/4096 and capacity 16384 for 8 MiB, sector 1
+       is byte 512, and a one-sector read at sector 1 succeeds. These two fields only say what
+       the guest sees. */
+    i->logicalSectorSize = h->conn->logical_sector;
+    i->physicalSectorSize = h->conn->physical_sector;
 #endif
     *info = i;
 out:;
     logline_t l;
     ll_begin(&l, "GetInfo");
-    ll_add(&l, "handle=%llu capacity=%llu err=%llu", (unsigned long long)h->id,
-           (unsigned long long)h->capacity, (unsigned long long)err);
+    ll_add(&l, "handle=%llu capacity=%llu logical=%u physical=%u err=%llu",
+           (unsigned long long)h->id, (unsigned long long)h->capacity, h->conn->logical_sector,
+           h->conn->physical_sector, (unsigned long long)err);
     ll_emit(&l);
     handle_put(h);
     return err;
@@ -1754,28 +1822,91 @@ static void hold_access(const char *name, const char *id) {
     }
 }
 
+/* vCenter's side of PrepareForAccess: it disables vMotion for the IVD's VMs under the caller's
+   identity, and only an EndAccess with that same identity enables it again. That state outlives
+   the process (a killed mount's Prepare is undone by `ivdfs umount` or `end-access` later), so
+   it is kept beside the IVD's images in `access`: a line "P <identity>" per successful Prepare
+   and "E <identity>" per EndAccess that ended one, under flock. Returns 1 (Prepare recorded,
+   or an EndAccess that ended one of this identity), 0 (EndAccess with nothing pending at all:
+   assumed harmless, as enabling enabled methods), -1 (EndAccess whose identity matches none of
+   the pending Prepares: vMotion would stay blocked), -2 (the file cannot be used). */
+static int access_record(const char *id, const char *identity, int prepare, long *pending) {
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s/access", g_cfg.images, id) < 0) return -2;
+    int fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    free(path);
+    if (fd < 0) return -2;
+    int rc = -2;
+    if (flock(fd, LOCK_EX) != 0) goto done;
+    long total = 0, mine = 0;
+    FILE *f = fdopen(dup(fd), "re");
+    if (!f) goto done;
+    char line[256];
+    while (fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\n")] = 0;
+        if ((line[0] != 'P' && line[0] != 'E') || line[1] != ' ') continue;
+        long d = line[0] == 'P' ? 1 : -1;
+        total += d;
+        if (!strcmp(line + 2, identity)) mine += d;
+    }
+    fclose(f);
+    *pending = total;
+    char rec[MAX_IDENTITY_LEN + 4];
+    int n = snprintf(rec, sizeof(rec), "%c %s\n", prepare ? 'P' : 'E', identity);
+    if (prepare || mine > 0) {
+        rc = write(fd, rec, (size_t)n) == n ? 1 : -2;
+    } else {
+        rc = total > 0 ? -1 : 0;
+    }
+done:
+    close(fd); /* drops the lock */
+    return rc;
+}
+
 static VixError access_common(const char *name, const VixDiskLibConnectParams *p,
                               const char *identity, int prepare) {
     if (!check_inited(name)) return VIX_E_FAIL;
     atomic_fetch_add(prepare ? &g_prepares : &g_endaccess, 1);
     VixError err = VIX_OK;
-    const char *id = NULL;
-    if (p) id = p->specType == VIXDISKLIB_SPEC_VSTORAGE_OBJECT ? p->spec.vStorageObjSpec.id
-                                                              : p->vmxSpec;
+    const char *id = NULL, *ds = NULL;
+    int vso = p && p->specType == VIXDISKLIB_SPEC_VSTORAGE_OBJECT;
+    if (p) id = vso ? p->spec.vStorageObjSpec.id : p->vmxSpec;
+    if (vso) ds = p->spec.vStorageObjSpec.datastoreMoRef;
     hold_access(name, id);
     if (!p || !identity || strlen(identity) > MAX_IDENTITY_LEN) {
         err = VIX_E_INVALID_ARG;
     } else if ((err = check_params(p, name)) != VIX_OK) {
+    } else if (!*identity || strchr(identity, '\n')) {
+        /* vCenter files the disabled methods under this identity; an empty one cannot be
+           matched by the EndAccess that must undo them (assumed refused; the stricter choice) */
+        violation("access-identity", "func=%s id=%s identity=%s", name, nz(id), identity);
+        err = VIX_E_INVALID_ARG;
+    } else if (!vso || !id || !*id || !ds || !*ds) {
+        violation("access-args", "func=%s specType=%d id=%s ds=%s", name, p->specType, nz(id),
+                  nz(ds));
+        err = VIX_E_INVALID_ARG;
     } else {
         sleep_ns(g_cfg.connect_latency_ns);
         /* EndAccess too: real VDDK's EndAccess also goes through the vSphere plugin (assumed;
            the stricter choice). */
         err = plugin_err();
         if (!err && p->serverName) err = check_server_auth(p);
+        if (!err) err = check_datastore(name, id, ds);
         if (!err && prepare && g_cfg.fail_prepare) {
             err = PERMISSION_CODE;
             WARN_MSG("VixDiskLib stand-in: injected PrepareForAccess failure: error %llu.\n",
                      (unsigned long long)err);
+        }
+        long pending = 0;
+        int rc = err ? 1 : access_record(id, identity, prepare, &pending);
+        if (rc == -1) {
+            violation("end-access-identity", "id=%s identity=%s pending=%ld", id, identity,
+                      pending);
+            err = VIX_E_INVALID_ARG;
+        } else if (rc == -2) {
+            LOG_MSG("VixDiskLib stand-in: cannot record access state of %s: %s.\n", id,
+                    strerror(errno));
+            err = VIX_E_FILE_ACCESS_ERROR;
         }
     }
     logline_t l;
@@ -1784,6 +1915,7 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
     ll_str(&l, "identity", identity);
     ll_str(&l, "server", p ? p->serverName : NULL);
     ll_add(&l, "err=%llu nfcHostPort=%u", (unsigned long long)err, p ? p->nfcHostPort : 0U);
+    ll_str(&l, "ds", ds);
     ll_emit(&l);
     return err;
 }
