@@ -246,8 +246,7 @@ static int extent_type(const char *t) {
         int type;
     } k[] = {{"FLAT", T_FLAT},          {"VMFS", T_VMFS},         {"SPARSE", T_SPARSE},
              {"VMFSSPARSE", T_VMFSSPARSE}, {"SESPARSE", T_SESPARSE}, {"ZERO", T_ZERO},
-             {"VMFSRDM", T_UNSUPPORTED}, {"VMFSRAW", T_UNSUPPORTED}, {"VMFSPASSTHROUGHRDM", T_UNSUPPORTED},
-             {"VSANSPARSE", T_UNSUPPORTED}};
+             {"VMFSRDM", T_UNSUPPORTED}, {"VMFSRAW", T_UNSUPPORTED}, {"VSANSPARSE", T_UNSUPPORTED}};
     for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)
         if (!strcasecmp(t, k[i].name)) return k[i].type;
     return -1;
@@ -275,8 +274,9 @@ static int parse_extent(char *line, desc_t *d, VixError *err, char *why, size_t 
     if (e.type != T_ZERO) {
         char *file = token(&p, &q);
         char *off = file ? token(&p, &q) : NULL;
-        if (!file || !*file || (off && (parse_u64(off, &e.offset) ||
-                                        (e.type != T_FLAT && e.type != T_VMFS)))) {
+        /* Measured: FLAT needs its offset, VMFS defaults to 0, the others take none. */
+        if (!file || !*file || (!off && e.type == T_FLAT) ||
+            (off && (parse_u64(off, &e.offset) || (e.type != T_FLAT && e.type != T_VMFS)))) {
             say(why, whylen, "bad extent line");
             *err = VIX_E_DISK_INVALIDDISK;
             return -1;
@@ -560,12 +560,13 @@ static int create_type_is(const char *t, const char *const *list) {
 
 /* Opens one link: a text descriptor, or a hosted sparse file with its descriptor inside. */
 static VixError open_link(const char *path, link_t *l, char *why, size_t whylen) {
+    /* The createTypes VDDK 7.0.2 accepts in a text descriptor (measured; the extents decide
+       how the disk is read). vmfsThin, vmfsPreallocated, vmfsEagerZeroedThick, streamOptimized
+       and monolithicSparse it refuses with 16063. */
     static const char *const text_types[] = {
-        "monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse", "vmfs", "vmfsThin",
-        "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsSparse", "seSparse", NULL};
-    static const char *const unsupported_types[] = {
-        "streamOptimized", "vmfsRaw", "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap",
-        "fullDevice", "partitionedDevice", "vsanSparse", NULL};
+        "monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse", "vmfs", "vmfsSparse",
+        "seSparse", "vsanSparse", "custom", "vmfsRaw", "vmfsRawDeviceMap",
+        "vmfsPassthroughRawDeviceMap", "fullDevice", NULL};
     memset(l, 0, sizeof(*l));
     VixError err = VIX_OK;
     desc_t d = {0};
@@ -620,13 +621,15 @@ static VixError open_link(const char *path, link_t *l, char *why, size_t whylen)
         goto out;
     }
     if ((err = parse_descriptor(text, &d, why, whylen))) goto out;
-    if (create_type_is(d.create_type, unsupported_types)) {
+    /* Compressed grains (streamOptimized) and partitioned devices (VDDK: 16010) are beyond
+       the stand-in. */
+    if (!strcasecmp(d.create_type, embedded ? "streamOptimized" : "partitionedDevice")) {
         say(why, whylen, "createType %s is not read by the stand-in", d.create_type);
         err = VIX_E_DISK_NOTSUPPORTED;
         goto out;
     }
-    /* monolithicSparse lives in a sparse file; measured: a text descriptor saying so is
-       "not a virtual disk". A sparse file must say monolithicSparse (assumed). */
+    /* A sparse file must say monolithicSparse (assumed: VDDK 7.0.2 read one that said
+       monolithicFlat; the stricter choice). */
     if (embedded ? strcasecmp(d.create_type, "monolithicSparse") != 0
                  : !create_type_is(d.create_type, text_types)) {
         say(why, whylen, "createType %s%s", d.create_type, embedded ? " in a sparse file" : "");
