@@ -19,6 +19,9 @@
 
 typedef struct vmdk_disk vmdk_disk_t;
 
+/* Internal to the library: VMware's exports no such names, so neither does the stand-in. */
+#pragma GCC visibility push(hidden)
+
 /* 1 when the open file `fd` is a VMDK (a hosted sparse or COWD header, or a text descriptor),
    0 when it is anything else (the stand-in serves such a file as a raw disk). */
 int vmdk_probe(int fd);
@@ -44,5 +47,7 @@ VixError vmdk_read(vmdk_disk_t *d, uint64_t start, uint64_t n, uint8_t *buf);
    arguments against QueryAllocatedBlocks' rules; *runs is malloc'ed (NULL when none). */
 VixError vmdk_query_allocated(vmdk_disk_t *d, uint64_t start, uint64_t n, uint64_t chunk,
                               VixDiskLibBlock **runs, size_t *nruns);
+
+#pragma GCC visibility pop
 
 #endif
