@@ -50,6 +50,9 @@
 #define MAX_LINKS 256             /* ESXi allows 32 snapshots; a longer chain is a loop */
 #define MAX_EXTENTS 4096
 #define MAX_GRAIN (1ULL << 20)    /* sectors (512 MiB); guards the arithmetic */
+/* VMware's largest disk is 62 TB (about 2^37 sectors); anything past 2^40 sectors (512 TiB) is
+   refused as not a disk (assumed: what VDDK does with such a descriptor is not known). */
+#define MAX_CAPACITY (1ULL << 40)
 
 enum { EXT_FLAT, EXT_SPARSE, EXT_ZERO };
 enum { ACC_RW, ACC_RDONLY, ACC_NOACCESS };
@@ -266,7 +269,8 @@ static int parse_extent(char *line, desc_t *d, VixError *err, char *why, size_t 
     char *size = token(&p, &q), *type = size ? token(&p, &q) : NULL;
     /* Real VDDK reads "2x48" as 2 and a size of 0 as the whole file; the stand-in refuses
        both (the stricter reading). */
-    if (!type || parse_u64(size, &e.sectors) || e.sectors == 0 || (e.type = extent_type(type)) < 0) {
+    if (!type || parse_u64(size, &e.sectors) || e.sectors == 0 || e.sectors > MAX_CAPACITY ||
+        (e.type = extent_type(type)) < 0) {
         say(why, whylen, "bad extent line");
         *err = VIX_E_DISK_INVALIDDISK;
         return -1;
@@ -458,7 +462,7 @@ static VixError sparse_header(int fd, uint64_t fsize, extent_t *e, uint64_t *dse
 
 /* Loads the grain directory of a sparse extent whose size and header are known. */
 static VixError sparse_directory(extent_t *e, uint64_t fsize, char *why, size_t whylen) {
-    uint64_t grains = (e->sectors + e->grain - 1) / e->grain;
+    uint64_t grains = e->sectors / e->grain + (e->sectors % e->grain != 0);
     uint64_t ngts = (grains + GTES_PER_GT - 1) / GTES_PER_GT;
     if (ngts > UINT32_MAX / 8) {
         say(why, whylen, "too many grain tables");
@@ -670,7 +674,8 @@ static VixError open_link(const char *path, link_t *l, char *why, size_t whylen)
     for (int i = 0; i < l->next; i++) {
         l->ext[i].start = at;
         at += l->ext[i].sectors;
-        if (at < l->ext[i].sectors) {
+        if (at < l->ext[i].sectors || at > MAX_CAPACITY) {
+            say(why, whylen, "a disk of more than %llu sectors", MAX_CAPACITY);
             err = VIX_E_DISK_INVALIDDISK;
             goto out;
         }
