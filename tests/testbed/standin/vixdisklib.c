@@ -923,18 +923,6 @@ static const struct {
     {VIX_E_DISK_INVAL, "One of the parameters supplied is invalid"},
     {VIX_E_DISK_NOIO, "The disk could not be read"},
     {VIX_E_DISK_OUTOFRANGE, "The sector range is beyond the end of the disk"},
-    /* The VMDK errors, worded as VDDK 7.0.2's GetErrorText words them. */
-    {VIX_E_DISK_NEEDSREPAIR, "The specified virtual disk needs repair"},
-    {VIX_E_DISK_CID_MISMATCH, "The parent virtual disk has been modified since the child was "
-                              "created. Parent virtual disk's content ID does not match with "
-                              "the parent content ID in the child"},
-    {VIX_E_DISK_UNSUPPORTEDDISKVERSION,
-     "The version of the virtual disk is newer than the version supported by this program"},
-    {VIX_E_DISK_OPENPARENT, "The parent of this virtual disk could not be opened"},
-    {VIX_E_DISK_NOTSUPPORTED, "The specified feature is not supported by this version"},
-    {VIX_E_DISK_INVALIDDISK, "The specified file is not a virtual disk"},
-    {VIX_E_DISK_CAPACITY_MISMATCH,
-     "The parent virtual disk's capacity is not the same as child's capacity"},
     {VIX_E_DISK_SUBSYSTEM_INIT_FAIL, "One or more required subsystems failed to initialize"},
     {VIX_E_DISK_INVALID_CONNECTION, "The connection is not valid"},
     {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to host"},
@@ -946,7 +934,7 @@ static const char *error_text(VixError err) {
     unsigned code = (unsigned)VIX_ERROR_CODE(err);
     for (size_t i = 0; i < sizeof(k_errors) / sizeof(k_errors[0]); i++)
         if (k_errors[i].code == code) return k_errors[i].text;
-    return NULL;
+    return vmdk_error_text(code); /* the VMDK errors */
 }
 
 /* ---- helpers for ConnectEx / PrepareForAccess ----------------------------------------- */

@@ -144,6 +144,29 @@ static char *resolve(const char *base, const char *rel) {
     return out;
 }
 
+/* ---- error texts --------------------------------------------------------------------- */
+const char *vmdk_error_text(unsigned code) {
+    static const struct {
+        unsigned code;
+        const char *text;
+    } k[] = {
+        {VIX_E_DISK_NEEDSREPAIR, "The specified virtual disk needs repair"},
+        {VIX_E_DISK_CID_MISMATCH, "The parent virtual disk has been modified since the child was "
+                                  "created. Parent virtual disk's content ID does not match with "
+                                  "the parent content ID in the child"},
+        {VIX_E_DISK_UNSUPPORTEDDISKVERSION,
+         "The version of the virtual disk is newer than the version supported by this program"},
+        {VIX_E_DISK_OPENPARENT, "The parent of this virtual disk could not be opened"},
+        {VIX_E_DISK_NOTSUPPORTED, "The specified feature is not supported by this version"},
+        {VIX_E_DISK_INVALIDDISK, "The specified file is not a virtual disk"},
+        {VIX_E_DISK_CAPACITY_MISMATCH,
+         "The parent virtual disk's capacity is not the same as child's capacity"},
+    };
+    for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)
+        if (k[i].code == code) return k[i].text;
+    return NULL;
+}
+
 /* ---- probe ----------------------------------------------------------------------------- */
 int vmdk_probe(int fd) {
     uint8_t head[PROBE_BYTES];

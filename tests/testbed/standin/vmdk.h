@@ -48,6 +48,9 @@ VixError vmdk_read(vmdk_disk_t *d, uint64_t start, uint64_t n, uint8_t *buf);
 VixError vmdk_query_allocated(vmdk_disk_t *d, uint64_t start, uint64_t n, uint64_t chunk,
                               VixDiskLibBlock **runs, size_t *nruns);
 
+/* GetErrorText's words for the errors above that only VMDKs give (VDDK 7.0.2's), or NULL. */
+const char *vmdk_error_text(unsigned code);
+
 #pragma GCC visibility pop
 
 #endif
