@@ -11,6 +11,7 @@ import concurrent.futures
 import datetime
 import http.client
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def _config(obj: Any) -> dict[str, Any]:
         "provisioningType": c.backing.provisioningType,
         "parent": c.backing.parent,
         "deltaSizeInMB": c.backing.deltaSizeInMB,
-        "path": c.backing.filePath.replace(c.id.id, "ID"),
+        "path": re.sub(r"fcd/[0-9a-f]{32}(-\d{6})?\.vmdk", "fcd/LINK.vmdk", c.backing.filePath),
         "datastore": c.backing.datastore._moId,
         "hasBackingObjectId": bool(c.backing.backingObjectId),
     }
@@ -149,8 +150,10 @@ def test_populated_ivds_look_like_created_ones(vc: Vcsim) -> None:
         # Snapshot disk paths follow one pattern too.
         path = vc.snapshot_details(made, snap)[0]
         ppath = vc.snapshot_details(other.ivd, other.snapshots[0].id)[0]
-        assert path == f"[LocalDS_0] fcd/{made.id}-000001.vmdk"
-        assert ppath == f"[LocalDS_1] fcd/{other.ivd.id}-000001.vmdk"
+        # The snapshot froze the base; the running disk is the next link (store.go).
+        assert re.fullmatch(r"\[LocalDS_0\] fcd/[0-9a-f]{32}\.vmdk", path)
+        assert re.fullmatch(r"\[LocalDS_1\] fcd/[0-9a-f]{32}\.vmdk", ppath)
+        assert a.config.backing.filePath == path.removesuffix(".vmdk") + "-000001.vmdk"
     finally:
         vc.delete_ivd(made)
 
@@ -311,6 +314,12 @@ def test_vslm_batch_retrieval_with_per_id_faults(vc: Vcsim, vsom_vslm: Any) -> N
         id=_vid(p.ivd), snapshotId=_vid(p.snapshots[0].id)
     )
     assert details.path == vc.snapshot_details(p.ivd, p.snapshots[0].id)[0]
+    # VSLM 7.0.2's diskPath fields name the same files as the vim calls.
+    (r,) = vsom_vslm.VslmRetrieveVStorageObjects(ids=[_vid(p.ivd)])
+    assert r.diskPath == vc.backing_path(p.ivd)
+    assert [s.diskPath for s in r.snapshotInfo] == [
+        vc.snapshot_details(p.ivd, s.id)[0] for s in p.snapshots
+    ]
     with pytest.raises(vim.fault.NotFound):
         vsom_vslm.VslmRetrieveVStorageObject(id=_vid("no-such-ivd"))
     with pytest.raises(vim.fault.NotFound):
@@ -607,7 +616,7 @@ def test_esx_ivds_and_snapshots_through_the_host_manager(esx: Vcsim) -> None:
 
     obj = vsom.HostRetrieveVStorageObject(id=_vid(a), datastore=ds_a)
     assert (obj.config.name, obj.config.capacityInMB) == ("host-a", 16)
-    assert obj.config.backing.filePath == f"[LocalDS_0] fcd/{a.id}.vmdk"
+    assert re.fullmatch(r"\[LocalDS_0\] fcd/[0-9a-f]{32}\.vmdk", obj.config.backing.filePath)
     with pytest.raises(vim.fault.NotFound):
         vsom.HostRetrieveVStorageObject(id=_vid(a), datastore=ds_b)
 
@@ -615,6 +624,8 @@ def test_esx_ivds_and_snapshots_through_the_host_manager(esx: Vcsim) -> None:
     s2 = esx.create_snapshot(a, "two")
     info = vsom.HostVStorageObjectRetrieveSnapshotInfo(id=_vid(a), datastore=ds_a)
     assert [(s.id.id, s.description) for s in info.snapshots] == [(s1, "one"), (s2, "two")]
+    base = obj.config.backing.filePath.removesuffix(".vmdk")
+    assert esx.backing_path(a) == f"{base}-000002.vmdk"  # a host names the files as vCenter
     esx.delete_snapshot(a, s1)
     assert esx.snapshots(a) == [s2]
     assert esx.snapshots(pre.ivd) == [pre.snapshots[0].id]

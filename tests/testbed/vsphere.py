@@ -4,7 +4,17 @@ Used by the t4 tests, scripts/demo and scripts/bench. ``Vcsim`` starts our launc
 (tests/testbed/vcsim/main.go, built by tests/testbed/build.sh) with a throw-away CA and
 server certificate made by the ``openssl`` CLI, and offers blocking pyvmomi helpers to
 create IVDs and snapshots. ``place_image`` puts the raw image of a snapshot where the
-stand-in VDDK library serves it from.
+stand-in VDDK library serves it from; ``place_chain`` writes an IVD's VMDK chain (one link per
+snapshot, tests/testbed/vmdk.py) under a datastore folder where vCenter's paths say, for reads
+in VDDK's local-file mode (issue 24).
+
+Disk files (the launcher's store.go): an IVD's files are ``[ds] fcd/<stem>.vmdk``,
+``<stem>-000001.vmdk``, ... with a 32-hex-digit stem unrelated to its id, as on ESXi. The
+newest link is the running disk (RetrieveVStorageObject's ``backing.filePath``); a snapshot
+freezes it (its RetrieveSnapshotDetails ``path``) and starts the next, numbered with the lowest
+number free. Deleting a snapshot consolidates its link's child into its link, as ESXi commits a
+VM snapshot (assumed the same for FCDs): the child's file goes, and whoever used it (the next
+snapshot, or the running disk) now names the snapshot's link.
 
 Concurrency: a ``Vcsim`` and its helper connection belong to one thread; ``connect()``
 returns an independent ServiceInstance that may be used from another thread.
@@ -107,6 +117,7 @@ import datetime
 import http.server
 import json
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -117,12 +128,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import SoapStubAdapter, vim, vmodl, vslm
+
+from tests.testbed import vmdk
 
 TESTBED = Path(__file__).resolve().parent
 LAUNCHER = TESTBED / "build" / "vcsim"
@@ -714,6 +727,14 @@ class Vcsim:
             info = self._vsom.RetrieveSnapshotInfo(id=ivd_id, datastore=ds)
         return [s.id.id for s in info.snapshots]
 
+    def backing_path(self, ivd: Ivd) -> str:
+        """The IVD's running disk, ``backing.filePath``: "[ds] fcd/<stem>[-NNNNNN].vmdk"."""
+        ivd_id, ds = self._ref(ivd)
+        retrieve = (
+            self._vsom.HostRetrieveVStorageObject if self.esx else self._vsom.RetrieveVStorageObject
+        )
+        return str(retrieve(id=ivd_id, datastore=ds).config.backing.filePath)
+
     def rename_ivd(self, ivd: Ivd, name: str) -> None:
         ivd_id, ds = self._ref(ivd)
         rename = (
@@ -835,6 +856,64 @@ def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
         yield server.server_address[1], ca
     finally:
         server.shutdown()
+
+
+_DATASTORE_PATH = re.compile(r"\[(?P<ds>[^\]]+)\] (?P<rel>.+)")
+
+
+def datastore_file(datastore_dir: str | os.PathLike[str], datastore: str, path: str) -> Path:
+    """Where vSphere's "[<datastore>] fcd/x.vmdk" lies under `datastore_dir`, the datastore's
+    root on this host (what --datastore-path NAME=DIR names). ValueError for a path on another
+    datastore or one that climbs out of it."""
+    m = _DATASTORE_PATH.fullmatch(path)
+    if m is None or m["ds"] != datastore:
+        raise ValueError(f"{path!r} is not a path on datastore {datastore!r}")
+    rel = PurePosixPath(m["rel"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{path!r} leaves the datastore")
+    return Path(datastore_dir, *rel.parts)
+
+
+def place_chain(
+    vcsim: Vcsim,
+    ivd: Ivd,
+    datastore_dir: str | os.PathLike[str],
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    current: str | os.PathLike[str] | None = None,
+    layout: vmdk.Layout = "sparse",
+    seed: int | None = None,
+) -> list[vmdk.Link]:
+    """Write `ivd`'s VMDK chain where vCenter says its files are, under `datastore_dir`.
+
+    `images`: the raw image of each snapshot, in RetrieveSnapshotInfo's order; `current`: the
+    running disk's (default: the last snapshot's, i.e. nothing written since). Snapshot k's
+    path (RetrieveSnapshotDetails) gets link k, the backing filePath the last link, so that
+    reading any snapshot's file in VDDK's local-file mode gives that snapshot's image. Files of
+    this IVD's chain that vCenter no longer names (consolidated away by a snapshot deletion)
+    are removed; calling it again after a deletion rewrites the chain as ESXi would have left
+    it (every file a new inode). vCenter only: a host has no RetrieveSnapshotDetails.
+    """
+    snaps = vcsim.snapshots(ivd)
+    if len(images) != len(snaps):
+        raise ValueError(f"{len(images)} images for {len(snaps)} snapshots of {ivd.id}")
+    paths = [vcsim.snapshot_details(ivd, s)[0] for s in snaps] + [vcsim.backing_path(ivd)]
+    files = [datastore_file(datastore_dir, ivd.datastore_name, p) for p in paths]
+    folder = files[0].parent
+    if any(f.parent != folder for f in files) or len({f.name for f in files}) != len(files):
+        raise ValueError(f"not one chain in one folder: {paths}")
+    last = current if current is not None else (images[-1] if images else None)
+    if last is None:
+        raise ValueError(f"{ivd.id} has no snapshot: give the running disk's image (current=)")
+    links = vmdk.write_chain(
+        folder, [f.name for f in files], [*images, last], layout=layout, seed=seed
+    )
+    keep = {p.name for link in links for p in (link.descriptor, *link.extents)}
+    stem = files[0].name.removesuffix(".vmdk")
+    for p in folder.glob(f"{stem}*.vmdk"):
+        if p.name not in keep:
+            p.unlink()
+    return links
 
 
 def record_ivd(

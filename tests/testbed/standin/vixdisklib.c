@@ -4,9 +4,11 @@
  * Exports the public VixDiskLib names with the public struct layouts (see vixDiskLib.h) and
  * serves raw images: in server mode the IVD <id> at snapshot <ssId> is
  * $VDDK_STANDIN_IMAGES/<id>/<ssId>.raw (current.raw without a snapshot); in VDDK's local-file
- * mode VixDiskLib_Open names the file. Everything else (latency, bandwidth, faults, call log)
- * is configured from VDDK_STANDIN_* environment variables read at VixDiskLib_InitEx; see
- * README.md. Files are only ever opened O_RDONLY.
+ * mode VixDiskLib_Open names the file: a VMDK (descriptor or hosted sparse file, and its chain
+ * of parents) is read through vmdk.c as real VDDK reads it, any other file as a raw disk.
+ * Everything else (latency, bandwidth, faults, call log) is configured from VDDK_STANDIN_*
+ * environment variables read at VixDiskLib_InitEx; see README.md. Files are only ever opened
+ * O_RDONLY.
  *
  * Handles and connections handed to the caller are tagged ids, not pointers, so that a stale
  * or foreign handle is detected (and logged as a VIOLATION) instead of being dereferenced.
@@ -40,6 +42,7 @@
 #include <unistd.h>
 
 #include "vixDiskLib.h"
+#include "vmdk.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -431,6 +434,7 @@ typedef struct handle {
     int outstanding;   /* queued async requests not yet completed (callback returned) */
     int64_t next_free; /* per-handle bandwidth reservation, under mu */
     uint64_t nfc_bytes; /* bytes of this session's requests the NFC server holds, under mu */
+    vmdk_disk_t *vmdk;  /* local-file mode on a VMDK: its chain (NULL: a raw file) */
 } handle_t;
 
 static conn_t *g_conns;
@@ -453,6 +457,7 @@ static void conn_put(conn_t *c) {
 static void handle_put(handle_t *h) {
     if (atomic_fetch_sub(&h->refs, 1) != 1) return;
     if (h->fd >= 0) close(h->fd);
+    vmdk_close(h->vmdk);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
     free(h->path);
@@ -636,6 +641,38 @@ static int pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
     return 0;
 }
 
+/* ---- local-file mode on VMDK files (vmdk.c) ------------------------------------------ */
+/* `len` bytes of the disk from byte `off` (both whole sectors except for an injected short
+   read): from the VMDK chain, or from the raw file. */
+static VixError read_image(handle_t *h, uint8_t *buf, uint64_t off, size_t len) {
+    if (!h->vmdk) return pread_full(h->fd, buf, len, (off_t)off) < 0 ? VIX_E_FILE_ERROR : VIX_OK;
+    uint64_t first = off / SECTOR, last = (off + len + SECTOR - 1) / SECTOR;
+    if (off % SECTOR == 0 && len % SECTOR == 0) return vmdk_read(h->vmdk, first, last - first, buf);
+    uint8_t *tmp = malloc((last - first) * SECTOR);
+    if (!tmp) return VIX_E_OUT_OF_MEMORY;
+    VixError err = vmdk_read(h->vmdk, first, last - first, tmp);
+    if (err == VIX_OK) memcpy(buf, tmp + off % SECTOR, len);
+    free(tmp);
+    return err;
+}
+
+/* Opens the VMDK chain of a local-file handle when `fd` holds a VMDK or its name ends in
+   ".vmdk" (else leaves *out NULL: the file is served raw). Real VDDK reads only VMDKs (16063
+   for anything else); raw files are the stand-in's own convenience, so that a damaged VMDK is
+   never served raw, the name decides as much as the contents. */
+static VixError open_vmdk(int fd, const char *path, uint32_t flags, vmdk_disk_t **out) {
+    *out = NULL;
+    size_t n = strlen(path);
+    int named = n >= 5 && !strcasecmp(path + n - 5, ".vmdk");
+    if (!named && !vmdk_probe(fd)) return VIX_OK;
+    char why[512] = "";
+    VixError err = vmdk_open(path, (flags & VIXDISKLIB_FLAG_OPEN_SINGLE_LINK) != 0, out, why,
+                             sizeof(why));
+    if (err) LOG_MSG("VixDiskLib: cannot open %s: %s (error %llu).\n", path, why,
+                     (unsigned long long)err);
+    return err;
+}
+
 /* Does the I/O (or the injected fault) of a planned request. Never returns VIX_OK unless the
    whole buffer holds the image's bytes. */
 static VixError execute_request(req_t *r) {
@@ -664,14 +701,14 @@ static VixError execute_request(req_t *r) {
                  (unsigned long long)err);
     } else if (r->fault == FAULT_SHORT) {
         size_t half = bytes / 2;
-        if (half && pread_full(h->fd, r->buf, half, off) < 0) memset(r->buf, 0xA5, half);
+        if (half && read_image(h, r->buf, (uint64_t)off, half) != VIX_OK) memset(r->buf, 0xA5, half);
         err = g_cfg.fail_code;
         WARN_MSG("VixDiskLib stand-in: injected short read #%llu (handle %llu, %zu of %zu bytes): "
                  "error %llu.\n",
                  (unsigned long long)r->seq, (unsigned long long)h->id, half, bytes,
                  (unsigned long long)err);
-    } else if (bytes && pread_full(h->fd, r->buf, bytes, off) < 0) {
-        err = VIX_E_FILE_ERROR;
+    } else if (bytes && (err = read_image(h, r->buf, (uint64_t)off, bytes)) != VIX_OK) {
+        /* err says why */
     } else {
         atomic_fetch_add(&g_read_bytes, bytes);
         uint64_t ok = atomic_fetch_add(&c->ok_reads, 1) + 1;
@@ -905,7 +942,7 @@ static const char *error_text(VixError err) {
     unsigned code = (unsigned)VIX_ERROR_CODE(err);
     for (size_t i = 0; i < sizeof(k_errors) / sizeof(k_errors[0]); i++)
         if (k_errors[i].code == code) return k_errors[i].text;
-    return NULL;
+    return vmdk_error_text(code); /* the VMDK errors */
 }
 
 /* ---- helpers for ConnectEx / PrepareForAccess ----------------------------------------- */
@@ -1451,6 +1488,7 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     const char *file = NULL;
     int fd = -1;
     uint64_t size = 0;
+    vmdk_disk_t *vmdk = NULL;
 
     if (diskHandle) *diskHandle = NULL;
     conn_t *c = conn_get(connection, "Open");
@@ -1511,7 +1549,10 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
         err = VIX_E_FILE_ERROR;
         goto out;
     }
-    if (S_ISREG(st.st_mode)) {
+    if (S_ISREG(st.st_mode) && !c->server) {
+        if ((err = open_vmdk(fd, file, flags, &vmdk)) != VIX_OK) goto out;
+        size = vmdk ? vmdk_capacity(vmdk) * SECTOR : (uint64_t)st.st_size;
+    } else if (S_ISREG(st.st_mode)) {
         size = (uint64_t)st.st_size;
     } else if (S_ISBLK(st.st_mode)) {
         off_t end = lseek(fd, 0, SEEK_END);
@@ -1530,6 +1571,8 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     pthread_cond_init(&h->cv, NULL);
     h->fd = fd;
     fd = -1;
+    h->vmdk = vmdk;
+    vmdk = NULL;
     h->capacity = size / SECTOR;
     h->path = strdup(file);
     h->transport = transport;
@@ -1546,6 +1589,7 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
 
 out:
     if (fd >= 0) close(fd);
+    vmdk_close(vmdk);
     logline_t l;
     ll_begin(&l, "Open");
     ll_add(&l, "conn=%llu", (unsigned long long)c->id);
@@ -1586,8 +1630,18 @@ EXPORT VixError VixDiskLib_GetInfo(VixDiskLibHandle diskHandle, VixDiskLibInfo *
     i->physGeo.sectors = 63;
     i->capacity = h->capacity;
     i->adapterType = VIXDISKLIB_ADAPTER_SCSI_LSILOGIC;
-    i->numLinks = 1;
+    i->numLinks = h->vmdk ? vmdk_num_links(h->vmdk) : 1;
+    /* Measured on VDDK 7.0.2: a whole chain reports its bottom link's hint (none), a
+       single-link open the link's own parentFileNameHint. */
     i->parentFileNameHint = NULL;
+    if (h->vmdk && vmdk_parent_hint(h->vmdk) &&
+        !(i->parentFileNameHint = strdup(vmdk_parent_hint(h->vmdk)))) {
+        free(i->uuid);
+        free(i);
+        i = NULL;
+        err = VIX_E_OUT_OF_MEMORY;
+        goto out;
+    }
 #ifndef STANDIN_VDDK6
     /* capacity and every Read/ReadAsync/QueryAllocatedBlocks sector stay 512 bytes
        (VIXDISKLIB_SECTOR_SIZE) whatever the disk's own sector size: VMware's guide, "Sector
@@ -1976,6 +2030,11 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
         goto out;
     }
     sleep_ns(g_cfg.latency_ns);
+    if (h->vmdk) {
+        err = vmdk_query_allocated(h->vmdk, startSector, numSectors, chunkSize, &runs, &nruns);
+        if (err != VIX_OK) goto out;
+        goto list;
+    }
     {
         off_t pos = (off_t)(startSector * SECTOR);
         off_t lim = (off_t)(end * SECTOR);
@@ -2009,6 +2068,7 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
             pos = (off_t)(c1 * SECTOR);
         }
     }
+list:
     {
         size_t sz = offsetof(VixDiskLibBlockList, blocks) + (nruns ? nruns : 1) * sizeof(VixDiskLibBlock);
         VixDiskLibBlockList *bl = calloc(1, sz);

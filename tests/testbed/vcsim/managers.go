@@ -131,7 +131,7 @@ func (o *ops) deleteSnapshot(ds types.ManagedObjectReference, id, snapshotID typ
 	if i < 0 {
 		return new(types.InvalidArgument)
 	}
-	v.snaps = append(v.snaps[:i], v.snaps[i+1:]...)
+	v.deleteSnapshotLocked(i)
 	return nil
 }
 
@@ -146,7 +146,7 @@ func (o *ops) snapshotDetails(ds types.ManagedObjectReference, id, snapshotID ty
 	if sn == nil {
 		return nil, new(types.NotFound)
 	}
-	d := sn.details()
+	d := v.snapshotDetails(sn)
 	return &d, nil
 }
 
