@@ -929,10 +929,19 @@ static void phase_rules(void) {
     VixDiskLibHandle h = open_ro(c, NULL);
     conc_arg_t a1 = {.h = h}, a2 = {.h = h};
     pthread_t t1, t2;
-    pthread_create(&t1, NULL, conc_read, &a1);
-    pthread_create(&t2, NULL, conc_read, &a2);
-    pthread_join(t1, NULL);
-    pthread_join(t2, NULL);
+    /* Two reads started together overlap within the 30 ms latency, unless a loaded machine
+       runs them one after the other: try again until the stand-in saw them overlap (no
+       timing assumption; each try either overlaps or not). */
+    for (int tries = 0; tries < 200; tries++) {
+        pthread_create(&t1, NULL, conc_read, &a1);
+        pthread_create(&t2, NULL, conc_read, &a2);
+        pthread_join(t1, NULL);
+        pthread_join(t2, NULL);
+        char *sofar = slurp(g_logpath);
+        int seen = count(sofar, "VIOLATION concurrent-read handle=");
+        free(sofar);
+        if (seen) break;
+    }
     pthread_create(&t1, NULL, close_other_thread, h);
     pthread_join(t1, NULL);
     VixDiskLibHandle h2 = open_ro(c, NULL);
@@ -956,7 +965,7 @@ static void phase_rules(void) {
     VixDiskLib_Exit();                            /* without InitEx */
     char *log = slurp(g_logpath);
     CHECK(count(log, "VIOLATION concurrent-read handle=") == 1 && count(log, "inflight=2 func=Read") == 1,
-          "concurrent-read violation");
+          "concurrent-read violation (once: the try that overlapped)");
     CHECK(count(log, "VIOLATION close-thread handle=") == 1, "close-thread violation");
     CHECK(count(log, "VIOLATION disconnect-with-open-handles conn=") == 1 && count(log, " handles=1\n") == 2,
           "disconnect violation");
