@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import threading
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -187,9 +188,10 @@ def test_dot_entries_ctime_and_daemon_cwd(
         ivd_dir = mp / ivd.datastore_name / ivd.id
         os.listdir(ivd_dir)  # loaded: its creation time is known now
         created = json.loads((ivd_dir / "info.json").read_text())["create_time"]
-        from datetime import datetime
+        from datetime import datetime, timedelta
 
-        assert ivd_dir.stat().st_mtime == datetime.fromisoformat(created).timestamp()
+        since = datetime.fromisoformat(created) - datetime(1970, 1, 1, tzinfo=UTC)
+        assert ivd_dir.stat().st_mtime_ns == since // timedelta(microseconds=1) * 1000
     finally:
         assert cli(bed, "umount", str(mp)).returncode == 0
 

@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import trio
@@ -86,8 +86,17 @@ IvdData = tuple[Ivd, list[Snapshot], bool]
 _Job = tuple[Datastore, str, _Ahead]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_ns(t: datetime | None, default: int) -> int:
-    return int(t.timestamp() * 1e9) if t is not None else default
+    """Nanoseconds since the epoch, exactly: `timestamp() * 1e9` in floats lands a nanosecond
+    off for most microsecond times."""
+    if t is None:
+        return default
+    if t.tzinfo is None:
+        t = t.astimezone(UTC)  # a naive time is local, as timestamp() takes it
+    return (t - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)
