@@ -57,11 +57,13 @@ def fuse_mounts() -> list[str]:
 
 @dataclass
 class Bed:
-    """A vcsim plus an images directory and a stand-in call log."""
+    """A vcsim plus an images directory and a stand-in call log; `libdir` is what ivdfs gets
+    as --vddk-libdir (the stand-in's, or the real-VDDK tier's bridge: tests/realvddk.py)."""
 
     vcsim: Vcsim
     root: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    libdir: Path = VDDK_LIBDIR
 
     @property
     def images(self) -> Path:
@@ -89,7 +91,7 @@ class Bed:
     def mount_args(self, mountpoint: Path, *extra: str) -> list[str]:
         return [
             *IVDFS, "mount", "--server", self.vcsim.server, "--user", self.vcsim.user,
-            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(VDDK_LIBDIR),
+            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(self.libdir),
             *extra, str(mountpoint),
         ]  # fmt: skip
 
