@@ -41,6 +41,7 @@ SECTOR = 512
 GRAIN = realvddk.GRAIN
 GRAIN_SECTORS = GRAIN // SECTOR
 MAX_CHUNKS = 512 * 1024  # QueryAllocatedBlocks' limit per call
+SENTINEL = 0x5EA1ED  # an out-parameter's value before a call that fails
 UUID_RE = re.compile(r"^([0-9a-fA-F]{2} ){7}[0-9a-fA-F]{2}-([0-9a-fA-F]{2} ){7}[0-9a-fA-F]{2}$")
 
 
@@ -121,6 +122,7 @@ def run_calls(lib_path: str, disks: dict[str, str]) -> dict[str, Any]:
 
     def open_disk(path: str, flags: int) -> tuple[int, Any]:
         h = ffi.new("VixDiskLibHandle *")
+        h[0] = ffi.cast("VixDiskLibHandle", SENTINEL)
         err = lib.VixDiskLib_Open(conn, path.encode(), flags, h)
         return err, h[0]
 
@@ -147,11 +149,21 @@ def run_calls(lib_path: str, disks: dict[str, str]) -> dict[str, Any]:
         lib.VixDiskLib_FreeInfo(i)
         return doc
 
+    def after_error(value: Any) -> str:
+        """What a failed call did to its out-parameter, set to SENTINEL before."""
+        if value == ffi.NULL:
+            return "NULL"
+        return "untouched" if int(ffi.cast("uintptr_t", value)) == SENTINEL else "changed"
+
     def qab(h: Any, start: int, n: int, chunk: int, null_list: bool = False) -> dict[str, Any]:
         p = ffi.NULL if null_list else ffi.new("VixDiskLibBlockList **")
+        if not null_list:
+            p[0] = ffi.cast("VixDiskLibBlockList *", SENTINEL)
         err = lib.VixDiskLib_QueryAllocatedBlocks(h, start, n, chunk, p)
-        if err or null_list:
+        if null_list:
             return {"err": err}
+        if err:
+            return {"err": err, "blockList": after_error(p[0])}
         bl = p[0]
         blocks = ffi.cast("VixDiskLibBlock *", bl.blocks)
         runs = [[int(blocks[i].offset), int(blocks[i].length)] for i in range(bl.numBlocks)]
@@ -214,7 +226,8 @@ def run_calls(lib_path: str, disks: dict[str, str]) -> dict[str, Any]:
             out[f"{name}/SINGLE_LINK GetInfo.parentFileNameHint"] = single.get("parentFileNameHint")
             out[f"{name}/SINGLE_LINK QueryAllocatedBlocks"] = qab(h, 0, cap // 128 * 128, 128)
             lib.VixDiskLib_Close(h)
-    out["Open missing file"] = open_disk("/nonexistent/ivdfs-oracle.vmdk", 4)[0]
+    err, h = open_disk("/nonexistent/ivdfs-oracle.vmdk", 4)
+    out["Open missing file"] = {"err": err, "diskHandle": after_error(h)}
     h = ffi.new("VixDiskLibHandle *")
     out["Open NULL path"] = lib.VixDiskLib_Open(conn, ffi.NULL, 4, h)
     out["Disconnect"] = lib.VixDiskLib_Disconnect(conn)

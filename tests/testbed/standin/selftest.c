@@ -341,6 +341,15 @@ static void phase_basic(void) {
               VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 128, 128, NULL), VIX_E_INVALID_ARG);
     CHECK(bl == NULL, "no list after a refused query");
+    /* As VDDK 7.0.2: a bad chunk or alignment leaves *blockList as it was; a range beyond the
+       disk sets it NULL. */
+    VixDiskLibBlockList *const mark = (VixDiskLibBlockList *)(uintptr_t)0x5ea1ed;
+    bl = mark;
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 64, 128, 128, &bl), VIX_E_INVALID_ARG);
+    CHECK(bl == mark, "blockList untouched after a misaligned query");
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, SPARSE_SIZE / SECTOR, 128, 128, &bl),
+              VIX_E_INVALID_ARG);
+    CHECK(bl == NULL, "blockList NULL after a query beyond the disk");
     /* The largest chunk is fine, and so is the whole disk in one query. */
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, SPARSE_SIZE / SECTOR, 131072 / 4, &bl),
               VIX_OK);
@@ -424,10 +433,10 @@ static void phase_basic(void) {
         "rule=too-many-chunks", NULL};
     for (int i = 0; qab_rules[i]; i++)
         CHECK(count(log, qab_rules[i]) >= 1, "QAB violation %s", qab_rules[i]);
-    CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 11, "11 QAB violations, got %d",
+    CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 13, "13 QAB violations, got %d",
           count(log, "VIOLATION query-allocated-blocks handle="));
     CHECK(count(log, "chunk=1024 capacity=9217 rule=beyond-disk") == 1, "partial last chunk");
-    CHECK(count(log, "VIOLATION") == 16, "exactly 16 violations, got %d", count(log, "VIOLATION"));
+    CHECK(count(log, "VIOLATION") == 18, "exactly 18 violations, got %d", count(log, "VIOLATION"));
     CHECK(strstr(log, " plugin=loaded ") != NULL, "InitEx logs the loaded plugin");
     CHECK(strstr(log, "secretpw") == NULL, "password must never be logged");
     CHECK(strstr(log, "ConnectEx conn=1 mode=local") != NULL, "local ConnectEx line");

@@ -1388,7 +1388,7 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     int fd = -1;
     uint64_t size = 0;
 
-    if (diskHandle) *diskHandle = NULL;
+    /* *diskHandle is set on success only: real VDDK 7.0.2 leaves it as it was on failure. */
     conn_t *c = conn_get(connection, "Open");
     if (!c) return VIX_E_INVALID_ARG;
     if (!diskHandle) {
@@ -1829,23 +1829,27 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
     VixDiskLibBlock *runs = NULL;
     size_t nruns = 0, cap = 0;
     uint64_t end = startSector + numSectors;
-    if (blockList) *blockList = NULL;
     /* The real library's rules (strings in its binary, checked against VDDK 7.0.2 by
        tests/t2_vddk_oracle.py); anything else is VIX_E_INVALID_ARG. A disk whose size is not a
        multiple of the chunk has a partial last chunk that cannot be queried at all: VMware's
        sample stops at the last whole chunk. An empty range within the rules is no error: an
-       empty list. */
+       empty list. As in 7.0.2, the arguments are checked in two steps: a breach of the first
+       leaves *blockList as it was, after it *blockList is NULL until a list is made. */
     const char *rule = !blockList                                   ? "null-blocklist"
                        : chunkSize < VIXDISKLIB_MIN_CHUNK_SIZE      ? "chunk-too-small"
                        : chunkSize > MAX_CHUNK_SIZE                 ? "chunk-too-large"
                        : (chunkSize & (chunkSize - 1))              ? "chunk-not-power-of-two"
-                       : chunkSize > h->capacity                    ? "chunk-larger-than-disk"
                        : startSector % chunkSize                    ? "start-unaligned"
                        : numSectors % chunkSize                     ? "length-unaligned"
-                       : (startSector > h->capacity || numSectors > h->capacity - startSector)
-                           ? "beyond-disk"
                        : numSectors / chunkSize > VIXDISKLIB_MAX_CHUNK_NUMBER ? "too-many-chunks"
                                                                               : NULL;
+    if (!rule) {
+        *blockList = NULL;
+        rule = chunkSize > h->capacity ? "chunk-larger-than-disk"
+               : (startSector > h->capacity || numSectors > h->capacity - startSector)
+                   ? "beyond-disk"
+                   : NULL;
+    }
     if (rule) {
         violation("query-allocated-blocks",
                   "handle=%llu start=%llu n=%llu chunk=%llu capacity=%llu rule=%s",
