@@ -4,7 +4,8 @@ VMware's real library, in VDDK's local-file mode, with their results and error c
 The calls: GetInfo's fields, GetTransportMode, Read (whole disk, at and past the end: 16007),
 ReadAsync (completed inline in file mode, past the end, empty), QueryAllocatedBlocks (results
 with links merged, and every case the real library refuses with error 3),
-VIXDISKLIB_FLAG_OPEN_SINGLE_LINK, Open of a missing file and of no path. The disks: raw
+VIXDISKLIB_FLAG_OPEN_SINGLE_LINK, Open of a missing file and of no path, what failed calls leave
+in their out-parameters, and GetErrorText of the codes ivdfs meets. The disks: raw
 images for the stand-in (it has no VMDK parser), and for the real library VMDK chains that it
 wrote itself from the same raw images (tests/realvddk.py's mkvmdk): every grain a link wrote is
 allocated in the raw image, every other one is a hole, so both libraries see the same bytes and
@@ -41,6 +42,9 @@ SECTOR = 512
 GRAIN = realvddk.GRAIN
 GRAIN_SECTORS = GRAIN // SECTOR
 MAX_CHUNKS = 512 * 1024  # QueryAllocatedBlocks' limit per call
+# The codes ivdfs meets (and shows the text of): the library's own, VixMntapi's, VIX_ASYNC.
+ERROR_CODES = (1, 2, 3, 4, 6, 11, 13, 35, 36, 3014, 14008, 14009, 16007, 16053, 16054, 18000,
+               24009, 24010, 25000)  # fmt: skip
 SENTINEL = 0x5EA1ED  # an out-parameter's value before a call that fails
 UUID_RE = re.compile(r"^([0-9a-fA-F]{2} ){7}[0-9a-fA-F]{2}-([0-9a-fA-F]{2} ){7}[0-9a-fA-F]{2}$")
 
@@ -231,6 +235,10 @@ def run_calls(lib_path: str, disks: dict[str, str]) -> dict[str, Any]:
     h = ffi.new("VixDiskLibHandle *")
     out["Open NULL path"] = lib.VixDiskLib_Open(conn, ffi.NULL, 4, h)
     out["Disconnect"] = lib.VixDiskLib_Disconnect(conn)
+    for code in ERROR_CODES:
+        p = lib.VixDiskLib_GetErrorText(code, ffi.NULL)
+        out[f"GetErrorText {code}"] = None if p == ffi.NULL else ffi.string(p).decode()
+        lib.VixDiskLib_FreeErrorText(p)
     lib.VixDiskLib_FreeConnectParams(params)
     lib.VixDiskLib_Exit()
     return out

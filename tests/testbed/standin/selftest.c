@@ -359,7 +359,7 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_Write(h, 0, 1, buf), VIX_E_FILE_READ_ONLY); /* VIOLATION write */
 
     char *t = VixDiskLib_GetErrorText(VIX_E_DISK_OUTOFRANGE, NULL);
-    CHECK(t && strstr(t, "end of the disk"), "error text: %s", t ? t : "(null)");
+    CHECK(t && strstr(t, "out of bounds"), "error text: %s", t ? t : "(null)");
     VixDiskLib_FreeErrorText(t);
     t = VixDiskLib_GetErrorText(((VixError)0x1234 << 16) | VIX_E_HOST_CONNECTION_LOST, "en");
     CHECK(t && strstr(t, "connection"), "error text, high bits ignored: %s", t ? t : "(null)");
