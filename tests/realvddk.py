@@ -60,7 +60,7 @@ def real_library(vddk: Path) -> Path:
 
 def missing_pieces() -> list[str]:
     """What build.sh should have made for the tier and did not."""
-    return [str(p) for p in (REAL_LIBDIR / "lib64" / "libvixMntapi.so.1", MKVMDK) if not p.exists()]
+    return [str(p) for p in (REAL_LIBDIR / ".layout", MKVMDK) if not p.exists()]
 
 
 def vddk_env() -> dict[str, str]:
