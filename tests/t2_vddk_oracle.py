@@ -16,7 +16,7 @@ the stand-in is held to it (CI), with it (IVDFS_TEST_VDDK) the two are also comp
 and the real one must still answer as recorded. `python -m tests.t2_vddk_oracle record` writes
 the record anew from the VDDK that IVDFS_TEST_VDDK names. InitEx happens once per process, so
 each library runs the calls in its own subprocess (`python -m tests.t2_vddk_oracle calls LIB
-NAME=PATH...`), printing one JSON document.
+CONFIG NAME=PATH...`), printing one JSON document.
 """
 
 from __future__ import annotations
@@ -110,15 +110,16 @@ def read_cases(cap: int) -> list[tuple[int, int]]:
     return [(0, 0), (cap - 1, 1), (cap, 1), (cap - 1, 2), (cap + 100, 1), (0, 4097)]
 
 
-def run_calls(lib_path: str, disks: dict[str, str]) -> dict[str, Any]:
-    """Every call of the oracle on each disk; a flat dict of what the library answered."""
+def run_calls(lib_path: str, config: str, disks: dict[str, str]) -> dict[str, Any]:
+    """Every call of the oracle on each disk; a flat dict of what the library answered.
+    `config`: VDDK's configuration file (a private tmpDirectory, as ivdfs gives it)."""
     from ivdfs.vddk.library import ffi, log_callbacks
 
     lib = ffi.dlopen(lib_path)
     callbacks = log_callbacks(logging.getLogger("oracle"))
     out: dict[str, Any] = {}
     libdir = str(Path(lib_path).parent.parent).encode()
-    out["InitEx"] = lib.VixDiskLib_InitEx(6, 7, *callbacks, libdir, ffi.NULL)
+    out["InitEx"] = lib.VixDiskLib_InitEx(6, 7, *callbacks, libdir, config.encode())
     params = lib.VixDiskLib_AllocateConnectParams()
     conn_p = ffi.new("VixDiskLibConnection *")
     out["ConnectEx"] = lib.VixDiskLib_ConnectEx(params, b"\x01", ffi.NULL, ffi.NULL, conn_p)
@@ -276,9 +277,14 @@ class Images:
 
 
 def run(lib: Path, disks: dict[str, Path], log: Path) -> dict[str, Any]:
+    """The calls on `lib` in a subprocess; VDDK's own files go next to `log`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VDDK_", "IVDFS_"))}
     env.update(LD_LIBRARY_PATH=str(lib.parent), PYTHONPATH=str(REPO), VDDK_STANDIN_LOG=str(log))
-    argv = [sys.executable, "-m", "tests.t2_vddk_oracle", "calls", str(lib),
+    tmp = log.parent / f"{log.stem}-tmp"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    config = log.parent / f"{log.stem}.conf"
+    config.write_text(f'tmpDirectory = "{tmp}"\n')
+    argv = [sys.executable, "-m", "tests.t2_vddk_oracle", "calls", str(lib), str(config),
             *(f"{k}={v}" for k, v in disks.items())]  # fmt: skip
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -385,4 +391,5 @@ if __name__ == "__main__":
         record()
     else:
         assert sys.argv[1] == "calls"
-        print(json.dumps(run_calls(sys.argv[2], dict(a.split("=", 1) for a in sys.argv[3:]))))
+        disks = dict(a.split("=", 1) for a in sys.argv[4:])
+        print(json.dumps(run_calls(sys.argv[2], sys.argv[3], disks)))
