@@ -1,4 +1,6 @@
-"""Shared fixtures. A missing prerequisite fails the run: nothing here ever skips."""
+"""Shared fixtures. A missing prerequisite fails the run: nothing here ever skips, except the
+real-VDDK tier (tests marked `real_vddk`) when IVDFS_TEST_VDDK names no VDDK: VMware's library
+is proprietary and not installable by scripts/setup (tests/realvddk.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests import mounting
+from tests import mounting, realvddk
 from tests.mounting import VDDK_LIBDIR, Bed
 from tests.testbed.vsphere import LAUNCHER, TESTBED, Vcsim
 
@@ -30,6 +32,8 @@ def built_testbed() -> None:
     for tool in ("fusermount3", "openssl"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing; run scripts/setup")
+    if realvddk.vddk_dir() is not None and (gone := realvddk.missing_pieces()):
+        pytest.fail(f"{realvddk.ENV} is set but the real-VDDK tier is not built: {gone}")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         pytest.fail("/dev/fuse is not usable; the tests mount for real and need it")
     # FUSE connections' knobs (ivdfs raises max_background; tests abort connections) live in
@@ -124,6 +128,10 @@ def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
         marks.close()
 
 
+# Outcomes of the real-VDDK tier's tests that ran (not skipped), for the summary line.
+_REAL_VDDK_RAN: dict[str, str] = {}
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     rep = yield
@@ -131,7 +139,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
     elif rep.when == "setup":
         item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
+    # A tier test ran once its call did; any failing phase makes it failed.
+    if item.get_closest_marker("real_vddk") and (rep.failed or rep.when == "call"):
+        if rep.failed or item.nodeid not in _REAL_VDDK_RAN:
+            _REAL_VDDK_RAN[item.nodeid] = rep.outcome
     return rep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Without IVDFS_TEST_VDDK the tier's tests are skipped, all from this one line, so that
+    `-ra` folds them into one line of the summary that says why."""
+    if item.get_closest_marker("real_vddk") and realvddk.vddk_dir() is None:
+        pytest.skip(realvddk.SKIP_REASON)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line on the real-VDDK tier: how many of its tests ran against which VDDK."""
+    vddk = realvddk.vddk_dir()
+    if vddk is None:
+        terminalreporter.write_line(f"real-VDDK tier: skipped ({realvddk.ENV} unset)")
+        return
+    try:
+        lib = str(realvddk.real_library(vddk).resolve())
+    except FileNotFoundError as e:
+        lib = str(e)
+    outcomes = list(_REAL_VDDK_RAN.values())
+    counts = ", ".join(f"{outcomes.count(o)} {o}" for o in ("passed", "failed") if o in outcomes)
+    terminalreporter.write_line(
+        f"real-VDDK tier: {len(outcomes)} tests ran against {lib}"
+        + (f" ({counts})" if counts else "")
+    )
 
 
 _MOUNT_FIXTURES = {"bed", "vcsim", "built_testbed", "mountpoint"}

@@ -64,11 +64,13 @@ BEDS: list[Bed] = []
 
 @dataclass
 class Bed:
-    """A vcsim plus an images directory and a stand-in call log."""
+    """A vcsim plus an images directory and a stand-in call log; `libdir` is what ivdfs gets
+    as --vddk-libdir (the stand-in's, or the real-VDDK tier's bridge: tests/realvddk.py)."""
 
     vcsim: Vcsim
     root: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    libdir: Path = VDDK_LIBDIR
 
     def __post_init__(self) -> None:
         # The stand-in must know every IVD's datastore, images or not (record_ivd).
@@ -101,7 +103,7 @@ class Bed:
     def mount_args(self, mountpoint: Path, *extra: str) -> list[str]:
         return [
             *IVDFS, "mount", "--server", self.vcsim.server, "--user", self.vcsim.user,
-            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(VDDK_LIBDIR),
+            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(self.libdir),
             *extra, str(mountpoint),
         ]  # fmt: skip
 

@@ -245,6 +245,11 @@ static void phase_basic(void) {
           info ? (unsigned long long)info->capacity : 0ULL);
     CHECK(info && info->logicalSectorSize == 512 && info->physicalSectorSize == 512, "sector sizes");
     CHECK(info && info->uuid && strlen(info->uuid) == 47, "uuid");
+    /* VMware's geometry for 2048 sectors (as VDDK 7.0.2 reports it), and no BIOS geometry. */
+    CHECK(info && info->physGeo.cylinders == 1 && info->physGeo.heads == 64 &&
+              info->physGeo.sectors == 32, "physGeo");
+    CHECK(info && !info->biosGeo.cylinders && !info->biosGeo.heads && !info->biosGeo.sectors,
+          "biosGeo");
     VixDiskLib_FreeInfo(info);
     uint8_t *buf = malloc(2 * 1024 * 1024 + SECTOR);
     CHECK_ERR(VixDiskLib_Read(h, 3, 100, buf), VIX_OK);
@@ -252,7 +257,14 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_Read(h, LOCAL_SIZE / SECTOR - 1, 1, buf), VIX_OK);
     CHECK_ERR(VixDiskLib_Read(h, LOCAL_SIZE / SECTOR - 1, 2, buf), VIX_E_DISK_OUTOFRANGE);
     CHECK_ERR(VixDiskLib_Read(h, LOCAL_SIZE / SECTOR, 1, buf), VIX_E_DISK_OUTOFRANGE);
-    CHECK_ERR(VixDiskLib_Read(h, 0, 4097, buf), VIX_E_INVALID_ARG); /* VIOLATION */
+    /* A local file has no 2 MiB bound (the NFC server's): only the range fails here. */
+    CHECK_ERR(VixDiskLib_Read(h, 0, 4097, buf), VIX_E_DISK_OUTOFRANGE);
+    /* ReadAsync past the end: VIX_ASYNC, and 16007 through the callback before it returns. */
+    slot_t past;
+    memset(&past, 0, sizeof(past));
+    CHECK_ERR(VixDiskLib_ReadAsync(h, LOCAL_SIZE / SECTOR, 1, buf, on_done, &past), VIX_ASYNC);
+    CHECK(atomic_load(&past.done) && past.err == VIX_E_DISK_OUTOFRANGE && past.tid == g_main_tid,
+          "ReadAsync past the end reports 16007 through an inline callback");
     VixDiskLibHandle h2 = NULL;
     CHECK_ERR(VixDiskLib_Open(c, "/nonexistent/disk.raw", VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h2),
               VIX_E_FILE_NOT_FOUND);
@@ -293,6 +305,7 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_GetInfo(h, &info), VIX_OK);
     CHECK(info->capacity == SPARSE_SIZE / SECTOR, "sparse capacity");
     VixDiskLib_FreeInfo(info);
+    CHECK_ERR(VixDiskLib_Read(h, 0, 4097, buf), VIX_E_INVALID_ARG); /* VIOLATION: > 2 MiB */
     for (uint64_t s = 0; s < SPARSE_SIZE / SECTOR; s += 4096) {
         CHECK_ERR(VixDiskLib_Read(h, s, 4096, buf), VIX_OK);
         CHECK(matches_file(g_sparse, s, buf, 4096 * SECTOR), "sparse data at %llu",
@@ -322,17 +335,31 @@ static void phase_basic(void) {
     if (holes) CHECK(bl && bl->numBlocks == 1 && bl->blocks[0].offset == 2048 &&
                          bl->blocks[0].length == 1024, "QAB sub-range");
     VixDiskLib_FreeBlockList(bl);
-    /* The real library's rules: each breach is VIX_E_INVALID_ARG plus a VIOLATION (9 here). */
+    /* The real library's rules: each breach is VIX_E_INVALID_ARG plus a VIOLATION (8 here). */
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4096, 64, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4608, 192, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 262144, 262144, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 100, 4096, 128, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 4000, 128, &bl), VIX_E_INVALID_ARG);
-    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 0, 128, &bl), VIX_E_INVALID_ARG);
+    /* An empty range within the rules: an empty list, as from VDDK 7.0.2. */
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 0, 128, &bl), VIX_OK);
+    CHECK(bl && bl->numBlocks == 0, "empty range, empty list");
+    VixDiskLib_FreeBlockList(bl);
+    bl = NULL;
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 64, 0, 128, &bl), VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, SPARSE_SIZE / SECTOR, 128, 128, &bl),
               VIX_E_INVALID_ARG);
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, 128, 128, NULL), VIX_E_INVALID_ARG);
     CHECK(bl == NULL, "no list after a refused query");
+    /* As VDDK 7.0.2: a bad chunk or alignment leaves *blockList as it was; a range beyond the
+       disk sets it NULL. */
+    VixDiskLibBlockList *const mark = (VixDiskLibBlockList *)(uintptr_t)0x5ea1ed;
+    bl = mark;
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 64, 128, 128, &bl), VIX_E_INVALID_ARG);
+    CHECK(bl == mark, "blockList untouched after a misaligned query");
+    CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, SPARSE_SIZE / SECTOR, 128, 128, &bl),
+              VIX_E_INVALID_ARG);
+    CHECK(bl == NULL, "blockList NULL after a query beyond the disk");
     /* The largest chunk is fine, and so is the whole disk in one query. */
     CHECK_ERR(VixDiskLib_QueryAllocatedBlocks(h, 0, SPARSE_SIZE / SECTOR, 131072 / 4, &bl),
               VIX_OK);
@@ -342,7 +369,7 @@ static void phase_basic(void) {
     CHECK_ERR(VixDiskLib_Write(h, 0, 1, buf), VIX_E_FILE_READ_ONLY); /* VIOLATION write */
 
     char *t = VixDiskLib_GetErrorText(VIX_E_DISK_OUTOFRANGE, NULL);
-    CHECK(t && strstr(t, "end of the disk"), "error text: %s", t ? t : "(null)");
+    CHECK(t && strstr(t, "out of bounds"), "error text: %s", t ? t : "(null)");
     VixDiskLib_FreeErrorText(t);
     t = VixDiskLib_GetErrorText(((VixError)0x1234 << 16) | VIX_E_HOST_CONNECTION_LOST, "en");
     CHECK(t && strstr(t, "connection"), "error text, high bits ignored: %s", t ? t : "(null)");
@@ -442,12 +469,12 @@ static void phase_basic(void) {
     CHECK(count(log, "VIOLATION close-thread") == 0, "Close on the Open thread");
     static const char *const qab_rules[] = {
         "rule=chunk-too-small", "rule=chunk-not-power-of-two", "rule=chunk-too-large",
-        "rule=start-unaligned", "rule=length-unaligned", "rule=empty-range",
+        "rule=start-unaligned", "rule=length-unaligned",
         "rule=beyond-disk", "rule=null-blocklist", "rule=chunk-larger-than-disk",
         "rule=too-many-chunks", NULL};
     for (int i = 0; qab_rules[i]; i++)
         CHECK(count(log, qab_rules[i]) >= 1, "QAB violation %s", qab_rules[i]);
-    CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 11, "11 QAB violations, got %d",
+    CHECK(count(log, "VIOLATION query-allocated-blocks handle=") == 13, "13 QAB violations, got %d",
           count(log, "VIOLATION query-allocated-blocks handle="));
     CHECK(count(log, "chunk=1024 capacity=9217 rule=beyond-disk") == 1, "partial last chunk");
     CHECK(count(log, "VIOLATION access-identity") == 2, "empty identity violations");
@@ -458,7 +485,7 @@ static void phase_basic(void) {
     CHECK(count(log, "VIOLATION connect-snapshot-ref") == 1, "snapshotRef violation");
     CHECK(count(log, "GetInfo handle=") >= 1 && count(log, "logical=4096 physical=4096") == 1,
           "4Kn GetInfo line");
-    CHECK(count(log, "VIOLATION") == 23, "exactly 23 violations, got %d", count(log, "VIOLATION"));
+    CHECK(count(log, "VIOLATION") == 25, "exactly 25 violations, got %d", count(log, "VIOLATION"));
     CHECK(strstr(log, " plugin=loaded ") != NULL, "InitEx logs the loaded plugin");
     CHECK(strstr(log, "secretpw") == NULL, "password must never be logged");
     CHECK(strstr(log, "ConnectEx conn=1 mode=local") != NULL, "local ConnectEx line");
