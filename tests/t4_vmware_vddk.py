@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from ivdfs import journal
 from tests import realvddk
 from tests.mounting import (
     IVDFS,
@@ -336,8 +337,77 @@ def test_a_killed_mount_is_recovered_by_ivdfs_umount(
         assert m2.unmount() == 0
 
 
-# --- the real VixMntapi on a bridged connection (a check; --volumes vixmntapi is issue 23's
-# part 3, tested with it) ------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["ivdfs", "SIGTERM"])
+def test_volumes_of_the_real_vixmntapi_are_mounted_or_explained_and_nothing_is_left(
+    bed: Bed, disks: Disks, mountpoint: Path, how: str
+) -> None:
+    """`--volumes vixmntapi` on VMware's own VixMntapi: every volume it lists is mounted (its
+    files as the image's manifest says) or has volumes/<n>.error with VixMntapi's code; its
+    own FUSE mount of the disk (/run/vmware/fuse/<n>, which its CloseDiskSet fails to unmount
+    on this kind of host) is gone after the unmount, and so is its forked server."""
+    d, manifest = disks.chain, disks.manifest
+    parts = sorted((p for p in manifest.partitions if p.fs), key=lambda p: p.number)
+    with Mount(bed, mountpoint, "--volumes", "vixmntapi") as m:
+        vols = d.snapdir(mountpoint, 0) / "volumes"
+        names = sorted(os.listdir(vols))
+        listed = sorted(n.removesuffix(".error") for n in names)
+        assert listed == [str(i + 1) for i in range(len(parts))], names
+        for n, part in zip(listed, parts, strict=True):
+            if n in names:  # mounted: its files are the image's
+                for rel, digest in part.files.items():
+                    assert sha256_file(vols / n / rel) == digest, f"volume {n}: {rel}"
+            else:
+                assert "[VixError " in (vols / f"{n}.error").read_text()
+        rec = journal.find(mountpoint)
+        assert rec is not None
+        made = {p for e in rec.vixmntapi for p in e["fuse"]}
+        assert len(made) == 1 and made <= vixmntapi_mounts()
+        servers = fuse_children(m.proc.pid)
+        assert servers, "VixMntapi serves its mount from a forked copy of ivdfs"
+        assert m.unmount(how) == 0, m.log()
+    assert not made & vixmntapi_mounts()
+    deadline = time.monotonic() + 20
+    while [p for p in servers if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in servers if alive(p)], "VixMntapi's server outlived the mount"
+    assert journal.find(mountpoint) is None
+    assert m.unexpected_log_records() == []
+
+
+def vixmntapi_mounts() -> set[str]:
+    root = "/run/vmware/fuse/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        points = [ln.split()[4] for ln in f]
+    return {p for p in points if p.startswith(root) and "/" not in p[len(root) :]}
+
+
+def fuse_children(daemon: int) -> set[int]:
+    """Copies of `daemon` (the same command line: forked, never exec'd) other than itself that
+    hold /dev/fuse: VixMntapi's servers (the real one forks twice, so they are not children)."""
+    cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes()
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == daemon:
+            continue
+        try:
+            if Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline and any(
+                os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse"
+                for fd in os.listdir(f"/proc/{entry}/fd")
+            ):
+                out.add(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- the real VixMntapi on a bridged connection, below ivdfs (what it does by itself) -------
 
 
 def test_the_real_vixmntapi_loads_from_the_libdir_and_opens_through_the_bridge(
