@@ -4,7 +4,9 @@ Role: one JSON file per mountpoint under the runtime directory (`/run/ivdfs` for
 `$XDG_RUNTIME_DIR/ivdfs` or `/tmp/ivdfs-<uid>`, mode 0700). The daemon writes it before each
 acquisition and clears the entry after each release: temporary snapshots (an intent before the
 task, the id after it), IVDs it called PrepareForAccess on (with what EndAccess needs), the
-guest volumes' run directory. Loop devices, volume mounts and their helper processes are found
+guest volumes' run directory, and each running libguestfs appliance of ``--volumes guestfs``
+(its helper and qemu processes with their start times, its FUSE mount and private temporary
+directory). Loop devices, volume mounts and their helper processes are found
 from the kernel (backing files inside the mountpoint, mounts under the run directory), which
 cannot miss one that a crash left half made. A clean exit records its status and removes the
 file; a file whose process is gone is a dead mount: `ivdfs umount` undoes it
@@ -39,6 +41,8 @@ from ivdfs import __version__
 from ivdfs.config import ServerConfig
 
 FORMAT = 1
+# What a mount holds, in the order `ivdfs umount` reports what is left.
+HOLDINGS = ("snapshots", "prepared", "run_dirs", "appliances")
 
 
 def runtime_dir() -> Path:
@@ -134,6 +138,10 @@ class Record:
     def run_dirs(self) -> list[str]:
         return list(self.doc.get("run_dirs", []))
 
+    @property
+    def appliances(self) -> list[dict[str, Any]]:
+        return list(self.doc.get("appliances", []))
+
     def connection_options(self) -> list[str]:
         """Options that reach the mount's own server as it did, for advice when the user gave
         none: its server and user, and the certificate it verified, pinned by thumbprint
@@ -155,7 +163,7 @@ class Record:
         return advice("umount", str(self.mountpoint), options=options)
 
     def holds_anything(self) -> bool:
-        return bool(self.snapshots or self.prepared or self.run_dirs)
+        return bool(self.snapshots or self.prepared or self.run_dirs or self.appliances)
 
 
 def load(path: Path) -> Record | None:
@@ -207,6 +215,7 @@ class Journal:
             "snapshots": [],
             "prepared": [],
             "run_dirs": [],
+            "appliances": [],
         }
         self._write()
 
@@ -259,10 +268,10 @@ class Journal:
     def finish(self, exit_code: int) -> list[str]:
         """The process ends: the file goes if nothing is held any more; otherwise it stays,
         with the exit status, for `ivdfs umount` to finish the job. Returns what is left
-        ("snapshots", "prepared", "run_dirs"), if anything."""
+        ("snapshots", "prepared", "run_dirs", "appliances"), if anything."""
         with self._lock:
             d = self._doc
-            left = [k for k in ("snapshots", "prepared", "run_dirs") if d[k]]
+            left = [k for k in HOLDINGS if d[k]]
             if left:
                 d["state"] = "exited"
                 d["exit_code"] = exit_code
