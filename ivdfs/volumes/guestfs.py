@@ -402,11 +402,18 @@ class GuestfsVolumes:
             except (trio.ClosedResourceError, trio.BrokenResourceError, ValueError):
                 return
             if msg is None or app.proc is not proc:
-                return
+                break
             if msg.get("event") == "active":
                 app.last_active = trio.current_time()
             elif msg.get("event") == "error":
                 log.warning("%s: appliance: %s", app.where, msg.get("message"))
+        if app.proc is proc and app.state == "running":
+            # Nobody asked it to stop: qemu or the helper died (a guest kernel panic, the OOM
+            # killer). Undo what is left; the next use of volumes/<name> boots it again.
+            log.warning("%s: the appliance ended by itself%s", app.where, self._helper_log(app))
+            async with app.lock:
+                if app.proc is proc:
+                    await self._stop(app, "it had ended")
 
     async def _stop(self, app: _Appliance, why: str) -> None:
         """Stop `app`'s appliance, if any, and undo its mount and files (app.lock held)."""
@@ -505,6 +512,8 @@ class GuestfsVolumes:
         deadline = trio.current_time() + ROOM_TIMEOUT
         waited = False
         while self._memory_used() + self.appliance_bytes > self.memory_budget:
+            if self._closed:
+                raise BackendError("shutting down")
             now = trio.current_time()
             others = [
                 a for a in self._apps.values()

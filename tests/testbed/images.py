@@ -426,6 +426,22 @@ def bare_fs_disk(path: Path, size_mb: int = 32, fs: str = "ext4") -> DiskManifes
     return DiskManifest(path, size, "none", (), whole_disk=whole)
 
 
+def small_files_disk(path: Path, count: int = 2000, size_mb: int = 64) -> DiskManifest:
+    """An ext4 spanning the whole disk holding `count` small files (1-8 KiB, seeded) in
+    directories of 100: what an rsync of a guest's /etc or a mail spool looks like."""
+    path = Path(path)
+    size = size_mb * MiB
+    rng = random.Random(count)
+    files = {
+        f"d{i // 100:03d}/f{i:05d}.txt": rng.randbytes(rng.randint(1024, 8192))
+        for i in range(count)
+    }
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        _mkfs_ext4(path, size, files, Path(tmp))
+    whole = PartitionManifest(0, 0, size, "ext4", files={r: _sha256(d) for r, d in files.items()})
+    return DiskManifest(path, size, "none", (), whole_disk=whole)
+
+
 DAMAGE_KINDS = ("primary-header", "primary-entries", "backup-header", "both")
 
 
