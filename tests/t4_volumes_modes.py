@@ -175,8 +175,14 @@ def check_matrix(m: Matrix, mp: Path, mode: str, scratch: Path) -> set[Path]:
             vol = vols / n
             targets.add(Path(os.readlink(vol)))
             files = m.files()[n]
+            if mode == "guestfs" and snap != m.snapshots[0]:
+                # Every file of the first snapshot; of its clone beside it, one per volume
+                # (each file costs round trips through a TCG appliance).
+                files = {"needle.txt": files["needle.txt"]}
             for rel, digest in files.items():
                 assert sha256_file(find(vol, rel)) == digest, f"{mode} {snap} {n}/{rel}"
+            if snap != m.snapshots[0]:
+                continue  # one rsync per volume is enough to show a whole-tree copy works
             dest = scratch / f"{snap}-{n}"
             subprocess.run(["rsync", "-a", f"{vol}/", f"{dest}/"], check=True)
             copied = {str(p.relative_to(dest)).lower() for p in dest.rglob("*") if p.is_file()}
@@ -228,10 +234,12 @@ def test_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path, mode
 
 
 @pytest.mark.guestfs
-@pytest.mark.allow_log("partition table", "the appliance ended by itself")
+@pytest.mark.allow_log("partition table", "the appliance ended by itself", r"appliance: qemu \(pid")
 def test_guestfs_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path) -> None:
     vgs = host_vgs()
-    m = Mount(bed, mountpoint, "--volumes", "guestfs")
+    # Reading every volume of two snapshots through TCG appliances takes minutes on a loaded
+    # machine: no idle stop meanwhile (the lifetime test covers it).
+    m = Mount(bed, mountpoint, "--volumes", "guestfs", "--idle-timeout", "900")
     try:
         run_dirs = run_dirs_of(m.proc.pid)
         # Listing a snapshot directory starts no appliance.
@@ -367,13 +375,18 @@ def test_guestfs_lifetime_and_recovery(bed: Bed, small: Small, mountpoint: Path)
         running = [rec.appliances[0]["helper"], rec.appliances[0]["qemu"]]
         tmp = Path(rec.appliances[0]["tmp"])
         assert tmp.is_dir() and tmp.parent in run_dirs
+        # A helper notices its mount's death (its stdin ends) and stops its appliance by
+        # itself; this one is frozen, as a stuck one would be, so recovery must kill it and
+        # its qemu.
+        os.kill(running[0], signal.SIGSTOP)
     finally:
         pid = m.proc.pid
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait(timeout=30)
         r = recover(bed, mp)  # also after a failure above: no dead mount or qemu left behind
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "stopped appliance process" in r.stdout and "FAIL" not in r.stdout
+    assert "FAIL" not in r.stdout
+    assert all(f"stopped appliance process {p} " in r.stdout for p in running), r.stdout
     assert not [p for p in running if alive(p)], "qemu or its helper survived the recovery"
     assert not tmp.exists()
     assert mounts_under(*run_dirs) == [] and not [d for d in run_dirs if d.exists()]

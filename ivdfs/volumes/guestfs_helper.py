@@ -16,9 +16,9 @@ Protocol (stdin: one request line, then commands; stdout: events):
 - ``{"event": "active"}`` at most once a second while the mount is used (every libguestfs
   call, i.e. every FUSE request that reaches the appliance, is an ENTER event);
 - ``{"event": "error", "message"}`` before exiting 1 on a failure that ends the appliance.
-Command ``{"op": "stop", "lazy": bool}`` (or the end of stdin: ivdfs died) unmounts the local
-mount (lazily if asked or if the plain unmount fails because a program still holds it), shuts
-the appliance down and exits 0.
+Command ``{"op": "stop", "lazy": bool}`` (or the end of stdin: ivdfs died, or the death of qemu,
+reported as an ``error`` first) unmounts the local mount (lazily if asked or if the plain unmount
+fails because a program still holds it), shuts the appliance down, says ``stopped`` and exits.
 
 The disk is added read-only: libguestfs puts a qcow2 overlay (in $TMPDIR, which ivdfs makes
 private to this helper) in front of it, so neither the appliance nor qemu can write it, and our
@@ -26,7 +26,8 @@ FUSE mount refuses writes anyway. Filesystems are mounted with the options ivdfs
 journal replay), as the kernel mode does.
 
 Threads: ``mount_local_run`` serves FUSE on a thread of its own (the binding releases the GIL
-there); the main thread reads commands. ``umount_local`` cannot be called from another thread
+there); one thread reads commands, one watches qemu; the main thread waits for either and
+stops. ``umount_local`` cannot be called from another thread
 while that loop holds the handle's lock (it deadlocks), so stopping runs ``fusermount3 -u``.
 """
 
@@ -101,6 +102,14 @@ def mount_all(h: Any, req: dict[str, Any]) -> tuple[dict[str, str], dict[str, st
     return mounted, refused
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def stop_local(mountpoint: str, lazy: bool) -> None:
     for argv in (["fusermount3", "-u", mountpoint], ["fusermount3", "-u", "-z", mountpoint]):
         if argv[2] != "-z" and lazy:
@@ -123,7 +132,8 @@ def main() -> int:
             h.add_drive_scratch(16 << 20)
         t0 = time.monotonic()
         h.launch()
-        send({"event": "launched", "qemu_pid": h.get_pid(), "seconds": time.monotonic() - t0})
+        qemu = h.get_pid()
+        send({"event": "launched", "qemu_pid": qemu, "seconds": time.monotonic() - t0})
         if not req.get("disk"):
             h.shutdown()
             h.close()
@@ -159,12 +169,31 @@ def main() -> int:
     thread = threading.Thread(target=serve, name="mount_local_run", daemon=True)
     thread.start()
     send({"event": "ready", "mounted": mounted, "refused": refused})
-    lazy = True  # end of stdin: ivdfs is gone, nobody will read these volumes through it
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd.get("op") == "stop":
-            lazy = bool(cmd.get("lazy"))
-            break
+    stop = threading.Event()
+    # End of stdin: ivdfs is gone, nobody will read these volumes through it any more.
+    lazy_box = [True]
+
+    def commands() -> None:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd.get("op") == "stop":
+                lazy_box[0] = bool(cmd.get("lazy"))
+                break
+        stop.set()
+
+    def watch(qemu: int) -> None:
+        # mount_local's FUSE loop outlives a dead qemu (every request then fails): stop.
+        while not stop.wait(1.0):
+            if not alive(qemu):
+                failure.append(f"qemu (pid {qemu}) exited")
+                stop.set()
+
+    threading.Thread(target=commands, name="commands", daemon=True).start()
+    # Not h.get_pid() here: no handle call while mount_local_run holds the handle (its FUSE
+    # thread then waits for the GIL that such a call would hold: a deadlock).
+    threading.Thread(target=watch, args=(qemu,), name="watch", daemon=True).start()
+    stop.wait()
+    lazy = lazy_box[0]
     while not served.is_set():
         stop_local(mountpoint, lazy)
         served.wait(1.0)
