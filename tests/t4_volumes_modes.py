@@ -340,7 +340,7 @@ def test_guestfs_lifetime_and_recovery(bed: Bed, small: Small, mountpoint: Path)
     running, and `ivdfs umount` leaves no qemu, helper, FUSE mount or temporary file."""
     mp = mountpoint
     a, b = (small.volumes(mp, s) for s in small.snapshots)
-    m = Mount(bed, mp, "--volumes", "guestfs", "--idle-timeout", "4", "--guestfs-memory", "512M")
+    m = Mount(bed, mp, "--volumes", "guestfs", "--idle-timeout", "6", "--guestfs-memory", "512M")
     try:
         run_dirs = run_dirs_of(m.proc.pid)
         assert "volumes" in os.listdir(a.parent) and "volumes" in os.listdir(b.parent)
