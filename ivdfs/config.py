@@ -107,6 +107,8 @@ def read_password_file(path: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except UserError:
         raise
+    except UnicodeDecodeError as e:
+        raise UserError(f"password file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read password file {path}: {e.strerror}") from None
     # Only the first line counts; a trailing newline from `echo pw > file` is not part of it.
@@ -196,6 +198,8 @@ def load_config_file(
         return None, {}
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path}: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; tomllib lets the decoder's error through
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     if "password" in data:

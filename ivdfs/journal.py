@@ -41,8 +41,8 @@ from ivdfs import __version__
 from ivdfs.config import ServerConfig
 
 FORMAT = 1
-# What a mount holds, in the order `ivdfs umount` reports what is left.
-HOLDINGS = ("snapshots", "prepared", "run_dirs", "appliances")
+# What a journal holds: each kind is undone by `ivdfs umount` (commands/recover.py).
+HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi", "appliances")
 
 
 def runtime_dir() -> Path:
@@ -139,7 +139,15 @@ class Record:
         return list(self.doc.get("run_dirs", []))
 
     @property
+    def vixmntapi(self) -> list[dict[str, Any]]:
+        """VixMntapi's disk mounts: {"ivd", "snapshot", "name", "fuse": [paths]}; "fuse" is
+        empty while OpenDisks runs (recovery then finds them by "name")."""
+        return list(self.doc.get("vixmntapi", []))
+
+    @property
     def appliances(self) -> list[dict[str, Any]]:
+        """--volumes guestfs appliances: {"helper", "helper_start", "qemu", "qemu_start",
+        "mount", "tmp"}."""
         return list(self.doc.get("appliances", []))
 
     def connection_options(self) -> list[str]:
@@ -163,7 +171,9 @@ class Record:
         return advice("umount", str(self.mountpoint), options=options)
 
     def holds_anything(self) -> bool:
-        return bool(self.snapshots or self.prepared or self.run_dirs or self.appliances)
+        return bool(
+            self.snapshots or self.prepared or self.run_dirs or self.vixmntapi or self.appliances
+        )
 
 
 def load(path: Path) -> Record | None:
@@ -215,6 +225,7 @@ class Journal:
             "snapshots": [],
             "prepared": [],
             "run_dirs": [],
+            "vixmntapi": [],
             "appliances": [],
         }
         self._write()
@@ -236,7 +247,7 @@ class Journal:
     def set(self, key: str, value: Any) -> None:
         self._change(lambda d: d.__setitem__(key, value))
 
-    def add(self, kind: str, entry: dict[str, Any]) -> None:
+    def add(self, kind: str, entry: Any) -> None:
         self._change(lambda d: d[kind].append(entry))
 
     def update(self, kind: str, match: dict[str, Any], **fields: Any) -> None:
@@ -246,6 +257,10 @@ class Journal:
                     e.update(fields)
 
         self._change(fn)
+
+    def drop_value(self, kind: str, value: Any) -> None:
+        """Remove a plain entry (a run directory's path)."""
+        self._change(lambda d: d.__setitem__(kind, [e for e in d[kind] if e != value]))
 
     def drop(self, kind: str, match: dict[str, Any]) -> None:
         def fn(d: dict[str, Any]) -> None:
@@ -268,10 +283,10 @@ class Journal:
     def finish(self, exit_code: int) -> list[str]:
         """The process ends: the file goes if nothing is held any more; otherwise it stays,
         with the exit status, for `ivdfs umount` to finish the job. Returns what is left
-        ("snapshots", "prepared", "run_dirs", "appliances"), if anything."""
+        (one of `HOLDINGS`), if anything."""
         with self._lock:
             d = self._doc
-            left = [k for k in HOLDINGS if d[k]]
+            left = [k for k in HOLDINGS if d.get(k)]
             if left:
                 d["state"] = "exited"
                 d["exit_code"] = exit_code

@@ -51,7 +51,7 @@ from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.journal import Journal
-from ivdfs.tree.catalog import Subset
+from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree, TreeSettings
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError
@@ -63,7 +63,6 @@ from ivdfs.volumes.base import Background
 log = logging.getLogger(__name__)
 
 # /.ivdfs/stats: run-time statistics, readable by whoever can read the mount.
-STATS_DIR = ".ivdfs"
 # Kernel read-ahead of the mount, in blocks (raised through sysfs when permitted).
 READ_AHEAD_BLOCKS = 4
 # pyfuse3 worker tasks: requests that wait for a slow disk must not hold up the others.
@@ -215,6 +214,9 @@ class ServiceDisk:
     async def capacity(self) -> int:
         return await self._service.capacity(self._slot)
 
+    async def sector_size(self) -> int:
+        return await self._service.sector_size(self._slot)
+
     async def read(self, start_sector: int, nbytes: int) -> bytearray:
         return await self._service.read(self._slot, start_sector, nbytes)
 
@@ -290,6 +292,7 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             # say all is well while a snapshot or vMotion block stays behind.
             what = {"snapshots": "temporary snapshots", "prepared": "prepared IVDs (vMotion "
                     "blocked)", "run_dirs": "guest volume directories",
+                    "vixmntapi": "VixMntapi's FUSE mounts",
                     "appliances": "libguestfs appliances"}  # fmt: skip
             log.error(
                 "the mount ended but left %s behind; `%s` undoes them",
@@ -344,7 +347,17 @@ def _run(
         lib.init(cfg.vddk_config)
     except Exception as e:
         raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
-    stack.callback(_step("VixDiskLib_Exit", lib.exit))
+    private_dir = lib.private_dir
+    if private_dir is not None:
+        # VDDK's (and VixMntapi's) tmpDirectory: VixMntapi mounts guest volumes in it.
+        record.add("run_dirs", str(private_dir))
+
+    def vddk_exit() -> None:
+        lib.exit()  # removes the private directory
+        if private_dir is not None and not private_dir.exists():
+            record.drop_value("run_dirs", str(private_dir))
+
+    stack.callback(_step("VixDiskLib_Exit", vddk_exit))
     service = DiskService(
         lib,
         ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),

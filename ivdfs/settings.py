@@ -14,6 +14,7 @@ Concurrency: pure; main thread only.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,24 @@ def _size(text: str) -> int:
         return parse_size(text)
     except UserError:
         raise ValueError("use a number with an optional K, M, G or T suffix") from None
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def _cache_size(text: str) -> int:
+    n = _size(text)
+    # The cache is the mount's own memory: more than half the machine's RAM invites the OOM
+    # killer (and a typo such as 1T would be taken at its word).
+    ram = physical_memory()
+    if ram and n > ram // 2:
+        raise ValueError(f"more than half of this machine's memory ({ram >> 20} MiB)")
+    return n
 
 
 def _block_size(text: str) -> int:
@@ -230,9 +249,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cache_size",
         ("--cache-size",),
-        "block cache size (default 256M)",
+        "block cache size (default 256M; at most half of the RAM)",
         frozenset({"mount"}),
-        _size,
+        _cache_size,
         default=256 << 20,
         metavar="SIZE",
         group=_VDDK,

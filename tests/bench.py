@@ -285,10 +285,10 @@ class Bench:
             bed = Bed(v, self.work / "bed")
             ivd = v.create_ivd("bench-full", a.size_mb, "LocalDS_0")
             snap = v.create_snapshot(ivd, "bench")
-            place_image(bed.images, ivd.id, snap, full.path)
+            place_image(bed.images, ivd, snap, full.path)
             sivd = v.create_ivd("bench-sparse", 256, "LocalDS_0")
             ssnap = v.create_snapshot(sivd, "bench")
-            place_image(bed.images, sivd.id, ssnap, sparse.path)
+            place_image(bed.images, sivd, ssnap, sparse.path)
             disk_rel = Path("LocalDS_0") / ivd.id / snap / "disk.raw"
             mb = a.size_mb * MiB / 1e6  # dd's MB
             rss: list[int] = []
@@ -463,7 +463,7 @@ class Bench:
                 for name, manifest in (("warm", warm), ("scan", scan)):
                     ivd = v.create_ivd(f"bench-{name}", manifest.size // MiB, "LocalDS_0")
                     snap = v.create_snapshot(ivd, "bench")
-                    place_image(bed.images, ivd.id, snap, manifest.path)
+                    place_image(bed.images, ivd, snap, manifest.path)
                     disks[name] = (ivd, Path("LocalDS_0") / ivd.id / snap / "disk.raw")
                 env = {
                     "VDDK_STANDIN_LATENCY_US": "2000",

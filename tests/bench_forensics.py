@@ -114,11 +114,11 @@ class Bench:
         rows.append(("hashlib md5 update of 1 MiB", md5, None, "ms"))
         with Vcsim() as v:
             bed = Bed(v, self.work / "bed")
-            bed.images.mkdir(parents=True)
+            bed.images.mkdir(parents=True, exist_ok=True)
             ivd = v.create_ivd("bench-evidence", self.args.size_mb, "LocalDS_0")
             snap = v.create_snapshot(ivd, "bench")
             image = random_disk(self.work / "disk.raw", self.args.size_mb, seed=18)
-            place_image(bed.images, ivd.id, snap, image.path)
+            place_image(bed.images, ivd, snap, image.path)
             rel = Path(ivd.datastore_name) / ivd.id / snap / "disk.raw"
             cold: dict[str, list[float]] = {m: [] for m in MODES}
             warm: dict[str, list[float]] = {m: [] for m in MODES}

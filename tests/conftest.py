@@ -1,4 +1,6 @@
-"""Shared fixtures. A missing prerequisite fails the run: nothing here ever skips."""
+"""Shared fixtures. A missing prerequisite fails the run: nothing here ever skips, except the
+real-VDDK tier (tests marked `real_vddk`) when IVDFS_TEST_VDDK names no VDDK: VMware's library
+is proprietary and not installable by scripts/setup (tests/realvddk.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
-from tests import mounting
+from tests import mounting, realvddk
 from tests.mounting import VDDK_LIBDIR, Bed
 from tests.testbed.vsphere import LAUNCHER, TESTBED, Vcsim
 
@@ -30,6 +32,8 @@ def built_testbed() -> None:
     for tool in ("fusermount3", "openssl"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing; run scripts/setup")
+    if realvddk.vddk_dir() is not None and (gone := realvddk.missing_pieces()):
+        pytest.fail(f"{realvddk.ENV} is set but the real-VDDK tier is not built: {gone}")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         pytest.fail("/dev/fuse is not usable; the tests mount for real and need it")
     # FUSE connections' knobs (ivdfs raises max_background; tests abort connections) live in
@@ -108,38 +112,24 @@ def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def standin_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test that uses the test bed leaves the stand-in VDDK's log clean: no rule
+    """Every test that uses a test bed leaves each bed's stand-in VDDK log clean: no rule
     violation, every PrepareForAccess ended, every connection and handle closed (by a
-    recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else)."""
-    if "bed" not in request.fixturenames:
-        yield
-        return
-    bed: Bed = request.getfixturevalue("bed")
-    log = bed.standin_log
-    # Held open for the whole test: a log the test unlinks and a mount creates anew must not
-    # get the old one's inode number (ext4 and tmpfs hand it out again at once), or its lines
-    # would be read from the old size on, partly or not at all.
+    recovery, for a killed mount: @pytest.mark.killed_mount relaxes nothing else). Beds the
+    test builds itself are checked as well as fixtures' (mounting.BEDS); a bed that a mount
+    of this test used must have a log (mounting.LogMarks)."""
+    if "bed" in request.fixturenames:
+        request.getfixturevalue("bed")  # made before the marks, so its log is marked too
+    marks = mounting.LogMarks()
     try:
-        held: BinaryIO | None = open(log, "rb")
-    except FileNotFoundError:
-        held = None
-    try:
-        start = held.seek(0, os.SEEK_END) if held is not None else 0
         yield
-        if request.node.rep_call_failed:
-            return
-        try:
-            f = open(log, "rb")
-        except FileNotFoundError:
-            return
-        with f:
-            if held is not None and os.fstat(f.fileno()).st_ino == os.fstat(held.fileno()).st_ino:
-                f.seek(start)
-            lines = f.read().decode("utf-8", "replace").splitlines()
+        if not request.node.rep_call_failed:
+            marks.check(killed=request.node.get_closest_marker("killed_mount"))
     finally:
-        if held is not None:
-            held.close()
-    mounting.check_standin_lines(lines, killed=request.node.get_closest_marker("killed_mount"))
+        marks.close()
+
+
+# Outcomes of the real-VDDK tier's tests that ran (not skipped), for the summary line.
+_REAL_VDDK_RAN: dict[str, str] = {}
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -149,7 +139,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
     elif rep.when == "setup":
         item.rep_call_failed = rep.failed  # type: ignore[attr-defined]
+    # A tier test ran once its call did; any failing phase makes it failed.
+    if item.get_closest_marker("real_vddk") and (rep.failed or rep.when == "call"):
+        if rep.failed or item.nodeid not in _REAL_VDDK_RAN:
+            _REAL_VDDK_RAN[item.nodeid] = rep.outcome
     return rep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Without IVDFS_TEST_VDDK the tier's tests are skipped, all from this one line, so that
+    `-ra` folds them into one line of the summary that says why."""
+    if item.get_closest_marker("real_vddk") and realvddk.vddk_dir() is None:
+        pytest.skip(realvddk.SKIP_REASON)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line on the real-VDDK tier: how many of its tests ran against which VDDK."""
+    vddk = realvddk.vddk_dir()
+    if vddk is None:
+        terminalreporter.write_line(f"real-VDDK tier: skipped ({realvddk.ENV} unset)")
+        return
+    try:
+        lib = str(realvddk.real_library(vddk).resolve())
+    except FileNotFoundError as e:
+        lib = str(e)
+    outcomes = list(_REAL_VDDK_RAN.values())
+    counts = ", ".join(f"{outcomes.count(o)} {o}" for o in ("passed", "failed") if o in outcomes)
+    terminalreporter.write_line(
+        f"real-VDDK tier: {len(outcomes)} tests ran against {lib}"
+        + (f" ({counts})" if counts else "")
+    )
 
 
 _MOUNT_FIXTURES = {"bed", "vcsim", "built_testbed", "mountpoint"}

@@ -80,12 +80,16 @@ class FakeDisk:
     probes: int = 0
     users: int = 0
     forgotten: bool = False
+    logical_sector_size: int = 512
 
     async def capacity(self) -> int:
         self.probes += 1
         if self.fail_open:
             raise BackendError("injected open failure")
         return len(self.data)
+
+    async def sector_size(self) -> int:
+        return self.logical_sector_size
 
     async def query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int

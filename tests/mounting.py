@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from tests.testbed.images import DataManifest
 from tests.testbed.vsphere import TESTBED, Ivd, Vcsim
@@ -55,13 +58,24 @@ def fuse_mounts() -> list[str]:
         return [line.split()[4] for line in f if " fuse.ivdfs " in line]
 
 
+# Every Bed made in this process (module fixtures and tests' own); conftest checks their logs.
+BEDS: list[Bed] = []
+
+
 @dataclass
 class Bed:
-    """A vcsim plus an images directory and a stand-in call log."""
+    """A vcsim plus an images directory and a stand-in call log; `libdir` is what ivdfs gets
+    as --vddk-libdir (the stand-in's, or the real-VDDK tier's bridge: tests/realvddk.py)."""
 
     vcsim: Vcsim
     root: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    libdir: Path = VDDK_LIBDIR
+
+    def __post_init__(self) -> None:
+        # The stand-in must know every IVD's datastore, images or not (record_ivd).
+        self.vcsim.tell_standin(self.images)
+        BEDS.append(self)  # conftest's standin_log_clean checks every bed's log, whoever made it
 
     @property
     def images(self) -> Path:
@@ -89,7 +103,7 @@ class Bed:
     def mount_args(self, mountpoint: Path, *extra: str) -> list[str]:
         return [
             *IVDFS, "mount", "--server", self.vcsim.server, "--user", self.vcsim.user,
-            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(VDDK_LIBDIR),
+            "--ca-file", str(self.vcsim.ca_file), "--vddk-libdir", str(self.libdir),
             *extra, str(mountpoint),
         ]  # fmt: skip
 
@@ -167,6 +181,47 @@ class Mount:
         return bad
 
 
+def as_nobody(argv: list[str], scratch: Path, *, fuse_mode: int | None = None) -> list[str]:
+    """`argv` (an `ivdfs` command: IVDFS + arguments) run as nobody, in a private mount
+    namespace that gives it the conditions it needs whatever the host's:
+
+    - Python: the interpreter, the venv's site-packages and the repository are bind-mounted
+      under `scratch`, so nobody reaches them even when they live under a home it cannot
+      enter (a pyenv under a 0700 /root);
+    - `fuse_mode`: /dev/fuse replaced by a node of our own with that mode (0600: nobody may
+      not use it; the host's is often 0666, as udev's fuse rule makes it).
+
+    Nothing outside the namespace changes. `scratch` must be a directory nobody can enter."""
+    base = Path(sys.base_prefix)
+    exe = Path(os.path.realpath(sys.executable))
+    site_dirs = [Path(p) for p in site.getsitepackages()]
+    py = scratch / "py"
+    lines = ["set -e", f"mount -t tmpfs -o mode=0755 ivdfs-nobody {shlex.quote(str(py))}"]
+    binds = [(base, py / "base"), (REPO, py / "repo")]
+    binds += [(d, py / f"site{i}") for i, d in enumerate(site_dirs)]
+    for src, dst in binds:
+        q = shlex.quote(str(dst))
+        lines += [f"mkdir -p {q}", f"mount --bind {shlex.quote(str(src))} {q}"]
+    if fuse_mode is not None:
+        node = shlex.quote(str(py / "fuse"))
+        lines += [f"mknod -m {fuse_mode:o} {node} c 10 229", f"mount --bind {node} /dev/fuse"]
+    interpreter = py / "base" / exe.relative_to(base)
+    pythonpath = ":".join(
+        [str(py / "repo"), *(str(py / f"site{i}") for i in range(len(site_dirs)))]
+    )
+    assert argv[: len(IVDFS)] == IVDFS, argv
+    command = [str(interpreter), "-m", "ivdfs", *argv[len(IVDFS) :]]
+    # A pyenv interpreter finds its libpython through an absolute RUNPATH under the old prefix.
+    libpath = shlex.quote(str(py / "base" / "lib"))
+    lines.append(
+        f"exec env PYTHONPATH={shlex.quote(pythonpath)} LD_LIBRARY_PATH={libpath} "
+        "setpriv --reuid=65534 --regid=65534 --clear-groups "
+        + " ".join(shlex.quote(a) for a in command)
+    )
+    py.mkdir(exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(lines)]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -199,6 +254,68 @@ def check_standin_lines(lines: list[str], killed: object = None) -> None:
     assert len(opens) == len(call_lines(lines, "Close")), "a handle was never closed"
     connects = [c for c in call_lines(lines, "ConnectEx") if c["err"] == "0"]
     assert len(connects) == len(call_lines(lines, "Disconnect")), "a connection stayed open"
+
+
+class _LogMark:
+    """Where a bed's stand-in log stood when a test began. The file is held open for the
+    whole test: a log the test unlinks and a mount creates anew must not get the old one's
+    inode number (ext4 and tmpfs hand it out again at once), or its lines would be read from
+    the old size on, partly or not at all."""
+
+    def __init__(self, bed: Bed, *, from_start: bool = False) -> None:
+        self.bed = bed
+        self.held: BinaryIO | None = None
+        self.start = 0
+        if from_start:
+            return
+        try:
+            self.held = open(bed.standin_log, "rb")
+        except FileNotFoundError:
+            return
+        self.start = self.held.seek(0, os.SEEK_END)
+
+    def new_lines(self) -> list[str] | None:
+        """The lines written since; None when there is no log now."""
+        try:
+            f = open(self.bed.standin_log, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            if self.held is not None and (
+                os.fstat(f.fileno()).st_ino == os.fstat(self.held.fileno()).st_ino
+            ):
+                f.seek(self.start)
+            return f.read().decode("utf-8", "replace").splitlines()
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.close()
+
+
+class LogMarks:
+    """The stand-in logs of every bed (BEDS) as a test began; `check` then checks what each
+    gained (check_standin_lines), beds made during the test from their first line. A bed that
+    a mount of the test used (STARTED) must have a log: every mount initialises VDDK before
+    it is mounted, so no log means the check could not be made."""
+
+    def __init__(self) -> None:
+        self._marks = {id(b): _LogMark(b) for b in BEDS}
+
+    def check(self, killed: object = None) -> None:
+        used = {id(m.bed) for m in STARTED}
+        for bed in list(BEDS):
+            mark = self._marks.get(id(bed))
+            if mark is None:  # built by the test: all of its log is this test's
+                mark = self._marks[id(bed)] = _LogMark(bed, from_start=True)
+            lines = mark.new_lines()
+            if lines is None:
+                assert id(bed) not in used, f"no stand-in log at {bed.standin_log}"
+                continue
+            check_standin_lines(lines, killed=killed)
+
+    def close(self) -> None:
+        for mark in self._marks.values():
+            mark.close()
 
 
 def assert_standin_log_clean(bed: Bed, ivd_ids: set[str]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ivdfs.commands import audit as audit_command
 from ivdfs.errors import UserError
 from ivdfs.forensics.audit import (
     GENESIS,
@@ -292,3 +293,25 @@ def test_a_failed_write_fails_closed(tmp_path: Path) -> None:
     with pytest.raises(ChainBroken) as broken:
         verify(path)
     assert broken.value.line == 2 and "cut short" in broken.value.reason
+
+
+def test_verify_refuses_what_is_not_a_journal_and_names_lines_it_cannot_summarise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An empty file (or /dev/null) vouches for nothing: not "intact, 0 lines".
+    assert audit_command.verify(Path("/dev/null"), None, False) == audit_command.BROKEN
+    assert "not an ivdfs audit journal (empty)" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    assert audit_command.verify(empty, None, True) == audit_command.BROKEN
+    # Intact lines this version cannot summarise are counted and named, not skipped silently.
+    path = tmp_path / "odd.jsonl"
+    lines = write_journal(path)
+    prev = json.loads(lines[-1])["hash"]
+    odd, _ = seal(len(lines) + 1, prev, {"event": "open", "fh": "not-a-number", "uid": []})
+    with open(path, "ab") as f:
+        f.write(odd)
+    assert audit_command.verify(path, None, True) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["unsummarised_lines"] == [len(lines) + 1]
+    assert f"lines {len(lines) + 1}" in out.err and "left out of the summary" in out.err

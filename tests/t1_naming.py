@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from ivdfs.inventory.model import Snapshot
-from ivdfs.tree.naming import LATEST, Wanted, safe_name, snapshot_names, unique_names
+from ivdfs.tree.naming import (
+    LATEST,
+    Wanted,
+    datastore_names,
+    safe_name,
+    snapshot_names,
+    unique_names,
+)
 
 
 def test_safe_name() -> None:
@@ -55,3 +62,24 @@ def test_snapshot_names() -> None:
         LATEST: "s2",
     }
     assert snapshot_names([]) == {}
+
+
+def test_every_control_character_is_replaced() -> None:
+    # C1 too: \x9b is CSI (a terminal escape on its own), \x85 NEL a line break.
+    assert safe_name("a\x85b\x9b[2Jc\x80\x9f", "x") == "a_b_[2Jc__"
+    assert safe_name("l\u2028r\u202ed\u2066", "x") == "l_r_d_"
+    assert safe_name("\ud800", "x") == "_"
+    assert all(safe_name(chr(c), "x") in ("_", "x") for c in [*range(0x20), *range(0x7F, 0xA0)])
+
+
+def test_datastore_names_are_safe_unique_and_leave_our_own_entries_alone() -> None:
+    stores = [("by-name", "ds-1"), ("a/b", "ds-2"), ("x", "ds-4"), ("x", "ds-3"), ("..", "ds-5")]
+    names = datastore_names(reversed(stores), reserved=("by-name", ".ivdfs"))
+    assert names == datastore_names(stores, reserved=("by-name", ".ivdfs"))  # order-free
+    assert names == {
+        "by-name~ds-1": "ds-1",
+        "a_b": "ds-2",
+        "x": "ds-3",
+        "x~ds-4": "ds-4",
+        "ds-5": "ds-5",
+    }

@@ -155,6 +155,8 @@ def test_a_bad_config_file_is_exit_3_in_one_line(
 
 BAD_FLAGS = [
     (["--cache-size", "lots"], "invalid --cache-size 'lots'"),
+    (["--cache-size", "100000T"], "more than half of this machine's memory"),
+    (["--cache-size", "1" + "0" * 23], "more than half of this machine's memory"),
     (["--block-size", "384K"], "power of two"),
     (["--max-connections", "0"], "must be at least 1"),
     (["--idle-timeout", "-1"], "invalid --idle-timeout"),
@@ -178,3 +180,28 @@ def test_abbreviations_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["ls", "--insec"])
     assert e.value.code == ExitCode.USAGE
     assert "unrecognized arguments: --insec" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_utf8_is_exit_3_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_bytes(b'server = "vc\xff.example"\n')
+    assert cli.main(["mount", "--config", str(conf), str(tmp_path)]) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert err == f"ivdfs: config file {conf} is not UTF-8 text (byte 12)\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--volumes", "sideways"], ["--cache-size", "-1K"], ["--no-such-flag"]],
+    ids=["bad-choice", "negative-size", "unknown-flag"],
+)
+def test_argparse_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["mount", *argv, str(tmp_path)])
+    assert e.value.code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ivdfs") and "usage:" not in err

@@ -8,6 +8,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from trio.testing import wait_all_tasks_blocked
 
 from ivdfs.errors import BackendError
 from ivdfs.io.block_cache import BlockCache
@@ -96,13 +97,18 @@ async def test_cancelled_reader_does_not_poison_waiters() -> None:
     async def waiter() -> None:
         got.append(bytes(await reader.read(0, 16)))
 
+    # No timing: wait_all_tasks_blocked says when each task sits where we want it, and the
+    # first reader is cancelled explicitly, whatever the machine's load.
     async with trio.open_nursery() as n:
-        with trio.move_on_after(0.05):
-            async with trio.open_nursery() as inner:
-                inner.start_soon(reader.read, 0, 16)
-                await trio.sleep(0.01)
-                n.start_soon(waiter)
-                await trio.sleep(1)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(reader.read, 0, 16)
+            await wait_all_tasks_blocked()  # the first reader is inside the disk read
+            assert len(disk.reads) == 1
+            n.start_soon(waiter)
+            await wait_all_tasks_blocked()  # the waiter waits for that same read
+            assert len(disk.reads) == 1 and got == []
+            inner.cancel_scope.cancel()
+    assert inner.cancel_scope.cancelled_caught
     assert got == [disk.data[:16]]
 
 

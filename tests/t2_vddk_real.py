@@ -32,7 +32,7 @@ from ivdfs.io import holes
 from ivdfs.io.holes import AllocationMap
 from ivdfs.vddk.errors import VddkError, is_permanent
 from tests.mounting import REPO, VDDK_LIBDIR, call_lines
-from tests.testbed.vsphere import https_server
+from tests.testbed.vsphere import https_server, record_ivd
 
 LIB64 = VDDK_LIBDIR / "lib64"
 IVD = "6c4ad1b1-0000-4000-8000-00000000beef"
@@ -67,7 +67,7 @@ def run_scenario(
 @pytest.fixture(scope="module")
 def root(built_testbed: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vddk-real")
-    (root / "images" / IVD).mkdir(parents=True)
+    record_ivd(root / "images", IVD, "datastore-1")
     (root / "images" / IVD / "snap-1.raw").write_bytes(os.urandom(1 << 20))
     return root
 

@@ -15,6 +15,7 @@ from ivdfs.fs.operations import Operations
 from ivdfs.inventory.model import Datastore
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.tree.tree import ROOT_INO, Tree, TreeSettings
+from ivdfs.volumes.base import VolumeAnswer, VolumeRequest
 from tests.fakes import FakeDisk, FakeDiskSource, FakeInventory, pattern
 
 DS1 = Datastore("DS1", "datastore-1")
@@ -152,3 +153,50 @@ async def test_every_write_like_operation_is_erofs() -> None:
     ]
     for c in calls:
         assert await fuse_errno(c) == errno.EROFS
+
+
+class _Volumes:
+    """A volume backend that answers every candidate with 'no filesystem' and counts calls."""
+
+    def __init__(self) -> None:
+        self.requests: list[VolumeRequest] = []
+
+    async def attach(self, request: VolumeRequest) -> VolumeAnswer:
+        self.requests.append(request)
+        return VolumeAnswer(
+            {}, {str(c.number): "no recognised filesystem" for c in request.candidates}
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+    def close_blocking(self) -> None:
+        pass
+
+
+@pytest.mark.allow_log("cannot read the disk \\(will try again\\)")
+async def test_a_disk_unreadable_while_looking_for_volumes_says_so_and_is_tried_again(
+    tmp_path: Any,
+) -> None:
+    inv = FakeInventory()
+    src = FakeDiskSource()
+    inv.add(DS1, "ivd-a", CAP, ["snap-1"])
+    disk = src.disks[("ivd-a", "snap-1")] = FakeDisk(pattern(CAP, "snap-1"))
+    # 64K blocks: the table probe reads block 0; the filesystem probe (68 KiB) also block 1.
+    disk.fail_sectors = {128}
+    volumes = _Volumes()
+    settings = TreeSettings(block_size=64 << 10)
+    tree = Tree(inv, src, BlockCache(8 << 20), settings, volumes=volumes, mountpoint=tmp_path)
+    ops = Operations(tree)
+    vols = tree.get((await walk(ops, "DS1", "ivd-a", "snap-1", "volumes")).st_ino)
+    assert list(await tree.children(vols)) == [".error"]
+    fi = await ops.open((await walk(ops, "DS1", "ivd-a", "snap-1", "volumes", ".error")).st_ino,
+                        os.O_RDONLY, CTX)  # fmt: skip
+    text = bytes(await ops.read(fi.fh, 0, 4096)).decode()
+    assert text.startswith("cannot read the disk (tried again at the next listing): ")
+    assert volumes.requests == []
+    disk.fail_sectors = set()  # the disk reads again: the next listing attaches
+    assert list(await tree.children(vols)) == ["0.error"]
+    assert len(volumes.requests) == 1
+    assert list(await tree.children(vols)) == ["0.error"]  # and only once
+    assert len(volumes.requests) == 1

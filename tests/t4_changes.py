@@ -129,7 +129,7 @@ def make_history(
         snap = v.create_snapshot(ivd, f"{name} {i}")
         path = src / f"{snap}.raw"
         path.write_bytes(data)
-        place_image(images, ivd.id, snap, path)
+        place_image(images, ivd, snap, path)
         snaps.append(snap)
     if cbt == "off-after":
         v.set_cbt(ivd, False)

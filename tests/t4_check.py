@@ -17,7 +17,7 @@ def snapshot(bed: Bed) -> str:
     snap = bed.vcsim.create_snapshot(ivd, "for check")
     src = bed.root / "img"
     src.write_bytes(b"\x17" * (1 << 20))
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     return snap
 
 

@@ -53,7 +53,7 @@ def ivds(bed: Bed) -> dict[str, Ivd]:
     src.write_bytes(os.urandom(8 * MiB))
     for desc in ("nightly", "weekly"):
         snap = v.create_snapshot(out["alpha"], desc)
-        place_image(bed.images, out["alpha"].id, snap, src)
+        place_image(bed.images, out["alpha"], snap, src)
     return out
 
 
@@ -339,3 +339,20 @@ def test_help_of_every_command(bed: Bed) -> None:
     for cmd in commands:
         r = subprocess.run([*IVDFS, *cmd, "--help"], capture_output=True, text=True, env=bed.env())
         assert r.returncode == 0 and "usage: ivdfs" in r.stdout
+
+
+def test_ls_without_the_optional_associations_call(bed: Bed, ivds: dict[str, Ivd]) -> None:
+    """A server that lacks RetrieveVStorageObjectAssociations (MethodNotFound) leaves the
+    ATTACHED column empty (null in JSON) instead of failing the whole listing."""
+    switch = bed.vcsim.tmpdir / "faults" / "RetrieveVStorageObjectAssociations.missing"
+    switch.touch()
+    try:
+        listed = json.loads(ok(cli(bed, "ls", "LocalDS_0", "--json")))
+        assert [d["uuid"] for d in listed] == [ivds[k].id for k in ("alpha", "beta", "twin0")]
+        assert all(d["attached_vms"] is None for d in listed)
+        rows = ok(cli(bed, "ls", "LocalDS_0")).splitlines()
+        assert rows[0].split()[-1] == "ATTACHED" and len(rows) == 4
+        assert all(row.split()[-1].isdigit() for row in rows[1:])  # SNAPSHOTS ends each row
+    finally:
+        switch.unlink()
+    assert json.loads(ok(cli(bed, "ls", "LocalDS_0", "--json")))[0]["attached_vms"] == []

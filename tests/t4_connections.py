@@ -41,7 +41,7 @@ def disks(bed: Bed) -> list[Disk]:
         data = random.Random(i).randbytes(SIZE_MB * MiB)
         src = bed.root / f"conn-{i}.raw"
         src.write_bytes(data)
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
         out.append(Disk(ivd, snap, data))
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ivdfs import journal
-from tests.mounting import VDDK6_LIBDIR, Bed, Mount, fuse_mounts, mounted_at
+from tests.mounting import VDDK6_LIBDIR, Bed, Mount, as_nobody, fuse_mounts, mounted_at
 from tests.testbed.vsphere import https_server, place_image
 
 
@@ -250,6 +250,9 @@ def test_usage_errors_exit_2(bed: Bed, tmp_path: Path) -> None:
 
 
 def test_no_permission_on_dev_fuse(bed: Bed) -> None:
+    """A user who may not use /dev/fuse: exit 9, one line. The test makes that user (nobody,
+    in a mount namespace where /dev/fuse is a node of ours with mode 0600, and with an
+    interpreter it can run), whatever mode the host's /dev/fuse has."""
     # pytest's own temporary directories are private to root: use one nobody can reach.
     tmp_path = Path(tempfile.mkdtemp(prefix="ivdfs-nobody-"))
     tmp_path.chmod(0o755)
@@ -258,8 +261,7 @@ def test_no_permission_on_dev_fuse(bed: Bed) -> None:
     subprocess.run(["chown", "65534:65534", str(mp)], check=True)
     args = replace_opt(bed.mount_args(mp), "--ca-file", None)
     args.insert(-1, "--insecure")
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    r = run_mount(args, bed.env(HOME=str(tmp_path)), user=nobody)
+    r = run_mount(as_nobody(args, tmp_path, fuse_mode=0o600), bed.env(HOME=str(tmp_path)))
     assert r.returncode == 9, r.stderr
     assert "/dev/fuse" in r.stderr and "Traceback" not in r.stderr
     assert not mounted_at(mp)
@@ -275,7 +277,7 @@ def test_vddk_failure_is_eio_with_a_hint_and_the_mount_survives(bed: Bed, tmp_pa
     snap = v.create_snapshot(ivd, "x")
     src = tmp_path / "img"
     src.write_bytes(b"\x42" * (1 << 20))
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     mp = tmp_path / "mnt"
     with Mount(bed, mp, VDDK_STANDIN_THUMBPRINT="00:" * 19 + "00") as m:
         disk = mp / ivd.datastore_name / ivd.id / snap / "disk.raw"

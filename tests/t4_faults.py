@@ -34,7 +34,7 @@ def disk(bed: Bed) -> tuple[Path, bytes, str]:
     data = random.Random(9).randbytes(24 * MiB)
     src = bed.root / "faulty.raw"
     src.write_bytes(data)
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     return Path("LocalDS_2") / ivd.id / snap / "disk.raw", data, ivd.id
 
 

@@ -93,12 +93,12 @@ def disks(bed: Bed) -> dict[str, Disk]:
         else:
             random_disk(image, size_mb, seed)
             parts = {}
-        place_image(bed.images, ivd.id, snap, image)
+        place_image(bed.images, ivd, snap, image)
         out[name] = Disk(ivd, snap, image, parts)
     ivd = bed.vcsim.create_ivd("evidence-sparse", 32, "LocalDS_1")
     snap = bed.vcsim.create_snapshot(ivd, "sparse")
     m = sparse_disk(src / "sparse.raw", 32, 0.4, seed=183)
-    place_image(bed.images, ivd.id, snap, m.path)
+    place_image(bed.images, ivd, snap, m.path)
     out["sparse"] = Disk(ivd, snap, m.path, {}, m.allocated)
     return out
 

@@ -33,7 +33,7 @@ def snapshots(bed: Bed) -> list[tuple[Ivd, str, bytes]]:
             data = random.Random(f"{i}-{j}").randbytes(3 * MiB)
             src = bed.root / f"life-{i}-{j}.raw"
             src.write_bytes(data)
-            place_image(bed.images, ivd.id, snap, src)
+            place_image(bed.images, ivd, snap, src)
             out.append((ivd, snap, data))
     return out
 
@@ -203,7 +203,7 @@ def test_nodes_removed_by_refresh_are_freed(bed: Bed, tmp_path: Path) -> None:
 
         def cycle() -> None:
             snap = v.create_snapshot(ivd, "churn")
-            place_image(bed.images, ivd.id, snap, src)
+            place_image(bed.images, ivd, snap, src)
             wait_for(lambda: snap in os.listdir(ivd_dir), what="the new snapshot")
             os.listdir(ivd_dir / snap)  # its disk.raw, info.json and lookups
             v.delete_snapshot(ivd, snap)

@@ -57,7 +57,7 @@ def images(bed: Bed) -> list[Image]:
             snap = v.create_snapshot(ivd, f"seed {seed}")
             p = src / f"{ivd.id}-{snap}.raw"
             digest = write_image(p, ivd.capacity_bytes, seed)
-            place_image(bed.images, ivd.id, snap, p)
+            place_image(bed.images, ivd, snap, p)
             out.append(Image(ivd, snap, p, digest))
     return out
 
@@ -235,7 +235,7 @@ def test_size_is_the_disks_own(bed: Bed, mountpoint: Path) -> None:
     for snap, data in sources.items():
         src = bed.root / f"grown-{snap}.raw"
         src.write_bytes(data)
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
     with Mount(bed, mountpoint) as m:
         for snap, data in sources.items():
             snapdir = mountpoint / ivd.datastore_name / ivd.id / snap

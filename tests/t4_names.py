@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.mounting import Bed, Mount, sha256_file
-from tests.testbed.vsphere import Ivd, place_image
+from tests.testbed.vsphere import Ivd, Vcsim, place_image
 
 MiB = 1024 * 1024
 
@@ -34,7 +35,7 @@ def disks(bed: Bed) -> dict[str, tuple[Ivd, list[tuple[str, str]]]]:
             data = bytes([i * 16 + j]) * MiB
             src = bed.root / f"{ivd.id}-{snap}"
             src.write_bytes(data)
-            place_image(bed.images, ivd.id, snap, src)
+            place_image(bed.images, ivd, snap, src)
             snaps.append((snap, hashlib.sha256(data).hexdigest()))
         out[f"{name}@{ds}"] = (ivd, snaps)
     return out
@@ -98,7 +99,10 @@ def test_info_json_and_xattrs(
         assert doc["capacity_bytes"] == ivd.capacity_bytes
         assert doc["datastore"] == ivd.datastore_name
         assert doc["datastore_moref"] == ivd.datastore_moref
-        assert doc["provisioning"] == "thin" and doc["backing_file"].endswith(f"{ivd.id}.vmdk")
+        assert doc["provisioning"] == "thin"
+        # ESXi's names: a stem of its own, the running disk one snapshot on.
+        backing = rf"\[{ivd.datastore_name}\] fcd/[0-9a-f]{{32}}-000001\.vmdk"
+        assert re.fullmatch(backing, doc["backing_file"])
         assert doc["create_time"] and doc["attached_vms"] == []
         assert [s["id"] for s in doc["snapshots"]] == [snap]
         assert doc["snapshots"][0]["description"] == "before upgrade"
@@ -128,3 +132,54 @@ def test_info_json_and_xattrs(
         assert os.listxattr(ivd_dir) == []
         assert m.unmount() == 0
     assert m.unexpected_log_records() == []
+
+
+# Datastore names vSphere allows and the root must survive: ivdfs's own entries, '/', '..',
+# control characters (C0 and DEL; C1 CSI \x9b and NEL \x85: SOAP cannot carry ESC) and twins.
+HOSTILE_DATASTORES = ["by-name", ".ivdfs", "a/b", "..", "esc\t\x7f[31m\x9b\x85", "twin", "twin"]
+
+
+def test_hostile_datastore_and_ivd_names(built_testbed: None, tmp_path: Path) -> None:
+    """Every datastore shows once, under a safe name that is not ivdfs's own (by-name and
+    .ivdfs stay what they are), with its IVDs; an IVD whose name has C1 control characters
+    gets a by-name entry without them, and its links resolve to the right bytes."""
+    with Vcsim(datastores=len(HOSTILE_DATASTORES), datastore_names=HOSTILE_DATASTORES) as v:
+        bed = Bed(v, tmp_path / "bed")
+        stores = v.datastores()
+        assert [n for n, _ in stores] == HOSTILE_DATASTORES
+        ivds: dict[str, tuple[Ivd, str, str]] = {}  # moref -> (IVD, snapshot, sha256)
+        for i, (_name, moref) in enumerate(stores):
+            ivd = v.create_ivd(f"vm\x85{i}\x9b[2J", 1, moref)
+            assert ivd.datastore_moref == moref
+            snap = v.create_snapshot(ivd, f"s{i}")
+            data = bytes([i + 1]) * MiB
+            (tmp_path / f"{i}.raw").write_bytes(data)
+            place_image(bed.images, ivd, snap, tmp_path / f"{i}.raw")
+            ivds[moref] = (ivd, snap, hashlib.sha256(data).hexdigest())
+        mp = tmp_path / "mnt"
+        with Mount(bed, mp) as m:
+            root = sorted(os.listdir(mp))
+            assert "by-name" in root and ".ivdfs" in root
+            shown = [n for n in root if n not in ("by-name", ".ivdfs")]
+            assert len(shown) == len(HOSTILE_DATASTORES)
+            for n in shown:
+                assert n.isprintable() and "/" not in n and n not in (".", "..")
+            assert "twin" in shown and "a_b" in shown
+            assert (mp / ".ivdfs" / "stats").is_file()  # still the mount's own
+            by_ds = {}
+            for n in shown:
+                (ivd_id,) = os.listdir(mp / n)
+                by_ds[ivd_id] = n
+            assert sorted(by_ds) == sorted(i.id for i, _, _ in ivds.values())
+            by_name = sorted(os.listdir(mp / "by-name"))
+            assert len(by_name) == len(ivds)
+            for entry in by_name:
+                assert entry.isprintable() and "\x85" not in entry and "\x9b" not in entry
+                link = mp / "by-name" / entry / "latest"
+                target = os.readlink(link)
+                ds_entry, ivd_id, snap = target.split("/")[2:]
+                assert by_ds[ivd_id] == ds_entry
+                ivd, want_snap, digest = next(x for x in ivds.values() if x[0].id == ivd_id)
+                assert snap == want_snap
+                assert sha256_file(link / "disk.raw") == digest
+            assert m.unmount() == 0

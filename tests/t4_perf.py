@@ -39,7 +39,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         ivd = v.create_ivd(f"perf-{name}", size, "LocalDS_0")
         snap = v.create_snapshot(ivd, name)
         manifest = build(src / f"{name}.raw")
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         out[name] = Disk(ivd, snap, manifest)
     return out
 
@@ -174,7 +174,7 @@ def test_data_in_every_allocation_region_reads_as_itself(bed: Bed, mountpoint: P
         f.truncate(200 * MiB)
         for b in data_blocks:
             os.pwrite(f.fileno(), block_data(21, b, bs), b * bs)
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     bed.standin_log.unlink(missing_ok=True)
     with Mount(bed, mountpoint, "--block-size", "64K", "--prefetch", "0") as m:
         disk = mountpoint / ivd.datastore_name / ivd.id / snap / "disk.raw"
@@ -254,7 +254,7 @@ def test_partition_windows_leave_out_their_known_holes(bed: Bed, tmp_path: Path)
     manifest = imgs.gpt_disk(src, 320)
     ivd = bed.vcsim.create_ivd("perf-windows", 320, "LocalDS_0")
     snap = bed.vcsim.create_snapshot(ivd, "windows")
-    allocated = data_blocks(place_image(bed.images, ivd.id, snap, src), bs)
+    allocated = data_blocks(place_image(bed.images, ivd, snap, src), bs)
     image = src.read_bytes()
 
     def counted(p: imgs.PartitionManifest, unknown: range) -> int:

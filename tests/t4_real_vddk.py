@@ -68,7 +68,7 @@ def add_disk(
 ) -> Disk:
     ivd = bed.vcsim.create_ivd(name, (image.stat().st_size + MiB - 1) // MiB, "LocalDS_0")
     snap = bed.vcsim.create_snapshot(ivd, name)
-    place_image(bed.images, ivd.id, snap, image)
+    place_image(bed.images, ivd, snap, image)
     return Disk(ivd, snap, image, partitions)
 
 

@@ -48,7 +48,7 @@ def disk(bed: Bed) -> tuple[Ivd, str]:
     snap = bed.vcsim.create_snapshot(ivd, "before")
     img = bed.root / "victim.raw"
     imgs.bare_fs_disk(img, 32, "ext4")
-    place_image(bed.images, ivd.id, snap, img)
+    place_image(bed.images, ivd, snap, img)
     return ivd, snap
 
 
@@ -188,13 +188,17 @@ def test_killed_with_reads_in_flight(bed: Bed, disk: tuple[Ivd, str], mp: Path) 
 def test_killed_while_creating_the_temporary_snapshot(
     built_testbed: None, tmp_path: Path, mp: Path
 ) -> None:
-    """A slow vCenter: the kill lands while the snapshot task runs; the snapshot (if the task
-    made one) is found by its description and deleted."""
-    with Vcsim(delay_ms=150) as v:
+    """The kill lands while the snapshot task is queued on vCenter (the test holds the task,
+    so where the kill lands is the test's choice, not chance), and the task makes its snapshot
+    only after recovery has begun: recovery waits for the task, journaled by its id when it
+    started, before it looks for what it made by its description, and deletes it."""
+    with Vcsim() as v:
         (tmp_path / "images").mkdir()
         bed = Bed(v, tmp_path)
         ivd = v.create_ivd("slow", 2, "LocalDS_0")
         before = v.snapshots(ivd)
+        hold = v.tmpdir / "faults" / "createSnapshot.hold"
+        hold.touch()
         m = Mount.__new__(Mount)  # started by hand: it never gets to be mounted
         m.bed, m.mountpoint, m.log_file = bed, mp, tmp_path / "mnt.ivdfs.log"
         m.proc = subprocess.Popen(
@@ -203,13 +207,39 @@ def test_killed_while_creating_the_temporary_snapshot(
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
-        def creating() -> bool:
+        def task_started() -> bool:
             rec = journal.find(mp)
-            return rec is not None and any(s["snapshot"] is None for s in rec.snapshots)
+            return rec is not None and any(
+                s["snapshot"] is None and s.get("task") for s in rec.snapshots
+            )
 
-        wait_for(creating, timeout=60, what="the snapshot task")
+        wait_for(task_started, timeout=60, what="the snapshot task")
         pid = kill(m)
-        assert_recovered(bed, mp, pid, ivd, before)
+        assert v.snapshots(ivd) == before  # the task has not run: nothing to find yet
+        doc = status(bed, mp)
+        assert doc["state"] == "dead" and doc["pid"] == pid
+        recovery = subprocess.Popen(
+            [*IVDFS, "umount", str(mp), "--server", v.server, "--user", v.user,
+             "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR)],
+            env=bed.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert recovery.stdout is not None
+            first = recovery.stdout.readline()  # blocks until recovery says it waits
+            while first and "waiting for the interrupted creation" not in first:
+                first = recovery.stdout.readline()
+            assert "waiting for the interrupted creation" in first, first
+            hold.unlink()  # now the task runs and makes its snapshot
+            out, err = recovery.communicate(timeout=120)
+        finally:
+            hold.unlink(missing_ok=True)
+            if recovery.poll() is None:
+                recovery.kill()
+        assert recovery.returncode == 0, out + err
+        assert "deleted snapshot" in out and "FAIL" not in out, out
+        assert v.snapshots(ivd) == before
+        assert journal.find(mp) is None and not mounted_at(mp)
 
 
 @killed
@@ -220,8 +250,11 @@ def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point
     deleted already, so a crash in VDDK's teardown cannot leave it behind (issue 12)."""
     ivd, snap = disk
     before = bed.vcsim.snapshots(ivd)
-    # EndAccess takes a while: the kill comes between the unmount and the end.
-    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
+    # The stand-in holds the mount's EndAccess (its second access call) until the test
+    # releases it, which it never does: the kill lands before the end, whatever the load.
+    hold = mp.parent / "hold"
+    hold.write_text("1")  # PrepareForAccess (1) goes; EndAccess (2) waits
+    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_HOLD_ACCESS=str(hold))
     data = (mp / ivd.datastore_name / ivd.id / snap / "disk.raw").read_bytes()
     assert len(data) == 32 * MiB
     closes = len(call_lines(bed.log_lines(), "Close"))
@@ -254,7 +287,9 @@ def test_umount_of_a_live_mount_reports_a_daemon_that_dies_in_teardown(
     exits non-zero."""
     ivd, _ = disk
     before = bed.vcsim.snapshots(ivd)
-    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_CONNECT_LATENCY_US="300000")
+    hold = mp.parent / "hold"
+    hold.write_text("1")  # the daemon's EndAccess waits: the kill lands in its teardown
+    m = Mount(bed, mp, "--snapshot-now", ivd.id, VDDK_STANDIN_HOLD_ACCESS=str(hold))
     pid = m.proc.pid
     killer = subprocess.Popen(
         ["sh", "-c", f"while ! grep -q stopping {journal.find(mp).path}; do sleep 0.01; done; "  # type: ignore[union-attr]
@@ -290,7 +325,7 @@ def windows_disk(bed: Bed) -> tuple[Ivd, str]:
     snap = bed.vcsim.create_snapshot(ivd, "before")
     img = bed.root / "windows.raw"
     imgs.gpt_disk(img, 64)
-    place_image(bed.images, ivd.id, snap, img)
+    place_image(bed.images, ivd, snap, img)
     return ivd, snap
 
 
@@ -414,3 +449,35 @@ def test_recovery_without_vcenter_names_what_is_left_and_finishes_later(
     assert f"deleted snapshot {snap}" in done.stdout and "EndAccess for IVD" in done.stdout
     assert journal.find(mp) is None and v.snapshots(ivd) == before
     assert os.listdir(mp) == [] and mounts_under(f"/run/ivdfs-{pid}-") == []
+
+
+def test_a_run_directory_that_cannot_be_removed_stays_journaled(tmp_path: Path) -> None:
+    """undo_local names a run directory it could not remove and keeps it in the journal (the
+    next umount finds it again); a journal it cannot update is said, not swallowed."""
+    from ivdfs.commands import recover as rc
+
+    stuck, gone = tmp_path / "ivdfs-stuck", tmp_path / "ivdfs-gone"
+    for d in (stuck, gone):
+        (d / "1").mkdir(parents=True)
+    busy = stuck / "1" / "busy"
+    busy.write_bytes(b"x")
+    # Immutable: not even root removes it, so neither can the recovery's removal.
+    subprocess.run(["chattr", "+i", str(busy)], check=True)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    doc = {"mountpoint": str(mp), "pid": 1, "run_dirs": [str(stuck), str(gone)]}
+    rec = journal.Record(tmp_path / "state" / "mount.json", doc)
+    rec.path.parent.mkdir()
+    rec.path.write_text(json.dumps(doc))
+    report = rc.Report()
+    rc.undo_local(rec, report)
+    assert report.failed and not gone.exists() and stuck.exists()
+    assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]
+    # A journal that cannot be written (its temporary name is taken by a directory, which
+    # root cannot write through either): the failure is reported, not hidden.
+    subprocess.run(["chattr", "-i", str(busy)], check=True)
+    rec.path.with_name(f".{rec.path.name}.{os.getpid()}.tmp").mkdir()
+    report = rc.Report()
+    rc.undo_local(rec, report)
+    assert not stuck.exists() and report.failed and "cannot update the journal" in report.failed[0]
+    assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]

@@ -24,7 +24,7 @@ def test_new_and_deleted_snapshots_and_ivds_follow_the_ttl(bed: Bed, mountpoint:
     src = bed.root / "one.raw"
     data = os.urandom(2 * MiB)
     src.write_bytes(data)
-    place_image(bed.images, ivd.id, s1, src)
+    place_image(bed.images, ivd, s1, src)
     with Mount(bed, mountpoint, "--refresh", "0.3") as m:
         ds_dir = mountpoint / "LocalDS_2"
         ivd_dir = ds_dir / ivd.id
@@ -36,7 +36,7 @@ def test_new_and_deleted_snapshots_and_ivds_follow_the_ttl(bed: Bed, mountpoint:
             assert f.read(4096) == data[:4096]
 
             s2 = v.create_snapshot(ivd, "two")
-            place_image(bed.images, ivd.id, s2, src)
+            place_image(bed.images, ivd, s2, src)
             wait_for(lambda: entries(ivd_dir) == {s1, s2}, what="the new snapshot")
             assert (ivd_dir / s1).stat().st_ino == s1_ino  # unchanged entries keep their inode
             s2_ino = (ivd_dir / s2).stat().st_ino

@@ -63,7 +63,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         manifest = build(src / f"{kind}.img")
         ivd = bed.vcsim.create_ivd(f"restore-{kind}", size_mb, "LocalDS_0")
         snap = bed.vcsim.create_snapshot(ivd, kind)
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         out[kind] = Disk(kind, ivd, snap, manifest, sha256_file(manifest.path))
     return out
 
@@ -299,45 +299,44 @@ def test_guest_volumes_hold_their_disk_past_the_idle_timeout(
     assert_nothing_left(bed, disks, mountpoint)
 
 
-@pytest.mark.parametrize("how", ["fusermount", "SIGINT"])
-def test_vixmntapi_volumes(
-    bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path, how: str
-) -> None:
+def test_4kn_gpt_disk(bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path) -> None:
+    """A 4Kn disk (GetInfo: 4096-byte logical sectors; VDDK still counts 512-byte sectors):
+    its GPT sits at byte 4096 and counts 4096-byte LBAs. Read as a 512-byte disk it would show
+    no partition (the protective MBR's GPT header is not at byte 512). Every partN.raw and
+    disk.raw read byte-exact; a guest volume mounts; info.json tells the sector size."""
+    manifest = imgs.gpt_4kn_disk(tmp_path / "4kn.img", 64)
+    src = manifest.path.read_bytes()
+    assert src[4096:4104] == b"EFI PART" and src[512:520] != b"EFI PART"
+    ivd = bed.vcsim.create_ivd("restore-4kn", 64, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "4kn")
+    place_image(bed.images, ivd, snap, manifest.path, sector_size=4096)
+    d = Disk("4kn", ivd, snap, manifest, sha(src))
     bed.standin_log.unlink(missing_ok=True)
-    with Mount(bed, mountpoint, "--volumes", "vixmntapi") as m:
-        for kind in EXPECTED_VOLUMES:
-            d = disks[kind]
-            vols = d.snapdir(mountpoint) / "volumes"
-            # VixMntapi numbers volumes 1, 2, ... in its own (table) order: pair by position.
-            parts = sorted(parts_of(d).values(), key=lambda p: p.number)
-            names = [str(i + 1) for i in range(len(parts))]
-            assert sorted(os.listdir(vols)) == names
-            for n, part in zip(names, parts, strict=True):
-                assert "vixmntapi-standin" in os.readlink(vols / n)
-                check_volume(vols / n, part, tmp_path)
-        dirs = volume_dirs(mountpoint, disks, EXPECTED_VOLUMES)
-        assert len(dirs) == 3 + 3 + 1 and len(mounted_under(dirs)) == 7
-        assert m.unmount(how) == 0, m.log()
-    lines = bed.log_lines()
-    assert not [ln for ln in lines if "VIOLATION" in ln]
-    opens = call_lines(lines, "Mntapi_OpenDisks")
-    assert len(opens) == 3 and all(o["err"] == "0" and o["flags"] == "4" for o in opens)
-    assert {o["name"] for o in opens} == {disks[k].ivd.id for k in EXPECTED_VOLUMES}
-    mounted = [v for v in call_lines(lines, "Mntapi_MountVolume") if v["err"] == "0"]
-    assert all(v["readOnly"] == "1" for v in mounted) and len(mounted) == 7
-    dismounted = call_lines(lines, "Mntapi_DismountVolume")
-    assert sorted(v["volume"] for v in mounted) == sorted(v["volume"] for v in dismounted)
-    assert all(v["err"] == "0" for v in dismounted)
-    closes = call_lines(lines, "Mntapi_CloseDiskSet")
-    assert sorted(c["diskset"] for c in closes) == sorted(o["diskset"] for o in opens)
-    assert all(c["mounted"] == "0" for c in closes)
-    exits = call_lines(lines, "Mntapi_Exit")
-    assert len(exits) == 1 and exits[0]["disksets"] == "0"
-    # Order: every Dismount before its set's Close, Mntapi_Exit before VixDiskLib_Exit.
-    names = [ln.split()[2] for ln in lines]
-    assert names.index("Mntapi_Exit") < names.index("Exit")
-    assert max(i for i, n in enumerate(names) if n == "Mntapi_DismountVolume") < max(
-        i for i, n in enumerate(names) if n == "Mntapi_CloseDiskSet"
-    )
-    assert_standin_log_clean(bed, {disks[k].ivd.id for k in EXPECTED_VOLUMES})
-    assert_nothing_left(bed, disks, mountpoint, dirs)
+    m = Mount(bed, mountpoint, "--volumes", "kernel")
+    dirs: set[Path] = set()
+    try:
+        sd = d.snapdir(mountpoint)
+        assert entries(sd) == {"disk.raw", "part1.raw", "part2.raw", "volumes"}
+        for p in manifest.partitions:
+            f = sd / f"part{p.number}.raw"
+            assert f.stat().st_size == p.length
+            assert sha256_file(f) == sha(src[p.start : p.start + p.length]), f
+            with open(f, "rb", buffering=0) as fh:
+                end = p.start + p.length
+                assert os.pread(fh.fileno(), 8192, p.length - 100) == src[end - 100 : end]
+        assert sha256_file(sd / "disk.raw") == d.sha256
+        doc = json.loads((sd / "info.json").read_text())
+        assert doc["provenance"]["logical_sector_size"] == 4096
+        assert doc["provenance"]["capacity_sectors"] == len(src) // 512  # VDDK's unit
+        vols = sd / "volumes"
+        assert sorted(os.listdir(vols)) == ["1", "2"]
+        check_volume(vols / "1", manifest.partitions[0], tmp_path)
+        dirs = volume_dirs(mountpoint, {"4kn": d}, ["4kn"])
+        assert m.unmount("ivdfs") == 0, m.log()
+    finally:
+        if m.proc.poll() is None:
+            m.unmount("SIGTERM")
+    infos = call_lines(bed.log_lines(), "GetInfo")
+    assert infos and all(i["logical"] == "4096" for i in infos)
+    assert_standin_log_clean(bed, {ivd.id})
+    assert_nothing_left(bed, {"4kn": d}, mountpoint, dirs)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import threading
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def ivds(bed: Bed) -> dict[str, tuple[Ivd, str]]:
         snap = bed.vcsim.create_snapshot(ivd, name)
         src = bed.root / f"{name}.raw"
         src.write_bytes(name.encode() * (2 * MiB // len(name)) + bytes(2 * MiB % len(name)))
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
         out[name] = (ivd, snap)
     return out
 
@@ -120,7 +121,7 @@ def test_a_new_snapshot_is_found_by_its_id_and_refresh_relists(
         ivd_dir = m.mountpoint / ivd.datastore_name / ivd.id
         assert snap in os.listdir(ivd_dir)
         new = bed.vcsim.create_snapshot(ivd, "made after mounting")
-        place_image(bed.images, ivd.id, new, bed.root / "safe-a.raw")
+        place_image(bed.images, ivd, new, bed.root / "safe-a.raw")
         # By its exact path: asked from vCenter although the listing is fresh.
         assert disk(m.mountpoint, ivd, new).stat().st_size == 2 * MiB
         other = bed.vcsim.create_snapshot(ivd, "another")
@@ -187,9 +188,10 @@ def test_dot_entries_ctime_and_daemon_cwd(
         ivd_dir = mp / ivd.datastore_name / ivd.id
         os.listdir(ivd_dir)  # loaded: its creation time is known now
         created = json.loads((ivd_dir / "info.json").read_text())["create_time"]
-        from datetime import datetime
+        from datetime import datetime, timedelta
 
-        assert ivd_dir.stat().st_mtime == datetime.fromisoformat(created).timestamp()
+        since = datetime.fromisoformat(created) - datetime(1970, 1, 1, tzinfo=UTC)
+        assert ivd_dir.stat().st_mtime_ns == since // timedelta(microseconds=1) * 1000
     finally:
         assert cli(bed, "umount", str(mp)).returncode == 0
 

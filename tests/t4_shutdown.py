@@ -26,7 +26,7 @@ def disks(bed: Bed) -> list[tuple[str, Path, Path]]:
         snap = bed.vcsim.create_snapshot(ivd, "s")
         src = bed.root / f"shutdown-{i}.raw"
         src.write_bytes(os.urandom(64 * MiB))
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
         out.append((ivd.id, Path(ds) / ivd.id / snap / "disk.raw", src))
     return out
 

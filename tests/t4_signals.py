@@ -37,7 +37,7 @@ def disks(bed: Bed) -> dict[str, tuple[Ivd, str, Path]]:
         snap = bed.vcsim.create_snapshot(ivd, name)
         src = bed.root / f"{name}.raw"
         src.write_bytes(hashlib.shake_128(name.encode()).digest(8 * MiB))
-        place_image(bed.images, ivd.id, snap, src)
+        place_image(bed.images, ivd, snap, src)
         out[name] = (ivd, snap, src)
     return out
 
@@ -121,7 +121,7 @@ def test_a_disk_failing_at_first_listing_appears_whole_later(
     if cause == "missing":
         env = {}
     else:
-        place_image(bed.images, ivd.id, snap, img)
+        place_image(bed.images, ivd, snap, img)
     bed.standin_log.unlink(missing_ok=True)
     with Mount(bed, tmp_path / "mnt", **env) as m:
         snapdir = m.mountpoint / ivd.datastore_name / ivd.id / snap
@@ -131,7 +131,7 @@ def test_a_disk_failing_at_first_listing_appears_whole_later(
         failed = call_lines(bed.log_lines(), "ConnectEx" if cause == "missing" else "Open")
         assert failed[-1]["err"] == ("4" if cause == "missing" else "14009")
         if cause == "missing":
-            place_image(bed.images, ivd.id, snap, img)
+            place_image(bed.images, ivd, snap, img)
 
         def whole() -> bool:
             names = os.listdir(snapdir)

@@ -11,7 +11,7 @@ import concurrent.futures
 import datetime
 import http.client
 import os
-import time
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 from pyVim.connect import Disconnect
 from pyVmomi import SoapStubAdapter, vim, vmodl, vslm
 
+from tests.mounting import wait_for
 from tests.testbed.vsphere import (
     Ivd,
     IvdSpec,
@@ -97,7 +98,7 @@ def _config(obj: Any) -> dict[str, Any]:
         "provisioningType": c.backing.provisioningType,
         "parent": c.backing.parent,
         "deltaSizeInMB": c.backing.deltaSizeInMB,
-        "path": c.backing.filePath.replace(c.id.id, "ID"),
+        "path": re.sub(r"fcd/[0-9a-f]{32}(-\d{6})?\.vmdk", "fcd/LINK.vmdk", c.backing.filePath),
         "datastore": c.backing.datastore._moId,
         "hasBackingObjectId": bool(c.backing.backingObjectId),
     }
@@ -149,8 +150,10 @@ def test_populated_ivds_look_like_created_ones(vc: Vcsim) -> None:
         # Snapshot disk paths follow one pattern too.
         path = vc.snapshot_details(made, snap)[0]
         ppath = vc.snapshot_details(other.ivd, other.snapshots[0].id)[0]
-        assert path == f"[LocalDS_0] fcd/{made.id}-000001.vmdk"
-        assert ppath == f"[LocalDS_1] fcd/{other.ivd.id}-000001.vmdk"
+        # The snapshot froze the base; the running disk is the next link (store.go).
+        assert re.fullmatch(r"\[LocalDS_0\] fcd/[0-9a-f]{32}\.vmdk", path)
+        assert re.fullmatch(r"\[LocalDS_1\] fcd/[0-9a-f]{32}\.vmdk", ppath)
+        assert a.config.backing.filePath == path.removesuffix(".vmdk") + "-000001.vmdk"
     finally:
         vc.delete_ivd(made)
 
@@ -311,6 +314,12 @@ def test_vslm_batch_retrieval_with_per_id_faults(vc: Vcsim, vsom_vslm: Any) -> N
         id=_vid(p.ivd), snapshotId=_vid(p.snapshots[0].id)
     )
     assert details.path == vc.snapshot_details(p.ivd, p.snapshots[0].id)[0]
+    # VSLM 7.0.2's diskPath fields name the same files as the vim calls.
+    (r,) = vsom_vslm.VslmRetrieveVStorageObjects(ids=[_vid(p.ivd)])
+    assert r.diskPath == vc.backing_path(p.ivd)
+    assert [s.diskPath for s in r.snapshotInfo] == [
+        vc.snapshot_details(p.ivd, s.id)[0] for s in p.snapshots
+    ]
     with pytest.raises(vim.fault.NotFound):
         vsom_vslm.VslmRetrieveVStorageObject(id=_vid("no-such-ivd"))
     with pytest.raises(vim.fault.NotFound):
@@ -438,6 +447,19 @@ def test_vslm_endpoint_off_by_default_and_needs_6_7_2(built_testbed: None) -> No
 DELAY_MS = 250
 
 
+def delay_lines(v: Vcsim, what: str) -> list[str]:
+    """The methods the launcher delayed (its "inventory-delay begin|end METHOD" lines)."""
+    text = (v.tmpdir / "vcsim.log").read_text()
+    return [ln.split()[2] for ln in text.splitlines() if ln.startswith(f"inventory-delay {what} ")]
+
+
+def delayed_by(v: Vcsim, fn: Any) -> list[str]:
+    """The methods the launcher delayed while `fn` ran: no clock, its own word."""
+    before = len(delay_lines(v, "end"))
+    fn()
+    return delay_lines(v, "end")[before:]
+
+
 def test_inventory_delay_applies_to_inventory_methods_only(
     built_testbed: None, tmp_path: Path
 ) -> None:
@@ -455,8 +477,8 @@ def test_inventory_delay_applies_to_inventory_methods_only(
         a, b = p.snapshots
         image = tmp_path / "img.raw"
         image.write_bytes(b"x" * 4096)
-        place_image(images, p.ivd.id, a.id, image)
-        place_image(images, p.ivd.id, b.id, image)
+        place_image(images, p.ivd, a.id, image)
+        place_image(images, p.ivd, b.id, image)
         vsom = v.content.vStorageObjectManager
         ds = vim.Datastore(p.ivd.datastore_moref, v.si._stub)
         vid = _vid(p.ivd)
@@ -497,27 +519,31 @@ def test_inventory_delay_applies_to_inventory_methods_only(
             "VslmRetrieveContent": lambda: v.connect_vslm().RetrieveContent(),
         }
 
-        def ms(fn: Any) -> float:
-            t = time.monotonic()
-            fn()
-            return (time.monotonic() - t) * 1000
+        took = {name: delayed_by(v, fn) for name, fn in {**slow, **fast}.items()}
+        # Each slow call was delayed (as itself), no fast one was: the launcher says so.
+        assert {n for n, d in took.items() if d} == set(slow), took
 
-        took = {name: ms(fn) for name, fn in {**slow, **fast}.items()}
-        assert {n for n, t in took.items() if t >= DELAY_MS} == set(slow), took
-
-        # Delays overlap: parallel queries on parallel sessions wait once, not 8 times.
+        # Delays overlap: 8 parallel queries on 8 sessions are all inside their delay at
+        # once (held at the gate until the eighth arrives), not one after another.
         sessions = [v.connect() for _ in range(8)]
+        gate = v.tmpdir / "faults" / "inventory.gate"
+        gate.touch()
         try:
             calls = [
                 (s.RetrieveContent().vStorageObjectManager, vim.Datastore(ds._moId, s._stub))
                 for s in sessions
             ]
-            t = time.monotonic()
+            begun = len(delay_lines(v, "begin"))
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda c: c[0].RetrieveVStorageObject(id=vid, datastore=c[1]), calls))
-            elapsed = (time.monotonic() - t) * 1000
-            assert DELAY_MS <= elapsed < 4 * DELAY_MS, elapsed
+                done = pool.map(
+                    lambda c: c[0].RetrieveVStorageObject(id=vid, datastore=c[1]), calls
+                )
+                wait_for(lambda: len(delay_lines(v, "begin")) - begun == 8, what="8 in the delay")
+                assert delay_lines(v, "end")[begun:] == []  # none left it while the gate stood
+                gate.unlink()
+                assert len(list(done)) == 8
         finally:
+            gate.unlink(missing_ok=True)
             for s in sessions:
                 Disconnect(s)
 
@@ -543,12 +569,8 @@ def test_inventory_delay_in_esx_mode(built_testbed: None) -> None:
             "HostVStorageObjectCreateSnapshot_Task": lambda: v.create_snapshot(p.ivd, "b"),
             "HostSetVStorageObjectControlFlags": lambda: v.set_cbt(p.ivd, True),
         }
-        took = {}
-        for name, fn in {**slow, **fast}.items():
-            t = time.monotonic()
-            fn()
-            took[name] = (time.monotonic() - t) * 1000
-        assert {n for n, t in took.items() if t >= DELAY_MS} == set(slow), took
+        took = {name: delayed_by(v, fn) for name, fn in {**slow, **fast}.items()}
+        assert {n for n, d in took.items() if d} == set(slow), took
 
 
 # -- ESX mode ------------------------------------------------------------------------------
@@ -594,7 +616,7 @@ def test_esx_ivds_and_snapshots_through_the_host_manager(esx: Vcsim) -> None:
 
     obj = vsom.HostRetrieveVStorageObject(id=_vid(a), datastore=ds_a)
     assert (obj.config.name, obj.config.capacityInMB) == ("host-a", 16)
-    assert obj.config.backing.filePath == f"[LocalDS_0] fcd/{a.id}.vmdk"
+    assert re.fullmatch(r"\[LocalDS_0\] fcd/[0-9a-f]{32}\.vmdk", obj.config.backing.filePath)
     with pytest.raises(vim.fault.NotFound):
         vsom.HostRetrieveVStorageObject(id=_vid(a), datastore=ds_b)
 
@@ -602,6 +624,8 @@ def test_esx_ivds_and_snapshots_through_the_host_manager(esx: Vcsim) -> None:
     s2 = esx.create_snapshot(a, "two")
     info = vsom.HostVStorageObjectRetrieveSnapshotInfo(id=_vid(a), datastore=ds_a)
     assert [(s.id.id, s.description) for s in info.snapshots] == [(s1, "one"), (s2, "two")]
+    base = obj.config.backing.filePath.removesuffix(".vmdk")
+    assert esx.backing_path(a) == f"{base}-000002.vmdk"  # a host names the files as vCenter
     esx.delete_snapshot(a, s1)
     assert esx.snapshots(a) == [s2]
     assert esx.snapshots(pre.ivd) == [pre.snapshots[0].id]
@@ -705,7 +729,7 @@ def cbt_ivd(vc: Vcsim, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ivd, l
     _write(src / "edited.raw", CAP, BASE + EDITS)
     _write(src / "empty.raw", CAP, [])
     for sid, name in zip(snaps, ("base", "edited", "empty"), strict=True):
-        place_image(images, ivd.id, sid, src / f"{name}.raw")
+        place_image(images, ivd, sid, src / f"{name}.raw")
     return ivd, snaps, images
 
 
@@ -799,7 +823,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
 
     image = _write(tmp_path / "x.raw", 2 * MiB, [(0, b"x")])
     untracked = vc.create_snapshot(ivd, "before CBT")
-    place_image(images, ivd.id, untracked, image)
+    place_image(images, ivd, untracked, image)
     assert not cbt_enabled() and vc.snapshot_details(ivd, untracked)[1] == ""
     with pytest.raises(vim.fault.FileFault):
         vc.changed_areas(ivd, untracked, "*")
@@ -808,7 +832,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
     assert cbt_enabled()
     s1, s2 = vc.create_snapshot(ivd, "1"), vc.create_snapshot(ivd, "2")
     for s in (s1, s2):
-        place_image(images, ivd.id, s, image)
+        place_image(images, ivd, s, image)
     c1 = vc.snapshot_details(ivd, s1)[1]
     assert vc.all_changed_areas(ivd, s2, c1) == []
     with pytest.raises(vim.fault.FileFault):  # taken while CBT was off
@@ -825,7 +849,7 @@ def test_cbt_off_and_reset(vc: Vcsim, tmp_path: Path) -> None:
 
     vc.set_cbt(ivd, True)  # a new epoch: what was tracked before is gone
     s3 = vc.create_snapshot(ivd, "3")
-    place_image(images, ivd.id, s3, image)
+    place_image(images, ivd, s3, image)
     with pytest.raises(vmodl.fault.InvalidArgument):
         vc.changed_areas(ivd, s3, c1)
     with pytest.raises(vim.fault.FileFault):
@@ -842,7 +866,7 @@ def test_cbt_defaults_and_no_images(built_testbed: None, tmp_path: Path) -> None
         (p,) = v.populated
         place_image(
             images,
-            p.ivd.id,
+            p.ivd,
             p.snapshots[0].id,
             _write(tmp_path / "a.raw", 64 * MiB, [(40 * MiB, b"a")]),
         )

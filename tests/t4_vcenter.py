@@ -21,7 +21,7 @@ def make_snapshot(bed: Bed, name: str, ds: str = "LocalDS_0") -> tuple[Path, str
     snap = v.create_snapshot(ivd, name)
     src = bed.root / f"{name}.raw"
     src.write_bytes(hashlib.sha256(name.encode()).digest() * (2 * MiB // 32))
-    place_image(bed.images, ivd.id, snap, src)
+    place_image(bed.images, ivd, snap, src)
     return Path(ds) / ivd.id / snap / "disk.raw", hashlib.sha256(src.read_bytes()).hexdigest()
 
 
@@ -60,13 +60,20 @@ def test_terminated_session_logs_in_again(own_bed: Bed, tmp_path: Path) -> None:
 def test_vcenter_outage_and_restart(own_bed: Bed, tmp_path: Path) -> None:
     first, digest1 = make_snapshot(own_bed, "one")
     v = own_bed.vcsim
+    other = v.create_ivd("not-looked-at", 1, first.parts[0])
     with Mount(own_bed, tmp_path / "mnt") as m:
         mp = m.mountpoint
         disk = mp / first
         f = open(disk, "rb")
         try:
             assert hashlib.sha256(f.read(MiB)).digest()
+            assert other.id in os.listdir(mp / first.parts[0])  # listed, its record not asked
             v.kill_server()
+            # A lookup in an IVD whose record and snapshots were never asked: both queries
+            # fail at once; EIO with one line that names vCenter, not a bug's traceback.
+            with pytest.raises(OSError) as e:
+                os.stat(mp / first.parts[0] / other.id / "no-such-snapshot")
+            assert e.value.errno == errno.EIO
             # Cached listings keep working, reads of an open disk keep working ...
             assert first.parts[1] in os.listdir(mp / first.parts[0])
             f.seek(0)
@@ -83,3 +90,4 @@ def test_vcenter_outage_and_restart(own_bed: Bed, tmp_path: Path) -> None:
         assert m.unmount() == 0
     log = m.log()
     assert "listing IVDs on LocalDS_1" in log and "Traceback" not in log
+    assert "unexpected error" not in log and "ExceptionGroup" not in log

@@ -85,7 +85,7 @@ def clones(bed: Bed) -> Iterator[dict[str, Clone]]:
         ivd = bed.vcsim.create_ivd(f"clone-{fs}", size_mb, "LocalDS_0")
         snaps = (bed.vcsim.create_snapshot(ivd, "first"), bed.vcsim.create_snapshot(ivd, "second"))
         for snap in snaps:
-            place_image(bed.images, ivd.id, snap, manifest.path)
+            place_image(bed.images, ivd, snap, manifest.path)
         out[fs] = Clone(fs, ivd, snaps, manifest, sha256_file(manifest.path))
     yield out
 

@@ -82,7 +82,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         count = 2 if kind == "part" else 1  # two snapshots of one LVM disk, side by side
         snaps = tuple(bed.vcsim.create_snapshot(ivd, f"{kind}-{i}") for i in range(count))
         for snap in snaps:
-            place_image(bed.images, ivd.id, snap, m.path)
+            place_image(bed.images, ivd, snap, m.path)
         out[kind] = Disk(kind, ivd, snaps, m, sha256_file(m.path))
     return out
 

@@ -39,7 +39,7 @@ def disks(bed: Bed) -> dict[str, Disk]:
         ivd = bed.vcsim.create_ivd(f"warm-{name}", size_mb, "LocalDS_0")
         snap = bed.vcsim.create_snapshot(ivd, name)
         manifest = random_disk(src / f"{name}.raw", size_mb, seed=seed)
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         out[name] = Disk(ivd, snap, manifest)
     return out
 

@@ -42,6 +42,20 @@ def verify(path: Path, head: str | None, as_json: bool) -> int:
         return BROKEN
     except OSError as e:
         raise UserError(f"audit log {path}: {e.strerror or e}", ExitCode.CONFIG) from None
+    if end.lines == 0 or not summary.sessions:
+        # Every journal starts with a start line (AuditLog.start): an empty file, or lines of
+        # ours with no session, is not one; "intact, 0 lines" would vouch for nothing.
+        what = "empty" if end.lines == 0 else "no start line"
+        print(f"ivdfs: {path} is not an ivdfs audit journal ({what})", file=sys.stderr)
+        return BROKEN
+    if summary.unsummarised:
+        lines = ", ".join(str(n) for n in summary.unsummarised[:10])
+        more = " ..." if len(summary.unsummarised) > 10 else ""
+        print(
+            f"ivdfs: {len(summary.unsummarised)} intact lines of a shape this version cannot "
+            f"summarise are left out of the summary: lines {lines}{more}",
+            file=sys.stderr,
+        )
     readers = sorted(summary.readers.values(), key=lambda r: (r.path, r.pid))
     if as_json:
         doc: dict[str, Any] = {
@@ -51,6 +65,7 @@ def verify(path: Path, head: str | None, as_json: bool) -> int:
             "sessions": summary.sessions,
             "reads": [_reader_doc(r) for r in readers],
             "hashes": summary.hashes,
+            "unsummarised_lines": summary.unsummarised,
         }
         print(json.dumps(doc, indent=2))
         return ExitCode.OK

@@ -137,7 +137,7 @@ def _hash_disk(
     size = handle.capacity_bytes
     start, end = 0, size
     if partition is not None:
-        table = parse(lambda off, n: _read_bytes(handle, off, n), size)
+        table = parse(lambda off, n: _read_bytes(handle, off, n), size, handle.sector_size)
         found = {p.number: p for p in table.partitions}
         if partition not in found:
             have = ", ".join(str(n) for n in sorted(found)) or "none"

@@ -49,7 +49,8 @@ def ls(
             if as_json:
                 _print_json(
                     [
-                        {**info.ivd_fields(v), "attached_vms": list(attached[v.id]),
+                        {**info.ivd_fields(v),
+                         "attached_vms": list(attached[v.id]) if attached is not None else None,
                          "snapshots": n}
                         for v, n in ivds
                     ]
@@ -67,7 +68,7 @@ def ls(
                             v.datastore.name,
                             time_label(v.create_time),
                             str(n),
-                            ",".join(attached[v.id]) or "-",
+                            "" if attached is None else ",".join(attached[v.id]) or "-",
                         ]
                         for v, n in ivds
                     ],

@@ -3,7 +3,9 @@
 Role: `leftovers` finds, from the kernel and the journal, what a mount's guest volumes left:
 libguestfs appliances (helper and qemu processes, checked by start time), mounts under its run
 directories (and the FUSE drivers serving them: ntfs-3g, fusefat, fuse2fs), loop devices whose
-backing file is inside the mountpoint, and the FUSE mount itself. `recover` undoes those, then
+backing file is inside the mountpoint, VixMntapi's own FUSE mounts of the disks it opened
+(journaled, or found by the disk name in VixMntapi's .info files when the mount was killed during
+OpenDisks) and the loop devices on them, and the FUSE mount itself. `recover` undoes those, then
 (with a vCenter session and VDDK, only if the journal holds any) deletes the temporary
 snapshots and calls EndAccess for every prepared IVD, VMware's order. Each step prints one
 line; what cannot be undone is named with the command that would undo it. The journal is
@@ -28,11 +30,13 @@ from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.commands.admin import VddkOptions
-from ivdfs.config import ServerConfig
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.processes import under
+from ivdfs.rundirs import remove_tree
+from ivdfs.vddk import mntapi
 from ivdfs.vddk.connection import Access, DiskTarget
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ class Leftovers:
     volume_mounts: list[str] = field(default_factory=list)  # deepest first
     helpers: list[int] = field(default_factory=list)  # FUSE drivers serving them
     loops: list[str] = field(default_factory=list)  # /dev/loopN
+    vixmntapi: list[str] = field(default_factory=list)  # VixMntapi's /run/vmware/fuse/<n>
     fuse_mounted: bool = False
 
 
@@ -111,7 +116,10 @@ def leftovers(rec: journal.Record) -> Leftovers:
         e.mountpoint for e in mountinfo.entries() if any(under(e.mountpoint, r) for r in roots)
     ]
     found.volume_mounts = sorted(set(mounts), key=len, reverse=True)
+    found.vixmntapi = vixmntapi_mounts(rec)
     found.loops = loop_devices_under(str(rec.mountpoint))
+    for path in found.vixmntapi:
+        found.loops += loop_devices_under(path)
     # Appliances first: their qemu reads disk.raw of the dead mount, their helper serves a
     # volume mount; then FUSE drivers of volumes (ntfs-3g, fusefat, fuse2fs).
     found.helpers = appliance_processes(rec)
@@ -121,6 +129,20 @@ def leftovers(rec: journal.Record) -> Leftovers:
     entry = mountinfo.find(rec.mountpoint)
     found.fuse_mounted = entry is not None and entry.fstype.startswith("fuse")
     return found
+
+
+def vixmntapi_mounts(rec: journal.Record) -> list[str]:
+    """VixMntapi's FUSE mounts of the disks the mount opened that are still mounted."""
+    now = mntapi.fuse_mounts()
+    paths: set[str] = set()
+    for entry in rec.vixmntapi:
+        journaled = [str(p) for p in entry.get("fuse", [])]
+        if journaled:
+            paths |= {p for p in journaled if p in now}
+        elif entry.get("name"):
+            # Killed during OpenDisks, before it noted the path: VixMntapi's .info files.
+            paths |= set(mntapi.fuse_mounts_of(str(entry["name"])))
+    return sorted(paths)
 
 
 def _cmd(argv: list[str]) -> str | None:
@@ -187,6 +209,15 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.ok(f"detached {loop}")
         else:
             report.fail(f"{loop}: {err}", f"losetup --detach {loop}")
+    for path in found.vixmntapi:
+        err = mntapi.unmount_fuse(path)  # its server, a forked copy of the dead mount, exits
+        if err is None:
+            report.ok(f"unmounted VixMntapi's disk mount {path}")
+        else:
+            report.fail(f"VixMntapi's disk mount {path}: {err}", f"umount --lazy {path}")
+    if not mntapi.fuse_mounts() & set(found.vixmntapi):
+        for entry in rec.vixmntapi:
+            _journal_drop(rec, "vixmntapi", entry, report)
     for a in rec.appliances:
         tmp = a.get("tmp")
         if tmp and Path(tmp).exists():
@@ -194,22 +225,19 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             if Path(tmp).exists():
                 report.fail(f"cannot remove {tmp}", f"rm -r {tmp}")
-            else:
-                report.ok(f"removed the appliance's temporary files {tmp}")
-        with contextlib.suppress(Exception):
-            _journal_drop(rec, "appliances", a)
+                continue
+            report.ok(f"removed the appliance's temporary files {tmp}")
+        _journal_drop(rec, "appliances", a, report)
     for d in _run_dirs(rec):
-        with contextlib.suppress(FileNotFoundError):
-            for sub in sorted(Path(d).iterdir(), reverse=True):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
-            try:
-                Path(d).rmdir()
-                report.ok(f"removed {d}")
-            except OSError as e:
-                report.fail(f"{d}: {e.strerror}", f"umount what is under {d}, then rmdir it")
-        with contextlib.suppress(Exception):
-            _journal_drop(rec, "run_dirs", d)
+        existed = os.path.lexists(d)
+        err = remove_tree(d)
+        if err is not None:
+            # Kept in the journal: the next `ivdfs umount` finds it again.
+            report.fail(f"{d}: {err}", f"umount what is under {d}, then rm -r {d}")
+            continue
+        if existed:
+            report.ok(f"removed {d}")
+        _journal_drop(rec, "run_dirs", d, report)
     if found.fuse_mounted:
         err = _cmd(["fusermount3", "-u", "-z", str(rec.mountpoint)])
         if err is not None:
@@ -227,10 +255,18 @@ def _comm(pid: int) -> str:
         return "gone"
 
 
-def _journal_drop(rec: journal.Record, kind: str, value: object) -> None:
+def _journal_drop(rec: journal.Record, kind: str, value: object, report: Report) -> None:
+    """Strike one undone thing from the journal. A journal that cannot be written is said
+    (the thing stays listed, and the next umount finds it undone already), never hidden."""
     items = rec.doc.get(kind, [])
     rec.doc[kind] = [i for i in items if i != value]
-    _save(rec)
+    try:
+        _save(rec)
+    except OSError as e:
+        report.fail(
+            f"cannot update the journal {rec.path}: {e.strerror or e}",
+            f"check {rec.path.parent}, then run ivdfs umount {rec.mountpoint} again",
+        )
 
 
 def _save(rec: journal.Record) -> None:
@@ -278,6 +314,11 @@ def left_behind(rec: journal.Record, report: Report, e: IvdfsError, options: lis
         report.fail(f"IVD {p['ivd']} left prepared (vMotion disabled): {e}", again, code)
 
 
+# How long recovery waits for a snapshot creation its process left running; after that it
+# says so, and `ivdfs umount` again finishes the job.
+CREATE_TASK_WAIT = 300.0
+
+
 def _ivd(vs: VSphere, ivd_id: str, moref: str) -> Ivd:
     for ds in vs.datastores():
         if ds.moref == moref:
@@ -291,13 +332,19 @@ def _delete_snapshot(
     snap_id = s.get("snapshot")
     try:
         ivd = _ivd(vs, s["ivd"], s["datastore"])
+        if not snap_id and s.get("task"):
+            # Killed while the task ran: what it made is looked for once it has ended.
+            # Looking earlier would miss a snapshot the task makes later.
+            what = f"the interrupted creation of a snapshot of IVD {ivd.id}"
+            report.ok(f"waiting for {what} (task {s['task']}) to end")
+            vs.wait_task_ended(s["task"], what, CREATE_TASK_WAIT)
         existing = vs.snapshots(ivd)
         if not snap_id:
-            # Killed while the task ran: the description (mount and pid) names it.
+            # The description (mount and pid) names what the interrupted task made.
             matches = [x.id for x in existing if x.description == s["description"]]
             if not matches:
                 report.ok(f"no snapshot of IVD {ivd.id} was left by the interrupted creation")
-                _journal_drop(rec, "snapshots", s)
+                _journal_drop(rec, "snapshots", s, report)
                 return
             snap_id = matches[0]
         if snap_id not in {x.id for x in existing}:
@@ -316,7 +363,7 @@ def _delete_snapshot(
         what = f"snapshot {snap_id or '(being created)'} of IVD {s['ivd']}"
         report.fail(f"{what}: {e}", remedy, exit_code_of(e))
         return
-    _journal_drop(rec, "snapshots", s)
+    _journal_drop(rec, "snapshots", s, report)
 
 
 def _end_access(
@@ -326,7 +373,8 @@ def _end_access(
     vddk: VddkOptions,
     report: Report,
 ) -> None:
-    identity = str(rec.doc.get("identity") or "")
+    # A journal from before the identity was recorded: the only one ivdfs ever used.
+    identity = str(rec.doc.get("identity") or ACCESS_IDENTITY)
     options = [*journal.connection_options(server), *vddk.options()]
     try:
         lib = vddk.load()
@@ -347,7 +395,7 @@ def _end_access(
                 report.fail(f"EndAccess for IVD {p['ivd']}: {e}", remedy)
                 continue
             report.ok(f"EndAccess for IVD {p['ivd']} (vMotion enabled again)")
-            _journal_drop(rec, "prepared", p)
+            _journal_drop(rec, "prepared", p, report)
     finally:
         lib.exit()
 

@@ -35,6 +35,7 @@ def describe(rec: journal.Record) -> dict[str, Any]:
         "prepared_ivds": [p["ivd"] for p in rec.prepared],
         "loop_devices": left.loops,
         "volume_mounts": left.volume_mounts,
+        "vixmntapi_mounts": left.vixmntapi,
         "appliances": recover.appliance_processes(rec),
     }
     if alive:

@@ -529,12 +529,14 @@ class Summary:
     readers: dict[tuple[str, int, int], Reader] = field(default_factory=dict)
     hashes: list[dict[str, Any]] = field(default_factory=list)
     _opens: dict[tuple[int, int], Reader] = field(default_factory=dict)  # (session, fh)
+    # Intact lines of a shape this version cannot summarise: said, never skipped silently.
+    unsummarised: list[int] = field(default_factory=list)
 
     def visit(self, doc: dict[str, Any]) -> None:
         try:
             self._visit(doc)
-        except (TypeError, ValueError):
-            pass  # an intact line of a shape this version does not know: not summarised
+        except (TypeError, ValueError, AttributeError):
+            self.unsummarised.append(int(doc.get("n", 0)))
 
     def _visit(self, doc: dict[str, Any]) -> None:
         event = doc.get("event")

@@ -45,6 +45,8 @@ def errno_of(e: BaseException, where: str) -> int:
         return errno.EIO
     if isinstance(e, OSError) and e.errno:
         return e.errno
+    if isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        return errno_of(e.exceptions[0], where)  # a nursery's wrapping of one error
     log.error("unexpected error in %s", where, exc_info=e)
     return errno.EIO
 

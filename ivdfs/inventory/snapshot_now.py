@@ -72,7 +72,9 @@ class TemporarySnapshots:
             }
             self._journal.add("snapshots", entry)
             try:
-                snap = self._vs.create_snapshot(ivd, description)
+                snap = self._vs.create_snapshot(
+                    ivd, description, on_started=self._task_started(ivd.id)
+                )
             except BackendError as e:
                 self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": None})
                 raise TaskFailed(f"--snapshot-now: {e}") from None
@@ -80,6 +82,13 @@ class TemporarySnapshots:
             self.created.append((ivd, snap))
             log.info("created snapshot %s of IVD %s (%s)", snap.id, ivd.id, ivd.name)
             check()
+
+    def _task_started(self, ivd_id: str) -> Callable[[str], None]:
+        def started(task_id: str) -> None:
+            # Recovery waits for this task before it looks for what it created.
+            self._journal.update("snapshots", {"ivd": ivd_id, "snapshot": None}, task=task_id)
+
+        return started
 
     def delete_all(self) -> None:
         """Close their handles, delete every snapshot `create` made, then end the access.

@@ -236,27 +236,35 @@ class VSphere:
             last = ids[-1]
         return sorted(out, key=lambda s: s.ivd.id)
 
-    def attached_vms(self, ivds: list[Ivd]) -> dict[str, tuple[str, ...]]:
+    def attached_vms(self, ivds: list[Ivd]) -> dict[str, tuple[str, ...]] | None:
         """IVD id -> ids of the VMs it is attached to, in one call for all (VSLM, or the
         vCenter's RetrieveVStorageObjectAssociations); a host has neither: what the records
-        said (consumerId)."""
+        said (consumerId). None when the server lacks the call (an optional column)."""
         if not ivds or self.is_host:
             return {v.id: v.consumers for v in ivds}
+        missing = object()
 
         def run() -> Any:
-            if self.session.vslm is not None:
-                ids = [vim.vslm.ID(id=v.id) for v in ivds]
-                return self.session.vslm.VslmRetrieveVStorageObjectAssociations(ids=ids)
-            specs = [
-                vim.vslm.vcenter.RetrieveVStorageObjSpec(
-                    id=vim.vslm.ID(id=v.id), datastore=self._ds(v.datastore)
-                )
-                for v in ivds
-            ]
-            return self._vsom.RetrieveVStorageObjectAssociations(ids=specs)
+            try:
+                if self.session.vslm is not None:
+                    ids = [vim.vslm.ID(id=v.id) for v in ivds]
+                    return self.session.vslm.VslmRetrieveVStorageObjectAssociations(ids=ids)
+                specs = [
+                    vim.vslm.vcenter.RetrieveVStorageObjSpec(
+                        id=vim.vslm.ID(id=v.id), datastore=self._ds(v.datastore)
+                    )
+                    for v in ivds
+                ]
+                return self._vsom.RetrieveVStorageObjectAssociations(ids=specs)
+            except (vmodl.fault.MethodNotFound, vmodl.fault.NotSupported):
+                return missing  # a release without it: the answer is "unknown", not a failure
 
+        found = self._call("listing attached VMs", run)
+        if found is missing:
+            log.debug("the server cannot list attached VMs; that column stays empty")
+            return None
         out = {v.id: v.consumers for v in ivds}
-        for a in self._call("listing attached VMs", run) or []:
+        for a in found or []:
             disks = getattr(a, "vmDiskAssociation", None) or getattr(a, "vmDiskAssociations", [])
             if getattr(a, "fault", None) is None and a.id is not None:
                 out[str(a.id.id)] = tuple(sorted({str(d.vmId) for d in disks or []}))
@@ -371,9 +379,47 @@ class VSphere:
             time.sleep(interval)
             interval = min(interval * 2, TASK_POLL_MAX)
 
+    def wait_task_ended(self, task_id: str, what: str, timeout: float) -> None:
+        """Return once the task `task_id` (a moref value) is no longer queued or running:
+        ended either way, or unknown to the server (it keeps ended tasks only for a while; a
+        restart ends running ones). BackendError when it still runs after `timeout` s."""
+        pc = vmodl.query.PropertyCollector
+        start = time.monotonic()
+        interval = 0.01
+
+        def state() -> Any:
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=vim.Task(task_id, self.session.si._stub))],
+                propSet=[pc.PropertySpec(type=vim.Task, pathSet=["info.state"])],
+            )
+            try:
+                result = self.session.content.propertyCollector.RetrievePropertiesEx(
+                    [spec], pc.RetrieveOptions()
+                )
+            except vmodl.fault.ManagedObjectNotFound:
+                return None
+            props = [p.val for o in (result.objects if result else []) for p in o.propSet]
+            return props[0] if props else None
+
+        while True:
+            s = self._call(what, state)
+            if s not in (vim.TaskInfo.State.queued, vim.TaskInfo.State.running):
+                return
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                raise BackendError(f"{what}: task {task_id} still {s} after {timeout:.0f} s")
+            time.sleep(interval)
+            interval = min(interval * 2, TASK_POLL_MAX)
+
     def create_snapshot(
-        self, ivd: Ivd, description: str, progress: Progress | None = None
+        self,
+        ivd: Ivd,
+        description: str,
+        progress: Progress | None = None,
+        on_started: Callable[[str], None] | None = None,
     ) -> Snapshot:
+        """`on_started(task id)` runs once vCenter accepted the task, before it is waited
+        for: a journal keeps the id so that recovery can wait for a task its process left."""
         what = f"snapshot of IVD {ivd.name or ivd.id}"
 
         def start() -> Any:
@@ -386,7 +432,10 @@ class VSphere:
                 id=vid, datastore=ds, description=description
             )
 
-        result = self.wait_task(self._call(what, start), what, progress)
+        task = self._call(what, start)
+        if on_started is not None:
+            on_started(str(task._moId))
+        result = self.wait_task(task, what, progress)
         snap_id = str(result.id)
         for snap in self.snapshots(ivd):
             if snap.id == snap_id:

@@ -14,12 +14,12 @@ import logging
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import trio
 
-from ivdfs.errors import BackendError, NotFound
+from ivdfs.errors import BackendError, IvdfsError, NotFound
 from ivdfs.inventory.model import Datastore, Inventory, Ivd, IvdSummary, Snapshot, creation_order
 from ivdfs.tree import info, naming
 from ivdfs.tree.inodes import InodeTable
@@ -44,11 +44,32 @@ AddGenerated = Callable[
 ]
 
 BY_NAME = "by-name"
+STATS_DIR = ".ivdfs"  # the mount's own statistics, beside the datastores
 INFO_NAME = "info.json"
 # Directory read-ahead starts after this many IVD directories of one datastore were listed
 # within this many seconds.
 SCAN_LENGTH = 3
 SCAN_WINDOW = 10.0
+
+
+def _first_ivdfs_error(group: BaseExceptionGroup[BaseException]) -> IvdfsError | None:
+    """The first error of a nursery's group when all of them are ivdfs's own (a backend
+    failure, a name not found); None when anything else is in it (a bug, a cancellation)."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    if not leaves or not all(isinstance(e, IvdfsError) for e in leaves):
+        return None
+    first = leaves[0]
+    assert isinstance(first, IvdfsError)
+    return first
 
 
 @dataclass(eq=False)
@@ -65,8 +86,17 @@ IvdData = tuple[Ivd, list[Snapshot], bool]
 _Job = tuple[Datastore, str, _Ahead]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_ns(t: datetime | None, default: int) -> int:
-    return int(t.timestamp() * 1e9) if t is not None else default
+    """Nanoseconds since the epoch, exactly: `timestamp() * 1e9` in floats lands a nanosecond
+    off for most microsecond times."""
+    if t is None:
+        return default
+    if t.tzinfo is None:
+        t = t.astimezone(UTC)  # a naive time is local, as timestamp() takes it
+    return (t - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)
@@ -115,6 +145,7 @@ class Catalog:
         self._ahead_ttl = listings.refresh if listings.refresh > 0 else math.inf
         self._recent: dict[str, list[float]] = {}
         self._summaries: dict[str, dict[str, IvdSummary]] = {}
+        self._ds_entries: dict[str, str] = {}  # datastore moref -> its root entry's name
         self.stats = {
             "read_ahead_workers": self._ahead_workers,
             "read_ahead_queued": 0,
@@ -133,17 +164,21 @@ class Catalog:
         if BY_NAME not in d.children:
             self.inodes.add(d, self._dir(ByNameDir, BY_NAME, self.load_by_name))
 
-        def make(ds: Datastore) -> Make:
-            return lambda: self._dir(DatastoreDir, ds.name, self.load_datastore, datastore=ds)
+        def make(name: str, ds: Datastore) -> Make:
+            return lambda: self._dir(DatastoreDir, name, self.load_datastore, datastore=ds)
 
-        wanted: dict[str, tuple[Hashable, Make]] = {}
-        for ds in await self._query(self.inventory.datastores):
-            if not self.subset.shows_datastore(ds):
-                continue
-            if ds.name in wanted:
-                self.listings.warn_once(f"two datastores are named {ds.name!r}; showing one only")
-                continue
-            wanted[ds.name] = (ds.moref, make(ds))
+        shown = {
+            ds.moref: ds
+            for ds in await self._query(self.inventory.datastores)
+            if self.subset.shows_datastore(ds)
+        }
+        names = naming.datastore_names(
+            ((ds.name, ds.moref) for ds in shown.values()), reserved=(BY_NAME, STATS_DIR)
+        )
+        self._ds_entries = {moref: name for name, moref in names.items()}
+        wanted: dict[str, tuple[Hashable, Make]] = {
+            name: (moref, make(name, shown[moref])) for name, moref in names.items()
+        }
         self.listings.sync(d, DatastoreDir, wanted)
         return True
 
@@ -233,9 +268,17 @@ class Catalog:
             else:
                 out["snaps"] = await self._query(lambda: self.inventory.snapshots_of(ds, ivd_id))
 
-        async with trio.open_nursery() as n:
-            n.start_soon(record)
-            n.start_soon(snapshots)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(record)
+                n.start_soon(snapshots)
+        except BaseExceptionGroup as group:
+            # Both queries fail together when vCenter does (refused, down, logged out): one
+            # error says it, and callers catch IvdfsError, not a group of them.
+            first = _first_ivdfs_error(group)
+            if first is None:
+                raise
+            raise first from None
         return out["ivd"], out["snaps"], known is None  # type: ignore[return-value]
 
     async def _ivd_data(self, ds: Datastore, ivd_id: str) -> IvdData:
@@ -374,7 +417,8 @@ class Catalog:
         wanted: dict[str, tuple[Hashable, Make]] = {}
         for name, snap in naming.snapshot_names(snaps).items():
             # Relative, so the links also resolve through bind mounts and in copies of the tree.
-            target = f"../../{ivd_dir.datastore.name}/{ivd_dir.ivd_id}/{snap.id}"
+            ds_entry = self._ds_entries.get(ivd_dir.datastore.moref, ivd_dir.datastore.name)
+            target = f"../../{ds_entry}/{ivd_dir.ivd_id}/{snap.id}"
             wanted[name] = (target, make(name, target, to_ns(snap.create_time, self.mount_time_ns)))
         self.listings.sync(d, SymlinkNode, wanted)
         return True

@@ -65,6 +65,7 @@ def provenance_fields(
     capacity: int | None,
     source: Source | None,
     read_at: datetime | None,
+    sector_size: int | None = None,
 ) -> dict[str, Any]:
     """What an examiner cites, in one flat block (some of it repeats `ivd` and `snapshot`).
     `capacity` and `read_at` come from the probe: the disk's own size (VixDiskLib_GetInfo)
@@ -82,7 +83,8 @@ def provenance_fields(
         "snapshot_description": snap.description,
         "capacity_bytes": capacity,
         "capacity_sectors": capacity // SECTOR_SIZE if capacity is not None else None,
-        "sector_size": SECTOR_SIZE,
+        "sector_size": SECTOR_SIZE,  # the unit of capacity_sectors (VDDK's, always 512)
+        "logical_sector_size": sector_size,  # the guest's (4096: a 4Kn disk); None unprobed
         "read_at": _time(read_at),
         "ivdfs_version": __version__,
     }
@@ -97,6 +99,7 @@ def snapshot_json(
     snap: Snapshot,
     capacity: int | None,
     *,
+    sector_size: int | None = None,
     source: Source | None = None,
     read_at: datetime | None = None,
     digests: FileDigests | None = None,
@@ -108,7 +111,7 @@ def snapshot_json(
         {
             "ivd": ivd_fields(ivd),
             "snapshot": {**snapshot_fields(snap), "capacity_bytes": capacity},
-            "provenance": provenance_fields(ivd, snap, capacity, source, read_at),
+            "provenance": provenance_fields(ivd, snap, capacity, source, read_at, sector_size),
             "hashes": hashes_fields(digests or {}),
         }
     )

@@ -10,6 +10,7 @@ IVD or snapshot never renames an existing entry.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,11 +20,16 @@ from ivdfs.inventory.model import Snapshot, creation_order
 # Leaves room for a "~<id>" suffix within NAME_MAX (255 bytes).
 MAX_BASE_BYTES = 200
 LATEST = "latest"
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/]")
+# C0, DEL and C1 (\x9b starts a terminal escape as ESC [ does), line and paragraph separators,
+# bidirectional overrides and isolates (they make a listing read other than it sorts), and
+# lone surrogates (not UTF-8 at all).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def safe_name(text: str, fallback: str) -> str:
     name = _UNSAFE.sub("_", text).strip()
+    # Anything else Unicode calls a control character (Cc) that the pattern missed.
+    name = "".join("_" if unicodedata.category(c) == "Cc" else c for c in name)
     encoded = name.encode("utf-8")
     if len(encoded) > MAX_BASE_BYTES:
         name = encoded[:MAX_BASE_BYTES].decode("utf-8", "ignore").rstrip()
@@ -55,6 +61,30 @@ def unique_names(items: Iterable[Wanted], reserved: Iterable[str] = ()) -> dict[
             continue  # the same id twice: the inventory repeated itself; one entry is enough
         taken.add(name)
         out[name] = item
+    return out
+
+
+def datastore_names(
+    stores: Iterable[tuple[str, str]], reserved: Iterable[str] = ()
+) -> dict[str, str]:
+    """Root entry name -> moref for datastores given as (name, moref). vSphere lets a datastore
+    be named almost anything: the name is made safe, and a name already taken (two datastores
+    of one name, or an entry of ivdfs's own such as by-name) gets '~' and the moref. Decided
+    in moref order, so the answer does not depend on the order vCenter lists them in."""
+    taken = set(reserved)
+    out: dict[str, str] = {}
+    for base, moref in sorted((safe_name(n, safe_name(m, "datastore")), m) for n, m in stores):
+        if moref in out.values():
+            continue  # listed twice
+        name = base
+        if name in taken:
+            name = safe_name(f"{base}~{moref}", moref)
+        n = 1
+        while name in taken:  # a name that happens to look like another's disambiguated one
+            n += 1
+            name = safe_name(f"{base}~{moref}~{n}", moref)
+        taken.add(name)
+        out[name] = moref
     return out
 
 

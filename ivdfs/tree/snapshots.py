@@ -77,6 +77,11 @@ class Disk(Protocol):
 
     async def capacity(self) -> int: ...
 
+    async def sector_size(self) -> int:
+        """The guest's logical sector size (512, or 4096 for a 4Kn disk): partition tables
+        count in it. Reads stay in 512-byte sectors whatever it is."""
+        ...
+
     async def read(self, start_sector: int, nbytes: int) -> Block: ...
 
     async def query_allocated(
@@ -105,6 +110,7 @@ class SnapshotDisk:
     snapshot: Snapshot
     disk: Disk
     size: int  # vCenter's capacity until probed, then the disk's own
+    sector_size: int = 512  # the guest's logical sector size, once probed
     reader: DiskReader | None = None
     partitions: tuple[Partition, ...] = ()
     table: PartitionTable | None = None
@@ -167,8 +173,10 @@ async def over_reader(fn: Callable[[Reader], T], reader: DiskReader, max_rounds:
     raise BackendError("the disk's metadata needs more reads than any valid layout")
 
 
-async def read_table(reader: DiskReader) -> PartitionTable:
-    return await over_reader(lambda read: parse(read, reader.size), reader, MAX_TABLE_ROUNDS)
+async def read_table(reader: DiskReader, sector_size: int = 512) -> PartitionTable:
+    return await over_reader(
+        lambda read: parse(read, reader.size, sector_size), reader, MAX_TABLE_ROUNDS
+    )
 
 
 async def read_lvm(reader: DiskReader, partitions: tuple[Partition, ...]) -> lvm.LvmScan:
@@ -187,6 +195,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
             return True
         try:
             size = await sd.disk.capacity()
+            sector_size = await sd.disk.sector_size()
         except BackendError as e:
             if not e.quiet:
                 log.warning("%s: cannot open the disk (will try again): %s", sd.where(), e)
@@ -198,7 +207,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
             log.info("%s: %d bytes (vCenter reports the IVD at %d)", sd.where(), size, sd.size)
         reader = make_reader(sd, size)
         try:
-            table = await read_table(reader)
+            table = await read_table(reader, sector_size)
         except BackendError as e:
             log.warning("%s: cannot read the partition table: %s", sd.where(), e)
             table = PartitionTable("none", (), ())
@@ -221,6 +230,7 @@ async def probe(sd: SnapshotDisk, make_reader: MakeReader) -> bool:
             if not lv.supported:
                 log.info("%s: LVM volume %s not shown: %s", sd.where(), lv.dm_name, lv.reason)
         sd.size, sd.table, sd.partitions = size, table, table.partitions
+        sd.sector_size = sector_size
         sd.logical_volumes = found.volumes
         sd.probed_at = datetime.now(UTC)
         sd.reader = reader  # last: `probed` means everything above is set
@@ -342,10 +352,12 @@ class SnapshotDirs:
         return True
 
     async def load_volumes(self, d: DirNode) -> bool:
-        """Attach the snapshot's volumes on first listing; failures leave fewer (or no) links.
+        """Attach the snapshot's volumes on first listing; failures leave fewer (or no) links,
+        and never silently: volumes/.error says what failed.
 
-        Not retried on the next listing: a backend that failed once would fail again, each
-        time with its cost (mounts, VDDK connections)."""
+        A disk that could not be read (looking for filesystems) is tried again at the next
+        listing; a volume backend that failed is not (it would fail again, each time with
+        its cost: mounts, VDDK connections)."""
         assert isinstance(d, VolumesDir) and d.disk is not None
         sd = d.disk
         if self.volumes is None or self.mountpoint is None:
@@ -354,12 +366,19 @@ class SnapshotDirs:
         here = self.mountpoint / self.inodes.path_of(snapdir)
         lv_paths = {lv.dm_name: here / lv_file_name(lv) for lv in sd.logical_volumes}
         try:
-            request = VolumeRequest(
-                sd.ivd, sd.snapshot, here / DISK_NAME, await volume_candidates(sd, lv_paths)
+            candidates = await volume_candidates(sd, lv_paths)
+        except BackendError as e:
+            log.warning("volumes of %s: cannot read the disk (will try again): %s", sd.where(), e)
+            self._volumes_error(d, f"cannot read the disk (tried again at the next listing): {e}")
+            return False
+        self._volumes_error(d, None)
+        try:
+            answer = await self.volumes.attach(
+                VolumeRequest(sd.ivd, sd.snapshot, here / DISK_NAME, candidates)
             )
-            answer = await self.volumes.attach(request)
         except Exception as e:  # any backend failure: the snapshot stays readable
             log.error("volumes of %s: %s", sd.where(), e)
+            self._volumes_error(d, f"the volume backend failed: {e}")
             return True
         refused = dict(answer.refused)
         for lv in sd.logical_volumes:
@@ -378,6 +397,14 @@ class SnapshotDirs:
             text = (reason + "\n").encode()
             self.add_generated(d, name + ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
         return True
+
+    def _volumes_error(self, d: DirNode, reason: str | None) -> None:
+        """volumes/.error: why no volume is there at all (None: remove it)."""
+        if ERROR_SUFFIX in d.children:
+            self.inodes.remove(d, ERROR_SUFFIX)
+        if reason is not None:
+            text = (reason + "\n").encode()
+            self.add_generated(d, ERROR_SUFFIX, _constant(text), d.mtime_ns, _constant(0))
 
 
 def _constant(value: T) -> Callable[[], T]:
@@ -399,6 +426,7 @@ def snapshot_info(sd: SnapshotDisk) -> bytes:
         sd.ivd,
         sd.snapshot,
         sd.size if sd.probed else None,
+        sector_size=sd.sector_size if sd.probed else None,
         source=sd.source,
         read_at=sd.probed_at,
         digests=sd.digests,

@@ -152,6 +152,9 @@ class AsyncRead:
     error: BaseException | None = None
 
 
+# Sector sizes a guest can see; anything else (0 from a library that leaves it unset) means 512.
+_LOGICAL_SECTOR_SIZES = frozenset({512, 1024, 2048, 4096})
+
 # Network transports are the only ones where VDDK serves ReadAsync in the background.
 ASYNC_TRANSPORTS = frozenset({"nbd", "nbdssl"})
 
@@ -214,6 +217,9 @@ class DiskHandle:
         self._connection = Connection(lib, server, target, transport_modes)
         self._handle: Any = None
         self.capacity_sectors = 0
+        # The disk's logical sector size as the guest sees it (4096: a 4Kn disk). VDDK's own
+        # unit stays VIXDISKLIB_SECTOR_SIZE (512) for capacity and every read whatever this is.
+        self.sector_size = _cdefs.SECTOR_SIZE
         self.transport = ""
         # ReadAsync bookkeeping: cbData is a small integer naming the request, so no Python
         # object has to be kept alive through a void pointer.
@@ -242,6 +248,9 @@ class DiskHandle:
         lib.call("VixDiskLib_GetInfo", self._handle, info, context=ctx)
         try:
             self.capacity_sectors = int(info[0].capacity)
+            # logicalSectorSize exists from VDDK 7 on; reading it from 6.x reads past the struct.
+            if lib.soversion >= 7 and int(info[0].logicalSectorSize) in _LOGICAL_SECTOR_SIZES:
+                self.sector_size = int(info[0].logicalSectorSize)
         finally:
             lib.lib.VixDiskLib_FreeInfo(info[0])
         if "VixDiskLib_GetTransportMode" in lib.optional:

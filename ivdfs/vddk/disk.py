@@ -56,6 +56,7 @@ class OpenDisk:
         self.handle = handles[0]
         self.target = handles[0].target
         self.capacity = handles[0].capacity_bytes
+        self.sector_size = handles[0].sector_size
         self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
         self.use_async = use_async and handles[0].truly_async
         sector = _cdefs.SECTOR_SIZE

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -29,6 +29,7 @@ from typing import Any
 
 import cffi
 
+from ivdfs.rundirs import remove_tree
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.errors import VddkError, VddkLoadError, VddkPluginError, code_of
 
@@ -152,6 +153,8 @@ class VddkLibrary:
         self._initialised = False
         self._private_dir: Path | None = None
         self._plugin_messages: list[str] = []
+        # What InitEx got; VixMntapi_Init must get the same (its tmpDirectory).
+        self.config_file: Path | None = None
 
     def _has(self, name: str) -> bool:
         return has_symbol(self.lib, name)
@@ -178,6 +181,7 @@ class VddkLibrary:
 
         if config_file is None:
             config_file = self._private_config()
+        self.config_file = config_file
         # The library may call these at any time until Exit: keep them alive.
         self._callbacks = log_callbacks(vddk_log, seen)
         self._plugin_messages.clear()
@@ -206,7 +210,9 @@ class VddkLibrary:
     def _private_config(self) -> Path:
         """A config file giving VDDK its own tmpDirectory, both in a fresh 0700 directory."""
         if self._private_dir is None:
-            self._private_dir = Path(tempfile.mkdtemp(prefix="ivdfs-vddk-"))
+            # Named for this process, as the guest volumes' run directories are: VixMntapi
+            # mounts volumes under tmpDirectory, and recovery of a killed mount finds them.
+            self._private_dir = Path(tempfile.mkdtemp(prefix=f"ivdfs-{os.getpid()}-vddk-"))
             # Also at interpreter exit, should `exit` never be reached.
             atexit.register(self._remove_private_dir)
         tmp = self._private_dir / "tmp"
@@ -219,7 +225,10 @@ class VddkLibrary:
 
     def _remove_private_dir(self) -> None:
         if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
+            # Never into a mount: VixMntapi mounts guest volumes under tmpDirectory.
+            problem = remove_tree(str(self._private_dir))
+            if problem is not None:
+                log.error("cannot remove VDDK's directory %s: %s", self._private_dir, problem)
             self._private_dir = None
 
     @property

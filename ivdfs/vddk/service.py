@@ -114,6 +114,7 @@ class Slot:
     held: bool = False  # a user held it since it was opened (else it was only probed)
     last_used: float = 0.0
     capacity: int | None = None  # bytes, from the disk's own GetInfo
+    sector_size: int = 512  # the guest's logical sector size, from the same GetInfo
     failure: _Failure | None = None
     failed_blocks: dict[int, tuple[float, str]] = field(default_factory=dict)
     forgotten: bool = False
@@ -207,6 +208,11 @@ class DiskService:
             self._done(slot)
         assert slot.capacity is not None
         return slot.capacity
+
+    async def sector_size(self, slot: Slot) -> int:
+        """The disk's logical sector size (4096 for a 4Kn disk); opens it the first time."""
+        await self.capacity(slot)
+        return slot.sector_size
 
     async def read(self, slot: Slot, start_sector: int, nbytes: int) -> bytearray:
         background = BACKGROUND.get()
@@ -304,6 +310,7 @@ class DiskService:
                     raise
             slot.disk = disk
             slot.capacity = disk.capacity
+            slot.sector_size = disk.sector_size
             slot.held = slot.users > 0
             slot.last_used = self._clock()
             slot.failure = None

@@ -36,6 +36,8 @@ WHOLE_DISK = 0
 
 # volumes/<name> + ERROR_SUFFIX holds the reason a volume is not mounted.
 ERROR_SUFFIX = ".error"
+# The name whose .error (volumes/.error) says why the disk shows no volume at all.
+DISK_ERROR_NAME = ""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("none", "kernel", "fuse", "guestfs", "vixmntapi")
 
-Factory = Callable[[DiskService, Journal | None], VolumeBackend]
+# Called with the disk service and the mount's journal (what a backend holds is journaled).
+Factory = Callable[[DiskService, Journal], VolumeBackend]
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
         mntapi = Mntapi(lib)
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
-    return lambda service, _journal: MntapiVolumes(mntapi, service)
+    return lambda service, journal: MntapiVolumes(mntapi, service, journal)
 
 
 def _guestfs(settings: VolumeSettings) -> Factory:

@@ -2,7 +2,8 @@
 # Builds the test bed: the vcsim launcher (Go, against Debian's
 # golang-github-vmware-govmomi-dev in GOPATH mode, fully offline) and the
 # stand-in VDDK in build/vddk/lib64, laid out like VMware's distribution
-# (make -C standin, then make -C mntapi; see standin/README.md).
+# (make -C standin, then make -C mntapi; see standin/README.md). With IVDFS_TEST_VDDK set
+# (an unpacked VMware VDDK), also the real-VDDK tier's bridge and image tool (bridge/Makefile).
 # Idempotent; a no-op when everything is up to date. Called by scripts/setup.
 set -euo pipefail
 
@@ -45,4 +46,8 @@ fi
 # The stand-in libvixMntapi links against the stand-in disk library built just above.
 if [[ -f "$here/mntapi/Makefile" ]]; then
     make -C "$here/mntapi"
+fi
+# The real-VDDK tier: only against a VDDK the user unpacked (never part of this repository).
+if [[ -n "${IVDFS_TEST_VDDK:-}" ]]; then
+    make -C "$here/bridge" VDDK="$IVDFS_TEST_VDDK"
 fi

@@ -79,7 +79,7 @@ def main() -> int:
                     images.gpt_disk(src, size)
                 else:
                     images.mbr_disk(src, size)
-                place_image(imgdir, ivd.id, snap, src)
+                place_image(imgdir, ivd, snap, src)
                 sources.append((f"{ds}/{ivd.id}/{snap}/disk.raw", src, name))
             print(f"created IVD {name!r} ({size} MiB) on {ds} with {len(kinds)} snapshot(s)")
 

@@ -221,11 +221,15 @@ def _stage(files: dict[str, bytes], root: Path) -> None:
         target.write_bytes(data)
 
 
-def _mkfs_ext4(image: Path, size: int, files: dict[str, bytes], scratch: Path) -> None:
+def _mkfs_ext4(
+    image: Path, size: int, files: dict[str, bytes], scratch: Path, block: int = 0
+) -> None:
     src = scratch / f"{image.name}.d"
     _stage(files, src)
     _blank(image, size)
-    _run("mkfs.ext4", "-q", "-F", "-L", "ivdfs", "-d", src, image)
+    # A small ext4 gets 1 KiB blocks by default, which a 4Kn disk cannot hold.
+    sized = ("-b", str(block)) if block else ()
+    _run("mkfs.ext4", "-q", "-F", *sized, "-L", "ivdfs", "-d", src, image)
 
 
 def _mkfs_vfat(
@@ -297,6 +301,8 @@ MIN_SIZE = {"xfs": 300 * MiB, "btrfs": 128 * MiB, "ext4": 4 * MiB}
 def _mkfs_for(fs: str) -> _Mkfs:
     if fs == "ext4":
         return lambda img, size, files, scratch, _start: _mkfs_ext4(img, size, files, scratch)
+    if fs == "ext4-4k":
+        return lambda img, size, files, scratch, _start: _mkfs_ext4(img, size, files, scratch, 4096)
     if fs == "xfs":
         return lambda img, size, files, scratch, _start: _mkfs_xfs(img, size, files, scratch)
     if fs == "btrfs":
@@ -346,7 +352,7 @@ def _populate(
                     number=spec.number,
                     start=start,
                     length=length,
-                    fs=spec.fs,
+                    fs=spec.fs.removesuffix("-4k") if spec.fs else None,
                     name=name,
                     bootable="boot" in flags,  # "boot" (MBR) or "legacy_boot" (GPT)
                     files={rel: _sha256(data) for rel, data in files.items()},
@@ -384,6 +390,28 @@ def gpt_disk(path: Path, size_mb: int = 64) -> DiskManifest:
     )  # fmt: skip
     specs = [_Spec(1, "ext4"), _Spec(2, "vfat"), _Spec(3, "ntfs", flat=True)]
     parts = _populate(path, specs, _parted_layout(path))
+    return DiskManifest(path, size, "gpt", parts)
+
+
+def gpt_4kn_disk(path: Path, size_mb: int = 64) -> DiskManifest:
+    """A 4Kn disk (4096-byte logical sectors): GPT header at byte 4096 (LBA 1), entries and
+    partition bounds counted in 4096-byte LBAs, as parted writes them on a loop device with
+    4096-byte sectors. 1 ext4 with files, 2 flat ext4 (top-level files only)."""
+    path = Path(path)
+    size = size_mb * MiB
+    _blank(path, size)
+    loop = _run("losetup", "--find", "--show", "--sector-size", "4096", path).strip()
+    try:
+        half = 1 + (size_mb - 2) // 2
+        _parted(
+            Path(loop), "mklabel", "gpt",
+            "mkpart", "root-4k", "ext4", "1MiB", f"{half}MiB",
+            "mkpart", "data-4k", "ext4", f"{half}MiB", "100%",
+        )  # fmt: skip
+        layout = _parted_layout(Path(loop))
+    finally:
+        _run("losetup", "--detach", loop)
+    parts = _populate(path, [_Spec(1, "ext4-4k"), _Spec(2, "ext4-4k", flat=True)], layout)
     return DiskManifest(path, size, "gpt", parts)
 
 

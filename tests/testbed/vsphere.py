@@ -4,7 +4,17 @@ Used by the t4 tests, scripts/demo and scripts/bench. ``Vcsim`` starts our launc
 (tests/testbed/vcsim/main.go, built by tests/testbed/build.sh) with a throw-away CA and
 server certificate made by the ``openssl`` CLI, and offers blocking pyvmomi helpers to
 create IVDs and snapshots. ``place_image`` puts the raw image of a snapshot where the
-stand-in VDDK library serves it from.
+stand-in VDDK library serves it from; ``place_chain`` writes an IVD's VMDK chain (one link per
+snapshot, tests/testbed/vmdk.py) under a datastore folder where vCenter's paths say, for reads
+in VDDK's local-file mode (issue 24).
+
+Disk files (the launcher's store.go): an IVD's files are ``[ds] fcd/<stem>.vmdk``,
+``<stem>-000001.vmdk``, ... with a 32-hex-digit stem unrelated to its id, as on ESXi. The
+newest link is the running disk (RetrieveVStorageObject's ``backing.filePath``); a snapshot
+freezes it (its RetrieveSnapshotDetails ``path``) and starts the next, numbered with the lowest
+number free. Deleting a snapshot consolidates its link's child into its link, as ESXi commits a
+VM snapshot (assumed the same for FCDs): the child's file goes, and whoever used it (the next
+snapshot, or the running disk) now names the snapshot's link.
 
 Concurrency: a ``Vcsim`` and its helper connection belong to one thread; ``connect()``
 returns an independent ServiceInstance that may be used from another thread.
@@ -107,6 +117,7 @@ import datetime
 import http.server
 import json
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -117,12 +128,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import SoapStubAdapter, vim, vmodl, vslm
+
+from tests.testbed import vmdk
 
 TESTBED = Path(__file__).resolve().parent
 LAUNCHER = TESTBED / "build" / "vcsim"
@@ -357,6 +370,7 @@ class Vcsim:
         cbt_block: int = 64 << 10,
         cbt_max_areas: int = 2000,
         cbt_max_span: int = 16 << 20,
+        datastore_names: Sequence[str] = (),
     ) -> None:
         """`datastores`: LocalDS_0..N-1; `delay_ms`: added to every SOAP call;
         `session_idle_timeout` (s): vcsim expires idle sessions (0: never).
@@ -369,7 +383,8 @@ class Vcsim:
         snapshot info/details, changed areas, associations, and their Host/VSLM forms);
         `populate`: IVDs made at start-up, listed in `populated` once started;
         `images_dir`: where the stand-in VDDK's images are, for QueryChangedDiskAreas;
-        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc).
+        `cbt_*`: its granularity and per-call limits in bytes/areas (module doc);
+        `datastore_names`: names for the first datastores instead of LocalDS_<n>, any text.
         """
         self.user = user
         self.password = password if password is not None else secrets.token_urlsafe(16)
@@ -405,6 +420,7 @@ class Vcsim:
         if images_dir is not None:
             self._args += ["-images", os.fspath(images_dir)]
         self._populate = list(populate)
+        self._datastore_names = list(datastore_names)
         self.populated: list[PopulatedIvd] = []
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -413,6 +429,7 @@ class Vcsim:
         self._content: Any = None
         self._log: Any = None
         self.returncode: int | None = None  # the launcher's, once stopped (0: clean exit)
+        self.facts_dir: Path | None = None  # tell_standin
         self.url = self.server = self.thumbprint = ""
         self.port = 0
         self.tmpdir = self.ca_file = self.cert_file = self._key_file = Path()
@@ -444,6 +461,10 @@ class Vcsim:
             (self.tmpdir / "faults").mkdir()
             self._args += ["-faults", str(self.tmpdir / "faults")]
             extra: list[str] = []
+            if self._datastore_names:
+                names = self.tmpdir / "datastore-names.json"
+                names.write_text(json.dumps(self._datastore_names))
+                self._args += ["-ds-names", str(names)]
             if self._populate:
                 spec = self.tmpdir / "populate.json"
                 spec.write_text(json.dumps({"ivds": [_spec_json(p) for p in self._populate]}))
@@ -626,9 +647,10 @@ class Vcsim:
         return found
 
     def _datastore(self, name: str | None) -> tuple[str, Any]:
+        """The datastore of that name or moref (two may share a name); None: the first."""
         stores = self.datastores()
         for ds_name, moref in stores:
-            if name is None or ds_name == name:
+            if name is None or name in (ds_name, moref):
                 return ds_name, vim.Datastore(moref, self.si._stub)
         raise LookupError(f"no datastore {name!r} in {stores}")
 
@@ -640,7 +662,7 @@ class Vcsim:
         return self.content.vStorageObjectManager
 
     def create_ivd(self, name: str, capacity_mb: int, datastore: str | None = None) -> Ivd:
-        """Create a thin IVD on datastore `datastore` (a name; default: the first one),
+        """Create a thin IVD on datastore `datastore` (a name or moref; default: the first one),
         through HostCreateDisk_Task in ESX mode and CreateDisk_Task otherwise."""
         ds_name, ds = self._datastore(datastore)
         spec = vim.vslm.CreateSpec(
@@ -652,13 +674,25 @@ class Vcsim:
         )
         create = self._vsom.HostCreateDisk_Task if self.esx else self._vsom.CreateDisk_Task
         obj = self.wait_task(create(spec))
-        return Ivd(
+        ivd = Ivd(
             id=obj.config.id.id,
             name=obj.config.name,
             datastore_name=ds_name,
             datastore_moref=ds._moId,
             capacity_bytes=obj.config.capacityInMB * 1024 * 1024,
         )
+        if self.facts_dir is not None:
+            record_ivd(self.facts_dir, ivd.id, ivd.datastore_moref)
+        return ivd
+
+    def tell_standin(self, images_dir: str | os.PathLike[str]) -> None:
+        """From now on, record every IVD this vCenter has and makes in `images_dir` for the
+        stand-in VDDK (`record_ivd`): it checks the datastore that PrepareForAccess, EndAccess
+        and ConnectEx name even for an IVD without images (a --snapshot-now's, before its
+        snapshot exists)."""
+        self.facts_dir = Path(images_dir)
+        for p in self.populated:
+            record_ivd(self.facts_dir, p.ivd.id, p.ivd.datastore_moref)
 
     def delete_ivd(self, ivd: Ivd) -> None:
         ivd_id, ds = self._ref(ivd)
@@ -692,6 +726,14 @@ class Vcsim:
         else:
             info = self._vsom.RetrieveSnapshotInfo(id=ivd_id, datastore=ds)
         return [s.id.id for s in info.snapshots]
+
+    def backing_path(self, ivd: Ivd) -> str:
+        """The IVD's running disk, ``backing.filePath``: "[ds] fcd/<stem>[-NNNNNN].vmdk"."""
+        ivd_id, ds = self._ref(ivd)
+        retrieve = (
+            self._vsom.HostRetrieveVStorageObject if self.esx else self._vsom.RetrieveVStorageObject
+        )
+        return str(retrieve(id=ivd_id, datastore=ds).config.backing.filePath)
 
     def rename_ivd(self, ivd: Ivd, name: str) -> None:
         ivd_id, ds = self._ref(ivd)
@@ -816,13 +858,104 @@ def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
         server.shutdown()
 
 
-def place_image(
+_DATASTORE_PATH = re.compile(r"\[(?P<ds>[^\]]+)\] (?P<rel>.+)")
+
+
+def datastore_file(datastore_dir: str | os.PathLike[str], datastore: str, path: str) -> Path:
+    """Where vSphere's "[<datastore>] fcd/x.vmdk" lies under `datastore_dir`, the datastore's
+    root on this host (what --datastore-path NAME=DIR names). ValueError for a path on another
+    datastore or one that climbs out of it."""
+    m = _DATASTORE_PATH.fullmatch(path)
+    if m is None or m["ds"] != datastore:
+        raise ValueError(f"{path!r} is not a path on datastore {datastore!r}")
+    rel = PurePosixPath(m["rel"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{path!r} leaves the datastore")
+    return Path(datastore_dir, *rel.parts)
+
+
+def place_chain(
+    vcsim: Vcsim,
+    ivd: Ivd,
+    datastore_dir: str | os.PathLike[str],
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    current: str | os.PathLike[str] | None = None,
+    layout: vmdk.Layout = "sparse",
+    seed: int | None = None,
+) -> list[vmdk.Link]:
+    """Write `ivd`'s VMDK chain where vCenter says its files are, under `datastore_dir`.
+
+    `images`: the raw image of each snapshot, in RetrieveSnapshotInfo's order; `current`: the
+    running disk's (default: the last snapshot's, i.e. nothing written since). Snapshot k's
+    path (RetrieveSnapshotDetails) gets link k, the backing filePath the last link, so that
+    reading any snapshot's file in VDDK's local-file mode gives that snapshot's image. Files of
+    this IVD's chain that vCenter no longer names (consolidated away by a snapshot deletion)
+    are removed; calling it again after a deletion rewrites the chain as ESXi would have left
+    it (every file a new inode). vCenter only: a host has no RetrieveSnapshotDetails.
+    """
+    snaps = vcsim.snapshots(ivd)
+    if len(images) != len(snaps):
+        raise ValueError(f"{len(images)} images for {len(snaps)} snapshots of {ivd.id}")
+    paths = [vcsim.snapshot_details(ivd, s)[0] for s in snaps] + [vcsim.backing_path(ivd)]
+    files = [datastore_file(datastore_dir, ivd.datastore_name, p) for p in paths]
+    folder = files[0].parent
+    if any(f.parent != folder for f in files) or len({f.name for f in files}) != len(files):
+        raise ValueError(f"not one chain in one folder: {paths}")
+    last = current if current is not None else (images[-1] if images else None)
+    if last is None:
+        raise ValueError(f"{ivd.id} has no snapshot: give the running disk's image (current=)")
+    links = vmdk.write_chain(
+        folder, [f.name for f in files], [*images, last], layout=layout, seed=seed
+    )
+    keep = {p.name for link in links for p in (link.descriptor, *link.extents)}
+    stem = files[0].name.removesuffix(".vmdk")
+    for p in folder.glob(f"{stem}*.vmdk"):
+        if p.name not in keep:
+            p.unlink()
+    return links
+
+
+def record_ivd(
     images_dir: str | os.PathLike[str],
     ivd_id: str,
+    datastore_moref: str,
+    *,
+    sector_size: int = 512,
+) -> Path:
+    """Tell the stand-in VDDK what vCenter knows of IVD `ivd_id`: the moref of its datastore
+    (ConnectEx, PrepareForAccess and EndAccess must name it) and its logical = physical sector
+    size (GetInfo's logicalSectorSize/physicalSectorSize; 4096 for a 4Kn disk). Idempotent; a
+    different answer for the same IVD is a test bug (ValueError)."""
+    dest_dir = Path(images_dir) / ivd_id
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    facts = {"datastore": datastore_moref}
+    if sector_size != 512:
+        facts["sector-size"] = f"{sector_size} {sector_size}"
+    elif (dest_dir / "sector-size").exists():
+        facts["sector-size"] = "512 512"
+    for name, value in facts.items():
+        path = dest_dir / name
+        try:
+            old = path.read_text().strip()
+        except FileNotFoundError:
+            path.write_text(value + "\n")
+            continue
+        if old != value:
+            raise ValueError(f"IVD {ivd_id}: {name} is {old!r}, not {value!r}")
+    return dest_dir
+
+
+def place_image(
+    images_dir: str | os.PathLike[str],
+    ivd: Ivd,
     snapshot_id: str,
     src_path: str | os.PathLike[str],
+    *,
+    sector_size: int = 512,
 ) -> Path:
-    """Install `src_path` as images_dir/<ivd_id>/<snapshot_id>.raw for the stand-in VDDK.
+    """Install `src_path` as images_dir/<ivd.id>/<snapshot_id>.raw for the stand-in VDDK, and
+    record the IVD's datastore and sector size beside it (`record_ivd`).
 
     A copy, not a hard link: a link would share the inode with the source, so a later
     in-place rewrite of the source (tests reuse scratch files) would silently change a
@@ -831,8 +964,7 @@ def place_image(
     name, made read-only (0444) and linked into place: readers never see a partial
     image, and an existing image is never replaced (FileExistsError).
     """
-    dest_dir = Path(images_dir) / ivd_id
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir = record_ivd(images_dir, ivd.id, ivd.datastore_moref, sector_size=sector_size)
     dest = dest_dir / f"{snapshot_id}.raw"
     tmp = dest_dir / f".{snapshot_id}.raw.{os.getpid()}.tmp"
     try:

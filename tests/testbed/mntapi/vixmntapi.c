@@ -1,15 +1,32 @@
 /*
  * vixmntapi.c -- the ivdfs test bed's stand-in for VMware's libvixMntapi.so (Linux).
  *
- * Real ABI (vixMntapi.h). OpenDisks opens the named disk through the stand-in libvixDiskLib
- * (so its call log shows the Open/Close), asks it which image file the connection serves
- * (VixDiskLibStandin_ConnectionImage), and lists that image's partitions (MBR with logicals,
- * GPT; a table-less disk is one whole-disk volume). MountVolume really mounts a volume
- * read-only: a read-only loop device on the IMAGE file (offset/sizelimit), then
- *   ext2/3/4: mount -t ext4 -o ro,noload     xfs: -o ro,norecovery    btrfs: -o ro,nologreplay
- *   ntfs: ntfs-3g -o ro                      vfat: kernel vfat if present, else fusefat -o ro,
- * into a fresh temp directory, which GetVolumeInfo reports as symbolicLink. A filesystem with no
- * driver here fails MountVolume with VIX_E_NOT_SUPPORTED and a warn-callback message.
+ * Real ABI (vixMntapi.h), and VixMntapi's behaviour as measured with the real library (VDDK
+ * 7.0.2's libvixMntapi.so.1, ../../shared/DESIGN.md):
+ *  - Init takes the same configFile as VixDiskLib_InitEx and works in its `tmpDirectory`
+ *    (without one: /tmp/vmware-<user>, as the real library does). An unreadable configFile
+ *    fails Init with VIX_E_FILE_NOT_FOUND (the real library's reaction is unknown; stricter).
+ *  - OpenDisks opens the named disk through the stand-in libvixDiskLib (so its call log shows
+ *    the Open/Close) and FUSE-mounts the disk's flat image read-only at
+ *    /run/vmware/fuse/<n>/flat (n: a decimal 64-bit hash of the disk; <n>.info beside it),
+ *    served by a forked child of the calling process (libfuse2, session leader), as the real
+ *    library does. It then lists the image's partitions (MBR with logicals, GPT; a disk
+ *    without a partition table has no volume, as with the real library, even when a
+ *    filesystem spans it).
+ *  - MountVolume really mounts a volume read-only: a read-only loop device on the FUSE flat
+ *    file (offset/sizelimit), then
+ *      ext2/3/4: mount -t ext4 -o ro,noload     xfs: -o ro,norecovery    btrfs: -o ro,nologreplay
+ *      ntfs: ntfs-3g -o ro                      vfat: kernel vfat if present, else fusefat -o ro,
+ *    on <tmpDirectory>/<n>_<partition>, which GetVolumeInfo reports as symbolicLink. A
+ *    filesystem with no driver here, or one named in VDDK_STANDIN_MNTAPI_MOUNT_FAILS (a comma
+ *    list of ext4/xfs/btrfs/ntfs/vfat, or "all"), fails with 24010, the real library's answer on
+ *    this kernel, after a warn-callback message worded like the real one.
+ *  - CloseDiskSet unmounts the FUSE mount and fails with 24009 ("The umount command failed")
+ *    when it cannot, leaving /run/vmware/fuse/<n> mounted and its server running; Exit then
+ *    warns "Failed to clean up mountless disks". The real library fails so on this machine
+ *    every time (its forked umount helpers crash), so that is the default here too: whoever
+ *    calls VixMntapi must find and unmount those mounts itself. VDDK_STANDIN_MNTAPI_UMOUNT=works
+ *    lets CloseDiskSet unmount as documented.
  * OpenDisks with diskNames == NULL calls abort(), as the real library crashes.
  *
  * Built as libvixMntapi.so.1 (VMware's name) with DT_NEEDED libfuse.so.2: like the real one,
@@ -30,11 +47,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pwd.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#define FUSE_USE_VERSION 26
+#include <fuse.h> /* libfuse2's, from libfuse-dev */
 
 #include "vixMntapi.h"
 
@@ -42,13 +64,19 @@
 #define DISKSET_TAG 0xA
 #define VOLUME_TAG 0xB
 #define MAX_VOLUMES 64
+/* Where the real library FUSE-mounts the disks it opens (measured; VIX_E 24016 names it). */
+#define FUSE_ROOT "/run/vmware/fuse"
+
+/* VixMntapi's own codes (the real library's GetErrorText knows them; so does the stand-in's). */
+#define VIX_E_MNTAPI_UMOUNT 24009
+#define VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS 24010
+#define VIX_E_MNTAPI_DAEMON 24019
 
 _Static_assert(sizeof(VixVolumeInfo) == 32, "VixVolumeInfo layout");
 _Static_assert(__builtin_offsetof(VixVolumeInfo, symbolicLink) == 8, "symbolicLink");
 _Static_assert(sizeof(VixDiskSetInfo) == 16, "VixDiskSetInfo layout");
 
 extern char **environ;
-int fuse_version(void); /* libfuse2; its headers (libfuse-dev) are not needed for this */
 
 typedef struct {
     uint64_t id;
@@ -57,14 +85,25 @@ typedef struct {
     char fs[16];
     int mounted;
     char loop[64];
-    char dir[256];
+    char dir[600];
 } vol_t;
+
+/* A disk's FUSE mount under FUSE_ROOT, shared by the disk sets open on it (refs). */
+typedef struct fusemnt {
+    struct fusemnt *next;
+    uint64_t n;
+    char dir[256];   /* FUSE_ROOT/<n> */
+    char info[300];  /* FUSE_ROOT/<n>.info */
+    pid_t server;    /* the forked child serving it */
+    int refs;
+} fusemnt_t;
 
 typedef struct diskset {
     struct diskset *next;
     uint64_t id;
     VixDiskLibHandle disk;
     char *image;
+    fusemnt_t *fm;
     int gpt;
     int nvol;
     vol_t vols[MAX_VOLUMES];
@@ -74,7 +113,10 @@ static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_inited, g_logfd = -1;
 static uint64_t g_next_id;
 static diskset_t *g_sets;
-static VixDiskLibGenericLogFunc *g_warn;
+static VixDiskLibGenericLogFunc *g_warn, *g_info;
+static fusemnt_t *g_fuse;          /* FUSE mounts this process made, incl. ones left behind */
+static char g_tmpdir[512];         /* tmpDirectory from Init's configFile */
+static char g_config[512];
 
 /* ---- log -------------------------------------------------------------------------------- */
 static void logline(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -114,6 +156,57 @@ static void warn(const char *fmt, ...) {
     va_start(ap, fmt);
     g_warn(fmt, ap);
     va_end(ap);
+}
+
+static void info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void info(const char *fmt, ...) {
+    if (!g_info) return;
+    va_list ap;
+    va_start(ap, fmt);
+    g_info(fmt, ap);
+    va_end(ap);
+}
+
+/* VDDK's config file format: `key = value`, the value optionally double-quoted, # comments. */
+static int config_value(const char *path, const char *key, char *out, size_t outlen) {
+    FILE *f = fopen(path, "re");
+    if (!f) return -1;
+    char line[1024];
+    int found = 0;
+    while (!found && fgets(line, sizeof(line), f)) {
+        char *p = line + strspn(line, " \t");
+        if (*p == '#' || strncmp(p, key, strlen(key))) continue;
+        p += strlen(key);
+        p += strspn(p, " \t");
+        if (*p != '=') continue;
+        p++;
+        p += strspn(p, " \t");
+        p[strcspn(p, "\r\n")] = 0;
+        size_t n = strlen(p);
+        while (n && (p[n - 1] == ' ' || p[n - 1] == '\t')) p[--n] = 0;
+        if (n >= 2 && p[0] == '"' && p[n - 1] == '"') {
+            p[n - 1] = 0;
+            p++;
+        }
+        snprintf(out, outlen, "%s", p);
+        found = 1;
+    }
+    fclose(f);
+    return found ? 0 : 1;
+}
+
+/* VDDK_STANDIN_MNTAPI_MOUNT_FAILS: "all" or a comma list of filesystem names. */
+static int mount_fails(const char *fs) {
+    const char *v = getenv("VDDK_STANDIN_MNTAPI_MOUNT_FAILS");
+    if (!v || !*v) return 0;
+    if (!strcmp(v, "all")) return 1;
+    size_t n = strlen(fs);
+    for (const char *p = v; *p;) {
+        size_t k = strcspn(p, ",");
+        if (k == n && !strncmp(p, fs, n)) return 1;
+        p += k + (p[k] == ',');
+    }
+    return 0;
 }
 
 /* ---- commands ----------------------------------------------------------------------------- */
@@ -266,7 +359,10 @@ static void list_volumes(diskset_t *s, int fd, uint64_t size) {
         }
         return;
     }
-    if (*fs) add_vol(s, fd, 0, 0, size, size); /* a filesystem spanning the whole disk */
+    /* A filesystem spanning the whole disk: the real library lists no volume for a disk without
+       a partition table (measured with an empty one; that a filesystem there changes nothing
+       is the stricter assumption). */
+    (void)fs;
 }
 
 /* ---- handles ------------------------------------------------------------------------------- */
@@ -288,6 +384,196 @@ static vol_t *vol_get(const void *token, diskset_t **owner) {
                 return &s->vols[i];
             }
     return NULL;
+}
+
+/* ---- the disk's FUSE mount (FUSE_ROOT/<n>/flat), as the real library makes it ------------- */
+static int g_srv_fd = -1; /* the forked server's image */
+static uint64_t g_srv_size;
+
+static int srv_getattr(const char *path, struct stat *st) {
+    memset(st, 0, sizeof(*st));
+    if (!strcmp(path, "/")) {
+        st->st_mode = S_IFDIR | 0555;
+        st->st_nlink = 2;
+    } else if (!strcmp(path, "/flat")) {
+        st->st_mode = S_IFREG | 0400;
+        st->st_nlink = 1;
+        st->st_size = (off_t)g_srv_size;
+    } else {
+        return -ENOENT;
+    }
+    return 0;
+}
+
+static int srv_readdir(const char *path, void *buf, fuse_fill_dir_t fill, off_t off,
+                       struct fuse_file_info *fi) {
+    (void)off;
+    (void)fi;
+    if (strcmp(path, "/")) return -ENOTDIR;
+    fill(buf, ".", NULL, 0);
+    fill(buf, "..", NULL, 0);
+    fill(buf, "flat", NULL, 0);
+    return 0;
+}
+
+static int srv_open(const char *path, struct fuse_file_info *fi) {
+    if (strcmp(path, "/flat")) return -ENOENT;
+    return (fi->flags & O_ACCMODE) == O_RDONLY ? 0 : -EROFS;
+}
+
+static int srv_read(const char *path, char *buf, size_t size, off_t off,
+                    struct fuse_file_info *fi) {
+    (void)path;
+    (void)fi;
+    ssize_t r = pread(g_srv_fd, buf, size, off);
+    return r < 0 ? -errno : (int)r;
+}
+
+static uint64_t fnv1a(const char *a, const char *b) {
+    uint64_t h = 1469598103934665603ULL;
+    for (const char *p = a; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ULL;
+    h = (h ^ '\n') * 1099511628211ULL;
+    for (const char *p = b; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ULL;
+    return h >> 1; /* printed as a positive decimal, like the real names */
+}
+
+static int mounted_at(const char *dir) {
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f) return 0;
+    char line[4096];
+    int found = 0;
+    while (!found && fgets(line, sizeof(line), f)) {
+        char mp[4096];
+        if (sscanf(line, "%*s %*s %*s %*s %4095s", mp) == 1 && !strcmp(mp, dir)) found = 1;
+    }
+    fclose(f);
+    return found;
+}
+
+/* The disk's FUSE mount, made (by a forked server) if this process has none for it yet. The
+   key is the disk name and the image it serves: two snapshots of one IVD (the same name, the
+   IVD id) must not share one (the real library's key is not known). */
+char *VixDiskLibStandin_ConnectionDiskName(VixDiskLibConnection connection);
+
+static VixError fuse_attach(diskset_t *s, VixDiskLibConnection conn, const char *name) {
+    uint64_t n = fnv1a(name, s->image);
+    for (fusemnt_t *m = g_fuse; m; m = m->next)
+        if (m->n == n && m->refs > 0) {
+            m->refs++;
+            s->fm = m;
+            return VIX_OK;
+        }
+    fusemnt_t *m = calloc(1, sizeof(*m));
+    if (!m) return VIX_E_OUT_OF_MEMORY;
+    m->n = n;
+    snprintf(m->dir, sizeof(m->dir), FUSE_ROOT "/%llu", (unsigned long long)n);
+    snprintf(m->info, sizeof(m->info), FUSE_ROOT "/%llu.info", (unsigned long long)n);
+    mkdir("/run/vmware", 0755);
+    mkdir(FUSE_ROOT, 0755);
+    if (mounted_at(m->dir)) { /* left by another process: the real library would fail too */
+        warn("FuseMount: %s is already mounted\n", m->dir);
+        free(m);
+        return 24001; /* "The mountpoint is already in use" */
+    }
+    if (mkdir(m->dir, 0555) != 0 && errno != EEXIST) {
+        free(m);
+        return 24016;
+    }
+    FILE *inf = fopen(m->info, "we");
+    if (inf) {
+        /* For an IVD the real library names the disk after the connection, not after the name
+           it was given: "<user>@<server>:[<datastore>] VStorageObject:<id>". */
+        char *disk = VixDiskLibStandin_ConnectionDiskName(conn);
+        fprintf(inf, ".encoding = \"UTF-8\"\nbackingPath = \"%s\"\ndiskName = \"%s\"\n"
+                     "mountPath = \"%s\"\nrefCount = \"1\"\nprivateFlatFile = \"TRUE\"\n"
+                     "isRemote = \"%s\"\nopenFlags = \"4\"\nreadOnly = \"TRUE\"\n",
+                disk ? strchr(disk, '[') : s->image, disk ? disk : name, m->dir,
+                disk ? "TRUE" : "FALSE");
+        free(disk);
+        fclose(inf);
+    }
+    int fd = open(s->image, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        if (fd >= 0) close(fd);
+        unlink(m->info);
+        rmdir(m->dir);
+        free(m);
+        return VIX_E_FILE_NOT_FOUND;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* The server: a copy of the caller, as with the real library; only C from here on. */
+        setsid();
+        g_srv_fd = fd;
+        g_srv_size = (uint64_t)st.st_size;
+        static struct fuse_operations ops;
+        ops.getattr = srv_getattr;
+        ops.readdir = srv_readdir;
+        ops.open = srv_open;
+        ops.read = srv_read;
+        char *argv[] = {"vixmntapi-standin-fuse", m->dir, "-f", "-s", "-o",
+                        "ro,allow_other,fsname=/dev/fuse", NULL};
+        int nul = open("/dev/null", O_RDWR);
+        if (nul >= 0) {
+            dup2(nul, 0);
+            dup2(nul, 1);
+            dup2(nul, 2);
+        }
+        int rc = fuse_main(6, argv, &ops, NULL);
+        /* Unmounted (by CloseDiskSet or by anyone else): gone without a trace, as the real
+           server leaves FUSE_ROOT. */
+        unlink(m->info);
+        rmdir(m->dir);
+        _exit(rc == 0 ? 0 : 1);
+    }
+    close(fd);
+    if (pid < 0) {
+        unlink(m->info);
+        rmdir(m->dir);
+        free(m);
+        return VIX_E_MNTAPI_DAEMON;
+    }
+    m->server = pid;
+    for (int i = 0; i < 1000 && !mounted_at(m->dir); i++) {
+        int st2;
+        if (waitpid(pid, &st2, WNOHANG) == pid) {
+            m->server = 0;
+            break;
+        }
+        usleep(10000);
+    }
+    if (!m->server || !mounted_at(m->dir)) {
+        if (m->server) {
+            kill(m->server, SIGKILL);
+            waitpid(m->server, NULL, 0);
+        }
+        warn("FuseMount: the fuse daemon for %s did not start\n", name);
+        unlink(m->info);
+        rmdir(m->dir);
+        free(m);
+        return VIX_E_MNTAPI_DAEMON;
+    }
+    info("FuseMount: Disk flat file mounted under %s\n", m->dir);
+    m->refs = 1;
+    m->next = g_fuse;
+    g_fuse = m;
+    s->fm = m;
+    return VIX_OK;
+}
+
+/* Drops a disk set's reference; the last one unmounts, unless unmounting "fails" (the
+   default: see the top of the file). 0, or the VixError CloseDiskSet returns. */
+static VixError fuse_detach(fusemnt_t *m) {
+    if (!m || --m->refs > 0) return VIX_OK;
+    const char *how = getenv("VDDK_STANDIN_MNTAPI_UMOUNT");
+    if (!how || strcmp(how, "works") != 0 || umount2(m->dir, 0) != 0) {
+        warn("FuseMount: Failed to unmount disk %s: umount command failed\n", m->dir);
+        return VIX_E_MNTAPI_UMOUNT;
+    }
+    waitpid(m->server, NULL, 0); /* it removes the directory and the .info as it ends */
+    m->server = 0;
+    return VIX_OK;
 }
 
 /* ---- mounting ------------------------------------------------------------------------------- */
@@ -319,33 +605,40 @@ static VixError mount_vol(diskset_t *s, vol_t *v, char *why, size_t whylen) {
     const char *fs = v->fs;
     if (!*fs) {
         snprintf(why, whylen, "no recognised filesystem");
-        return VIX_E_NOT_SUPPORTED;
+        return VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS;
     }
     int fuse_ntfs = !strcmp(fs, "ntfs");
     int fuse_fat = !strcmp(fs, "vfat") && !have_kernel_fs("vfat");
     if (fuse_ntfs && !in_path("ntfs-3g")) {
         snprintf(why, whylen, "NTFS needs ntfs-3g");
-        return VIX_E_NOT_SUPPORTED;
+        return VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS;
     }
     if (fuse_fat && !in_path("fusefat")) {
         snprintf(why, whylen, "FAT: no vfat driver in the kernel and no fusefat");
-        return VIX_E_NOT_SUPPORTED;
+        return VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS;
     }
     if (!fuse_ntfs && !fuse_fat && !have_kernel_fs(fs)) {
         snprintf(why, whylen, "the kernel has no %s driver", fs);
-        return VIX_E_NOT_SUPPORTED;
+        return VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS;
     }
-    const char *tmp = getenv("TMPDIR");
-    snprintf(v->dir, sizeof(v->dir), "%s/vixmntapi-standin-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(v->dir)) {
-        snprintf(why, whylen, "mkdtemp: %s", strerror(errno));
+    if (mount_fails(fs)) {
+        snprintf(why, whylen, "VDDK_STANDIN_MNTAPI_MOUNT_FAILS");
+        return VIX_E_MNTAPI_NO_MOUNTABLE_PARTITIONS;
+    }
+    /* Where the real library mounts a volume: <tmpDirectory>/<n>_<partition>. */
+    mkdir(g_tmpdir, 0700);
+    snprintf(v->dir, sizeof(v->dir), "%s/%llu_%d", g_tmpdir, (unsigned long long)s->fm->n,
+             v->number);
+    if (mkdir(v->dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(why, whylen, "mkdir %s: %s", v->dir, strerror(errno));
         return VIX_E_FAIL;
     }
-    char off[32], len[32];
+    char off[32], len[32], flat[300];
     snprintf(off, sizeof(off), "%llu", (unsigned long long)v->start);
     snprintf(len, sizeof(len), "%llu", (unsigned long long)v->length);
+    snprintf(flat, sizeof(flat), "%s/flat", s->fm->dir);
     char *lo[] = {"losetup", "--read-only", "--find", "--show", "--offset", off,
-                  "--sizelimit", len, s->image, NULL};
+                  "--sizelimit", len, flat, NULL};
     if (run(lo, v->loop, sizeof(v->loop)) != 0 || strncmp(v->loop, "/dev/", 5)) {
         snprintf(why, whylen, "losetup failed");
         rmdir(v->dir);
@@ -385,22 +678,39 @@ EXPORT VixError VixMntapi_Init(uint32_t majorVersion, uint32_t minorVersion,
                                VixDiskLibGenericLogFunc *log, VixDiskLibGenericLogFunc *warnf,
                                VixDiskLibGenericLogFunc *panic, const char *libDir,
                                const char *configFile) {
-    (void)log;
     (void)panic;
-    (void)configFile;
     pthread_mutex_lock(&g_mu);
     int again = g_inited;
+    VixError err = VIX_OK;
     if (!again) {
         const char *p = getenv("VDDK_STANDIN_MNTAPI_LOG");
         if (!p || !*p) p = getenv("VDDK_STANDIN_LOG");
         if (p && *p) g_logfd = open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        g_warn = warnf;
-        g_inited = 1;
+        struct passwd *pw = getpwuid(geteuid());
+        snprintf(g_tmpdir, sizeof(g_tmpdir), "/tmp/vmware-%s", pw ? pw->pw_name : "root");
+        snprintf(g_config, sizeof(g_config), "%s", configFile ? configFile : "(null)");
+        if (configFile) {
+            char t[512];
+            int r = config_value(configFile, "tmpDirectory", t, sizeof(t));
+            if (r < 0) err = VIX_E_FILE_NOT_FOUND;
+            else if (r == 0 && *t) snprintf(g_tmpdir, sizeof(g_tmpdir), "%s", t);
+        }
+        if (!err) {
+            g_warn = warnf;
+            g_info = log;
+            g_inited = 1;
+            info("VixMntapi: Using tempDirectory %s.\n", g_tmpdir);
+        }
     }
-    logline("Init", "major=%u minor=%u libDir=%s fuse=%d again=%d", majorVersion, minorVersion,
-            libDir ? libDir : "(null)", fuse_version(), again);
+    logline("Init", "major=%u minor=%u libDir=%s configFile=%s tmpDirectory=%s fuse=%d again=%d "
+            "err=%llu", majorVersion, minorVersion, libDir ? libDir : "(null)", g_config,
+            g_tmpdir, fuse_version(), again, (unsigned long long)err);
+    if (err && g_logfd >= 0) {
+        close(g_logfd);
+        g_logfd = -1;
+    }
     pthread_mutex_unlock(&g_mu);
-    return VIX_OK;
+    return err;
 }
 
 EXPORT VixError VixMntapi_OpenDisks(VixDiskLibConnection connection, const char *diskNames[],
@@ -433,7 +743,16 @@ EXPORT VixError VixMntapi_OpenDisks(VixDiskLibConnection connection, const char 
             list_volumes(s, fd, (uint64_t)st.st_size);
         }
         if (fd >= 0) close(fd);
+        if (!err) err = fuse_attach(s, connection, diskNames[0]);
         if (err) VixDiskLib_Close(s->disk);
+        /* VDDK_STANDIN_MNTAPI_HOLD_OPEN=FILE: with the disk's FUSE mount made, log `Hold` and
+           wait until FILE exists, so that a test can kill the caller in the middle of
+           OpenDisks. */
+        const char *hold = getenv("VDDK_STANDIN_MNTAPI_HOLD_OPEN");
+        if (!err && hold && *hold) {
+            logline("Hold", "call=OpenDisks fuse=%s", s->fm->dir);
+            while (access(hold, F_OK) != 0) usleep(10000);
+        }
     }
     if (!err) {
         s->id = ++g_next_id;
@@ -442,9 +761,10 @@ EXPORT VixError VixMntapi_OpenDisks(VixDiskLibConnection connection, const char 
         g_sets = s;
         *handle = (VixDiskSetHandle)(uintptr_t)((s->id << 4) | DISKSET_TAG);
     }
-    logline("OpenDisks", "diskset=%llu name=%s n=%zu flags=%u volumes=%d err=%llu",
+    logline("OpenDisks", "diskset=%llu name=%s n=%zu flags=%u volumes=%d fuse=%s err=%llu",
             s && !err ? (unsigned long long)s->id : 0ULL, diskNames[0] ? diskNames[0] : "(null)",
-            numberOfDisks, openFlags, s ? s->nvol : 0, (unsigned long long)err);
+            numberOfDisks, openFlags, s ? s->nvol : 0, s && s->fm ? s->fm->dir : "-",
+            (unsigned long long)err);
     if (err && s) {
         free(s->image);
         free(s);
@@ -460,7 +780,7 @@ EXPORT VixError VixMntapi_GetDiskSetInfo(VixDiskSetHandle handle, VixDiskSetInfo
     if (!err) {
         *diskSetInfo = calloc(1, sizeof(VixDiskSetInfo));
         (*diskSetInfo)->openFlags = VIXDISKLIB_FLAG_OPEN_READ_ONLY;
-        (*diskSetInfo)->mountPath = strdup(s->image);
+        (*diskSetInfo)->mountPath = strdup(s->fm->dir);
     }
     pthread_mutex_unlock(&g_mu);
     return err;
@@ -515,8 +835,9 @@ EXPORT VixError VixMntapi_MountVolume(VixVolumeHandle volumeHandle, Bool readOnl
     } else if (v->mounted) err = VIX_E_FAIL;
     else err = mount_vol(s, v, why, sizeof(why));
     if (err && *why)
-        warn("VixMntapi stand-in: volume %d (%s) not mounted: %s\n", v ? v->number : 0,
-             v && *v->fs ? v->fs : "unknown", why);
+        warn("VixMntapi: VixMntapi_MountVolume: Failed to mount partition %d of disk on '%s': "
+             "Error %llu (%s)\n", v ? v->number : 0, v ? v->dir : "-", (unsigned long long)err,
+             why);
     logline("MountVolume", "volume=%llu number=%d fs=%s readOnly=%d loop=%s path=%s err=%llu",
             v ? (unsigned long long)v->id : 0ULL, v ? v->number : 0, v && *v->fs ? v->fs : "-",
             readOnly ? 1 : 0, v && *v->loop && !err ? v->loop : "-",
@@ -558,7 +879,8 @@ EXPORT void VixMntapi_FreeVolumeInfo(VixVolumeInfo *info) {
     free(info);
 }
 
-static int close_set_locked(diskset_t *s) {
+/* Closes a disk set; `*err` gets what CloseDiskSet returns (its FUSE mount's fate). */
+static int close_set_locked(diskset_t *s, VixError *err) {
     int left = 0;
     for (int i = 0; i < s->nvol; i++)
         if (s->vols[i].mounted) {
@@ -566,6 +888,11 @@ static int close_set_locked(diskset_t *s) {
             dismount(&s->vols[i]);
         }
     VixDiskLib_Close(s->disk);
+    VixError e = fuse_detach(s->fm);
+    if (e)
+        warn("VixMntapi: VixMntapi_CloseDiskSet: Error unmounting disk '%s': Error %llu (The "
+             "umount command failed)\n", s->image, (unsigned long long)e);
+    if (err) *err = e;
     for (diskset_t **pp = &g_sets; *pp; pp = &(*pp)->next)
         if (*pp == s) {
             *pp = s->next;
@@ -580,27 +907,35 @@ EXPORT VixError VixMntapi_CloseDiskSet(VixDiskSetHandle diskSet) {
     pthread_mutex_lock(&g_mu);
     diskset_t *s = set_get(diskSet);
     uint64_t id = s ? s->id : 0;
-    int left = s ? close_set_locked(s) : 0;
+    VixError err = s ? VIX_OK : VIX_E_INVALID_ARG;
+    int left = s ? close_set_locked(s, &err) : 0;
     if (left) logline("VIOLATION", "close-with-mounted diskset=%llu mounted=%d",
                       (unsigned long long)id, left);
-    logline("CloseDiskSet", "diskset=%llu mounted=%d err=%d", (unsigned long long)id, left,
-            s ? 0 : VIX_E_INVALID_ARG);
+    logline("CloseDiskSet", "diskset=%llu mounted=%d err=%llu", (unsigned long long)id, left,
+            (unsigned long long)err);
     pthread_mutex_unlock(&g_mu);
-    return s ? VIX_OK : VIX_E_INVALID_ARG;
+    return err;
 }
 
 EXPORT void VixMntapi_Exit(void) {
     pthread_mutex_lock(&g_mu);
-    int sets = 0, mounted = 0;
+    int sets = 0, mounted = 0, fuse_left = 0;
     while (g_sets) {
         sets++;
-        mounted += close_set_locked(g_sets);
+        mounted += close_set_locked(g_sets, NULL);
     }
     if (sets) logline("VIOLATION", "exit-with-open disksets=%d mounted=%d", sets, mounted);
-    logline("Exit", "inited=%d disksets=%d mounted=%d", g_inited, sets, mounted);
+    /* Like the real library: what CloseDiskSet could not unmount stays mounted, served. */
+    for (fusemnt_t *m = g_fuse; m; m = m->next)
+        if (m->server && mounted_at(m->dir)) fuse_left++;
+    if (fuse_left)
+        warn("VixMntapi: VixMntapi_Exit: Failed to clean up mountless disks: FUSE error 19 "
+             "(Another process is performing an operation on this mounted virtual disk)\n");
+    logline("Exit", "inited=%d disksets=%d mounted=%d fuse_left=%d", g_inited, sets, mounted,
+            fuse_left);
     if (g_logfd >= 0) close(g_logfd);
     g_logfd = -1;
     g_inited = 0;
-    g_warn = NULL;
+    g_warn = g_info = NULL;
     pthread_mutex_unlock(&g_mu);
 }

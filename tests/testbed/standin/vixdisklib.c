@@ -4,9 +4,11 @@
  * Exports the public VixDiskLib names with the public struct layouts (see vixDiskLib.h) and
  * serves raw images: in server mode the IVD <id> at snapshot <ssId> is
  * $VDDK_STANDIN_IMAGES/<id>/<ssId>.raw (current.raw without a snapshot); in VDDK's local-file
- * mode VixDiskLib_Open names the file. Everything else (latency, bandwidth, faults, call log)
- * is configured from VDDK_STANDIN_* environment variables read at VixDiskLib_InitEx; see
- * README.md. Files are only ever opened O_RDONLY.
+ * mode VixDiskLib_Open names the file: a VMDK (descriptor or hosted sparse file, and its chain
+ * of parents) is read through vmdk.c as real VDDK reads it, any other file as a raw disk.
+ * Everything else (latency, bandwidth, faults, call log) is configured from VDDK_STANDIN_*
+ * environment variables read at VixDiskLib_InitEx; see README.md. Files are only ever opened
+ * O_RDONLY.
  *
  * Handles and connections handed to the caller are tagged ids, not pointers, so that a stale
  * or foreign handle is detected (and logged as a VIOLATION) instead of being dereferenced.
@@ -32,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -39,6 +42,7 @@
 #include <unistd.h>
 
 #include "vixDiskLib.h"
+#include "vmdk.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -408,6 +412,7 @@ typedef struct conn {
     _Atomic int refs;
     int server;
     char *server_name, *ivd_id, *ds, *ssid, *image, *transport_req;
+    uint32_t logical_sector, physical_sector; /* what GetInfo reports (VDDK 7+ fields) */
     _Atomic uint64_t ok_reads;
     _Atomic int lost;
     _Atomic int nhandles;
@@ -429,6 +434,7 @@ typedef struct handle {
     int outstanding;   /* queued async requests not yet completed (callback returned) */
     int64_t next_free; /* per-handle bandwidth reservation, under mu */
     uint64_t nfc_bytes; /* bytes of this session's requests the NFC server holds, under mu */
+    vmdk_disk_t *vmdk;  /* local-file mode on a VMDK: its chain (NULL: a raw file) */
 } handle_t;
 
 static conn_t *g_conns;
@@ -451,6 +457,7 @@ static void conn_put(conn_t *c) {
 static void handle_put(handle_t *h) {
     if (atomic_fetch_sub(&h->refs, 1) != 1) return;
     if (h->fd >= 0) close(h->fd);
+    vmdk_close(h->vmdk);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
     free(h->path);
@@ -634,6 +641,38 @@ static int pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
     return 0;
 }
 
+/* ---- local-file mode on VMDK files (vmdk.c) ------------------------------------------ */
+/* `len` bytes of the disk from byte `off` (both whole sectors except for an injected short
+   read): from the VMDK chain, or from the raw file. */
+static VixError read_image(handle_t *h, uint8_t *buf, uint64_t off, size_t len) {
+    if (!h->vmdk) return pread_full(h->fd, buf, len, (off_t)off) < 0 ? VIX_E_FILE_ERROR : VIX_OK;
+    uint64_t first = off / SECTOR, last = (off + len + SECTOR - 1) / SECTOR;
+    if (off % SECTOR == 0 && len % SECTOR == 0) return vmdk_read(h->vmdk, first, last - first, buf);
+    uint8_t *tmp = malloc((last - first) * SECTOR);
+    if (!tmp) return VIX_E_OUT_OF_MEMORY;
+    VixError err = vmdk_read(h->vmdk, first, last - first, tmp);
+    if (err == VIX_OK) memcpy(buf, tmp + off % SECTOR, len);
+    free(tmp);
+    return err;
+}
+
+/* Opens the VMDK chain of a local-file handle when `fd` holds a VMDK or its name ends in
+   ".vmdk" (else leaves *out NULL: the file is served raw). Real VDDK reads only VMDKs (16063
+   for anything else); raw files are the stand-in's own convenience, so that a damaged VMDK is
+   never served raw, the name decides as much as the contents. */
+static VixError open_vmdk(int fd, const char *path, uint32_t flags, vmdk_disk_t **out) {
+    *out = NULL;
+    size_t n = strlen(path);
+    int named = n >= 5 && !strcasecmp(path + n - 5, ".vmdk");
+    if (!named && !vmdk_probe(fd)) return VIX_OK;
+    char why[512] = "";
+    VixError err = vmdk_open(path, (flags & VIXDISKLIB_FLAG_OPEN_SINGLE_LINK) != 0, out, why,
+                             sizeof(why));
+    if (err) LOG_MSG("VixDiskLib: cannot open %s: %s (error %llu).\n", path, why,
+                     (unsigned long long)err);
+    return err;
+}
+
 /* Does the I/O (or the injected fault) of a planned request. Never returns VIX_OK unless the
    whole buffer holds the image's bytes. */
 static VixError execute_request(req_t *r) {
@@ -662,14 +701,14 @@ static VixError execute_request(req_t *r) {
                  (unsigned long long)err);
     } else if (r->fault == FAULT_SHORT) {
         size_t half = bytes / 2;
-        if (half && pread_full(h->fd, r->buf, half, off) < 0) memset(r->buf, 0xA5, half);
+        if (half && read_image(h, r->buf, (uint64_t)off, half) != VIX_OK) memset(r->buf, 0xA5, half);
         err = g_cfg.fail_code;
         WARN_MSG("VixDiskLib stand-in: injected short read #%llu (handle %llu, %zu of %zu bytes): "
                  "error %llu.\n",
                  (unsigned long long)r->seq, (unsigned long long)h->id, half, bytes,
                  (unsigned long long)err);
-    } else if (bytes && pread_full(h->fd, r->buf, bytes, off) < 0) {
-        err = VIX_E_FILE_ERROR;
+    } else if (bytes && (err = read_image(h, r->buf, (uint64_t)off, bytes)) != VIX_OK) {
+        /* err says why */
     } else {
         atomic_fetch_add(&g_read_bytes, bytes);
         uint64_t ok = atomic_fetch_add(&c->ok_reads, 1) + 1;
@@ -687,7 +726,9 @@ static VixError execute_request(req_t *r) {
 static VixError check_read_args(handle_t *h, uint64_t start, uint64_t n, const void *buf,
                                 const char *func) {
     if (!buf) return VIX_E_INVALID_ARG;
-    if (n > MAX_REQUEST_SECTORS) {
+    /* The bound is the NFC server's; a local file has none (real VDDK 7.0.2 reads 4097
+       sectors in file mode). SAN and HotAdd keep it: unknown there, the stricter choice. */
+    if (n > MAX_REQUEST_SECTORS && strcmp(h->transport, "file") != 0) {
         violation("request-too-large", "func=%s handle=%llu start=%llu n=%llu max=%llu", func,
                   (unsigned long long)h->id, (unsigned long long)start, (unsigned long long)n,
                   (unsigned long long)MAX_REQUEST_SECTORS);
@@ -863,7 +904,7 @@ static const struct {
 } k_errors[] = {
     {VIX_OK, "The operation was successful"},
     {VIX_E_FAIL, "Unknown error"},
-    {VIX_E_OUT_OF_MEMORY, "Memory allocation failed. Out of memory"},
+    {VIX_E_OUT_OF_MEMORY, "Memory allocation failed. Out of memory."},
     {VIX_E_INVALID_ARG, "One of the parameters was invalid"},
     {VIX_E_FILE_NOT_FOUND, "A file was not found"},
     {VIX_E_OBJECT_IS_BUSY, "This object is being used"},
@@ -871,33 +912,44 @@ static const struct {
     {VIX_E_FILE_ERROR, "A file access error occurred on the host or guest operating system"},
     {VIX_E_CANCELLED, "The operation was canceled"},
     {VIX_E_FILE_READ_ONLY, "The file is write-protected"},
-    {VIX_E_FILE_ACCESS_ERROR, "Insufficient permissions to access the file"},
+    {VIX_E_FILE_ACCESS_ERROR, "You do not have access rights to this file"},
     {VIX_E_HOST_NOT_CONNECTED, "The host is not connected"},
-    {VIX_E_AUTHENTICATION_FAIL, "Authentication failed"},
+    {VIX_E_AUTHENTICATION_FAIL, "Authentication for encrypted virtual machine failed"},
     {VIX_E_HOST_CONNECTION_LOST, "The connection to the host was lost"},
     {VIX_E_INVALID_HANDLE, "The handle is not a valid VIX object"},
     {VIX_E_HOST_USER_PERMISSIONS, "Insufficient permissions in the host operating system"},
     {VIX_E_GUEST_USER_PERMISSIONS, "Insufficient permissions in the guest operating system"},
     {VIX_E_HOST_FILE_ERROR_EOF, "Unexpected end of file"},
-    {VIX_E_HOST_SERVER_NOT_FOUND, "Could not resolve the host name"},
-    {VIX_E_HOST_NETWORK_CONN_REFUSED, "The server refused the connection"},
+    {VIX_E_HOST_SERVER_NOT_FOUND, "The specified server could not be contacted"},
+    {VIX_E_HOST_NETWORK_CONN_REFUSED, "The server refused connection"},
     {VIX_E_HOST_TCP_SOCKET_ERROR, "A TCP socket error occurred"},
     {VIX_E_HOST_TCP_CONN_LOST, "The TCP connection was lost"},
     {VIX_E_DISK_INVAL, "One of the parameters supplied is invalid"},
     {VIX_E_DISK_NOIO, "The disk could not be read"},
-    {VIX_E_DISK_OUTOFRANGE, "The sector range is beyond the end of the disk"},
+    {VIX_E_DISK_OUTOFRANGE,
+     "You have requested access to an area of the virtual disk that is out of bounds"},
     {VIX_E_DISK_SUBSYSTEM_INIT_FAIL, "One or more required subsystems failed to initialize"},
-    {VIX_E_DISK_INVALID_CONNECTION, "The connection is not valid"},
-    {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to host"},
-    {VIX_ASYNC, "The operation is pending and will complete asynchronously"},
+    {VIX_E_DISK_INVALID_CONNECTION, "Invalid connection handle"},
+    {VIX_E_CANNOT_CONNECT_TO_HOST, "Cannot connect to the host"},
+    {24009 /* VIX_E_MNTAPI_UMOUNT */, "The umount command failed"},
+    {24010 /* VIX_E_MNTAPI_NO_MOUNTABLE_PARTITONS */,
+     "The virtual disk does not have any partitions that the host system knows how to mount"},
+    /* sic: VDDK 7.0.2's text for VIX_ASYNC */
+    {VIX_ASYNC, "The registry value type specified did not match the existing registry value type"},
     {VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED, "Mixed synchronous and asynchronous I/O is not supported"},
+    /* VixMntapi's codes, as the real libvixDiskLib 7.0.2 words them (its GetErrorText). */
+    {24001, "The mountpoint is already in use"},
+    {24009, "The umount command failed"},
+    {24010, "The virtual disk does not have any partitions that the host system knows how to mount"},
+    {24016, "Cannot create directory '/var/run/vmware/fuse'"},
+    {24019, "The VMware fuse daemon failed to start"},
 };
 
 static const char *error_text(VixError err) {
     unsigned code = (unsigned)VIX_ERROR_CODE(err);
     for (size_t i = 0; i < sizeof(k_errors) / sizeof(k_errors[0]); i++)
         if (k_errors[i].code == code) return k_errors[i].text;
-    return NULL;
+    return vmdk_error_text(code); /* the VMDK errors */
 }
 
 /* ---- helpers for ConnectEx / PrepareForAccess ----------------------------------------- */
@@ -936,6 +988,46 @@ static char *image_path(const char *id, const char *ssid) {
     if (asprintf(&path, "%s/%s/%s.raw", g_cfg.images, id, (ssid && *ssid) ? ssid : "current") < 0)
         return NULL;
     return path;
+}
+
+/* What the test bed records beside an IVD's images (tests/testbed/vsphere.py place_image), i.e.
+   what vCenter knows of the IVD: `datastore` holds the moref of the datastore it lives on, and
+   an optional `sector-size` its logical and physical sector sizes ("4096 4096" for a 4Kn
+   disk). Returns a malloc'd, trimmed first line, or NULL when the file is missing. */
+static char *ivd_fact(const char *id, const char *name) {
+    if (!g_cfg.images || !safe_component(id)) return NULL;
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s/%s", g_cfg.images, id, name) < 0) return NULL;
+    FILE *f = fopen(path, "re");
+    free(path);
+    if (!f) return NULL;
+    char line[256];
+    char *out = NULL;
+    if (fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        out = strdup(line);
+    }
+    fclose(f);
+    return out;
+}
+
+/* The IVD lives on datastore `ds`? Real vCenter looks the IVD up on the datastore the caller
+   names and fails when it is not there (the error code is assumed: not found). A test bed that
+   never recorded the IVD's datastore is a VIOLATION too: the check could not be made. */
+static VixError check_datastore(const char *func, const char *id, const char *ds) {
+    char *known = ivd_fact(id, "datastore");
+    VixError err = VIX_OK;
+    if (!known) {
+        violation("datastore-unknown", "func=%s id=%s ds=%s", func, nz(id), nz(ds));
+        err = VIX_E_FILE_NOT_FOUND;
+    } else if (strcmp(known, nz(ds)) != 0) {
+        violation("wrong-datastore", "func=%s id=%s ds=%s expected=%s", func, nz(id), nz(ds),
+                  known);
+        LOG_MSG("VixDiskLib: vStorageObject %s not found on datastore %s.\n", nz(id), nz(ds));
+        err = VIX_E_FILE_NOT_FOUND;
+    }
+    free(known);
+    return err;
 }
 
 /* The mode a server connection's handles use: the configured one if the caller's list allows
@@ -1302,6 +1394,15 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
             err = VIX_E_FILE_NOT_FOUND;
             goto out;
         }
+        if ((err = check_datastore("ConnectEx", s->id, s->datastoreMoRef)) != VIX_OK) goto out;
+        /* An IVD's snapshot is named by vStorageObjSpec.ssId; snapshotRef is the moref of a VM
+           snapshot (VMware's sample passes it for VMX specs), which means nothing for an IVD.
+           Real VDDK's answer to both at once is unknown: refusing it is the stricter choice. */
+        if (snapshotRef && *snapshotRef) {
+            violation("connect-snapshot-ref", "id=%s snapshotRef=%s", s->id, snapshotRef);
+            err = VIX_E_INVALID_ARG;
+            goto out;
+        }
     } else if (p->vmxSpec) {
         err = VIX_E_NOT_SUPPORTED; /* hosted VMs are not served by the stand-in */
         goto out;
@@ -1321,6 +1422,15 @@ EXPORT VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool read
         c->ssid = dup_or_null(p->spec.vStorageObjSpec.ssId);
         c->image = image;
         image = NULL;
+    }
+    c->logical_sector = c->physical_sector = (uint32_t)SECTOR;
+    char *sizes = server ? ivd_fact(c->ivd_id, "sector-size") : NULL;
+    if (sizes) {
+        unsigned lss = 0, pss = 0;
+        int n = sscanf(sizes, "%u %u", &lss, &pss);
+        if (n >= 1 && lss) c->logical_sector = c->physical_sector = lss;
+        if (n == 2 && pss) c->physical_sector = pss;
+        free(sizes);
     }
     c->transport_req = dup_or_null(transportModes);
     pthread_mutex_lock(&g_mu);
@@ -1385,8 +1495,9 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     const char *file = NULL;
     int fd = -1;
     uint64_t size = 0;
+    vmdk_disk_t *vmdk = NULL;
 
-    if (diskHandle) *diskHandle = NULL;
+    /* *diskHandle is set on success only: real VDDK 7.0.2 leaves it as it was on failure. */
     conn_t *c = conn_get(connection, "Open");
     if (!c) return VIX_E_INVALID_ARG;
     if (!diskHandle) {
@@ -1445,7 +1556,10 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
         err = VIX_E_FILE_ERROR;
         goto out;
     }
-    if (S_ISREG(st.st_mode)) {
+    if (S_ISREG(st.st_mode) && !c->server) {
+        if ((err = open_vmdk(fd, file, flags, &vmdk)) != VIX_OK) goto out;
+        size = vmdk ? vmdk_capacity(vmdk) * SECTOR : (uint64_t)st.st_size;
+    } else if (S_ISREG(st.st_mode)) {
         size = (uint64_t)st.st_size;
     } else if (S_ISBLK(st.st_mode)) {
         off_t end = lseek(fd, 0, SEEK_END);
@@ -1464,6 +1578,8 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     pthread_cond_init(&h->cv, NULL);
     h->fd = fd;
     fd = -1;
+    h->vmdk = vmdk;
+    vmdk = NULL;
     h->capacity = size / SECTOR;
     h->path = strdup(file);
     h->transport = transport;
@@ -1480,6 +1596,7 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
 
 out:
     if (fd >= 0) close(fd);
+    vmdk_close(vmdk);
     logline_t l;
     ll_begin(&l, "Open");
     ll_add(&l, "conn=%llu", (unsigned long long)c->id);
@@ -1491,6 +1608,24 @@ out:
     ll_emit(&l);
     conn_put(c);
     return err;
+}
+
+/* The geometry VMware gives a disk it creates, as VDDK 7.0.2 reports it (its biosGeo stays
+   0/0/0): 64 heads of 32 sectors below 1 GiB, 128 x 32 below 2 GiB, 255 x 63 from there;
+   cylinders = capacity / (heads x sectors). A disk smaller than one cylinder has one, with as
+   many 32-sector heads as fit (300 sectors: 1/9/32); below 32 sectors, assumed 1 head. */
+static void disk_geometry(uint64_t capacity, VixDiskLibGeometry *g) {
+    uint32_t heads = capacity < (1ULL << 21) ? 64 : capacity < (1ULL << 22) ? 128 : 255;
+    uint32_t sectors = heads == 255 ? 63 : 32;
+    uint64_t cyl = capacity / ((uint64_t)heads * sectors);
+    if (cyl == 0) {
+        cyl = 1;
+        heads = (uint32_t)(capacity / sectors);
+        if (heads == 0) heads = 1;
+    }
+    g->cylinders = (uint32_t)(cyl > UINT32_MAX ? UINT32_MAX : cyl);
+    g->heads = heads;
+    g->sectors = sectors;
 }
 
 EXPORT VixError VixDiskLib_GetInfo(VixDiskLibHandle diskHandle, VixDiskLibInfo **info) {
@@ -1511,27 +1646,39 @@ EXPORT VixError VixDiskLib_GetInfo(VixDiskLibHandle diskHandle, VixDiskLibInfo *
         err = VIX_E_OUT_OF_MEMORY;
         goto out;
     }
-    uint64_t cyl = h->capacity / (255 * 63);
-    i->biosGeo.cylinders = (uint32_t)(cyl > 1024 ? 1024 : cyl);
-    i->biosGeo.heads = 255;
-    i->biosGeo.sectors = 63;
-    i->physGeo.cylinders = (uint32_t)(cyl > UINT32_MAX ? UINT32_MAX : cyl);
-    i->physGeo.heads = 255;
-    i->physGeo.sectors = 63;
+    disk_geometry(h->capacity, &i->physGeo);
     i->capacity = h->capacity;
     i->adapterType = VIXDISKLIB_ADAPTER_SCSI_LSILOGIC;
-    i->numLinks = 1;
+    i->numLinks = h->vmdk ? vmdk_num_links(h->vmdk) : 1;
+    /* Measured on VDDK 7.0.2: a whole chain reports its bottom link's hint (none), a
+       single-link open the link's own parentFileNameHint. */
     i->parentFileNameHint = NULL;
+    if (h->vmdk && vmdk_parent_hint(h->vmdk) &&
+        !(i->parentFileNameHint = strdup(vmdk_parent_hint(h->vmdk)))) {
+        free(i->uuid);
+        free(i);
+        i = NULL;
+        err = VIX_E_OUT_OF_MEMORY;
+        goto out;
+    }
 #ifndef STANDIN_VDDK6
-    i->logicalSectorSize = 512;
-    i->physicalSectorSize = 512;
+    /* capacity and every Read/ReadAsync/QueryAllocatedBlocks sector stay 512 bytes
+       (VIXDISKLIB_SECTOR_SIZE) whatever the disk's own sector size: VMware's guide, "Sector
+       size could vary, but is defined in <vixDiskLib.h> as 512 bytes because VMDK files have
+       that sector size". Measured with real VDDK 7.0.2 (local mode, a disk created with
+       logicalSectorSize 4096): GetInfo says 4096/4096 and capacity 16384 for 8 MiB, sector 1
+       is byte 512, and a one-sector read at sector 1 succeeds. These two fields only say what
+       the guest sees. */
+    i->logicalSectorSize = h->conn->logical_sector;
+    i->physicalSectorSize = h->conn->physical_sector;
 #endif
     *info = i;
 out:;
     logline_t l;
     ll_begin(&l, "GetInfo");
-    ll_add(&l, "handle=%llu capacity=%llu err=%llu", (unsigned long long)h->id,
-           (unsigned long long)h->capacity, (unsigned long long)err);
+    ll_add(&l, "handle=%llu capacity=%llu logical=%u physical=%u err=%llu",
+           (unsigned long long)h->id, (unsigned long long)h->capacity, h->conn->logical_sector,
+           h->conn->physical_sector, (unsigned long long)err);
     ll_emit(&l);
     handle_put(h);
     return err;
@@ -1621,6 +1768,17 @@ EXPORT VixError VixDiskLib_ReadAsync(VixDiskLibHandle diskHandle,
     if (!h) return VIX_E_INVALID_ARG;
     enter_request(h, "ReadAsync");
     VixError err = check_read_args(h, startSector, numSectors, readBuffer, "ReadAsync");
+    if (err == VIX_E_DISK_OUTOFRANGE && callback) {
+        /* Real VDDK (7.0.2, file mode) takes the request and reports the range through the
+           callback, before ReadAsync returns VIX_ASYNC; assumed the same on every transport. */
+        req_t r = {.h = h, .start = startSector, .n = numSectors, .buf = readBuffer,
+                   .cb = callback, .cb_data = cbData};
+        log_read("ReadAsync", h, startSector, numSectors, 0, VIX_ASYNC, "mode=inline");
+        leave_request(h);
+        complete_async(&r, err, 1);
+        handle_put(h);
+        return VIX_ASYNC;
+    }
     if (err == VIX_OK && !callback) err = VIX_E_INVALID_ARG;
     req_t *r = err == VIX_OK ? calloc(1, sizeof(*r)) : NULL;
     if (err == VIX_OK && !r) err = VIX_E_OUT_OF_MEMORY;
@@ -1748,28 +1906,91 @@ static void hold_access(const char *name, const char *id) {
     }
 }
 
+/* vCenter's side of PrepareForAccess: it disables vMotion for the IVD's VMs under the caller's
+   identity, and only an EndAccess with that same identity enables it again. That state outlives
+   the process (a killed mount's Prepare is undone by `ivdfs umount` or `end-access` later), so
+   it is kept beside the IVD's images in `access`: a line "P <identity>" per successful Prepare
+   and "E <identity>" per EndAccess that ended one, under flock. Returns 1 (Prepare recorded,
+   or an EndAccess that ended one of this identity), 0 (EndAccess with nothing pending at all:
+   assumed harmless, as enabling enabled methods), -1 (EndAccess whose identity matches none of
+   the pending Prepares: vMotion would stay blocked), -2 (the file cannot be used). */
+static int access_record(const char *id, const char *identity, int prepare, long *pending) {
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s/access", g_cfg.images, id) < 0) return -2;
+    int fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    free(path);
+    if (fd < 0) return -2;
+    int rc = -2;
+    if (flock(fd, LOCK_EX) != 0) goto done;
+    long total = 0, mine = 0;
+    FILE *f = fdopen(dup(fd), "re");
+    if (!f) goto done;
+    char line[256];
+    while (fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\n")] = 0;
+        if ((line[0] != 'P' && line[0] != 'E') || line[1] != ' ') continue;
+        long d = line[0] == 'P' ? 1 : -1;
+        total += d;
+        if (!strcmp(line + 2, identity)) mine += d;
+    }
+    fclose(f);
+    *pending = total;
+    char rec[MAX_IDENTITY_LEN + 4];
+    int n = snprintf(rec, sizeof(rec), "%c %s\n", prepare ? 'P' : 'E', identity);
+    if (prepare || mine > 0) {
+        rc = write(fd, rec, (size_t)n) == n ? 1 : -2;
+    } else {
+        rc = total > 0 ? -1 : 0;
+    }
+done:
+    close(fd); /* drops the lock */
+    return rc;
+}
+
 static VixError access_common(const char *name, const VixDiskLibConnectParams *p,
                               const char *identity, int prepare) {
     if (!check_inited(name)) return VIX_E_FAIL;
     atomic_fetch_add(prepare ? &g_prepares : &g_endaccess, 1);
     VixError err = VIX_OK;
-    const char *id = NULL;
-    if (p) id = p->specType == VIXDISKLIB_SPEC_VSTORAGE_OBJECT ? p->spec.vStorageObjSpec.id
-                                                              : p->vmxSpec;
+    const char *id = NULL, *ds = NULL;
+    int vso = p && p->specType == VIXDISKLIB_SPEC_VSTORAGE_OBJECT;
+    if (p) id = vso ? p->spec.vStorageObjSpec.id : p->vmxSpec;
+    if (vso) ds = p->spec.vStorageObjSpec.datastoreMoRef;
     hold_access(name, id);
     if (!p || !identity || strlen(identity) > MAX_IDENTITY_LEN) {
         err = VIX_E_INVALID_ARG;
     } else if ((err = check_params(p, name)) != VIX_OK) {
+    } else if (!*identity || strchr(identity, '\n')) {
+        /* vCenter files the disabled methods under this identity; an empty one cannot be
+           matched by the EndAccess that must undo them (assumed refused; the stricter choice) */
+        violation("access-identity", "func=%s id=%s identity=%s", name, nz(id), identity);
+        err = VIX_E_INVALID_ARG;
+    } else if (!vso || !id || !*id || !ds || !*ds) {
+        violation("access-args", "func=%s specType=%d id=%s ds=%s", name, p->specType, nz(id),
+                  nz(ds));
+        err = VIX_E_INVALID_ARG;
     } else {
         sleep_ns(g_cfg.connect_latency_ns);
         /* EndAccess too: real VDDK's EndAccess also goes through the vSphere plugin (assumed;
            the stricter choice). */
         err = plugin_err();
         if (!err && p->serverName) err = check_server_auth(p);
+        if (!err) err = check_datastore(name, id, ds);
         if (!err && prepare && g_cfg.fail_prepare) {
             err = PERMISSION_CODE;
             WARN_MSG("VixDiskLib stand-in: injected PrepareForAccess failure: error %llu.\n",
                      (unsigned long long)err);
+        }
+        long pending = 0;
+        int rc = err ? 1 : access_record(id, identity, prepare, &pending);
+        if (rc == -1) {
+            violation("end-access-identity", "id=%s identity=%s pending=%ld", id, identity,
+                      pending);
+            err = VIX_E_INVALID_ARG;
+        } else if (rc == -2) {
+            LOG_MSG("VixDiskLib stand-in: cannot record access state of %s: %s.\n", id,
+                    strerror(errno));
+            err = VIX_E_FILE_ACCESS_ERROR;
         }
     }
     logline_t l;
@@ -1778,6 +1999,7 @@ static VixError access_common(const char *name, const VixDiskLibConnectParams *p
     ll_str(&l, "identity", identity);
     ll_str(&l, "server", p ? p->serverName : NULL);
     ll_add(&l, "err=%llu nfcHostPort=%u", (unsigned long long)err, p ? p->nfcHostPort : 0U);
+    ll_str(&l, "ds", ds);
     ll_emit(&l);
     return err;
 }
@@ -1804,22 +2026,27 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
     VixDiskLibBlock *runs = NULL;
     size_t nruns = 0, cap = 0;
     uint64_t end = startSector + numSectors;
-    if (blockList) *blockList = NULL;
-    /* The real library's rules (strings in its binary); anything else is VIX_E_INVALID_ARG.
-       A disk whose size is not a multiple of the chunk has a partial last chunk that cannot be
-       queried at all: VMware's sample stops at the last whole chunk. */
+    /* The real library's rules (strings in its binary, checked against VDDK 7.0.2 by
+       tests/t2_vddk_oracle.py); anything else is VIX_E_INVALID_ARG. A disk whose size is not a
+       multiple of the chunk has a partial last chunk that cannot be queried at all: VMware's
+       sample stops at the last whole chunk. An empty range within the rules is no error: an
+       empty list. As in 7.0.2, the arguments are checked in two steps: a breach of the first
+       leaves *blockList as it was, after it *blockList is NULL until a list is made. */
     const char *rule = !blockList                                   ? "null-blocklist"
                        : chunkSize < VIXDISKLIB_MIN_CHUNK_SIZE      ? "chunk-too-small"
                        : chunkSize > MAX_CHUNK_SIZE                 ? "chunk-too-large"
                        : (chunkSize & (chunkSize - 1))              ? "chunk-not-power-of-two"
-                       : chunkSize > h->capacity                    ? "chunk-larger-than-disk"
                        : startSector % chunkSize                    ? "start-unaligned"
                        : numSectors % chunkSize                     ? "length-unaligned"
-                       : numSectors == 0                            ? "empty-range"
-                       : (startSector > h->capacity || numSectors > h->capacity - startSector)
-                           ? "beyond-disk"
                        : numSectors / chunkSize > VIXDISKLIB_MAX_CHUNK_NUMBER ? "too-many-chunks"
                                                                               : NULL;
+    if (!rule) {
+        *blockList = NULL;
+        rule = chunkSize > h->capacity ? "chunk-larger-than-disk"
+               : (startSector > h->capacity || numSectors > h->capacity - startSector)
+                   ? "beyond-disk"
+                   : NULL;
+    }
     if (rule) {
         violation("query-allocated-blocks",
                   "handle=%llu start=%llu n=%llu chunk=%llu capacity=%llu rule=%s",
@@ -1838,6 +2065,11 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
         goto out;
     }
     sleep_ns(g_cfg.latency_ns);
+    if (h->vmdk) {
+        err = vmdk_query_allocated(h->vmdk, startSector, numSectors, chunkSize, &runs, &nruns);
+        if (err != VIX_OK) goto out;
+        goto list;
+    }
     {
         off_t pos = (off_t)(startSector * SECTOR);
         off_t lim = (off_t)(end * SECTOR);
@@ -1871,6 +2103,7 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
             pos = (off_t)(c1 * SECTOR);
         }
     }
+list:
     {
         size_t sz = offsetof(VixDiskLibBlockList, blocks) + (nruns ? nruns : 1) * sizeof(VixDiskLibBlock);
         VixDiskLibBlockList *bl = calloc(1, sz);
@@ -1910,6 +2143,21 @@ EXPORT VixError VixDiskLib_FreeBlockList(VixDiskLibBlockList *blockList) {
  * The image file a connection serves (server mode), malloc'ed for the caller to free, or NULL
  * for a local-file connection or a bad token. Lets ../mntapi/ loop-mount the very bytes that
  * VixDiskLib_Read would return. */
+/* For the stand-in VixMntapi's .info file: the disk's name as the real VixMntapi 7.0.2 writes
+   it for an IVD connection ("<user>@<server>:[<datastore>] VStorageObject:<id>", measured), or
+   NULL for a local-file connection (the name given to OpenDisks is the file). */
+EXPORT char *VixDiskLibStandin_ConnectionDiskName(VixDiskLibConnection connection) {
+    conn_t *c = conn_get(connection, "StandinConnectionDiskName");
+    if (!c) return NULL;
+    char *s = NULL;
+    if (c->server && c->ivd_id &&
+        asprintf(&s, "%s@%s:[%s] VStorageObject:%s", g_cfg.user ? g_cfg.user : "user",
+                 c->server_name ? c->server_name : "", c->ds ? c->ds : "", c->ivd_id) < 0)
+        s = NULL;
+    conn_put(c);
+    return s;
+}
+
 EXPORT char *VixDiskLibStandin_ConnectionImage(VixDiskLibConnection connection) {
     conn_t *c = conn_get(connection, "StandinConnectionImage");
     if (!c) return NULL;

@@ -74,7 +74,8 @@ func (c *cbtConfig) prepareLocked(v *ivd, snapshotID string, start int64, change
 			&types.InvalidArgument{InvalidProperty: "startOffset"})
 	}
 	if !v.cbt || sn.changeID == "" || sn.epoch != v.cbtEpoch {
-		return cbtQuery{}, faultMsg("Error caused by file "+sn.path, &types.FileFault{File: sn.path})
+		path := v.snapshotPath(sn)
+		return cbtQuery{}, faultMsg("Error caused by file "+path, &types.FileFault{File: path})
 	}
 	q := cbtQuery{capacity: capacity, start: start}
 	if c.images == "" {

@@ -12,7 +12,9 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"time"
 
+	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
 )
 
@@ -28,4 +30,39 @@ func (f faults) injected(op string) types.BaseMethodFault {
 		return nil
 	}
 	return &types.SystemError{Reason: "vcsim test bed: injected " + op + " failure"}
+}
+
+// missing: while DIR/<method>.missing exists, the method answers MethodNotFound, as on a
+// server of a release that lacks it (an optional call a client must do without).
+func (f faults) missing(method string) bool {
+	if f.dir == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(f.dir, method+".missing"))
+	return err == nil
+}
+
+// held: while DIR/<op>.hold exists, a new task of that operation stays queued (the
+// SOAP call returns the task at once, as real vCenter does) and runs only once the file
+// is gone: a test can look at the world, or kill the client, while the task is under way.
+func (f faults) held(op string) bool {
+	if f.dir == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(f.dir, op+".hold"))
+	return err == nil
+}
+
+// runTask runs the task now, or (while held) in the background once released.
+func (f faults) runTask(op string, task *simulator.Task) types.ManagedObjectReference {
+	if !f.held(op) {
+		return task.Run()
+	}
+	go func() {
+		for f.held(op) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		task.Run()
+	}()
+	return task.Self
 }

@@ -90,6 +90,7 @@ func main() {
 	cbtBlock := flag.Int64("cbt-block", 64<<10, "CBT granularity in bytes (power of two, 512 or more)")
 	cbtAreas := flag.Int("cbt-max-areas", 2000, "most changed areas one QueryChangedDiskAreas call returns")
 	cbtSpan := flag.Int64("cbt-max-span", 16<<20, "most bytes one QueryChangedDiskAreas call covers (multiple of -cbt-block)")
+	dsNames := flag.String("ds-names", "", "JSON list of names for the datastores, in order (any text: '/', control characters, \"by-name\")")
 	faultDir := flag.String("faults", "", "fail every createSnapshot/deleteSnapshot task while DIR/<operation> exists (faults.go)")
 	flag.Parse()
 
@@ -150,12 +151,6 @@ func main() {
 	model.Datastore = *datastores
 	model.Machine = 0 // VMs are not needed and slow start-up
 	model.DelayConfig.Delay = *delay
-	if *invDelay > 0 {
-		model.DelayConfig.MethodDelay = make(map[string]int)
-		for _, m := range inventoryMethods {
-			model.DelayConfig.MethodDelay[m] = int(*invDelay / time.Millisecond)
-		}
-	}
 	simulator.SessionIdleTimeout = *idle
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
@@ -172,6 +167,12 @@ func main() {
 			}
 		}
 		dc.Datastore = real
+	}
+
+	if *dsNames != "" {
+		if err := renameDatastores(*dsNames); err != nil {
+			fail("-ds-names: %v", err)
+		}
 	}
 
 	st := newStore()
@@ -209,11 +210,12 @@ func main() {
 
 	mux := http.NewServeMux()
 	model.Service.ServeMux = mux
+	slow := newInventoryDelay(*invDelay, *faultDir)
 	if *vslmOn {
-		mux.Handle(vslm.Path, registerVSLM(model.Service, o, api, *pageLimit, content.About))
+		mux.Handle(vslm.Path, slow.wrap(registerVSLM(model.Service, o, api, *pageLimit, content.About)))
 	}
 	// Host-specific patterns win over the plain "/sdk" that NewServer registers.
-	quoted := quoteSessionCookie(http.HandlerFunc(model.Service.ServeSDK))
+	quoted := quoteSessionCookie(slow.wrap(http.HandlerFunc(model.Service.ServeSDK)))
 	mux.Handle("127.0.0.1"+vim25.Path, quoted)
 	mux.Handle("localhost"+vim25.Path, quoted)
 
@@ -286,4 +288,31 @@ func (q *quotingWriter) WriteHeader(code int) {
 func (q *quotingWriter) Write(b []byte) (int, error) {
 	q.fix()
 	return q.ResponseWriter.Write(b)
+}
+
+// renameDatastores gives the model's datastores the names listed in the JSON file, in
+// inventory order: vSphere lets administrators name a datastore almost anything, and vcsim
+// has no Rename_Task for datastores.
+func renameDatastores(path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var names []string
+	if err := json.Unmarshal(data, &names); err != nil {
+		return err
+	}
+	var refs []types.ManagedObjectReference
+	for _, obj := range simulator.Map.All("Datacenter") {
+		refs = append(refs, obj.(*simulator.Datacenter).Datastore...)
+	}
+	if len(names) > len(refs) {
+		return fmt.Errorf("%d names for %d datastores", len(names), len(refs))
+	}
+	for i, name := range names {
+		ds := simulator.Map.Get(refs[i]).(*simulator.Datastore)
+		ds.Name = name
+		ds.Summary.Name = name
+	}
+	return nil
 }

@@ -131,7 +131,7 @@ func (o *ops) deleteSnapshot(ds types.ManagedObjectReference, id, snapshotID typ
 	if i < 0 {
 		return new(types.InvalidArgument)
 	}
-	v.snaps = append(v.snaps[:i], v.snaps[i+1:]...)
+	v.deleteSnapshotLocked(i)
 	return nil
 }
 
@@ -146,7 +146,7 @@ func (o *ops) snapshotDetails(ds types.ManagedObjectReference, id, snapshotID ty
 	if sn == nil {
 		return nil, new(types.NotFound)
 	}
-	d := sn.details()
+	d := v.snapshotDetails(sn)
 	return &d, nil
 }
 
@@ -244,7 +244,7 @@ func (m *vcenterManager) VStorageObjectCreateSnapshotTask(req *types.VStorageObj
 		return m.createSnapshot(req.Datastore, req.Id, req.Description)
 	})
 	return &methods.VStorageObjectCreateSnapshot_TaskBody{
-		Res: &types.VStorageObjectCreateSnapshot_TaskResponse{Returnval: task.Run()},
+		Res: &types.VStorageObjectCreateSnapshot_TaskResponse{Returnval: m.faults.runTask("createSnapshot", task)},
 	}
 }
 
@@ -298,6 +298,10 @@ func (m *vcenterManager) ClearVStorageObjectControlFlags(req *types.ClearVStorag
 // RetrieveVStorageObjectAssociations is the vim (6.7) batch call: one entry
 // per requested (id, datastore), with a per-entry NotFound fault.
 func (m *vcenterManager) RetrieveVStorageObjectAssociations(req *types.RetrieveVStorageObjectAssociations) soap.HasFault {
+	if m.faults.missing("RetrieveVStorageObjectAssociations") {
+		return &methods.RetrieveVStorageObjectAssociationsBody{Fault_: simulator.Fault("",
+			&types.MethodNotFound{Receiver: m.Self, Method: "RetrieveVStorageObjectAssociations"})}
+	}
 	m.st.mu.RLock()
 	defer m.st.mu.RUnlock()
 	res := &types.RetrieveVStorageObjectAssociationsResponse{}
@@ -390,7 +394,7 @@ func (m *hostManager) HostVStorageObjectCreateSnapshotTask(req *types.HostVStora
 		return m.createSnapshot(req.Datastore, req.Id, req.Description)
 	})
 	return &methods.HostVStorageObjectCreateSnapshot_TaskBody{
-		Res: &types.HostVStorageObjectCreateSnapshot_TaskResponse{Returnval: task.Run()},
+		Res: &types.HostVStorageObjectCreateSnapshot_TaskResponse{Returnval: m.faults.runTask("createSnapshot", task)},
 	}
 }
 

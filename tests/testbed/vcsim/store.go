@@ -6,12 +6,25 @@ package main
 // through one is seen by the others exactly as vCenter's global catalog would
 // show it.
 //
+// Disk files: each IVD has a chain of links in its datastore's fcd/ folder,
+// named as ESXi names an FCD's files: <stem>.vmdk, <stem>-000001.vmdk, ...
+// The stem is 32 random hex digits, unrelated to the IVD's id (as on ESXi:
+// clients must ask for paths, never build them). The newest link is the
+// running disk (the IVD's backing filePath); a snapshot freezes the running
+// link (its RetrieveSnapshotDetails path) and starts a new one, with the lowest
+// number no link of the IVD has. Deleting a snapshot consolidates: the link
+// after the snapshot's is merged into the snapshot's link and removed, and
+// whatever used it (the next snapshot, or the running disk) uses the snapshot's
+// link from then on. This is how ESXi commits a VM snapshot's delta into its
+// parent; for FCDs it is assumed the same (not observed on a real ESXi).
+//
 // Concurrency: the simulator serialises calls per managed object only, and
 // the managers are distinct objects, so every store access holds store.mu.
 // Methods named *Locked expect the caller to hold it; the others take it.
 
 import (
 	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"sort"
 	"strings"
@@ -31,7 +44,7 @@ type snapshot struct {
 	changeID    string // "" when CBT was off as it was taken
 	epoch       string // the IVD's CBT epoch at the time, and the change sequence in it
 	seq         int
-	path        string // the snapshot's disk, as RetrieveSnapshotDetails reports it
+	file        string // the link it froze, in fcd/ (RetrieveSnapshotDetails' path)
 }
 
 type attachment struct {
@@ -46,7 +59,8 @@ type ivd struct {
 	capacityMB   int64
 	ds           types.ManagedObjectReference
 	dsName       string
-	path         string // "[ds] fcd/<id>.vmdk"
+	stem         string   // the chain's file names: <stem>.vmdk, <stem>-000001.vmdk, ...
+	links        []string // file names in fcd/, base first; the last is the running disk
 	backingID    string
 	provisioning string
 	keepAfterVM  *bool
@@ -54,7 +68,6 @@ type ivd struct {
 	cbt          bool
 	cbtEpoch     string // a new one each time CBT is enabled: older change ids become invalid
 	cbtSeq       int
-	snapSeq      int
 	snaps        []*snapshot
 	attachments  []attachment
 	// Every change id this IVD's snapshots ever had, so that a query "since
@@ -97,13 +110,16 @@ func datastoreByName(name string) (*simulator.Datastore, error) {
 	return nil, fmt.Errorf("no datastore %q (have %s)", name, strings.Join(names, ", "))
 }
 
-// createLocked makes an IVD the way vcsim's CreateDisk_Task did (same fields,
-// same "[ds] fcd/<id>.vmdk" backing path). Unlike vcsim it writes no empty
-// descriptor files on the datastore directory: nothing reads them, and 10,000
-// file creations made a 5,000-IVD bed take seconds on a busy disk.
+// createLocked makes an IVD the way vcsim's CreateDisk_Task did (same fields),
+// but with ESXi's file naming ("[ds] fcd/<32 hex digits>.vmdk", not the id).
+// Unlike vcsim it writes no empty descriptor files on the datastore directory:
+// nothing reads them, and 10,000 file creations made a 5,000-IVD bed take
+// seconds on a busy disk (tests/testbed/vsphere.py writes chains on demand).
 func (s *store) createLocked(ds *simulator.Datastore, name string, capacityMB int64,
 	provisioning string, keepAfterVM *bool, created time.Time) *ivd {
 	id := uuid.New().String()
+	var stem [16]byte
+	_, _ = rand.Read(stem[:])
 	v := &ivd{
 		id:           id,
 		name:         name,
@@ -111,12 +127,13 @@ func (s *store) createLocked(ds *simulator.Datastore, name string, capacityMB in
 		capacityMB:   capacityMB,
 		ds:           ds.Self,
 		dsName:       ds.Name,
-		path:         fmt.Sprintf("[%s] fcd/%s.vmdk", ds.Name, id),
+		stem:         hex.EncodeToString(stem[:]),
 		backingID:    uuid.New().String(),
 		provisioning: provisioning,
 		keepAfterVM:  keepAfterVM,
 		changeIDs:    make(map[string]*snapshot),
 	}
+	v.links = []string{v.stem + ".vmdk"}
 	if s.byDS[ds.Self] == nil {
 		s.byDS[ds.Self] = make(map[string]*ivd)
 	}
@@ -180,15 +197,39 @@ func (v *ivd) setCBTLocked(on bool) {
 	}
 }
 
+// datastorePath is a file of the IVD's chain as vSphere names it.
+func (v *ivd) datastorePath(file string) string {
+	return fmt.Sprintf("[%s] fcd/%s", v.dsName, file)
+}
+
+// backingPath is the running disk: the newest link.
+func (v *ivd) backingPath() string { return v.datastorePath(v.links[len(v.links)-1]) }
+
+func (v *ivd) snapshotPath(sn *snapshot) string { return v.datastorePath(sn.file) }
+
+// newLinkName is <stem>-NNNNNN.vmdk with the lowest number no link has.
+func (v *ivd) newLinkName() string {
+	for n := 1; ; n++ {
+		name := fmt.Sprintf("%s-%06d.vmdk", v.stem, n)
+		used := false
+		for _, l := range v.links {
+			used = used || l == name
+		}
+		if !used {
+			return name
+		}
+	}
+}
+
 func (v *ivd) snapshotLocked(description string, created time.Time) *snapshot {
-	v.snapSeq++
 	sn := &snapshot{
 		id:          uuid.New().String(),
 		backingID:   uuid.New().String(),
 		description: description,
 		created:     created.Truncate(time.Microsecond),
-		path:        fmt.Sprintf("[%s] fcd/%s-%06d.vmdk", v.dsName, v.id, v.snapSeq),
+		file:        v.links[len(v.links)-1],
 	}
+	v.links = append(v.links, v.newLinkName())
 	if v.cbt {
 		v.cbtSeq++
 		sn.epoch, sn.seq = v.cbtEpoch, v.cbtSeq
@@ -197,6 +238,26 @@ func (v *ivd) snapshotLocked(description string, created time.Time) *snapshot {
 	}
 	v.snaps = append(v.snaps, sn)
 	return sn
+}
+
+// deleteSnapshotLocked removes snaps[i] and consolidates its link's child into
+// its link (see the top of this file).
+func (v *ivd) deleteSnapshotLocked(i int) {
+	sn := v.snaps[i]
+	v.snaps = append(v.snaps[:i], v.snaps[i+1:]...)
+	for k, l := range v.links {
+		if l != sn.file || k+1 == len(v.links) {
+			continue
+		}
+		child := v.links[k+1]
+		v.links = append(v.links[:k+1], v.links[k+2:]...)
+		for _, other := range v.snaps {
+			if other.file == child {
+				other.file = sn.file
+			}
+		}
+		return
+	}
 }
 
 func (v *ivd) findSnapshotLocked(id string) (int, *snapshot) {
@@ -224,7 +285,7 @@ func (v *ivd) object() types.VStorageObject {
 				Backing: &types.BaseConfigInfoDiskFileBackingInfo{
 					BaseConfigInfoFileBackingInfo: types.BaseConfigInfoFileBackingInfo{
 						BaseConfigInfoBackingInfo: types.BaseConfigInfoBackingInfo{Datastore: v.ds},
-						FilePath:                  v.path,
+						FilePath:                  v.backingPath(),
 						BackingObjectId:           v.backingID,
 					},
 					ProvisioningType: v.provisioning,
@@ -249,8 +310,8 @@ func (v *ivd) snapshotInfo() types.VStorageObjectSnapshotInfo {
 	return info
 }
 
-func (sn *snapshot) details() types.VStorageObjectSnapshotDetails {
-	return types.VStorageObjectSnapshotDetails{Path: sn.path, ChangedBlockTrackingId: sn.changeID}
+func (v *ivd) snapshotDetails(sn *snapshot) types.VStorageObjectSnapshotDetails {
+	return types.VStorageObjectSnapshotDetails{Path: v.snapshotPath(sn), ChangedBlockTrackingId: sn.changeID}
 }
 
 // setControlFlagsLocked applies Set/ClearVStorageObjectControlFlags. Only

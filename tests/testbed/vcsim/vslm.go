@@ -195,7 +195,7 @@ func (m *vslmManager) resultLocked(v *ivd) vslmObjectResult {
 		r.DatastoreUrl = ds.Summary.Url
 	}
 	if m.level.cmp(vslmDiskPath) >= 0 {
-		r.DiskPath = v.path
+		r.DiskPath = v.backingPath()
 		used := int64(0) // thin and never written, as far as vcsim knows
 		r.UsedCapacityInMB = &used
 	}
@@ -206,7 +206,7 @@ func (m *vslmManager) resultLocked(v *ivd) vslmObjectResult {
 			if m.level.cmp(vslmSnapshots) >= 0 {
 				s.Description = sn.description
 				s.SnapshotId = &types.ID{Id: sn.id}
-				s.DiskPath = sn.path
+				s.DiskPath = v.snapshotPath(sn)
 			}
 			r.SnapshotInfo = append(r.SnapshotInfo, s)
 		}
