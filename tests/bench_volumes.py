@@ -90,7 +90,7 @@ def run(work: Path, files: int, repeat: int, bw: int) -> dict[str, Any]:
         manifest = small_files_disk(root / "small.img", files)
         ivd = vcsim.create_ivd("bench-volumes", manifest.size >> 20, "LocalDS_0")
         snap = vcsim.create_snapshot(ivd, "bench")
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
         vols = f"{ivd.datastore_name}/{ivd.id}/{snap}/volumes"
         env = {"VDDK_STANDIN_LATENCY_US": "1000", "VDDK_STANDIN_GLOBAL_BW": str(bw << 20),
                "VDDK_STANDIN_LOG_READS": "0"}  # fmt: skip

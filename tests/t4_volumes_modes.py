@@ -90,7 +90,7 @@ def matrix(bed: Bed) -> Matrix:
     ivd = bed.vcsim.create_ivd("matrix", 560, "LocalDS_0")
     snaps = (bed.vcsim.create_snapshot(ivd, "one"), bed.vcsim.create_snapshot(ivd, "two"))
     for snap in snaps:
-        place_image(bed.images, ivd.id, snap, manifest.path)
+        place_image(bed.images, ivd, snap, manifest.path)
     return Matrix(ivd, snaps, manifest, sha256_file(manifest.path))
 
 
@@ -314,7 +314,7 @@ def small(bed: Bed) -> Small:
     ivd = bed.vcsim.create_ivd("small", 32, "LocalDS_0")
     snaps = (bed.vcsim.create_snapshot(ivd, "a"), bed.vcsim.create_snapshot(ivd, "b"))
     for snap in snaps:
-        place_image(bed.images, ivd.id, snap, img)
+        place_image(bed.images, ivd, snap, img)
     return Small(ivd, snaps, manifest)
 
 
