@@ -338,6 +338,7 @@ def mount_config(v: Values, mountpoint: Path) -> MountConfig:
         datastores=v.datastores,
         ivds=v.ivds,
         volumes=v.volumes,
+        guestfs_memory=v.guestfs_memory,
         vcenter_connections=v.vcenter_connections,
         audit_log=v.audit_log.expanduser().absolute() if v.audit_log else None,
         hashes=v.hashes,

@@ -158,6 +158,7 @@ class MountConfig:
     datastores: tuple[str, ...] = ()
     ivds: tuple[str, ...] = ()
     volumes: str = "none"
+    guestfs_memory: int = 2 << 30
     vcenter_connections: int = 8
     audit_log: Path | None = None
     hashes: bool = False

@@ -4,7 +4,9 @@ Role: one JSON file per mountpoint under the runtime directory (`/run/ivdfs` for
 `$XDG_RUNTIME_DIR/ivdfs` or `/tmp/ivdfs-<uid>`, mode 0700). The daemon writes it before each
 acquisition and clears the entry after each release: temporary snapshots (an intent before the
 task, the id after it), IVDs it called PrepareForAccess on (with what EndAccess needs), the
-guest volumes' run directory. Loop devices, volume mounts and their helper processes are found
+guest volumes' run directory, and each running libguestfs appliance of ``--volumes guestfs``
+(its helper and qemu processes with their start times, its FUSE mount and private temporary
+directory). Loop devices, volume mounts and their helper processes are found
 from the kernel (backing files inside the mountpoint, mounts under the run directory), which
 cannot miss one that a crash left half made. A clean exit records its status and removes the
 file; a file whose process is gone is a dead mount: `ivdfs umount` undoes it
@@ -40,7 +42,7 @@ from ivdfs.config import ServerConfig
 
 FORMAT = 1
 # What a journal holds: each kind is undone by `ivdfs umount` (commands/recover.py).
-HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi")
+HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi", "appliances")
 
 
 def runtime_dir() -> Path:
@@ -142,6 +144,12 @@ class Record:
         empty while OpenDisks runs (recovery then finds them by "name")."""
         return list(self.doc.get("vixmntapi", []))
 
+    @property
+    def appliances(self) -> list[dict[str, Any]]:
+        """--volumes guestfs appliances: {"helper", "helper_start", "qemu", "qemu_start",
+        "mount", "tmp"}."""
+        return list(self.doc.get("appliances", []))
+
     def connection_options(self) -> list[str]:
         """Options that reach the mount's own server as it did, for advice when the user gave
         none: its server and user, and the certificate it verified, pinned by thumbprint
@@ -163,7 +171,9 @@ class Record:
         return advice("umount", str(self.mountpoint), options=options)
 
     def holds_anything(self) -> bool:
-        return bool(self.snapshots or self.prepared or self.run_dirs or self.vixmntapi)
+        return bool(
+            self.snapshots or self.prepared or self.run_dirs or self.vixmntapi or self.appliances
+        )
 
 
 def load(path: Path) -> Record | None:
@@ -216,6 +226,7 @@ class Journal:
             "prepared": [],
             "run_dirs": [],
             "vixmntapi": [],
+            "appliances": [],
         }
         self._write()
 

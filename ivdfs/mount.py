@@ -58,6 +58,7 @@ from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService, Limits, Slot
 from ivdfs.volumes import setup as volumes_setup
+from ivdfs.volumes.base import Background
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,8 @@ def run(cfg: MountConfig, ready: Callable[[], None] | None = None) -> int:
             # say all is well while a snapshot or vMotion block stays behind.
             what = {"snapshots": "temporary snapshots", "prepared": "prepared IVDs (vMotion "
                     "blocked)", "run_dirs": "guest volume directories",
-                    "vixmntapi": "VixMntapi's FUSE mounts"}  # fmt: skip
+                    "vixmntapi": "VixMntapi's FUSE mounts",
+                    "appliances": "libguestfs appliances"}  # fmt: skip
             log.error(
                 "the mount ended but left %s behind; `%s` undoes them",
                 ", ".join(what[k] for k in left),
@@ -316,7 +318,9 @@ def _run(
         lib = VddkLibrary(cfg.vddk_libdir)
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
-    volumes_factory = volumes_setup.prepare(cfg.volumes, lib)
+    volumes_factory = volumes_setup.prepare(
+        volumes_setup.VolumeSettings(cfg.volumes, cfg.idle_timeout, cfg.guestfs_memory), lib
+    )
     audit = _open_audit(cfg, signals, stack)
     s = cfg.server
     record = Journal(
@@ -406,11 +410,14 @@ def _run(
     stats_dir = tree.add_dir(tree.root, STATS_DIR)
 
     def report() -> dict[str, Any]:
-        return {
+        out = {
             **io_stats.collect(lib, cache, prefetcher),
             "disks": service.report(),
             "tree": tree.report(),
         }
+        if isinstance(volumes, Background):
+            out["volumes"] = volumes.report()
+        return out
 
     tree.add_generated(stats_dir, "stats", lambda: io_stats.dump(report()))
     signals.log_stats = lambda: io_stats.log_report(log, logging.INFO, report())
@@ -534,6 +541,8 @@ async def _serve(
         if prefetcher is not None:
             # Owned by this nursery: the cancel below ends every outstanding prefetch.
             await nursery.start(prefetcher.run)
+        if isinstance(volumes, Background):
+            await nursery.start(volumes.run)  # guestfs: helpers' events, idle appliances
         await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)
         nursery.cancel_scope.cancel()
 

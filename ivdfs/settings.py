@@ -335,7 +335,8 @@ SETTINGS: tuple[Setting, ...] = (
         "idle_timeout",
         ("--idle-timeout",),
         "close a snapshot's VDDK connection this long "
-        "after its last file closed (and EndAccess its IVD when none is open) (default 60)",
+        "after its last file closed (and EndAccess its IVD when none is open); with "
+        "--volumes guestfs, also stop an appliance unused this long (default 60)",
         frozenset({"mount"}),
         _seconds,
         default=60.0,
@@ -346,13 +347,27 @@ SETTINGS: tuple[Setting, ...] = (
         "volumes",
         ("--volumes",),
         "guest volumes as <snapshot>/volumes/<n> symlinks to "
-        "read-only mounts, set up when volumes/ is first listed: 'kernel' mounts each "
-        "partition from a read-only loop device, 'vixmntapi' asks VDDK's libvixMntapi "
-        "(needs libfuse2); root only (default none)",
+        "read-only mounts, set up when volumes/ is first used: 'kernel' mounts each "
+        "filesystem with the host kernel from a read-only loop device (trusts the snapshot), "
+        "'fuse' with userspace drivers only (fuse2fs, ntfs-3g, fusefat), 'guestfs' inside a "
+        "libguestfs appliance (a small VM per snapshot: for untrusted or damaged disks), "
+        "'vixmntapi' asks VDDK's libvixMntapi (needs libfuse2); root only (default none)",
         frozenset({"mount", "check"}),
         str,
         default="none",
-        choices=("none", "kernel", "vixmntapi"),
+        choices=("none", "kernel", "fuse", "guestfs", "vixmntapi"),
+        group=_TREE,
+    ),
+    Setting(
+        "guestfs_memory",
+        ("--guestfs-memory",),
+        "memory of all running --volumes guestfs appliances together (512M each); past "
+        "it, the appliance idle longest stops first (default 2G)",
+        frozenset({"mount"}),
+        _size,
+        default=2 << 30,
+        metavar="SIZE",
+        minimum=512 << 20,
         group=_TREE,
     ),
     Setting(

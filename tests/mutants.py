@@ -5,7 +5,7 @@ whose text moved or changed is reported as stale, never applied somewhere else).
 pytest node ids, fastest and most likely killers first: the run stops at the first failure.
 `why` says what the bug would do to a user, in a few words.
 
-Areas: read path, cache, partitions, vddk, credentials. Not collected by pytest (no t<N>_
+Areas: read path, cache, partitions, vddk, credentials, volumes. Not collected by pytest (no t<N>_
 prefix); imported by scripts/mutate only.
 """
 
@@ -336,6 +336,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "return \"Secret('***')\"",
         'return f"Secret({self._value!r})"',
         PASSWORD, "a logged config or traceback shows the password",
+    ),
+    Mutant(
+        "fuse-driver-reads-the-whole-disk", "volumes", "ivdfs/volumes/fuse.py",
+        "    if c.number == WHOLE_DISK:\n        return request.disk_path\n",
+        "    if c.number == WHOLE_DISK or c.fs == \"ntfs\":\n        return request.disk_path\n",
+        ("tests/t4_volumes_modes.py::test_matrix[fuse]",),
+        "issue 27: ntfs-3g is handed disk.raw instead of the partition: the volume is missing",
+    ),
+    Mutant(
+        "recovery-leaves-appliances", "volumes", "ivdfs/commands/recover.py",
+        "            os.kill(pid, signal.SIGKILL)\n            report.ok(f\"stopped appliance",
+        "            report.ok(f\"stopped appliance",
+        ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",),
+        "issue 27: qemu of a killed mount keeps running, holding the dead mount's disk.raw",
     ),
 )
 # fmt: on

@@ -3,7 +3,9 @@
 Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (load, version,
 optional symbols, InitEx), VDDK's vSphere plugin (libvddkVimAccess.so, which VDDK loads during
 InitEx and whose failure it only logs), VixMntapi (whether libvixMntapi.so.1 loads: it needs
-libfuse2), and a test ConnectEx/Open/Read of one IVD snapshot if there is one.
+libfuse2), with ``--volumes guestfs`` libguestfs (KVM or TCG, as a mount would decide, and
+how long one appliance took to boot), and a test ConnectEx/Open/Read of one IVD snapshot if
+there is one.
 Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
 the result. VixMntapi is needed only for `--volumes vixmntapi`: otherwise its failure is a
 warning that leaves the exit code alone.
@@ -103,6 +105,8 @@ def check(
         else:
             report.skip("plugin", "needs the VDDK library")
         _vixmntapi(report, loaded, needed=volumes == "vixmntapi")
+        if volumes == "guestfs":
+            _guestfs(report)
 
         if logged_in and lib is not None and vddk is not None:
             _test_read(report, vs, lib, server, vddk, transport)
@@ -147,6 +151,26 @@ def _vixmntapi(report: Report, lib: VddkLibrary | None, needed: bool) -> None:
             report.warn("vixmntapi", f"{e} (needed only for --volumes vixmntapi)")
         return
     report.ok("vixmntapi", f"{mntapi.path} loads: --volumes vixmntapi can use it")
+
+
+def _guestfs(report: Report) -> None:
+    """libguestfs installed, KVM or TCG (as a mount would decide), and one real boot."""
+    from ivdfs.volumes import guestfs
+
+    missing = guestfs.missing_prerequisites()
+    if missing is not None:
+        report.fail("guestfs", UserError(f"{missing}; install {guestfs.PACKAGES}"))
+        return
+    accelerator = guestfs.probe_accelerator()
+    try:
+        seconds = guestfs.boot_test(accelerator)
+    except RuntimeError as e:
+        report.fail(
+            "guestfs",
+            UserError(f"an appliance did not boot under {accelerator.describe()}: {e}"),
+        )
+        return
+    report.ok("guestfs", f"an appliance booted in {seconds:.1f} s under {accelerator.describe()}")
 
 
 def _plugin_text() -> str:

@@ -1,7 +1,8 @@
 """Undoing a dead mount: what a killed ivdfs left attached, mounted, prepared or snapshotted.
 
-Role: `leftovers` finds, from the kernel, what a mount's guest volumes left: mounts under its
-run directories (and the FUSE helpers serving them: ntfs-3g, fusefat), loop devices whose
+Role: `leftovers` finds, from the kernel and the journal, what a mount's guest volumes left:
+libguestfs appliances (helper and qemu processes, checked by start time), mounts under its run
+directories (and the FUSE drivers serving them: ntfs-3g, fusefat, fuse2fs), loop devices whose
 backing file is inside the mountpoint, VixMntapi's own FUSE mounts of the disks it opened
 (journaled, or found by the disk name in VixMntapi's .info files when the mount was killed during
 OpenDisks) and the loop devices on them, and the FUSE mount itself. `recover` undoes those, then
@@ -19,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -32,6 +34,7 @@ from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, Ivd
 from ivdfs.inventory.vsphere import VSphere
+from ivdfs.processes import under
 from ivdfs.rundirs import remove_tree
 from ivdfs.vddk import mntapi
 from ivdfs.vddk.connection import Access, DiskTarget
@@ -44,10 +47,6 @@ SYS_BLOCK = Path("/sys/block")
 # Resolves the connection options (flags, environment, config file) when they are needed; the
 # argument is the VDDK directory the mount used, for when none is configured.
 Connection = Callable[[Path | None], tuple[ServerConfig, VddkOptions]]
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 @dataclass
@@ -76,7 +75,7 @@ def loop_devices_under(root: str) -> list[str]:
         except OSError:
             continue
         # The kernel appends " (deleted)" when the backing file is gone.
-        if _under(backing.removesuffix(" (deleted)"), root):
+        if under(backing.removesuffix(" (deleted)"), root):
             out.append(f"/dev/{dev.name}")
     return out
 
@@ -98,18 +97,35 @@ def _helpers(paths: list[str]) -> list[int]:
     return out
 
 
+def appliance_processes(rec: journal.Record) -> list[int]:
+    """The --volumes guestfs helpers and their qemu processes that the journal names and that
+    still run (the same pid and start time: a pid the system reused is not ours)."""
+    out = []
+    for a in rec.appliances:
+        for kind in ("helper", "qemu"):
+            pid, start = a.get(kind), a.get(f"{kind}_start")
+            if pid and start and journal.process_start(int(pid)) == start:
+                out.append(int(pid))
+    return out
+
+
 def leftovers(rec: journal.Record) -> Leftovers:
     found = Leftovers()
     roots = _run_dirs(rec)
     mounts = [
-        e.mountpoint for e in mountinfo.entries() if any(_under(e.mountpoint, r) for r in roots)
+        e.mountpoint for e in mountinfo.entries() if any(under(e.mountpoint, r) for r in roots)
     ]
     found.volume_mounts = sorted(set(mounts), key=len, reverse=True)
     found.vixmntapi = vixmntapi_mounts(rec)
     found.loops = loop_devices_under(str(rec.mountpoint))
     for path in found.vixmntapi:
         found.loops += loop_devices_under(path)
-    found.helpers = _helpers(found.volume_mounts + found.loops)
+    # Appliances first: their qemu reads disk.raw of the dead mount, their helper serves a
+    # volume mount; then FUSE drivers of volumes (ntfs-3g, fusefat, fuse2fs).
+    found.helpers = appliance_processes(rec)
+    found.helpers += [
+        p for p in _helpers(found.volume_mounts + found.loops) if p not in found.helpers
+    ]
     entry = mountinfo.find(rec.mountpoint)
     found.fuse_mounted = entry is not None and entry.fstype.startswith("fuse")
     return found
@@ -163,8 +179,20 @@ class Report:
 
 
 def undo_local(rec: journal.Record, report: Report) -> None:
-    """Volume mounts, their helpers, loop devices and the FUSE mount: no credentials needed."""
+    """Appliances, volume mounts, their helpers, loop devices, temporary files and the FUSE
+    mount: no credentials needed."""
     found = leftovers(rec)
+    appliances = set(appliance_processes(rec))
+    starts = {pid: journal.process_start(pid) for pid in appliances}
+    for pid in [p for p in found.helpers if p in appliances]:
+        with contextlib.suppress(ProcessLookupError):
+            name = _comm(pid)
+            os.kill(pid, signal.SIGKILL)
+            report.ok(f"stopped appliance process {pid} ({name})")
+    for pid in appliances:
+        if not wait_gone(pid, starts[pid], COMMAND_TIMEOUT):
+            report.fail(f"appliance process {pid} does not end", f"kill -9 {pid}")
+    found.helpers = [p for p in found.helpers if p not in appliances]
     for mp in found.volume_mounts:
         err = _cmd(["umount", "--lazy", mp])
         if err is None:
@@ -190,6 +218,16 @@ def undo_local(rec: journal.Record, report: Report) -> None:
     if not mntapi.fuse_mounts() & set(found.vixmntapi):
         for entry in rec.vixmntapi:
             _journal_drop(rec, "vixmntapi", entry, report)
+    for a in rec.appliances:
+        tmp = a.get("tmp")
+        if tmp and Path(tmp).exists():
+            # libguestfs's overlay and sockets: files of its own, never a mount.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if Path(tmp).exists():
+                report.fail(f"cannot remove {tmp}", f"rm -r {tmp}")
+                continue
+            report.ok(f"removed the appliance's temporary files {tmp}")
+        _journal_drop(rec, "appliances", a, report)
     for d in _run_dirs(rec):
         existed = os.path.lexists(d)
         err = remove_tree(d)
@@ -208,6 +246,13 @@ def undo_local(rec: journal.Record, report: Report) -> None:
             report.ok(f"unmounted the dead FUSE mount {rec.mountpoint}")
         else:
             report.fail(f"{rec.mountpoint}: {err}", f"fusermount3 -u -z {rec.mountpoint}")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
 
 
 def _journal_drop(rec: journal.Record, kind: str, value: object, report: Report) -> None:

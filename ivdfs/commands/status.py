@@ -36,12 +36,15 @@ def describe(rec: journal.Record) -> dict[str, Any]:
         "loop_devices": left.loops,
         "volume_mounts": left.volume_mounts,
         "vixmntapi_mounts": left.vixmntapi,
+        "appliances": recover.appliance_processes(rec),
     }
     if alive:
         try:
             stats = json.loads((rec.mountpoint / STATS_FILE).read_text())
             doc["open_disks"] = stats["disks"]["open_disks"]
             doc["connections"] = stats["disks"]["connections"]
+            if "volumes" in stats:
+                doc["volumes"] = stats["volumes"]
         except (OSError, ValueError, KeyError):
             pass
     return doc
@@ -72,10 +75,12 @@ def status(mountpoint: Path | None, as_json: bool) -> int:
             str(len(d["snapshots"])),
             str(len(d["loop_devices"])),
             str(len(d["volume_mounts"])),
+            str(len(rec.appliances)),
         ]
-        for d in docs
+        for rec, d in zip(records, docs, strict=True)
     ]
-    headers = ["MOUNTPOINT", "PID", "STATE", "SERVER", "PREPARED", "SNAPSHOTS", "LOOPS", "VOLUMES"]
+    headers = ["MOUNTPOINT", "PID", "STATE", "SERVER", "PREPARED", "SNAPSHOTS", "LOOPS", "VOLUMES",
+               "APPLIANCES"]  # fmt: skip
     print(table(headers, rows))
     for rec, d in zip(records, docs, strict=True):
         if d["state"] == "dead":

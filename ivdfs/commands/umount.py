@@ -19,73 +19,16 @@ import logging
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.commands import recover
 from ivdfs.errors import ExitCode, UserError
+from ivdfs.processes import holders
 
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.ivdfs"
-
-
-@dataclass(frozen=True)
-class Holder:
-    pid: int
-    name: str
-    what: str  # e.g. "file /mnt/DS/x/y/disk.raw", "working directory"
-
-    def __str__(self) -> str:
-        return f"{self.name} (pid {self.pid}) {self.what}"
-
-
-def holders(roots: list[str], exclude: set[int]) -> list[Holder]:
-    """Processes with a working directory, root, open file or mapping under `roots`."""
-    out: list[Holder] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        base = Path("/proc") / entry
-        try:
-            name = (base / "comm").read_text().strip()
-        except OSError:
-            continue
-        found = None
-        for label, link in (("working directory", base / "cwd"), ("root", base / "root")):
-            try:
-                target = os.readlink(link)
-            except OSError:
-                continue
-            if any(recover._under(target, r) for r in roots):
-                found = f"{label} {target}"
-        if found is None:
-            try:
-                fds = os.listdir(base / "fd")
-            except OSError:
-                fds = []
-            for fd in fds:
-                try:
-                    target = os.readlink(base / "fd" / fd)
-                except OSError:
-                    continue
-                if any(recover._under(target, r) for r in roots):
-                    found = f"file {target}"
-                    break
-        if found is None:
-            try:
-                maps = (base / "map_files").iterdir()
-                for m in maps:
-                    target = os.readlink(m)
-                    if any(recover._under(target, r) for r in roots):
-                        found = f"mapping {target}"
-                        break
-            except OSError:
-                pass
-        if found is not None:
-            out.append(Holder(int(entry), name, found))
-    return out
 
 
 def _fusermount(mp: Path, lazy: bool) -> str | None:

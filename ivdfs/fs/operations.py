@@ -144,6 +144,8 @@ class Operations(pyfuse3.Operations):
         node = self.tree.get(inode)
         if not isinstance(node, SymlinkNode):
             raise OSError(errno.EINVAL, "not a symbolic link")
+        if node.prepare is not None:
+            await node.prepare()
         return os.fsencode(node.target)
 
     @_guard

@@ -267,6 +267,8 @@ class SymlinkNode(Node):
     """A symbolic link; ``volumes/<n>`` points at where a guest volume is mounted."""
 
     target: str = ""
+    # Awaited before each readlink: a guest volume's appliance that stopped when idle starts.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     @property
     def mode(self) -> int:

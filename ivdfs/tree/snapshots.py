@@ -388,7 +388,10 @@ class SnapshotDirs:
         self.stats["volumes_refused"] += len(refused)
         self.stats["snapshots_with_volumes"] += bool(answer.mounted)
         for name, target in sorted(answer.mounted.items()):
-            self.inodes.add(d, SymlinkNode(self.inodes.new_ino(), name, d.mtime_ns, target=target))
+            link = SymlinkNode(
+                self.inodes.new_ino(), name, d.mtime_ns, target=target, prepare=answer.wake
+            )
+            self.inodes.add(d, link)
         # No volume is silently absent: volumes/<name>.error says why it is not mounted.
         for name, reason in sorted(refused.items()):
             text = (reason + "\n").encode()

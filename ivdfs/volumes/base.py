@@ -2,7 +2,9 @@
 
 Role: the seam between `tree` (which knows the snapshot, its ``disk.raw`` path inside our mount,
 its partitions and LVM logical volumes) and the backends that attach volumes (`kernel`,
-`vixmntapi`). Pure types.
+`fuse`, `guestfs`, `vixmntapi`). Pure types. A backend that works in the background (`guestfs`:
+helpers' events, idle appliances) also has `run`, which the mount starts in its nursery, and
+`report` for ``/.ivdfs/stats`` (`Background`).
 
 A volume is named by `Candidate.volume_name`: the partition number (0: a filesystem spanning the
 whole disk), or for an LVM logical volume its device-mapper style name ``<vg>-<lv>`` (hyphens
@@ -19,9 +21,12 @@ block it (loop devices read through our own FUSE mount: a blocking call there de
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
+
+import trio
 
 from ivdfs.inventory.model import Ivd, Snapshot
 
@@ -55,10 +60,14 @@ class Candidate:
 @dataclass(frozen=True)
 class VolumeAnswer:
     """Every candidate of a request, either mounted (name -> absolute path of its mount) or
-    refused (name -> one line saying why: no filesystem, no driver, what the mount said)."""
+    refused (name -> one line saying why: no filesystem, no driver, what the mount said).
+
+    `wake`, if set, is awaited before each use of a mounted path (every read of a
+    ``volumes/<name>`` link): a backend that stops idle volumes starts them again there."""
 
     mounted: dict[str, str]
     refused: dict[str, str]
+    wake: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,3 +87,10 @@ class VolumeBackend(Protocol):
     async def aclose(self) -> None: ...
 
     def close_blocking(self) -> None: ...
+
+
+@runtime_checkable
+class Background(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...

@@ -86,6 +86,16 @@ _BTRFS_FEATURES = Path("/sys/fs/btrfs/features")
 _BTRFS_FSID_OFFSET = 0x10000 + 0x20  # superblock at 64 KiB, fsid 32 bytes into it
 
 
+def run_directory(run_root: Path | None = None) -> Path:
+    """A private directory (0700) for a backend's mounts, named ``ivdfs-<pid>-*`` so that the
+    recovery of a killed mount finds it even when the journal missed it."""
+    if run_root is None:
+        run_root = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    run_dir = Path(tempfile.mkdtemp(prefix=f"ivdfs-{os.getpid()}-", dir=run_root))
+    run_dir.chmod(0o700)
+    return run_dir
+
+
 def kernel_filesystems() -> set[str]:
     try:
         with open("/proc/filesystems", encoding="ascii") as f:
@@ -251,12 +261,9 @@ class _Plan:
 
 class KernelVolumes:
     def __init__(self, run_root: Path | None = None, profile: KernelProfile | None = None) -> None:
-        if run_root is None:
-            run_root = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
         self.profile = profile or KernelProfile.probe()
         log.info("volumes: %s", self.profile.describe())
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"ivdfs-{os.getpid()}-", dir=run_root))
-        self.run_dir.chmod(0o700)
+        self.run_dir = run_directory(run_root)
         self._attached: list[_Attached] = []
         self._btrfs_fsids: dict[str, str] = {}  # fsid -> which volume holds it (old kernels)
         self._lock = trio.Lock()

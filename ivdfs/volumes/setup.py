@@ -1,14 +1,18 @@
 """Choosing and creating the volume backend for ``--volumes`` (mount.py's one entry point).
 
-`prepare` runs the cheap checks before anything connects (root, tools, libvixMntapi present) and
-returns a factory that `mount.run` calls once the VDDK service exists. Main thread only.
+`prepare` runs the cheap checks before anything connects (root, tools, libvixMntapi present;
+for guestfs, libguestfs and whether qemu can use KVM, decided here once and logged) and
+returns a factory that `mount.run` calls once the VDDK service and the journal exist. Main
+thread only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ivdfs.errors import ExitCode, UserError
 from ivdfs.journal import Journal
@@ -17,13 +21,23 @@ from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService
 from ivdfs.volumes.base import VolumeBackend
 
-MODES = ("none", "kernel", "vixmntapi")
+log = logging.getLogger(__name__)
+
+MODES = ("none", "kernel", "fuse", "guestfs", "vixmntapi")
 
 # Called with the disk service and the mount's journal (what a backend holds is journaled).
 Factory = Callable[[DiskService, Journal], VolumeBackend]
 
 
-def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
+@dataclass(frozen=True)
+class VolumeSettings:
+    mode: str = "none"
+    idle_timeout: float = 60.0  # guestfs: stop an appliance unused this long
+    guestfs_memory: int = 2 << 30  # guestfs: memory of all running appliances together
+
+
+def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
+    mode = settings.mode
     if mode == "none":
         return None
     if mode not in MODES:
@@ -37,6 +51,14 @@ def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
         from ivdfs.volumes.kernel import KernelVolumes
 
         return lambda _service, _journal: KernelVolumes()
+    if mode == "fuse":
+        if shutil.which("fusermount3") is None:
+            raise UserError("--volumes fuse needs fusermount3 (fuse3)")
+        from ivdfs.volumes.fuse import FuseVolumes
+
+        return lambda _service, _journal: FuseVolumes()
+    if mode == "guestfs":
+        return _guestfs(settings)
     from ivdfs.vddk.mntapi import Mntapi
     from ivdfs.volumes.vixmntapi import MntapiVolumes
 
@@ -45,3 +67,20 @@ def prepare(mode: str, lib: VddkLibrary) -> Factory | None:
     except VddkLoadError as e:
         raise UserError(str(e), ExitCode.VDDK) from None
     return lambda service, journal: MntapiVolumes(mntapi, service, journal)
+
+
+def _guestfs(settings: VolumeSettings) -> Factory:
+    from ivdfs.volumes import guestfs
+
+    missing = guestfs.missing_prerequisites()
+    if missing is not None:
+        raise UserError(f"--volumes guestfs: {missing}; install {guestfs.PACKAGES}")
+    if settings.guestfs_memory < guestfs.APPLIANCE_MIB << 20:
+        raise UserError(
+            f"--guestfs-memory must hold one appliance ({guestfs.APPLIANCE_MIB} MiB) at least"
+        )
+    accelerator = guestfs.probe_accelerator()  # once per mount: every appliance runs alike
+    log.info("volumes: guestfs appliances run under %s", accelerator.describe())
+    return lambda _service, journal: guestfs.GuestfsVolumes(
+        accelerator, settings.idle_timeout, settings.guestfs_memory, holdings=journal
+    )

@@ -454,6 +454,22 @@ def bare_fs_disk(path: Path, size_mb: int = 32, fs: str = "ext4") -> DiskManifes
     return DiskManifest(path, size, "none", (), whole_disk=whole)
 
 
+def small_files_disk(path: Path, count: int = 2000, size_mb: int = 64) -> DiskManifest:
+    """An ext4 spanning the whole disk holding `count` small files (1-8 KiB, seeded) in
+    directories of 100: what an rsync of a guest's /etc or a mail spool looks like."""
+    path = Path(path)
+    size = size_mb * MiB
+    rng = random.Random(count)
+    files = {
+        f"d{i // 100:03d}/f{i:05d}.txt": rng.randbytes(rng.randint(1024, 8192))
+        for i in range(count)
+    }
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        _mkfs_ext4(path, size, files, Path(tmp))
+    whole = PartitionManifest(0, 0, size, "ext4", files={r: _sha256(d) for r, d in files.items()})
+    return DiskManifest(path, size, "none", (), whole_disk=whole)
+
+
 DAMAGE_KINDS = ("primary-header", "primary-entries", "backup-header", "both")
 
 
@@ -710,6 +726,55 @@ def lvm_disk(path: Path, layout: str = "partition") -> DiskManifest:
     return DiskManifest(path, size, scheme, parts, pvs=(window,), lvs=lvs, metadata=metadata)
 
 
+# Guest-volume matrix (issue 27): partition number -> (filesystem, MiB); 6 is an LVM PV, 7 an
+# ext4 whose superblock claims more blocks than its partition has.
+MATRIX = {1: ("ext4", 16), 2: ("xfs", 300), 3: ("btrfs", 128), 4: ("ntfs", 16), 5: ("vfat", 40),
+          6: ("LVM2_member", 48), 7: ("ext4", 8)}  # fmt: skip
+MATRIX_DAMAGED = 7
+
+
+def matrix_disk(path: Path) -> DiskManifest:
+    """GPT with one partition per filesystem of the volume matrix (see MATRIX): ext4, XFS,
+    btrfs, NTFS (top-level files only), FAT32, an LVM PV holding VG ``mxvg`` with LV ``data``
+    (ext4, files of payload 16), and an ext4 with a damaged superblock: its block count is set
+    far past its partition with ``debugfs`` (which keeps the checksum valid, so blkid still
+    says ext4 and only a mount finds the lie). 560 MiB, sparse. Needs root (LVM)."""
+    path = Path(path)
+    size = 560 * MiB
+    _blank(path, size)
+    commands = ["mklabel", "gpt"]
+    at = 1
+    for number, (fs, mb) in MATRIX.items():
+        kind = {"vfat": "fat32", "LVM2_member": "ext4"}.get(fs, fs)
+        commands += ["mkpart", f"p{number}", kind, f"{at}MiB", f"{at + mb}MiB"]
+        at += mb
+    _parted(path, *commands, "set", "6", "lvm", "on")
+    specs = [
+        _Spec(n, fs, flat=fs == "ntfs") for n, (fs, _mb) in MATRIX.items() if fs != "LVM2_member"
+    ]
+    layout = _parted_layout(path)
+    parts = list(_populate(path, specs, layout))
+    start, length, name, _flags = layout[6]
+    parts.insert(5, PartitionManifest(6, start, length, "LVM2_member", name))
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        scratch = Path(tmp)
+        with _LvmSandbox(path, [(start, length)], scratch) as lvm:
+            lvm.run("pvcreate", "-q", lvm.loops[0])
+            lvm.run("vgcreate", "-q", "mxvg", lvm.loops[0])
+            lvm.run("lvcreate", "-q", "-n", "data", "-L", "24M", "mxvg")
+            lvs = _populate_lvs(lvm, "mxvg", [_LvSpec("data", "ext4", 16)], scratch)
+        bad = layout[MATRIX_DAMAGED]
+        image = scratch / "damaged.img"
+        with open(path, "rb") as src, open(image, "wb") as dst:
+            _copy_span(src.fileno(), dst.fileno(), bad[0], bad[1], 0)
+        os.truncate(image, bad[1])
+        _run("debugfs", "-w", "-R", "ssv blocks_count 999999999", image)
+        with open(image, "rb") as src, open(path, "r+b") as dst:
+            _copy_span(src.fileno(), dst.fileno(), 0, 2 * MiB, bad[0])
+    return DiskManifest(path, size, "gpt", tuple(parts), pvs=((start, length),), lvs=lvs,
+                        damage=f"partition {MATRIX_DAMAGED}: superblock block count")  # fmt: skip
+
+
 def lvm_striped_disk(path: Path) -> DiskManifest:
     """Two PVs (GPT partitions 1 and 2) in VG ``stripevg``: LV ``st`` striped over both (64 KiB
     chunks, ext4), ``lin`` linear (ext4) and ``z`` of type zero (no extents: unsupported).
@@ -806,8 +871,9 @@ def _write_blocks(path: Path, size: int, seed: int, allocated: set[int]) -> Data
 
 def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("kind", choices=["gpt", "mbr", "bare", "corrupt", "sparse", "random", "lvm",
-                                     "lvm-whole", "lvm-striped", "lvm-corrupt"])  # fmt: skip
+    kinds = ["gpt", "mbr", "bare", "corrupt", "sparse", "random", "lvm", "lvm-whole",
+             "lvm-striped", "lvm-corrupt", "matrix"]  # fmt: skip
+    ap.add_argument("kind", choices=kinds)
     ap.add_argument("path", type=Path)
     ap.add_argument("--size-mb", type=int)
     ap.add_argument("--seed", type=int, default=0)
@@ -817,6 +883,8 @@ def _main(argv: list[str]) -> int:
     manifest: DiskManifest | DataManifest
     if args.kind == "gpt":
         manifest = gpt_disk(args.path, args.size_mb or 64)
+    elif args.kind == "matrix":
+        manifest = matrix_disk(args.path)
     elif args.kind == "mbr":
         manifest = mbr_disk(args.path, args.size_mb or 64)
     elif args.kind == "bare":
