@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ivdfs import __version__
-from ivdfs.config import ServerConfig
+from ivdfs.config import DEFAULT_VCENTER_TIMEOUT, ServerConfig
 
 FORMAT = 1
 
@@ -95,6 +95,8 @@ def connection_options(server: ServerConfig) -> list[str]:
         out.append("--insecure")
     if server.password_file is not None:
         out += ["--password-file", str(server.password_file)]
+    if server.timeout != DEFAULT_VCENTER_TIMEOUT:
+        out += ["--vcenter-timeout", f"{server.timeout:g}"]
     return out
 
 
