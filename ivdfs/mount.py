@@ -518,6 +518,7 @@ async def _serve(
         nursery.start_soon(trio.to_thread.run_sync, after_init)
         await nursery.start(service.run)
         await nursery.start(tree.catalog.run)
+        await nursery.start(tree.listings.run)
         if prefetcher is not None:
             # Owned by this nursery: the cancel below ends every outstanding prefetch.
             await nursery.start(prefetcher.run)

@@ -413,6 +413,7 @@ class Vcsim:
         self._content: Any = None
         self._log: Any = None
         self.returncode: int | None = None  # the launcher's, once stopped (0: clean exit)
+        self.frozen = False  # stopped by `freeze`
         self.url = self.server = self.thumbprint = ""
         self.port = 0
         self.tmpdir = self.ca_file = self.cert_file = self._key_file = Path()
@@ -503,6 +504,18 @@ class Vcsim:
         finally:
             switch.unlink()
 
+    def freeze(self) -> None:
+        """Stop the simulator process (SIGSTOP): connections are accepted by the kernel and
+        then hang, as with a vCenter that stalls; `thaw` resumes it."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self._proc is not None and self.frozen:
+            self._proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+
     def _read_line(self, timeout: float) -> str:
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
@@ -543,6 +556,7 @@ class Vcsim:
             self._tmp = None
 
     def _end_process(self) -> None:
+        self.thaw()  # a stopped process would not act on SIGTERM
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
