@@ -1,10 +1,14 @@
-"""A vCenter that stops answering (issue 28).
+"""A vCenter that stops answering, and replies lost on the way back (issues 28 and 25).
 
 Frozen: the simulator's process is stopped (SIGSTOP), so connections are accepted by the
 kernel and then hang, as with a real vCenter during an upgrade or an overload; the mount runs
 with --vcenter-timeout 2 and --refresh 1, so every listing goes stale during the freeze. What
 the mount already knows must answer within a second, what needs vCenter must fail with EIO
 after the deadline (never hang), and everything must work again once the process resumes.
+
+Lost replies: the launcher runs a snapshot task's start and then closes the connection without
+a reply (-faults DIR/<op>.lost-reply). ivdfs must not send it again blindly: it finds the
+snapshot it made, journals it, and deletes it exactly once at unmount.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from ivdfs import journal
 from tests.mounting import Bed, Mount, wait_for
 from tests.t4_changes import block_extents, delta_view, make_history
 from tests.testbed.vsphere import Vcsim, place_image
@@ -164,3 +169,43 @@ def test_a_frozen_vcenter_stalls_nothing_the_mount_knows(cbt_bed: Bed, tmp_path:
     log = m.log()
     assert log.count("listings stay as they are") == 1  # one line for the outage
     assert "vCenter answers again" in log and "Traceback" not in log
+
+
+@pytest.mark.allow_log("so the reply was lost")
+def test_a_lost_reply_to_a_snapshot_task_is_found_not_sent_again(
+    bed: Bed, mountpoint: Path
+) -> None:
+    """--snapshot-now's create runs on vCenter but its reply is lost: exactly one snapshot,
+    journaled and served; at unmount the delete's reply is lost too, and it is deleted once."""
+    v = bed.vcsim
+    ivd = v.create_ivd("lost-reply", 1, "LocalDS_0")
+    before = v.snapshots(ivd)
+    create = v.lose_reply("createSnapshot")
+    with Mount(bed, mountpoint, "--snapshot-now", ivd.id) as m:
+        assert not create.exists()  # the launcher lost the reply to the create
+        made = [s for s in v.snapshots(ivd) if s not in before]
+        assert len(made) == 1
+        rec = journal.find(mountpoint)
+        assert rec is not None and [s["snapshot"] for s in rec.snapshots] == made
+        assert made[0] in os.listdir(mountpoint / ivd.datastore_name / ivd.id)
+        delete = v.lose_reply("deleteSnapshot")
+        assert m.unmount() == 0
+    assert not delete.exists()  # the reply to the delete was lost as well
+    assert v.snapshots(ivd) == before and journal.find(mountpoint) is None
+    log = m.log()
+    assert log.count("so the reply was lost; asking vCenter whether it ran") == 2, log
+    assert "vCenter made it" in log and "vCenter did it before the reply was lost" in log
+
+
+def test_snapshot_create_command_with_a_lost_reply(bed: Bed) -> None:
+    """`ivdfs snapshot create`: one snapshot, its id printed, though the reply never came."""
+    from tests.t4_cli import cli
+
+    v = bed.vcsim
+    ivd = v.create_ivd("lost-reply-cli", 1, "LocalDS_1")
+    switch = v.lose_reply("createSnapshot")
+    r = cli(bed, "snapshot", "create", ivd.id, "--description", "nightly")
+    assert r.returncode == 0, r.stderr
+    assert not switch.exists()
+    assert v.snapshots(ivd) == [r.stdout.strip()]
+    assert "so the reply was lost; asking vCenter whether it ran" in r.stderr

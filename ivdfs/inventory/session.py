@@ -11,7 +11,10 @@ through the vcSessionCookie header and is used when present.
 
 Deadlines (--vcenter-timeout): every socket this module opens carries the server's timeout,
 so connecting, the TLS handshake and every read of a reply fail after it, as a refused
-connection does (pyVmomi's own API version discovery has none, so it is done here).
+connection does (pyVmomi's own API version discovery has none, so it is done here). A call
+that may have reached vCenter but whose reply was lost is re-sent only when it is idempotent:
+`call(..., resend=False)` raises ReplyLost instead, and the caller finds out what happened
+(a task start must never run twice).
 
 Concurrency: every method blocks and may be called from any thread; `_lock` guards login
 state, and everything done under it is bounded by the deadline. Callers on the trio thread
@@ -59,6 +62,11 @@ VSLM_VERSIONS = (
     ((6, 7, 3), "vslm.version.version15"),
     ((6, 7, 2), "vslm.version.version14"),
 )
+
+
+class ReplyLost(BackendError):
+    """A call that may have reached vCenter, whose reply never came (a broken connection or
+    the deadline): whether it ran is unknown."""
 
 
 def vslm_version(api_version: str) -> str | None:
@@ -217,8 +225,12 @@ class Session:
 
     # --- calls ---------------------------------------------------------------------------
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a query; after an expired session or a broken connection, log in again once."""
+    def call(self, what: str, fn: Callable[[], T], *, resend: bool = True) -> T:
+        """Run a query; after an expired session or a broken connection, log in again once
+        and send it again. With `resend=False` (a call that must not run twice, such as a
+        task start), a connection that failed after the request may have left raises
+        ReplyLost instead: the caller finds out whether it ran. An expired session is safe to
+        re-send either way: vCenter refused the request without running it."""
         for attempt in (1, 2):
             generation = self._generation
             started = time.monotonic()
@@ -232,6 +244,8 @@ class Session:
                 raise BackendError(f"{what}: {type(e).__name__}: {e.msg}") from None
             except (OSError, ssl.SSLError, http.client.HTTPException) as e:
                 reason = self._failure(e)
+                if not resend:
+                    raise ReplyLost(f"{what}: vCenter {reason}") from None
             if attempt == 2:
                 break
             self._relogin(generation, reason, what, started)

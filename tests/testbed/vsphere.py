@@ -504,6 +504,15 @@ class Vcsim:
         finally:
             switch.unlink()
 
+    def lose_reply(self, operation: str) -> Path:
+        """The next request starting an `operation` task ("createSnapshot",
+        "deleteSnapshot") runs, and its connection is then closed without a reply (the
+        launcher's -faults switch). Returns the switch file, which the launcher removes when
+        it has lost a reply."""
+        switch = self.tmpdir / "faults" / f"{operation}.lost-reply"
+        switch.touch()
+        return switch
+
     def freeze(self) -> None:
         """Stop the simulator process (SIGSTOP): connections are accepted by the kernel and
         then hang, as with a vCenter that stalls; `thaw` resumes it."""
