@@ -225,15 +225,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "idle-close-off-the-control-thread", "vddk", "ivdfs/vddk/service.py",
-        "await self._control.run(lambda: self._close_blocking(disk))",
-        "await trio.to_thread.run_sync(lambda: self._close_blocking(disk))",
+        "await self._control.run(lambda: self._close_blocking(disk, end))",
+        "await trio.to_thread.run_sync(lambda: self._close_blocking(disk, end))",
         SERVICE, "VixDiskLib_Close on another thread than Open (VDDK's rule)",
     ),
     Mutant(
         "unmount-close-on-main-thread", "vddk", "ivdfs/vddk/service.py",
-        "self._control.run_blocking(lambda: self._close_blocking(disk))\n"
+        "self._control.run_blocking(lambda: self._close_blocking(disk, True))\n"
         "        self._connections -= len(disk.handles)",
-        "self._close_blocking(disk)\n        self._connections -= len(disk.handles)",
+        "self._close_blocking(disk, True)\n        self._connections -= len(disk.handles)",
         MOUNT, "VixDiskLib_Close at unmount on the main thread, not the Open thread",
     ),
     Mutant(
@@ -292,14 +292,14 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "connection-cap-off-by-one", "vddk", "ivdfs/vddk/service.py",
-        "while self._connections + n > self.limits.max_connections:",
-        "while self._connections > self.limits.max_connections:",
+        "if self._connections + n <= self.limits.max_connections:",
+        "if self._connections <= self.limits.max_connections:",
         SERVICE, "one NFC connection more than --max-connections",
     ),
     Mutant(
         "eviction-closes-a-busy-disk", "vddk", "ivdfs/vddk/service.py",
-        "if s.disk is not None and not s.active and not s.opening",
-        "if s.disk is not None and not s.opening",
+        "if victim is not None and not victim.active:",
+        "if victim is not None:",
         SERVICE, "the connection cap closes a disk under its readers",
     ),
     Mutant(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import threading
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ivdfs.vddk.service import MIN_OPEN
+from tests import bench_lifetime
 from tests.mounting import Bed, Mount, call_lines, wait_for
 from tests.testbed.vsphere import Ivd, place_image
 
@@ -188,6 +191,27 @@ def test_an_open_waits_for_a_connection_in_use_and_says_so(
         assert s["waits"] >= 1 and s["wait_seconds"] > 0
         assert m.unmount() == 0
     assert max_connections(bed) == 1
+
+
+def test_more_busy_disks_than_connections_take_turns_without_churn(
+    bed: Bed, tmp_path: Path
+) -> None:
+    """Issue 28's load, small: ten readers over five disks (two each, every file held open),
+    64 KiB at random, every read checked, with --max-connections 2 --idle-timeout 0.5 and a
+    4 MiB cache. Access follows the IVDs' use, not their connections: each IVD is prepared
+    once and ended once, however often its disk gave up its connection. Opens follow the turns
+    of a fair schedule (a disk in use keeps its connection MIN_OPEN seconds, then the one that
+    waited longest gets it), not the reads; no reader waits forever."""
+    disks = bench_lifetime.make_disks(bed, 5, 8, name="turns")
+    r = bench_lifetime.run(bed, tmp_path / "mnt", disks, 10, reads=800,
+                           VDDK_STANDIN_LATENCY_US="1000")  # fmt: skip
+    assert r["errors"] == [] and r["hung_readers"] == 0 and r["exit"] == 0, r
+    assert r["reads"] == 10 * 800
+    assert r["prepares"] == r["end_accesses"] == 5, r
+    assert r["most_connections"] == 2
+    # Two connections, each changing hands at most once per MIN_OPEN while disks wait.
+    turns = math.ceil(r["seconds"] / MIN_OPEN) + 1
+    assert 5 <= r["opens"] <= 5 + 2 * turns, r
 
 
 def test_nodes_removed_by_refresh_are_freed(bed: Bed, tmp_path: Path) -> None:

@@ -290,16 +290,22 @@ class Tree:
             if isinstance(node, SparseFile) and node.prepare is not None:
                 await node.prepare()
             sd = node.disk
-            if not await self.snapshots.probe(sd):
-                raise BackendError(
-                    f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
-                )
-            assert sd.reader is not None
-            if self.evidence.hashes:
-                # A hash just completed by another open counts as known (no second pass, and
-                # this open keeps the kernel's pages).
-                await self._settled(sd)
+            # Held before the probe: a disk opened for it stays for the reads that follow,
+            # rather than counting as unused (the first to go under --max-connections).
             sd.disk.hold()
+            try:
+                if not await self.snapshots.probe(sd):
+                    raise BackendError(
+                        f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
+                    )
+                if self.evidence.hashes:
+                    # A hash just completed by another open counts as known (no second pass,
+                    # and this open keeps the kernel's pages).
+                    await self._settled(sd)
+            except BaseException:
+                sd.disk.release()
+                raise
+            assert sd.reader is not None
             digest = None
             # Evidence is the disk and its windows, not a changes/ view of the delta.
             evident = not isinstance(node, SparseFile) and node.name not in sd.digests
