@@ -439,10 +439,14 @@ class VSphere:
         progress: Progress | None,
     ) -> Snapshot:
         log.warning("%s, so the reply was lost; asking vCenter whether it ran", lost)
-        self._wait_for_tasks(CREATE_SNAPSHOT, what, progress)
-        found = [
-            s for s in self.snapshots(ivd) if s.description == description and s.id not in before
-        ]
+        try:
+            self._wait_for_tasks(CREATE_SNAPSHOT, what, progress)
+            now = self.snapshots(ivd)
+        except BackendError as e:
+            # Still unknown: the request may yet run (a stalled vCenter keeps it).
+            raise OutcomeUnknown(f"{lost}, so the reply was lost, and asking vCenter what "
+                                 f"happened failed too: {e}") from None  # fmt: skip
+        found = [s for s in now if s.description == description and s.id not in before]
         if not found:
             raise OutcomeUnknown(
                 f"{lost}, so the reply was lost, and vCenter shows no new snapshot with the "
