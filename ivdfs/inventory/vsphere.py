@@ -489,10 +489,11 @@ class VSphere:
         """Wait for the tasks of `kind` that vCenter's task list shows queued or running (a
         request whose reply was lost may still be under way). Tasks of other clients may be
         among them: waiting for those costs time, never a wrong answer."""
-        tm = self.session.content.taskManager
         pc = vmodl.query.PropertyCollector
 
         def running() -> list[str]:
+            # The session's objects of now: a re-login between attempts replaces them.
+            tm = self.session.content.taskManager
             recent = self.session.content.propertyCollector.RetrievePropertiesEx(
                 [
                     pc.FilterSpec(
