@@ -233,18 +233,27 @@ def test_nodes_removed_by_refresh_are_freed(bed: Bed, tmp_path: Path) -> None:
             v.delete_snapshot(ivd, snap)
             wait_for(lambda: snap not in os.listdir(ivd_dir), what="the deletion")
 
-        for _ in range(10):
+        def rss() -> int:
+            """KiB resident, the least of five cycles' readings: a single reading may catch a
+            refresh in flight in the background (its replies, a thread's malloc arena)."""
+            readings = []
+            for _ in range(5):
+                cycle()
+                with open(f"/proc/{m.proc.pid}/status") as f:
+                    line = next(ln for ln in f if ln.startswith("VmRSS"))
+                readings.append(int(line.split()[1]))
+            return min(readings)
+
+        for _ in range(30):  # warm-up: the thread pool and its malloc arenas settle
             cycle()
         tree = stats(m.mountpoint)["tree"]
-        rss = int(next(ln for ln in open(f"/proc/{m.proc.pid}/status") if ln.startswith("VmRSS"))
-                  .split()[1])  # fmt: skip
+        rss_before = rss()
         for _ in range(40):
             cycle()
+        rss_after = rss()
         after = stats(m.mountpoint)["tree"]
-        rss_after = int(next(ln for ln in open(f"/proc/{m.proc.pid}/status")
-                             if ln.startswith("VmRSS")).split()[1])  # fmt: skip
-        # 40 more cycles added no node that stayed, and freed the nodes they made.
+        # 50 more cycles added no node that stayed, and freed the nodes they made.
         assert after["nodes"] <= tree["nodes"] + 4
-        assert after["nodes_freed"] >= tree["nodes_freed"] + 40
-        assert rss_after - rss < 8 * 1024, (rss, rss_after)  # KiB
+        assert after["nodes_freed"] >= tree["nodes_freed"] + 50
+        assert rss_after - rss_before < 8 * 1024, (rss_before, rss_after)
         assert m.unmount() == 0
