@@ -5,7 +5,7 @@ whose text moved or changed is reported as stale, never applied somewhere else).
 pytest node ids, fastest and most likely killers first: the run stops at the first failure.
 `why` says what the bug would do to a user, in a few words.
 
-Areas: read path, cache, partitions, vddk, credentials. Not collected by pytest (no t<N>_
+Areas: read path, cache, partitions, vddk, credentials, vcenter. Not collected by pytest (no t<N>_
 prefix); imported by scripts/mutate only.
 """
 
@@ -55,6 +55,8 @@ ERRORS = (
     "tests/t4_real_vddk.py",
     "tests/t4_faults.py",
 )
+# Disks that stay busy past MIN_OPEN while others wait: the cap's turns.
+TURNS = "tests/t4_lifetime.py::test_more_busy_disks_than_connections_take_turns_without_churn"
 SERVICE = (
     "tests/t4_connections.py",
     "tests/t4_perf.py",
@@ -297,10 +299,18 @@ MUTANTS: tuple[Mutant, ...] = (
         SERVICE, "one NFC connection more than --max-connections",
     ),
     Mutant(
-        "eviction-closes-a-busy-disk", "vddk", "ivdfs/vddk/service.py",
-        "if victim is not None and not victim.active:",
-        "if victim is not None:",
-        SERVICE, "the connection cap closes a disk under its readers",
+        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/service.py",
+        "if now - s.opened_at >= lim.min_open:",
+        "if True:",
+        (TURNS, *SERVICE), "issue 28: under the cap a busy disk gives up its connection at "
+        "once: an open (and an NFC session, a login) per few reads",
+    ),
+    Mutant(
+        "access-ends-with-its-connection", "vddk", "ivdfs/vddk/service.py",
+        "end = self.limits.legacy or self._access_until(ivd_id, self._clock()) <= self._clock()",
+        "end = True",
+        (TURNS, *SERVICE), "issue 28: a PrepareForAccess/EndAccess pair (vCenter tasks on "
+        "every attached VM) for each connection the cap takes away",
     ),
     Mutant(
         "release-does-not-wake-idle-close", "vddk", "ivdfs/vddk/service.py",
@@ -336,6 +346,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "return \"Secret('***')\"",
         'return f"Secret({self._value!r})"',
         PASSWORD, "a logged config or traceback shows the password",
+    ),
+    # --- vCenter: outages and lost replies (issues 25 #6, 28) ---------------------------------
+    Mutant(
+        "task-start-re-sent", "vcenter", "ivdfs/inventory/session.py",
+        "                if not resend:\n",
+        "                if False:\n",
+        ("tests/t4_outage.py::test_a_lost_reply_to_a_snapshot_task_is_found_not_sent_again",),
+        "a snapshot create whose reply was lost is sent again: two snapshots, one deleted",
+    ),
+    Mutant(
+        "stale-listing-waits-for-vcenter", "vcenter", "ivdfs/tree/listing.py",
+        "            if self._send is not None:\n",
+        "            if False:\n",
+        ("tests/t4_outage.py::test_a_frozen_vcenter_stalls_nothing_the_mount_knows",),
+        "issue 28: with vCenter stalled, ls and stat of what the mount knows hang",
     ),
 )
 # fmt: on

@@ -555,6 +555,7 @@ class Vcsim:
 
     def stop(self) -> None:
         """Terminate the launcher, wait for it, and remove the private directory."""
+        self.thaw()  # the helpers' logout below would wait forever on a stopped process
         if self._si is not None:
             with contextlib.suppress(Exception):
                 Disconnect(self._si)
