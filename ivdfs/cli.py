@@ -287,6 +287,7 @@ def server_config(v: Values) -> ServerConfig:
         thumbprint=normalize_thumbprint(v.thumbprint) if v.thumbprint else None,
         insecure=v.insecure,
         password_file=v.password_file.expanduser().absolute() if v.password_file else None,
+        timeout=v.vcenter_timeout,
     )
 
 

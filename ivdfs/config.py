@@ -25,6 +25,8 @@ from ivdfs.errors import ExitCode, UserError
 DEFAULT_PORT = 443
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
 DEFAULT_BLOCK_SIZE = 1024 * 1024
+# Seconds vCenter/ESXi gets to answer each step (connect, handshake, call, task poll).
+DEFAULT_VCENTER_TIMEOUT = 30.0
 # Shown to VDDK and vCenter as who holds the disk; VDDK caps identities at 50 characters.
 ACCESS_IDENTITY = "ivdfs read-only snapshot access"
 
@@ -129,6 +131,8 @@ class ServerConfig:
     insecure: bool = False
     # Where the password came from, if a file: named in printed advice (never the password).
     password_file: Path | None = None
+    # --vcenter-timeout: the deadline of each connect, handshake, call and task poll.
+    timeout: float = DEFAULT_VCENTER_TIMEOUT
 
 
 @dataclass(frozen=True)

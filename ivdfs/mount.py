@@ -68,6 +68,9 @@ READ_AHEAD_BLOCKS = 4
 # pyfuse3 worker tasks: requests that wait for a slow disk must not hold up the others.
 MAX_FUSE_TASKS = 512
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Set to 1, the disk service uses its connection-cap and access policy from before issue 28;
+# only scripts/bench sets it, to measure both side by side.
+LEGACY_LIFETIME_ENV = "IVDFS_BENCH_LEGACY_LIFETIME"
 
 
 class Signals:
@@ -370,6 +373,8 @@ def _run(
             use_async=cfg.use_async,
             in_flight_bytes=cfg.in_flight_bytes,
             block_size=cfg.block_size,
+            # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
+            legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1",
         ),
         holdings=record,
     )
@@ -538,6 +543,7 @@ async def _serve(
         nursery.start_soon(trio.to_thread.run_sync, after_init)
         await nursery.start(service.run)
         await nursery.start(tree.catalog.run)
+        await nursery.start(tree.listings.run)
         if prefetcher is not None:
             # Owned by this nursery: the cancel below ends every outstanding prefetch.
             await nursery.start(prefetcher.run)

@@ -205,6 +205,20 @@ SETTINGS: tuple[Setting, ...] = (
         group=_SERVER,
     ),
     Setting(
+        "vcenter_timeout",
+        ("--vcenter-timeout",),
+        "seconds to wait for vCenter/ESXi at each step: connecting, the TLS handshake, each "
+        "call and each poll of a task; a server that does not answer in time counts as "
+        "unreachable (default 30)",
+        SERVER_COMMANDS,
+        _seconds,
+        default=30.0,
+        metavar="SECONDS",
+        minimum=1,
+        maximum=3600,
+        group=_SERVER,
+    ),
+    Setting(
         "vddk_libdir",
         ("--vddk-libdir",),
         "VDDK root; the library is DIR/lib64/libvixDiskLib.so.N [IVDFS_VDDK_LIBDIR]",

@@ -21,13 +21,18 @@ Rows:
 10. a hot set (4 MiB read sequentially twice, 2 MiB at random, all O_DIRECT) then a sequential
    scan of a disk four times --cache-size 64M: hot blocks VDDK reads again afterwards.
 
+Lifetime (issue 28, tests/bench_lifetime.py): 16 readers over 5 disks with two connections,
+--idle-timeout 0.5 and a 4 MiB cache, three minutes under today's connection-cap and access
+policy and three under the one before (selected for the benchmark only): opens a minute,
+PrepareForAccess, throughput.
+
 Usage: scripts/bench [--size-mb 1024] [--bw 400] [--latencies 0,1,4] [--warm-mb 192]
-[--only warm|read|inventory|forensics|volumes] [--out FILE]. Never part of the test suite;
-about 4-5 minutes on a 2-core machine for rows 1-10 (--only warm: rows 8-10, under a
-minute), plus a few minutes for the inventory table (tests/bench_inventory.py; --only
-inventory) and about two for the guest-volume modes (tests/bench_volumes.py; --only volumes).
-Not a timed test: it reports, and marks each goal met or not. Rows 9 and 10 empty the page
-cache of the whole machine (drop_caches).
+[--only warm|read|inventory|forensics|volumes|lifetime] [--lifetime-seconds 180] [--out FILE].
+Never part of the test suite; about 4-5 minutes on a 2-core machine for rows 1-10 (--only warm:
+rows 8-10, under a minute), plus a few minutes for the inventory table (tests/bench_inventory.py;
+--only inventory), about two for the guest-volume modes (tests/bench_volumes.py; --only volumes)
+and six for the lifetime table (--only lifetime). Not a timed test: it reports, and marks each
+goal met or not. Rows 9 and 10 empty the page cache of the whole machine (drop_caches).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests import bench_forensics, bench_inventory, bench_volumes
+from tests import bench_forensics, bench_inventory, bench_lifetime, bench_volumes
 from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, call_lines, wait_for
 from tests.testbed.images import DataManifest, random_disk, sparse_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
@@ -674,11 +679,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--bw", type=int, default=400, help="global bandwidth cap, MiB/s (400)")
     ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
     ap.add_argument("--warm-mb", type=int, default=192, help="disk size of rows 8-9 (192)")
-    ap.add_argument("--only", choices=["warm", "read", "inventory", "forensics", "volumes"],
+    ap.add_argument("--only",
+                    choices=["warm", "read", "inventory", "forensics", "volumes", "lifetime"],
                     help="warm: rows 8-10 only; read: rows 1-10; inventory: the inventory "
                     "table only; forensics: the cost of --hashes and --audit-log "
                     "(tests/bench_forensics.py); volumes: kernel vs fuse vs guestfs "
-                    "(tests/bench_volumes.py; default: everything)")  # fmt: skip
+                    "(tests/bench_volumes.py); lifetime: opens, access and throughput with "
+                    "more busy disks than connections, against the policy before issue 28 "
+                    "(tests/bench_lifetime.py; default: everything)")  # fmt: skip
+    ap.add_argument("--lifetime-seconds", type=float, default=180.0,
+                    help="load per policy of the lifetime table (180)")  # fmt: skip
     ap.add_argument("--inventory-n", default="500,2000,5000", help="inventory sizes")
     ap.add_argument("--inventory-ms", default="0,20,50", help="inventory round trips, ms")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output")
@@ -691,6 +701,8 @@ def main(argv: list[str]) -> int:
         return bench_forensics.main(["--size-mb", "512", "--bw", str(args.bw)])
     if args.only == "volumes":
         return bench_volumes.main(["--bw", str(args.bw)])
+    if args.only == "lifetime":
+        return _lifetime(args)
     with tempfile.TemporaryDirectory(prefix="ivdfs-bench-", dir="/var/tmp") as tmp:
         result = Bench(args, Path(tmp)).run()
     if args.only is None:
@@ -716,6 +728,17 @@ def main(argv: list[str]) -> int:
     if args.only is None:
         bench_forensics.main(["--size-mb", "512", "--bw", str(args.bw)])
         bench_volumes.main(["--bw", str(args.bw)])
+        _lifetime(args)
+    return 0
+
+
+def _lifetime(args: argparse.Namespace) -> int:
+    result = bench_lifetime.compare(args.lifetime_seconds)
+    out = args.out.with_name(args.out.stem + "-lifetime" + args.out.suffix)
+    out.write_text(json.dumps({"commit": _commit(), "lifetime": result}, indent=2) + "\n")
+    print(f"\nconnection cap and access (issue 28), commit {_commit()}: {result['load']}")
+    print(bench_lifetime.table(result))
+    print(f"\nJSON: {out}")
     return 0
 
 

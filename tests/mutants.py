@@ -5,8 +5,8 @@ whose text moved or changed is reported as stale, never applied somewhere else).
 pytest node ids, fastest and most likely killers first: the run stops at the first failure.
 `why` says what the bug would do to a user, in a few words.
 
-Areas: read path, cache, partitions, vddk, credentials, volumes. Not collected by pytest (no t<N>_
-prefix); imported by scripts/mutate only.
+Areas: read path, cache, partitions, vddk, credentials, volumes, vcenter. Not collected by pytest
+(no t<N>_ prefix); imported by scripts/mutate only.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ ERRORS = (
     "tests/t4_real_vddk.py",
     "tests/t4_faults.py",
 )
+# Disks that stay busy past MIN_OPEN while others wait: the cap's turns.
+TURNS = "tests/t4_lifetime.py::test_more_busy_disks_than_connections_take_turns_without_churn"
 SERVICE = (
     "tests/t4_connections.py",
     "tests/t4_perf.py",
@@ -225,15 +227,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "idle-close-off-the-control-thread", "vddk", "ivdfs/vddk/service.py",
-        "await self._control.run(lambda: self._close_blocking(disk))",
-        "await trio.to_thread.run_sync(lambda: self._close_blocking(disk))",
+        "await self._control.run(lambda: self._close_blocking(disk, end))",
+        "await trio.to_thread.run_sync(lambda: self._close_blocking(disk, end))",
         SERVICE, "VixDiskLib_Close on another thread than Open (VDDK's rule)",
     ),
     Mutant(
         "unmount-close-on-main-thread", "vddk", "ivdfs/vddk/service.py",
-        "self._control.run_blocking(lambda: self._close_blocking(disk))\n"
+        "self._control.run_blocking(lambda: self._close_blocking(disk, True))\n"
         "        self._connections -= len(disk.handles)",
-        "self._close_blocking(disk)\n        self._connections -= len(disk.handles)",
+        "self._close_blocking(disk, True)\n        self._connections -= len(disk.handles)",
         MOUNT, "VixDiskLib_Close at unmount on the main thread, not the Open thread",
     ),
     Mutant(
@@ -292,15 +294,23 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "connection-cap-off-by-one", "vddk", "ivdfs/vddk/service.py",
-        "while self._connections + n > self.limits.max_connections:",
-        "while self._connections > self.limits.max_connections:",
+        "if self._connections + n <= self.limits.max_connections:",
+        "if self._connections <= self.limits.max_connections:",
         SERVICE, "one NFC connection more than --max-connections",
     ),
     Mutant(
-        "eviction-closes-a-busy-disk", "vddk", "ivdfs/vddk/service.py",
-        "if s.disk is not None and not s.active and not s.opening",
-        "if s.disk is not None and not s.opening",
-        SERVICE, "the connection cap closes a disk under its readers",
+        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/service.py",
+        "if now - s.opened_at >= lim.min_open:",
+        "if True:",
+        (TURNS, *SERVICE), "issue 28: under the cap a busy disk gives up its connection at "
+        "once: an open (and an NFC session, a login) per few reads",
+    ),
+    Mutant(
+        "access-ends-with-its-connection", "vddk", "ivdfs/vddk/service.py",
+        "end = self.limits.legacy or self._access_until(ivd_id, self._clock()) <= self._clock()",
+        "end = True",
+        (TURNS, *SERVICE), "issue 28: a PrepareForAccess/EndAccess pair (vCenter tasks on "
+        "every attached VM) for each connection the cap takes away",
     ),
     Mutant(
         "release-does-not-wake-idle-close", "vddk", "ivdfs/vddk/service.py",
@@ -350,6 +360,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "            report.ok(f\"stopped appliance",
         ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",),
         "issue 27: qemu of a killed mount keeps running, holding the dead mount's disk.raw",
+    ),
+    # --- vCenter: outages and lost replies (issues 25 #6, 28) ---------------------------------
+    Mutant(
+        "task-start-re-sent", "vcenter", "ivdfs/inventory/session.py",
+        "                if not resend:\n",
+        "                if False:\n",
+        ("tests/t4_outage.py::test_a_lost_reply_to_a_snapshot_task_is_found_not_sent_again",),
+        "a snapshot create whose reply was lost is sent again: two snapshots, one deleted",
+    ),
+    Mutant(
+        "stale-listing-waits-for-vcenter", "vcenter", "ivdfs/tree/listing.py",
+        "            if self._send is not None:\n",
+        "            if False:\n",
+        ("tests/t4_outage.py::test_a_frozen_vcenter_stalls_nothing_the_mount_knows",),
+        "issue 28: with vCenter stalled, ls and stat of what the mount knows hang",
     ),
 )
 # fmt: on

@@ -21,6 +21,7 @@ import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
 from ivdfs.forensics.audit import Caller
+from ivdfs.tree.info import XATTR_PREFIX
 from ivdfs.tree.nodes import DirNode, GeneratedFile, Node, SymlinkNode
 from ivdfs.tree.tree import REFRESH_XATTR, Tree
 
@@ -154,6 +155,10 @@ class Operations(pyfuse3.Operations):
         if text == REFRESH_XATTR:
             await self.tree.refresh(inode)
             return b"refreshed"
+        if not text.startswith(XATTR_PREFIX):
+            # security.selinux, system.posix_acl_access ... that ls and cp ask for: never ours,
+            # and never worth a vCenter round trip (or a wait through an outage).
+            raise OSError(errno.ENODATA, text)
         value = (await self.tree.xattrs(inode)).get(text)
         if value is None:
             raise OSError(errno.ENODATA, text)

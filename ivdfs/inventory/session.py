@@ -9,8 +9,16 @@ that the certificate is still the one VDDK was given. vCenter 6.7 U2 and later a
 VSLM endpoint (/vslm/sdk), which answers for many IVDs in one call; it shares the vim session
 through the vcSessionCookie header and is used when present.
 
+Deadlines (--vcenter-timeout): every socket this module opens carries the server's timeout,
+so connecting, the TLS handshake and every read of a reply fail after it, as a refused
+connection does (pyVmomi's own API version discovery has none, so it is done here). A call
+that may have reached vCenter but whose reply was lost is re-sent only when it is idempotent:
+`call(..., resend=False)` raises ReplyLost instead, and the caller finds out what happened
+(a task start must never run twice).
+
 Concurrency: every method blocks and may be called from any thread; `_lock` guards login
-state. Callers on the trio thread use `trio.to_thread.run_sync`.
+state, and everything done under it is bounded by the deadline. Callers on the trio thread
+use `trio.to_thread.run_sync`.
 """
 
 from __future__ import annotations
@@ -19,15 +27,25 @@ import http.client
 import logging
 import ssl
 import threading
+import time
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pyVim import connect as pyvim_connect
 from pyVmomi import SoapStubAdapter, vim, vmodl, vslm
+from pyVmomi.VmomiSupport import GetServiceVersions, versionIdMap
 
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, LoginRefused, NotFound, TlsProblem, Unreachable
+from ivdfs.errors import (
+    BackendError,
+    IvdfsError,
+    LoginRefused,
+    NotFound,
+    TlsProblem,
+    Unreachable,
+)
 from ivdfs.inventory.tls import probe_certificate, tls_context
 
 log = logging.getLogger(__name__)
@@ -35,8 +53,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-# A stalled vCenter must not hang listings forever.
-CALL_TIMEOUT = 120.0
 DEFAULT_POOL = 8
 # pyVmomi's VSLM versions by the vCenter API version that serves them, newest first.
 VSLM_VERSIONS = (
@@ -46,6 +62,11 @@ VSLM_VERSIONS = (
     ((6, 7, 3), "vslm.version.version15"),
     ((6, 7, 2), "vslm.version.version14"),
 )
+
+
+class ReplyLost(BackendError):
+    """A call that may have reached vCenter, whose reply never came (a broken connection or
+    the deadline): whether it ran is unknown."""
 
 
 def vslm_version(api_version: str) -> str | None:
@@ -66,6 +87,8 @@ class Session:
         self.pool = max(1, pool)
         self._lock = threading.Lock()
         self._generation = 0
+        # When the last attempt to log in again failed (monotonic), and why.
+        self._login_failed: tuple[float, str] | None = None
         self._ctx: ssl.SSLContext | None = None
         self.si: Any = None
         self.content: Any = None
@@ -90,19 +113,32 @@ class Session:
     def _login(self) -> None:
         s = self.server
         try:
-            si = pyvim_connect.SmartConnect(
+            # pyVim's SmartConnect asks for the API versions without any timeout (a stalled
+            # server would hold `_lock` forever): the same discovery with the deadline.
+            version = self._api_version()
+            si = pyvim_connect.Connect(
                 host=s.host,
                 port=s.port,
                 user=s.user,
                 pwd=s.password.reveal(),
+                version=version,
                 sslContext=self._ctx,
                 connectionPoolTimeout=-1,
-                httpConnectionTimeout=CALL_TIMEOUT,
+                httpConnectionTimeout=s.timeout,
             )
+            # RetrieveContent, not the `content` property: some servers (vcsim among them)
+            # leave vStorageObjectManager out of the property fetch that `content` uses.
+            content = si.RetrieveContent()
+        except IvdfsError:
+            raise
         except vim.fault.InvalidLogin:
             raise LoginRefused(f"{s.host} rejected user {s.user!r} or its password") from None
         except vim.fault.NoPermission as e:
             raise LoginRefused(f"user {s.user!r} lacks privileges on {s.host}: {e.msg}") from None
+        except TimeoutError:
+            raise Unreachable(
+                f"{s.host}:{s.port} did not answer within {s.timeout:g} s (--vcenter-timeout)"
+            ) from None
         except ssl.SSLError as e:
             raise TlsProblem(f"TLS failure talking to {s.host}: {e}") from None
         except Exception as e:  # pyVmomi raises many shapes for "this is not vSphere"
@@ -113,9 +149,6 @@ class Session:
             ) from None
         # Room for the whole pool of threads in the stub's connection pool.
         si._stub.poolSize = self.pool
-        # RetrieveContent, not the `content` property: some servers (vcsim among them) leave
-        # vStorageObjectManager out of the property fetch that `content` uses.
-        content = si.RetrieveContent()
         about = content.about
         if content.vStorageObjectManager is None:
             raise Unreachable(f"{s.host} has no VStorageObjectManager (needs vSphere 6.5 or later)")
@@ -134,6 +167,31 @@ class Session:
             ", using its VSLM endpoint" if self.vslm is not None else "",
         )
 
+    def _api_version(self) -> str:
+        """The newest vim API version both pyVmomi and the server speak (as SmartConnect
+        finds it, from /sdk/vimServiceVersions.xml), within the deadline."""
+        s = self.server
+        where = f"{s.host}:{s.port}"
+        conn = http.client.HTTPSConnection(s.host, s.port, timeout=s.timeout, context=self._ctx)
+        try:
+            conn.request("GET", "/sdk/vimServiceVersions.xml")
+            reply = conn.getresponse()
+            body = reply.read()
+        finally:
+            conn.close()
+        not_vsphere = f"{where} does not answer as a vCenter or ESXi server"
+        if reply.status != 200:
+            raise Unreachable(f"{not_vsphere} (no API versions: HTTP {reply.status})")
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            raise Unreachable(f"{not_vsphere} (its API version list is unreadable)") from None
+        offered = {v.text for v in root.iter("version")}
+        for version in GetServiceVersions("vim25"):
+            if versionIdMap.get(version) in offered:
+                return str(version)
+        raise Unreachable(f"{not_vsphere} (no API version this pyVmomi knows)")
+
     def _connect_vslm(self) -> None:
         self.vslm = None
         version = None if self.is_host or not self._use_vslm else vslm_version(self.api_version)
@@ -148,7 +206,7 @@ class Session:
                 sslContext=self._ctx,
                 poolSize=self.pool,
                 connectionPoolTimeout=-1,
-                httpConnectionTimeout=CALL_TIMEOUT,
+                httpConnectionTimeout=self.server.timeout,
                 requestContext={"vcSessionCookie": self.si._stub.GetSessionId()},
             )
             content = vslm.ServiceInstance("ServiceInstance", stub).RetrieveContent()
@@ -167,10 +225,15 @@ class Session:
 
     # --- calls ---------------------------------------------------------------------------
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run a query; after an expired session or a broken connection, log in again once."""
+    def call(self, what: str, fn: Callable[[], T], *, resend: bool = True) -> T:
+        """Run a query; after an expired session or a broken connection, log in again once
+        and send it again. With `resend=False` (a call that must not run twice, such as a
+        task start), a connection that failed after the request may have left raises
+        ReplyLost instead: the caller finds out whether it ran. An expired session is safe to
+        re-send either way: vCenter refused the request without running it."""
         for attempt in (1, 2):
             generation = self._generation
+            started = time.monotonic()
             try:
                 return fn()
             except vim.fault.NotAuthenticated:
@@ -180,16 +243,29 @@ class Session:
             except vmodl.MethodFault as e:
                 raise BackendError(f"{what}: {type(e).__name__}: {e.msg}") from None
             except (OSError, ssl.SSLError, http.client.HTTPException) as e:
-                reason = f"connection failed ({e or type(e).__name__})"
+                reason = self._failure(e)
+                if not resend:
+                    raise ReplyLost(f"{what}: vCenter {reason}") from None
             if attempt == 2:
                 break
-            self._relogin(generation, reason, what)
+            self._relogin(generation, reason, what, started)
         raise BackendError(f"{what}: vCenter {reason}")
 
-    def _relogin(self, generation: int, reason: str, what: str) -> None:
+    def _failure(self, e: BaseException) -> str:
+        if isinstance(e, TimeoutError):
+            return f"did not answer within {self.server.timeout:g} s (--vcenter-timeout)"
+        return f"connection failed ({e or type(e).__name__})"
+
+    def _relogin(self, generation: int, reason: str, what: str, started: float) -> None:
+        """Log in again once for everyone whose call failed in this generation; a call that
+        began before the last failed attempt shares that failure instead of trying again (a
+        silent vCenter would otherwise cost each waiting thread its own deadline in turn)."""
         with self._lock:
             if self._generation != generation:
                 return  # another thread logged in again meanwhile
+            failed = self._login_failed
+            if failed is not None and failed[0] >= started:
+                raise BackendError(f"{what}: {failed[1]}")
             log.info("vCenter %s; logging in again", reason)
             try:
                 # The certificate is checked again: VDDK keeps using the thumbprint seen first.
@@ -198,7 +274,9 @@ class Session:
                     raise BackendError("the server certificate changed since mounting")
                 self._login()
             except (LoginRefused, Unreachable, TlsProblem, BackendError) as e:
+                self._login_failed = (time.monotonic(), str(e))
                 raise BackendError(f"{what}: {e}") from None
+            self._login_failed = None
             self._generation += 1
 
     def map(

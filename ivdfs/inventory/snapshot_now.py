@@ -5,7 +5,8 @@ the meantime is never touched. VMware's order is followed: PrepareForAccess befo
 snapshot, EndAccess after deleting it (the access is pinned in the disk service meanwhile).
 Each snapshot is in the mount's journal from before its task starts (with its description,
 which names the mount and pid) until it is deleted, so a killed mount's snapshot is found and
-deleted by `ivdfs umount`.
+deleted by `ivdfs umount`. A create whose reply was lost and whose snapshot vCenter did not
+show stays in the journal the same way, and the teardown looks for it again by description.
 
 Blocking; used by mount.py on the main thread before the mount serves and after it stopped.
 """
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 from ivdfs import journal
 from ivdfs.errors import BackendError, NotFound, TaskFailed
 from ivdfs.inventory.model import Ivd, Snapshot
-from ivdfs.inventory.vsphere import VSphere
+from ivdfs.inventory.vsphere import OutcomeUnknown, VSphere
 from ivdfs.vddk.connection import DiskTarget
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class TemporarySnapshots:
         self._pins = pins
         self._journal = record
         self.created: list[tuple[Ivd, Snapshot]] = []
+        # Creates whose outcome vCenter did not show (a lost reply): IVD and description.
+        self.unknown: list[tuple[Ivd, str]] = []
         self._pinned: list[DiskTarget] = []
 
     def create(self, ivds: Sequence[Ivd], where: str, check: Callable[[], None]) -> None:
@@ -75,6 +78,10 @@ class TemporarySnapshots:
                 snap = self._vs.create_snapshot(
                     ivd, description, on_started=self._task_started(ivd.id)
                 )
+            except OutcomeUnknown as e:
+                # It may yet appear: the journal keeps it, and delete_all looks again.
+                self.unknown.append((ivd, description))
+                raise TaskFailed(f"--snapshot-now: {e}") from None
             except BackendError as e:
                 self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": None})
                 raise TaskFailed(f"--snapshot-now: {e}") from None
@@ -96,6 +103,7 @@ class TemporarySnapshots:
         self._pins.close_targets_blocking(
             [DiskTarget(ivd.id, ivd.datastore.moref, snap.id) for ivd, snap in self.created]
         )
+        self._find_unknown()
         while self.created:
             ivd, snap = self.created.pop()
             try:
@@ -117,3 +125,31 @@ class TemporarySnapshots:
             self._journal.drop("snapshots", {"ivd": ivd.id, "snapshot": snap.id})
         while self._pinned:
             self._pins.unpin_access_blocking(self._pinned.pop())
+
+    def _find_unknown(self) -> None:
+        """Creates whose outcome was unknown: the snapshot vCenter made meanwhile is deleted
+        like the others; none at all, and the entry goes (as `ivdfs umount` decides)."""
+        while self.unknown:
+            ivd, description = self.unknown.pop()
+            match = {"ivd": ivd.id, "snapshot": None}
+            try:
+                found = [s for s in self._vs.snapshots(ivd) if s.description == description]
+            except BackendError as e:
+                log.error(
+                    "could not look for the snapshot of IVD %s whose creation lost its reply "
+                    "(%s); `ivdfs umount` of this mountpoint looks again",
+                    ivd.id,
+                    e,
+                )
+                continue
+            if not found:
+                log.info("no snapshot of IVD %s was left by the creation that lost its reply",
+                         ivd.id)  # fmt: skip
+                self._journal.drop("snapshots", match)
+                continue
+            for snap in found:
+                entry = {"ivd": ivd.id, "datastore": ivd.datastore.moref, "snapshot": snap.id,
+                         "description": description}  # fmt: skip
+                self._journal.add("snapshots", entry)
+                self.created.append((ivd, snap))
+            self._journal.drop("snapshots", match)

@@ -19,8 +19,6 @@ from ivdfs.errors import TlsProblem, Unreachable
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 20.0
-
 
 def sha1_thumbprint(der: bytes) -> str:
     digest = hashlib.sha1(der).hexdigest().upper()
@@ -46,7 +44,8 @@ def probe_certificate(server: ServerConfig, ctx: ssl.SSLContext) -> str:
     """Handshake once to verify the certificate and learn its SHA-1 thumbprint for VDDK."""
     where = f"{server.host}:{server.port}"
     try:
-        raw = socket.create_connection((server.host, server.port), timeout=CONNECT_TIMEOUT)
+        # The deadline covers the connect and, as the socket's timeout, the handshake.
+        raw = socket.create_connection((server.host, server.port), timeout=server.timeout)
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
         raise Unreachable(f"cannot reach {where}: {reason}") from None
@@ -70,7 +69,12 @@ def probe_certificate(server: ServerConfig, ctx: ssl.SSLContext) -> str:
             # A plain-HTTP server answered the handshake with text: it is not vSphere.
             raise Unreachable(f"{where} does not speak TLS: it is not a vCenter or ESXi") from None
         raise TlsProblem(f"TLS handshake with {where} failed: {e}") from None
-    except OSError as e:  # a timeout: connected, but no answer to the handshake
+    except TimeoutError:
+        raise Unreachable(
+            f"{where} does not answer the TLS handshake within {server.timeout:g} s "
+            "(--vcenter-timeout)"
+        ) from None
+    except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
         raise Unreachable(f"{where} does not answer the TLS handshake: {reason}") from None
     if not der:

@@ -10,6 +10,14 @@ without it, one RetrieveVStorageObject per IVD runs on the session's pool of thr
 that users type resolve to objects here and fail with NotFound or Ambiguous; exit codes and
 hints belong to the commands.
 
+Tasks (snapshot create and delete) are started once: their start is never re-sent blindly
+after a lost reply, since vCenter may have run it. After one, vCenter is asked what happened
+before anything else: the snapshot by its description (unique per request) or id, after any
+such task still in vCenter's task list has ended. A create whose snapshot is found is taken as
+done; one that left nothing is reported, not sent again (the request may still sit in a
+stalled vCenter). A delete is sent again only once vCenter shows the snapshot still there and
+no delete running.
+
 Concurrency: every method blocks; any thread (the session's pool makes it safe). Task waits
 poll, each poll a separate call.
 """
@@ -26,8 +34,8 @@ from pyVmomi import vim, vmodl, vslm
 from ivdfs.config import ServerConfig
 from ivdfs.errors import Ambiguous, BackendError, NotFound, NotSupported
 from ivdfs.inventory.changes import ChangedAreas, Extent, merge
-from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot
-from ivdfs.inventory.session import DEFAULT_POOL, Session
+from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot, creation_order
+from ivdfs.inventory.session import DEFAULT_POOL, ReplyLost, Session
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,27 @@ VSLM_PAGE = 1000
 
 # Called while a task runs with the seconds elapsed so far (for progress on a terminal).
 Progress = Callable[[float], None]
+
+# Task kinds as they appear in a task's descriptionId or name ("...createSnapshot").
+CREATE_SNAPSHOT = "createsnapshot"
+DELETE_SNAPSHOT = "deletesnapshot"
+
+
+class OutcomeUnknown(BackendError):
+    """A task start whose reply was lost and whose effect vCenter does not show (yet)."""
+
+
+def is_task_of(kind: str, props: dict[str, Any]) -> bool:
+    """Whether a task (its info.descriptionId and info.name) is an IVD task of `kind`. A
+    virtual machine's snapshot tasks ("VirtualMachine.createSnapshot") are not: real
+    vCenter's ids for IVD tasks are not documented, so anything else naming the operation
+    counts (waiting for a stranger's task costs time only)."""
+    desc = str(props.get("info.descriptionId") or "").lower()
+    name = str(props.get("info.name") or "").lower()
+    if desc.startswith("virtualmachine."):
+        return False
+    return kind in desc.replace("_", "") or kind in name.replace("_", "")
+
 
 HOST_HAS_NO_CBT = (
     "an ESXi host has no changed-block query for IVDs (QueryChangedDiskAreas and snapshot "
@@ -89,8 +118,8 @@ class VSphere:
     def _ds(self, ds: Datastore) -> Any:
         return vim.Datastore(ds.moref, self.session.si._stub)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        return self.session.call(what, fn)
+    def _call(self, what: str, fn: Callable[[], Any], *, resend: bool = True) -> Any:
+        return self.session.call(what, fn, resend=resend)
 
     # --- queries -------------------------------------------------------------------------
 
@@ -418,9 +447,12 @@ class VSphere:
         progress: Progress | None = None,
         on_started: Callable[[str], None] | None = None,
     ) -> Snapshot:
-        """`on_started(task id)` runs once vCenter accepted the task, before it is waited
-        for: a journal keeps the id so that recovery can wait for a task its process left."""
+        """Snapshot `ivd`. `on_started(task id)` runs once vCenter accepted the task, before it
+        is waited for: a journal keeps the id so that recovery can wait for a task its process
+        left. After a lost reply the snapshot is found by its description among those that
+        were not there before (OutcomeUnknown when there is none)."""
         what = f"snapshot of IVD {ivd.name or ivd.id}"
+        before = {s.id for s in self.snapshots(ivd)}
 
         def start() -> Any:
             vid, ds = vim.vslm.ID(id=ivd.id), self._ds(ivd.datastore)
@@ -432,7 +464,10 @@ class VSphere:
                 id=vid, datastore=ds, description=description
             )
 
-        task = self._call(what, start)
+        try:
+            task = self._call(what, start, resend=False)
+        except ReplyLost as e:
+            return self._created_after_lost_reply(ivd, description, before, what, e, progress)
         if on_started is not None:
             on_started(str(task._moId))
         result = self.wait_task(task, what, progress)
@@ -441,6 +476,36 @@ class VSphere:
             if snap.id == snap_id:
                 return snap
         return Snapshot(id=snap_id, ivd_id=ivd.id, description=description)
+
+    def _created_after_lost_reply(
+        self,
+        ivd: Ivd,
+        description: str,
+        before: set[str],
+        what: str,
+        lost: ReplyLost,
+        progress: Progress | None,
+    ) -> Snapshot:
+        log.warning("%s, so the reply was lost; asking vCenter whether it ran", lost)
+        try:
+            self._wait_for_tasks(CREATE_SNAPSHOT, what, progress)
+            now = self.snapshots(ivd)
+        except BackendError as e:
+            # Still unknown: the request may yet run (a stalled vCenter keeps it).
+            raise OutcomeUnknown(f"{lost}, so the reply was lost, and asking vCenter what "
+                                 f"happened failed too: {e}") from None  # fmt: skip
+        found = [s for s in now if s.description == description and s.id not in before]
+        if not found:
+            raise OutcomeUnknown(
+                f"{lost}, so the reply was lost, and vCenter shows no new snapshot with the "
+                f"description {description!r}; not sent again"
+            )
+        if len(found) > 1:  # never sent twice: another client used the same description
+            log.error("%s: %d new snapshots carry the description %r; taking the newest", what,
+                      len(found), description)  # fmt: skip
+        snap = max(found, key=creation_order)
+        log.info("%s: vCenter made it (snapshot %s) before the reply was lost", what, snap.id)
+        return snap
 
     def delete_snapshot(self, ivd: Ivd, snapshot_id: str, progress: Progress | None = None) -> None:
         what = f"deleting snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
@@ -454,7 +519,71 @@ class VSphere:
                 )
             return self._vsom.DeleteSnapshot_Task(id=vid, datastore=ds, snapshotId=sid)
 
-        self.wait_task(self._call(what, start), what, progress)
+        try:
+            task = self._call(what, start, resend=False)
+        except ReplyLost as e:
+            log.warning("%s, so the reply was lost; asking vCenter whether it ran", e)
+            self._wait_for_tasks(DELETE_SNAPSHOT, what, progress)
+            if snapshot_id not in {s.id for s in self.snapshots(ivd)}:
+                log.info("%s: vCenter did it before the reply was lost", what)
+                return
+            # Still there and no delete running: it did not run. Deleting is by id, so the
+            # second request cannot touch anything else.
+            log.info("%s: vCenter did not run it; sending it again", what)
+            task = self._call(what, start, resend=False)
+        self.wait_task(task, what, progress)
+
+    def _wait_for_tasks(self, kind: str, what: str, progress: Progress | None) -> None:
+        """Wait for the tasks of `kind` that vCenter's task list shows queued or running (a
+        request whose reply was lost may still be under way). Tasks of other clients may be
+        among them: waiting for those costs time, never a wrong answer."""
+        pc = vmodl.query.PropertyCollector
+
+        def running() -> list[str]:
+            # The session's objects of now: a re-login between attempts replaces them.
+            tm = self.session.content.taskManager
+            recent = self.session.content.propertyCollector.RetrievePropertiesEx(
+                [
+                    pc.FilterSpec(
+                        objectSet=[pc.ObjectSpec(obj=tm, skip=False)],
+                        propSet=[pc.PropertySpec(type=vim.TaskManager, pathSet=["recentTask"])],
+                    )
+                ],
+                pc.RetrieveOptions(),
+            )
+            tasks = [t for o in (recent.objects if recent else []) for p in o.propSet
+                     for t in (p.val or [])]  # fmt: skip
+            if not tasks:
+                return []
+            spec = pc.FilterSpec(
+                objectSet=[
+                    pc.ObjectSpec(obj=vim.Task(t._moId, self.session.si._stub), skip=False)
+                    for t in tasks
+                ],
+                propSet=[
+                    pc.PropertySpec(
+                        type=vim.Task, pathSet=["info.descriptionId", "info.name", "info.state"]
+                    )
+                ],
+            )
+            result = self.session.content.propertyCollector.RetrievePropertiesEx(
+                [spec], pc.RetrieveOptions()
+            )
+            out = []
+            for o in result.objects if result else []:
+                props = {p.name: p.val for p in o.propSet}
+                if is_task_of(kind, props) and props.get("info.state") in (
+                    vim.TaskInfo.State.queued,
+                    vim.TaskInfo.State.running,
+                ):
+                    out.append(str(o.obj._moId))
+            return out
+
+        for moid in self._call(f"{what}: the task list", running):
+            try:
+                self.wait_task(vim.Task(moid, self.session.si._stub), what, progress)
+            except (BackendError, NotFound) as e:
+                log.info("%s: task %s: %s", what, moid, e)
 
     # --- changed block tracking (vCenter only) -------------------------------------------
 

@@ -10,6 +10,7 @@ Concurrency: trio thread only; inventory calls go to `trio.to_thread` with a lim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Hashable
@@ -67,7 +68,8 @@ def _first_ivdfs_error(group: BaseExceptionGroup[BaseException]) -> IvdfsError |
     walk(group)
     if not leaves or not all(isinstance(e, IvdfsError) for e in leaves):
         return None
-    first = leaves[0]
+    # NotFound first: a deleted IVD fails both queries, and "no such IVD" is the news.
+    first = next((e for e in leaves if isinstance(e, NotFound)), leaves[0])
     assert isinstance(first, IvdfsError)
     return first
 
@@ -210,9 +212,11 @@ class Catalog:
     async def load_ivd(self, d: DirNode) -> bool:
         assert isinstance(d, IvdDir) and d.datastore is not None
         self._note_scan(d)
-        ivd, snaps, complete = await self._ivd_data(d.datastore, d.ivd_id)
+        ivd, snaps, complete = await self._ivd_data(d.datastore, d.ivd_id, d.whole is not None)
         snaps = sorted(snaps, key=creation_order)
         d.ivd, d.complete = ivd, complete
+        if complete:
+            d.whole = ivd
         mtime = to_ns(ivd.create_time, d.mtime_ns)
         if mtime != d.mtime_ns:
             d.mtime_ns = mtime
@@ -235,8 +239,27 @@ class Catalog:
         if d.complete or d.datastore is None:
             return
         ds, ivd_id = d.datastore, d.ivd_id
-        ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
-        d.ivd, d.complete = ivd, True
+        if d.whole is None or d.ivd is None or not self.listings.outage:
+            try:
+                ivd = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
+            except BackendError:
+                if d.whole is None or d.ivd is None:
+                    raise
+            else:
+                d.ivd, d.complete, d.whole = ivd, True, ivd
+                self._set_ivd(d, ivd)
+                return
+        # vCenter does not answer: the whole record read before, with what the listing says
+        # now (held answers are served through an outage; it is asked again afterwards).
+        log.debug("IVD %s: showing the record read before", ivd_id)
+        d.ivd = dataclasses.replace(
+            d.whole, name=d.ivd.name, capacity_bytes=d.ivd.capacity_bytes,
+            create_time=d.ivd.create_time or d.whole.create_time,
+        )  # fmt: skip
+        self._set_ivd(d, d.ivd)
+
+    @staticmethod
+    def _set_ivd(d: IvdDir, ivd: Ivd) -> None:
         for child in d.children.values():
             if isinstance(child, SnapshotDir) and child.disk is not None:
                 child.disk.ivd = ivd
@@ -249,15 +272,18 @@ class Catalog:
 
     # --- an IVD's record and snapshots: one round trip, read ahead during a scan ----------
 
-    async def _fetch_ivd(self, ds: Datastore, ivd_id: str) -> IvdData:
+    async def _fetch_ivd(self, ds: Datastore, ivd_id: str, whole: bool = False) -> IvdData:
         """The record and the snapshots, asked at once (two calls, one round trip). A
         datastore listing's summary stands in for the record (the rest of it is asked when
-        info.json is read), and when it said the IVD has no snapshots, none are asked."""
+        info.json is read), unless `whole` (an IVD whose whole record was asked once keeps it
+        whole across refreshes); when the summary said the IVD has no snapshots, none are
+        asked."""
         out: dict[str, object] = {}
         known = self._summaries.get(ds.moref, {}).get(ivd_id)
+        summary = known is not None and not whole
 
         async def record() -> None:
-            if known is not None:
+            if known is not None and summary:
                 out["ivd"] = known.ivd
             else:
                 out["ivd"] = await self._query(lambda: self.inventory.ivd(ds, ivd_id))
@@ -274,14 +300,15 @@ class Catalog:
                 n.start_soon(snapshots)
         except BaseExceptionGroup as group:
             # Both queries fail together when vCenter does (refused, down, logged out): one
-            # error says it, and callers catch IvdfsError, not a group of them.
+            # error says it (NotFound first, since a deleted IVD fails both), and callers catch
+            # IvdfsError, not a group of them.
             first = _first_ivdfs_error(group)
             if first is None:
                 raise
             raise first from None
-        return out["ivd"], out["snaps"], known is None  # type: ignore[return-value]
+        return out["ivd"], out["snaps"], not summary  # type: ignore[return-value]
 
-    async def _ivd_data(self, ds: Datastore, ivd_id: str) -> IvdData:
+    async def _ivd_data(self, ds: Datastore, ivd_id: str, whole: bool = False) -> IvdData:
         key = (ds.moref, ivd_id)
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
@@ -290,10 +317,10 @@ class Catalog:
             else:
                 await ahead.done.wait()
                 fresh = self.listings.clock() - ahead.at < self._ahead_ttl
-                if ahead.value is not None and fresh:
+                if ahead.value is not None and fresh and (ahead.value[2] or not whole):
                     self.stats["read_ahead_used"] += 1
                     return ahead.value
-        return await self._fetch_ivd(ds, ivd_id)
+        return await self._fetch_ivd(ds, ivd_id, whole)
 
     def _note_scan(self, d: IvdDir) -> None:
         """Directory read-ahead: when IVD directories of one datastore are listed one after

@@ -14,10 +14,11 @@ import bisect
 import stat
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import trio
 
+from ivdfs.errors import BackendError
 from ivdfs.inventory.model import Datastore, Ivd
 
 if TYPE_CHECKING:
@@ -69,6 +70,13 @@ class DirNode(Node):
     # 0.0: refreshes, not loaded yet; None: never refreshes.
     refresh_due: float | None = None
     last_loaded: float = 0.0
+    refresh_queued: bool = False  # waiting for a background refresh
+    # The last failed load (monotonic time) and why; None once a load succeeds.
+    failed_at: float | None = None
+    failure: BackendError | None = None
+    # Its refresh asks nobody (changes/ follows its IVD directory): a success there says
+    # nothing about vCenter.
+    local_refresh: ClassVar[bool] = False
 
     @property
     def mode(self) -> int:
@@ -86,6 +94,7 @@ class IvdDir(DirNode):
     ivd_id: str = ""
     ivd: Ivd | None = None
     complete: bool = False  # `ivd` is the whole record, not a datastore listing's summary
+    whole: Ivd | None = None  # the last whole record read (served while vCenter is silent)
 
 
 @dataclass(eq=False)
@@ -106,6 +115,7 @@ class ChangesDir(DirNode):
 
     disk: SnapshotDisk | None = None
     pairs: dict[str, ChangePair] = field(default_factory=dict)  # by older snapshot id
+    local_refresh: ClassVar[bool] = True
 
 
 @dataclass(eq=False)

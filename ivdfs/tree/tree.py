@@ -193,21 +193,25 @@ class Tree:
         if not isinstance(parent, DirNode):
             raise OSError(errno.ENOTDIR, parent.name)
         node = (await self.children(parent)).get(name)
-        if (
-            node is None
-            and isinstance(parent, DatastoreDir | IvdDir)
-            and self._may_relist(parent, name)
-        ):
-            # "Create, then read": a snapshot or IVD made after the last listing.
-            await self.listings.reload(parent)
-            node = parent.children.get(name)
+        if node is None and isinstance(parent, DatastoreDir | IvdDir) and UUID_RE.match(name):
+            if self._may_relist(parent, name):
+                # "Create, then read": a snapshot or IVD made after the last listing. Only
+                # this waits on vCenter (and fails after its deadline when it does not answer).
+                await self.listings.reload(parent)
+                node = parent.children.get(name)
+            elif self.listings.outage:
+                # Not asked again so soon, and the last listing may be out of date: whether
+                # it exists is unknown, which is not "no such file".
+                raise BackendError(
+                    f"{name}: not in the last listing of {parent.name}, and vCenter does not "
+                    "answer",
+                    quiet=True,
+                )
         if node is None:
             raise NotFound(name)
         return node
 
     def _may_relist(self, parent: DirNode, name: str) -> bool:
-        if not UUID_RE.match(name):
-            return False
         now = self.clock()
         asked = self._missing.get((parent.ino, name))
         if asked is not None and now - asked < MISSING_NAME_TTL:
@@ -286,16 +290,22 @@ class Tree:
             if isinstance(node, SparseFile) and node.prepare is not None:
                 await node.prepare()
             sd = node.disk
-            if not await self.snapshots.probe(sd):
-                raise BackendError(
-                    f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
-                )
-            assert sd.reader is not None
-            if self.evidence.hashes:
-                # A hash just completed by another open counts as known (no second pass, and
-                # this open keeps the kernel's pages).
-                await self._settled(sd)
+            # Held before the probe: a disk opened for it stays for the reads that follow,
+            # rather than counting as unused (the first to go under --max-connections).
             sd.disk.hold()
+            try:
+                if not await self.snapshots.probe(sd):
+                    raise BackendError(
+                        f"{sd.where()}: the disk cannot be opened (see the log)", quiet=True
+                    )
+                if self.evidence.hashes:
+                    # A hash just completed by another open counts as known (no second pass,
+                    # and this open keeps the kernel's pages).
+                    await self._settled(sd)
+            except BaseException:
+                sd.disk.release()
+                raise
+            assert sd.reader is not None
             digest = None
             # Evidence is the disk and its windows, not a changes/ view of the delta.
             evident = not isinstance(node, SparseFile) and node.name not in sd.digests
@@ -468,4 +478,6 @@ class Tree:
             "open_files": len(self.files),
             **self.catalog.stats,
             **self.snapshots.stats,
+            **self.listings.stats,
+            "vcenter_outage": self.listings.outage,
         }

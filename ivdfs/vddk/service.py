@@ -3,13 +3,25 @@
 Role: disks follow use. A snapshot the tree knows is a `Slot`; its disk is opened on the first
 read (ConnectEx + Open, after PrepareForAccess for its IVD) and closed again when nothing uses
 it: `idle_timeout` seconds after the last open file or guest volume let go of it, or a few
-seconds after a probe (partition table, size) that no file followed. An IVD's EndAccess follows
-as soon as none of its snapshots is open (or pinned by a temporary snapshot or a VixMntapi
-volume), and the next use prepares it again. At most `max_connections` VDDK connections are
-open at once: a disk that needs one closes the least recently used disk without reads in
-flight (unheld ones first), or waits until one is free; read-ahead never opens or evicts.
-Every real deployment needs this: each open disk is an NFC session (ESXi caps them per host),
-and PrepareForAccess disables vMotion and DRS for the VMs the IVD is attached to.
+seconds after a probe (partition table, size) that no file followed.
+
+Access follows the IVD's use, not its connections: an IVD stays prepared while any of its
+snapshots is held or was used within `idle_timeout` (a probe: within the probe's linger), and
+ends (EndAccess) once none was, however often the cap closed and reopened its disks meanwhile.
+Each PrepareForAccess and EndAccess is a vCenter operation with its own tasks and events, on
+every VM the IVD is attached to.
+
+At most `max_connections` VDDK connections are open at once. A disk that needs one waits in
+one first-come queue (no waiting disk starves), and the first in it takes a free connection,
+or closes an open disk: one nobody holds or reads first (least recently used), else the disk
+in use that has been open longest, once it has been open `min_open` seconds. A disk chosen so
+admits no new reads (its readers queue up for it again) and closes when those in flight are
+done. Readers waiting for a disk are served together when it opens. So under contention opens
+follow the switches of a fair schedule, each serving a batch of reads, not every read; read-ahead
+never opens or evicts. (`legacy`: the policy before, kept for the side-by-side benchmark: any
+disk without a read in flight is closed for another at once, and EndAccess follows as soon as
+no disk of the IVD is open.) Every real deployment needs a cap: each open disk is an NFC session
+(ESXi caps them per host) and, with a password, a vCenter login.
 
 Failures: a transient read failure reopens the disk and retries with backoff; permanent codes
 (bad login, missing privilege, VDDK plugins not loaded ...) are not retried, since every
@@ -21,14 +33,17 @@ Concurrency: everything here runs on the trio thread, except the `*_blocking` bo
 run on the control thread (ConnectEx, Open, Close, Disconnect, PrepareForAccess, EndAccess:
 VDDK wants a handle opened and closed on one thread) and `close_all`, called once from the
 main thread after the trio loop has ended. The access table is touched only on the control
-thread.
+thread; the trio side decides when an IVD is idle (`_prepared`) and asks the control thread,
+which ends the access only if no disk of the IVD is open or pinned by then.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -57,6 +72,10 @@ PROBE_LINGER = 5.0
 OPEN_RETRY_FIRST = 0.1
 OPEN_RETRY_PERMANENT_FIRST = 1.0
 OPEN_RETRY_MAX = 60.0
+# Under the cap (see the module doc): a disk in use is closed for another only once it has
+# been open this long, and a held disk nobody has read for `IN_USE_GAP` counts as unused.
+MIN_OPEN = 3.0
+IN_USE_GAP = 0.25
 # Reads: attempts per block and the backoff before the first retry (doubling).
 READ_ATTEMPTS = 4
 READ_BACKOFF = 0.2
@@ -72,6 +91,9 @@ class Limits:
     use_async: bool = True
     in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES
     block_size: int = 1 << 20
+    min_open: float = MIN_OPEN
+    in_use_gap: float = IN_USE_GAP
+    legacy: bool = False  # the cap and access policy before issue 28 (benchmarks only)
 
 
 class Holdings(Protocol):
@@ -112,7 +134,10 @@ class Slot:
     users: int = 0  # open files and guest volumes: they keep the disk from idling out
     active: int = 0  # reads in flight on `disk`: they keep it from being closed at all
     held: bool = False  # a user held it since it was opened (else it was only probed)
+    ever_held: bool = False  # a user held it at some time: its IVD's access lasts idle_timeout
     last_used: float = 0.0
+    opened_at: float = 0.0
+    draining: bool = False  # chosen to make room: admits no new read, closes when none is left
     capacity: int | None = None  # bytes, from the disk's own GetInfo
     sector_size: int = 512  # the guest's logical sector size, from the same GetInfo
     failure: _Failure | None = None
@@ -139,6 +164,7 @@ class ServiceStats:
     wait_seconds: float = 0.0
     prepares: int = 0
     end_accesses: int = 0
+    accesses_kept: int = 0  # disks closed while their IVD stayed prepared (it was in use)
 
 
 class DiskService:
@@ -163,7 +189,12 @@ class DiskService:
         self._clock = clock
         self._control = ThreadWorker("vddk-control")
         self._slots: dict[DiskTarget, Slot] = {}
+        self._by_ivd: dict[str, set[Slot]] = {}
         self._access: dict[str, _AccessState] = {}  # control thread only
+        # IVDs whose access a disk open took and the reaper has not ended yet (trio side).
+        self._prepared: set[str] = set()
+        # Disks waiting for a connection, first come first served.
+        self._queue: deque[object] = deque()
         self._connections = 0  # open, opening or closing, counted against the cap
         self._pinned = 0  # connections held by VixMntapi volumes
         self._change = trio.Event()
@@ -178,8 +209,18 @@ class DiskService:
         slot = self._slots.get(target)
         if slot is None:
             slot = self._slots[target] = Slot(target)
+            self._by_ivd.setdefault(target.ivd_id, set()).add(slot)
         slot.forgotten = False
         return slot
+
+    def _drop_slot(self, slot: Slot) -> None:
+        if self._slots.get(slot.target) is slot:
+            del self._slots[slot.target]
+        same = self._by_ivd.get(slot.target.ivd_id)
+        if same is not None:
+            same.discard(slot)
+            if not same:
+                del self._by_ivd[slot.target.ivd_id]
 
     def forget(self, target: DiskTarget) -> None:
         """The tree freed the snapshot: close its disk as soon as no read is in flight."""
@@ -188,13 +229,13 @@ class DiskService:
             return
         slot.forgotten = True
         if slot.disk is None and slot.opening is None:
-            del self._slots[target]
+            self._drop_slot(slot)
         self._notify()
 
     def hold(self, slot: Slot) -> None:
         """An open file or a mounted guest volume uses the disk (it stays open while held)."""
         slot.users += 1
-        slot.held = True
+        slot.held = slot.ever_held = True
 
     def release(self, slot: Slot) -> None:
         slot.users -= 1
@@ -279,8 +320,14 @@ class DiskService:
                 raise BackendError("shutting down")
             disk = slot.disk
             if disk is not None and not disk.closed:
-                slot.active += 1
-                return disk
+                if not slot.draining:
+                    slot.active += 1
+                    return disk
+                if background:
+                    raise BackendError("closing for another disk; no read-ahead", quiet=True)
+                # Closing for a disk that waited: this reader queues up for it again.
+                await self._change.wait()
+                continue
             if background:
                 raise BackendError("not open; read-ahead does not open disks", quiet=True)
             failure = slot.failure
@@ -312,8 +359,9 @@ class DiskService:
             slot.capacity = disk.capacity
             slot.sector_size = disk.sector_size
             slot.held = slot.users > 0
-            slot.last_used = self._clock()
+            slot.last_used = slot.opened_at = self._clock()
             slot.failure = None
+            self._prepared.add(slot.target.ivd_id)
             self.stats.opens += 1
         except BackendError as e:
             self.stats.open_failures += 1
@@ -337,18 +385,96 @@ class DiskService:
             self._notify()
 
     async def _reserve(self, n: int) -> None:
-        """Count `n` connections against the cap, closing idle disks or waiting for room."""
+        """Count `n` connections against the cap, closing disks or waiting for room."""
+        if self.limits.legacy:
+            await self._reserve_legacy(n)
+            return
+        started = self._clock()
+        waited = False
+        ticket = object()
+        self._queue.append(ticket)
+        try:
+            while True:
+                self._check_room(n)
+                due = math.inf
+                if self._queue[0] is ticket:
+                    if self._connections + n <= self.limits.max_connections:
+                        self._connections += n
+                        break
+                    victim, due = self._choose_victim()
+                    if victim is not None and not victim.active:
+                        self.stats.evictions += 1
+                        await self._close_slot(victim, "to make room for another disk")
+                        continue
+                    if victim is not None:
+                        victim.draining = True  # its reads in flight end, then it closes
+                if not waited:
+                    waited = True
+                    self.stats.waits += 1
+                # `due` is on self._clock: wait for a change, or that many seconds.
+                with trio.move_on_after(max(0.0, due - self._clock()) if due < math.inf else 3600):
+                    await self._change.wait()
+        finally:
+            self._queue.remove(ticket)
+            for slot in self._slots.values():
+                slot.draining = False  # room was found (or the wait ended): all admit reads
+            self._notify()
+        if waited:
+            self.stats.wait_seconds += self._clock() - started
+
+    def _check_room(self, n: int) -> None:
+        if self._closed:
+            raise BackendError("shutting down")
+        if self._pinned + n > self.limits.max_connections:
+            raise BackendError(
+                f"all {self.limits.max_connections} VDDK connections (--max-connections) "
+                "are held by mounted guest volumes"
+            )
+
+    def _choose_victim(self) -> tuple[Slot | None, float]:
+        """The disk to close for the first waiting one, and when to look again if none may be
+        closed yet: one nobody holds (least recently used), else a held one nobody has read
+        for `in_use_gap`, else the one in use that has been open longest, once it has been open
+        `min_open` (a disk already draining keeps its turn)."""
+        now = self._clock()
+        lim = self.limits
+        unheld: list[Slot] = []
+        unused: list[Slot] = []
+        in_use: list[Slot] = []
+        due = math.inf
+        draining: Slot | None = None
+        for s in self._slots.values():
+            if s.disk is None or s.opening is not None:
+                continue
+            if s.forgotten or not s.users:
+                if not s.active:
+                    unheld.append(s)
+            elif s.draining:
+                draining = s
+            elif not s.active and now - s.last_used >= lim.in_use_gap:
+                unused.append(s)
+            else:
+                if not s.active:
+                    due = min(due, s.last_used + lim.in_use_gap)
+                if now - s.opened_at >= lim.min_open:
+                    in_use.append(s)
+                else:
+                    due = min(due, s.opened_at + lim.min_open)
+        for group in (unheld, unused):
+            if group:
+                return min(group, key=lambda s: s.last_used), due
+        if draining is not None:
+            return draining, due
+        if in_use:
+            return min(in_use, key=lambda s: s.opened_at), due
+        return None, due
+
+    async def _reserve_legacy(self, n: int) -> None:
         started = self._clock()
         waited = False
         while self._connections + n > self.limits.max_connections:
-            if self._closed:
-                raise BackendError("shutting down")
-            if self._pinned + n > self.limits.max_connections:
-                raise BackendError(
-                    f"all {self.limits.max_connections} VDDK connections (--max-connections) "
-                    "are held by mounted guest volumes"
-                )
-            victim = self._victim()
+            self._check_room(n)
+            victim = self._victim_legacy()
             if victim is not None:
                 self.stats.evictions += 1
                 await self._close_slot(victim, "to make room for another disk")
@@ -361,7 +487,7 @@ class DiskService:
         if waited:
             self.stats.wait_seconds += self._clock() - started
 
-    def _victim(self) -> Slot | None:
+    def _victim_legacy(self) -> Slot | None:
         """The least recently used open disk with no read in flight; unheld disks first."""
         idle = [
             s for s in self._slots.values() if s.disk is not None and not s.active and not s.opening
@@ -375,10 +501,10 @@ class DiskService:
         if disk is None:
             return
         slot.disk = None
-        slot.held = False
+        slot.held = slot.draining = False
         await self._close_disk(disk, why)
         if slot.forgotten and slot.disk is None and slot.opening is None:
-            self._slots.pop(slot.target, None)
+            self._drop_slot(slot)
 
     async def _discard(self, slot: Slot, broken: OpenDisk) -> None:
         """Close a disk whose read failed; concurrent readers that saw it share one close."""
@@ -386,13 +512,27 @@ class DiskService:
             slot.disk = None
             await self._close_disk(broken, "after a failed read")
 
+    def _access_until(self, ivd_id: str, now: float) -> float:
+        """Until when the IVD's use keeps its access: infinity while a disk of it is open,
+        opening or held; else its snapshots' last use plus their linger."""
+        until = -math.inf
+        idle = self.limits.idle_timeout
+        for s in self._by_ivd.get(ivd_id, ()):
+            if s.disk is not None or s.opening is not None or s.users:
+                return math.inf
+            until = max(until, s.last_used + (idle if s.ever_held else min(PROBE_LINGER, idle)))
+        return until
+
     async def _close_disk(self, disk: OpenDisk, why: str) -> None:
         disk.closed = True
+        ivd_id = disk.target.ivd_id
+        # The access ends with the disk only when nothing else of the IVD was in use lately.
+        end = self.limits.legacy or self._access_until(ivd_id, self._clock()) <= self._clock()
         with trio.CancelScope(shield=True):
             try:
                 # Joining the I/O threads waits for their queued reads: not on the trio thread.
                 await trio.to_thread.run_sync(disk.stop_io)
-                await self._control.run(lambda: self._close_blocking(disk))
+                await self._control.run(lambda: self._close_blocking(disk, end))
             finally:
                 self._connections -= len(disk.handles)
                 self.stats.closes += 1
@@ -400,12 +540,13 @@ class DiskService:
         log.debug("closed %s %s", disk.target.describe(), why)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close disks that nothing uses once they have lingered; runs until cancelled."""
+        """Close disks that nothing uses once they have lingered, and end the access of IVDs
+        nothing used for as long; runs until cancelled."""
         task_status.started()
         while True:
             change = self._change
             now = self._clock()
-            due = math.inf
+            due = await self._end_idle_accesses(now)
             for slot in list(self._slots.values()):
                 if slot.disk is None or slot.active or slot.opening:
                     continue
@@ -424,6 +565,20 @@ class DiskService:
             # `due` is on self._clock, not trio's: wait for a change or for that many seconds.
             with trio.move_on_after(max(0.0, due - self._clock()) if due < math.inf else 3600):
                 await change.wait()
+
+    async def _end_idle_accesses(self, now: float) -> float:
+        """EndAccess for each prepared IVD whose use has lapsed; when the next one is due."""
+        due = math.inf
+        for ivd_id in sorted(self._prepared):
+            until = self._access_until(ivd_id, now)
+            if until > now:
+                due = min(due, until)
+                continue
+            with trio.CancelScope(shield=True):  # an access asked for is never left half done
+                settled = await self._control.run(functools.partial(self._end_idle, ivd_id))
+            if settled:
+                self._prepared.discard(ivd_id)
+        return due
 
     # --- pins: what holds an IVD's access, or a connection, outside the tree's reads ------
 
@@ -490,6 +645,19 @@ class DiskService:
                 log.warning("%s (reading anyway)", e)
         return state
 
+    def _end_idle(self, ivd_id: str) -> bool:
+        """The trio side found the IVD idle: end its access unless a disk of it is open (one
+        being closed: the reaper asks again once it is). True when nothing is left to do here
+        (ended, never prepared, or pinned: the last unpin ends it)."""
+        state = self._access.get(ivd_id)
+        if state is None:
+            return True
+        if state.disks:
+            return False
+        if not state.pins:
+            self._end_if_unused(state)
+        return True
+
     def _end_if_unused(self, state: _AccessState) -> None:
         if state.disks or state.pins:
             return
@@ -539,7 +707,7 @@ class DiskService:
             )
         return disk
 
-    def _close_blocking(self, disk: OpenDisk) -> None:
+    def _close_blocking(self, disk: OpenDisk, end_access: bool) -> None:
         for handle in disk.handles:
             try:
                 handle.close()
@@ -548,7 +716,10 @@ class DiskService:
         state = self._access.get(disk.target.ivd_id)
         if state is not None:
             state.disks -= 1
-            self._end_if_unused(state)
+            if end_access:
+                self._end_if_unused(state)
+            elif not state.disks:
+                self.stats.accesses_kept += 1
 
     # --- teardown (main thread, after the trio loop) -------------------------------------
 
@@ -563,7 +734,7 @@ class DiskService:
     def _close_disk_blocking(self, disk: OpenDisk) -> None:
         disk.closed = True
         disk.stop_io()
-        self._control.run_blocking(lambda: self._close_blocking(disk))
+        self._control.run_blocking(lambda: self._close_blocking(disk, True))
         self._connections -= len(disk.handles)
         self.stats.closes += 1
 
@@ -578,6 +749,8 @@ class DiskService:
                 except BackendError as e:
                     log.warning("closing %s: %s", disk.target.describe(), e)
         self._slots.clear()
+        self._by_ivd.clear()
+        self._prepared.clear()
 
         def end_all() -> None:
             for state in list(self._access.values()):

@@ -430,6 +430,7 @@ class Vcsim:
         self._log: Any = None
         self.returncode: int | None = None  # the launcher's, once stopped (0: clean exit)
         self.facts_dir: Path | None = None  # tell_standin
+        self.frozen = False  # stopped by `freeze`
         self.url = self.server = self.thumbprint = ""
         self.port = 0
         self.tmpdir = self.ca_file = self.cert_file = self._key_file = Path()
@@ -524,6 +525,27 @@ class Vcsim:
         finally:
             switch.unlink()
 
+    def lose_reply(self, operation: str) -> Path:
+        """The next request starting an `operation` task ("createSnapshot",
+        "deleteSnapshot") runs, and its connection is then closed without a reply (the
+        launcher's -faults switch). Returns the switch file, which the launcher removes when
+        it has lost a reply."""
+        switch = self.tmpdir / "faults" / f"{operation}.lost-reply"
+        switch.touch()
+        return switch
+
+    def freeze(self) -> None:
+        """Stop the simulator process (SIGSTOP): connections are accepted by the kernel and
+        then hang, as with a vCenter that stalls; `thaw` resumes it."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self._proc is not None and self.frozen:
+            self._proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+
     def _read_line(self, timeout: float) -> str:
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
@@ -554,6 +576,7 @@ class Vcsim:
 
     def stop(self) -> None:
         """Terminate the launcher, wait for it, and remove the private directory."""
+        self.thaw()  # the helpers' logout below would wait forever on a stopped process
         if self._si is not None:
             with contextlib.suppress(Exception):
                 Disconnect(self._si)
@@ -564,6 +587,7 @@ class Vcsim:
             self._tmp = None
 
     def _end_process(self) -> None:
+        self.thaw()  # a stopped process would not act on SIGTERM
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:

@@ -7,9 +7,20 @@ package main
 // datastore gone, an internal error); SystemError is the one any cause can give,
 // and no client may treat it as "not found".
 //
-// Concurrency: a stat per call; the test creates and removes the files.
+// Lost replies: while DIR/OP.lost-reply exists, the next request that starts an
+// OP task (createSnapshot, deleteSnapshot; vim and host wire names alike) is
+// served in full, so its task runs and ends, and then the connection is closed
+// without a byte of reply, as when a reply is lost on the way back (a network
+// failure, a proxy or load balancer timing out). The file is removed when that
+// happens: one request each time a test creates it.
+//
+// Concurrency: a stat per call; the test creates and removes the files. Removing
+// a .lost-reply file is what arms it, so two requests cannot both take one.
 
 import (
+	"bytes"
+	"io/ioutil"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -17,6 +28,12 @@ import (
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
 )
+
+// lostReplyOps maps what a request body names to the operation's switch.
+var lostReplyOps = []struct{ method, op string }{
+	{"CreateSnapshot_Task", "createSnapshot"},
+	{"DeleteSnapshot_Task", "deleteSnapshot"},
+}
 
 type faults struct {
 	dir string // "" when -faults was not given
@@ -66,3 +83,58 @@ func (f faults) runTask(op string, task *simulator.Task) types.ManagedObjectRefe
 	}()
 	return task.Self
 }
+
+// lostReply wraps a SOAP handler with the lost-reply switches (see above).
+func (f faults) lostReply(next http.Handler) http.Handler {
+	if f.dir == "" {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || !f.anyLostReply() {
+			next.ServeHTTP(w, r)
+			return
+		}
+		body, err := ioutil.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = ioutil.NopCloser(bytes.NewReader(body))
+		hijacker, canHijack := w.(http.Hijacker)
+		if !canHijack || !f.takeLostReply(body) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		next.ServeHTTP(&discardWriter{header: http.Header{}}, r)
+		if conn, _, err := hijacker.Hijack(); err == nil {
+			conn.Close()
+		}
+	})
+}
+
+func (f faults) anyLostReply() bool {
+	for _, o := range lostReplyOps {
+		if _, err := os.Stat(filepath.Join(f.dir, o.op+".lost-reply")); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// takeLostReply reports whether this request starts an operation whose
+// lost-reply switch is set, and clears the switch if so.
+func (f faults) takeLostReply(body []byte) bool {
+	for _, o := range lostReplyOps {
+		if bytes.Contains(body, []byte(o.method)) {
+			return os.Remove(filepath.Join(f.dir, o.op+".lost-reply")) == nil
+		}
+	}
+	return false
+}
+
+// discardWriter takes a reply that will never be sent.
+type discardWriter struct{ header http.Header }
+
+func (d *discardWriter) Header() http.Header         { return d.header }
+func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discardWriter) WriteHeader(int)             {}

@@ -12,7 +12,8 @@
 // changed block tracking (cbt.go), control flags, associations, an ESX mode
 // with HostVStorageObjectManager (-esx), the VSLM endpoint (-vslm, vslm.go),
 // start-up population (-populate), a delay on the inventory queries only
-// (-inventory-delay) and failing snapshot tasks on demand (-faults, faults.go).
+// (-inventory-delay), and failing snapshot tasks or lost replies to their
+// requests on demand (-faults, faults.go).
 // Every new behaviour is off unless its flag is given.
 //
 // The vmware_soap_session cookie is sent quoted, as vCenter and ESXi send it
@@ -91,7 +92,7 @@ func main() {
 	cbtAreas := flag.Int("cbt-max-areas", 2000, "most changed areas one QueryChangedDiskAreas call returns")
 	cbtSpan := flag.Int64("cbt-max-span", 16<<20, "most bytes one QueryChangedDiskAreas call covers (multiple of -cbt-block)")
 	dsNames := flag.String("ds-names", "", "JSON list of names for the datastores, in order (any text: '/', control characters, \"by-name\")")
-	faultDir := flag.String("faults", "", "fail every createSnapshot/deleteSnapshot task while DIR/<operation> exists (faults.go)")
+	faultDir := flag.String("faults", "", "fail every createSnapshot/deleteSnapshot task while DIR/<operation> exists; lose the reply to the next one's request while DIR/<operation>.lost-reply exists (faults.go)")
 	flag.Parse()
 
 	user, pass := os.Getenv("VCSIM_USER"), os.Getenv("VCSIM_PASSWORD")
@@ -215,7 +216,7 @@ func main() {
 		mux.Handle(vslm.Path, slow.wrap(registerVSLM(model.Service, o, api, *pageLimit, content.About)))
 	}
 	// Host-specific patterns win over the plain "/sdk" that NewServer registers.
-	quoted := quoteSessionCookie(slow.wrap(http.HandlerFunc(model.Service.ServeSDK)))
+	quoted := o.faults.lostReply(quoteSessionCookie(slow.wrap(http.HandlerFunc(model.Service.ServeSDK))))
 	mux.Handle("127.0.0.1"+vim25.Path, quoted)
 	mux.Handle("localhost"+vim25.Path, quoted)
 
