@@ -54,7 +54,7 @@ def make_disks(bed: Bed, count: int, size_mb: int, name: str = "lifetime") -> li
         ivd = bed.vcsim.create_ivd(f"{name}-{i}", size_mb, "LocalDS_0")
         snap = bed.vcsim.create_snapshot(ivd, "load")
         image = random_disk(src / f"{name}-{i}.raw", size_mb, seed=280 + i).path
-        placed = place_image(bed.images, ivd.id, snap, image)
+        placed = place_image(bed.images, ivd, snap, image)
         out.append(LoadDisk(Path("LocalDS_0") / ivd.id / snap / "disk.raw", placed, size_mb * MiB))
     return out
 

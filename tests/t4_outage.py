@@ -160,7 +160,7 @@ def test_a_frozen_vcenter_stalls_nothing_the_mount_knows(cbt_bed: Bed, tmp_path:
             # A snapshot made since is found by its id (a lookup asks vCenter), the pair never
             # asked answers, and listings refresh again.
             s3 = v.create_snapshot(h.ivd, "after the freeze")
-            place_image(cbt_bed.images, h.ivd.id, s3, cbt_bed.root / "src" / f"{s2}.raw")
+            place_image(cbt_bed.images, h.ivd, s3, cbt_bed.root / "src" / f"{s2}.raw")
             assert (ivd_dir / s3 / "disk.raw").read_bytes() == disks[2]
             assert json.loads(never.read_text())["extent_count"] > 0
             wait_for(lambda: not stats()["vcenter_outage"] and s3 in os.listdir(ivd_dir),
