@@ -30,8 +30,9 @@ from ivdfs.config import (
     parse_server,
     read_password_file,
 )
-from ivdfs.errors import ExitCode, IvdfsError, UserError, exit_code_of
+from ivdfs.errors import ExitCode, IvdfsError, TlsProblem, UsageError, UserError, exit_code_of
 from ivdfs.settings import Values
+from ivdfs.vddk.errors import VddkLoadError
 
 if TYPE_CHECKING:
     from ivdfs.commands.admin import VddkOptions
@@ -277,7 +278,7 @@ def server_config(v: Values) -> ServerConfig:
     # Absolute: the detached daemon changes to / before it connects.
     ca_file = v.ca_file.expanduser().absolute() if v.ca_file else None
     if ca_file is not None and not ca_file.is_file():
-        raise UserError(f"CA file {ca_file} does not exist", ExitCode.TLS)
+        raise TlsProblem(f"CA file {ca_file} does not exist")
     return ServerConfig(
         host=host,
         port=port,
@@ -293,9 +294,7 @@ def server_config(v: Values) -> ServerConfig:
 
 def vddk_libdir(v: Values) -> Path:
     if v.vddk_libdir is None:
-        raise UserError(
-            "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
-        )
+        raise VddkLoadError("no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR")
     return Path(v.vddk_libdir).expanduser().absolute()
 
 
@@ -406,7 +405,7 @@ def _ls(args: argparse.Namespace, v: Values) -> int:
 
     if args.all:
         if args.datastore is not None:
-            raise UserError("ls --all takes no DATASTORE", ExitCode.USAGE)
+            raise UsageError("ls --all takes no DATASTORE")
         return inventory.ls_all(server_config(v), args.json, v.vcenter_connections)
     return inventory.ls(
         server_config(v), args.datastore, args.ivd, args.json, v.vcenter_connections
@@ -448,7 +447,7 @@ def _check(args: argparse.Namespace, v: Values) -> int:
 
     try:
         vddk: VddkOptions | None = vddk_options(v, vddk_libdir(v))
-    except UserError:
+    except VddkLoadError:
         vddk = None  # reported by the check itself, after the vCenter steps
     # --volumes decides whether VixMntapi must load; a command without it mounts none.
     return check.check(server_config(v), vddk, v.transport, v.get("volumes", "none"))
@@ -523,7 +522,7 @@ def _vddk_search_path(v: Values, fallback: Path | None = None) -> None:
 
     try:
         libdir = vddk_libdir(v)
-    except UserError:
+    except VddkLoadError:
         if fallback is None:
             return  # the command reports it
         libdir = fallback

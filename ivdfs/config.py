@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import UserError
 
 DEFAULT_PORT = 443
 DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
@@ -103,8 +103,7 @@ def read_password_file(path: Path) -> str:
         st = path.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
             raise UserError(
-                f"password file {path} is readable by group or others; run: chmod 600 {path}",
-                ExitCode.CONFIG,
+                f"password file {path} is readable by group or others; run: chmod 600 {path}"
             )
         text = path.read_text(encoding="utf-8")
     except UserError:

@@ -37,7 +37,15 @@ import trio
 from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import ExitCode, Interrupted, IvdfsError, UserError, exit_code_of
+from ivdfs.errors import (
+    ExitCode,
+    FuseError,
+    Interrupted,
+    IvdfsError,
+    MountpointError,
+    UserError,
+    exit_code_of,
+)
 from ivdfs.forensics.audit import AuditLog, start_fields
 from ivdfs.forensics.evidence import Evidence, Source
 from ivdfs.fs.connection import tune_connection
@@ -54,7 +62,6 @@ from ivdfs.journal import Journal
 from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree, TreeSettings
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
-from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService, Limits, Slot
 from ivdfs.volumes import setup as volumes_setup
@@ -171,39 +178,35 @@ def check_mountpoint(mp: Path) -> None:
     stale = journal_mod.find(mp)
     if stale is not None:
         if stale.alive:
-            raise UserError(
-                f"{mp} is already served by ivdfs (pid {stale.pid})", ExitCode.MOUNTPOINT
-            )
-        raise UserError(
+            raise MountpointError(f"{mp} is already served by ivdfs (pid {stale.pid})")
+        raise MountpointError(
             f"{mp} has the leftovers of an ivdfs mount whose process (pid {stale.pid}) died; "
-            f"run `{stale.umount_advice()}` first, which undoes them",
-            ExitCode.MOUNTPOINT,
+            f"run `{stale.umount_advice()}` first, which undoes them"
         )
     try:
         st = mp.stat()
     except FileNotFoundError:
-        raise UserError(f"mountpoint {mp} does not exist", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp} does not exist") from None
     except OSError as e:
         hint = (
             "; a FUSE mount there has died: clear it with fusermount3 -u"
             if e.errno == errno.ENOTCONN
             else ""
         )
-        raise UserError(f"mountpoint {mp}: {e.strerror}{hint}", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp}: {e.strerror}{hint}") from None
     if mountinfo.find(mp) is not None or os.path.ismount(mp):
-        raise UserError(f"mountpoint {mp} is already a mount point", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"mountpoint {mp} is already a mount point")
     if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"mountpoint {mp} is not a directory", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"mountpoint {mp} is not a directory")
     try:
         if any(os.scandir(mp)):
-            raise UserError(f"mountpoint {mp} is not empty", ExitCode.MOUNTPOINT)
+            raise MountpointError(f"mountpoint {mp} is not empty")
     except PermissionError:
-        raise UserError(f"mountpoint {mp}: permission denied", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp}: permission denied") from None
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UserError(
+        raise FuseError(
             "no permission to use /dev/fuse (is the fuse3 package installed and "
-            "are you allowed to use it?)",
-            ExitCode.FUSE,
+            "are you allowed to use it?)"
         )
 
 
@@ -317,10 +320,7 @@ def _run(
     options = fuse_options(
         cfg.fuse_options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
     )
-    try:
-        lib = VddkLibrary(cfg.vddk_libdir)
-    except VddkLoadError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
+    lib = VddkLibrary(cfg.vddk_libdir)
     volumes_factory = volumes_setup.prepare(
         volumes_setup.VolumeSettings(cfg.volumes, cfg.idle_timeout, cfg.guestfs_memory), lib
     )
@@ -346,10 +346,7 @@ def _run(
         audit.start(**start_fields(server=f"{s.host}:{s.port}", user=s.user,
                                    thumbprint=thumbprint, mountpoint=cfg.mountpoint))  # fmt: skip
     signals.check()
-    try:
-        lib.init(cfg.vddk_config)
-    except Exception as e:
-        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
+    lib.init(cfg.vddk_config)
     private_dir = lib.private_dir
     if private_dir is not None:
         # VDDK's (and VixMntapi's) tmpDirectory: VixMntapi mounts guest volumes in it.
@@ -431,7 +428,7 @@ def _run(
         # A list, not a set: the order is ours, and a set's would change with the hash seed.
         pyfuse3.init(ops, str(cfg.mountpoint), list(options.libfuse))  # type: ignore[arg-type]
     except RuntimeError as e:
-        raise UserError(f"cannot mount on {cfg.mountpoint}: {e}", ExitCode.FUSE) from None
+        raise FuseError(f"cannot mount on {cfg.mountpoint}: {e}") from None
     served = _Served()
     stack.callback(_step("unmounting", lambda: _close_fuse(cfg.mountpoint, served)))
     record.set("state", "serving")
@@ -443,21 +440,19 @@ def _run(
     try:
         trio.run(_serve, signals, service, tree, prefetcher, volumes, lambda: _after_init(cfg))
     except Exception as e:
-        raise UserError(f"the FUSE session failed: {e}", ExitCode.FUSE) from None
+        raise FuseError(f"the FUSE session failed: {e}") from None
     if not ops.initialized:
-        raise UserError(
+        raise FuseError(
             f"the kernel ended the FUSE session of {cfg.mountpoint} before it started "
-            "(libfuse refused it; see the log)",
-            ExitCode.FUSE,
+            "(libfuse refused it; see the log)"
         )
     if signals.received is None and mountinfo.find(cfg.mountpoint) is not None:
         # Nobody unmounted it and no stop signal came: the kernel ended the connection (an
         # abort through /sys/fs/fuse/connections/N/abort). Readers already see ENOTCONN; take
         # the dead mount away rather than leave it behind, and say so.
         served.clean = True
-        raise UserError(
-            f"the FUSE connection of {cfg.mountpoint} was aborted while mounted; unmounted it",
-            ExitCode.FUSE,
+        raise FuseError(
+            f"the FUSE connection of {cfg.mountpoint} was aborted while mounted; unmounted it"
         )
     served.clean = True
     record.set("state", "stopping")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
+from ivdfs.errors import ExitCode
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
 from ivdfs.vddk.library import VddkLibrary
@@ -53,10 +53,7 @@ def end_access(server: ServerConfig, vddk: VddkOptions, ivd_text: str) -> int:
     try:
         thumbprint = vs.connect()
         ivd = vs.find_ivd(ivd_text)
-        try:
-            lib = vddk.load()
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
+        lib = vddk.load()
         try:
             access = Access(
                 lib,
@@ -64,10 +61,7 @@ def end_access(server: ServerConfig, vddk: VddkOptions, ivd_text: str) -> int:
                 DiskTarget(ivd.id, ivd.datastore.moref),
                 ACCESS_IDENTITY,
             )
-            try:
-                access.recover()
-            except BackendError as e:
-                raise UserError(str(e), ExitCode.VDDK) from None
+            access.recover()
         finally:
             lib.exit()
         print(f"ended VDDK access to IVD {ivd.name} ({ivd.id}) on {ivd.datastore.name}")

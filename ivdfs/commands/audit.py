@@ -41,7 +41,7 @@ def verify(path: Path, head: str | None, as_json: bool) -> int:
         print(f"ivdfs: audit log {path} is broken at {e}", file=sys.stderr)
         return BROKEN
     except OSError as e:
-        raise UserError(f"audit log {path}: {e.strerror or e}", ExitCode.CONFIG) from None
+        raise UserError(f"audit log {path}: {e.strerror or e}") from None
     if end.lines == 0 or not summary.sessions:
         # Every journal starts with a start line (AuditLog.start): an empty file, or lines of
         # ours with no session, is not one; "intact, 0 lines" would vouch for nothing.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, IvdfsError, UserError, exit_code_of
+from ivdfs.errors import BackendError, ExitCode, IvdfsError, LoginRefused, Unreachable, UserError
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
@@ -34,13 +34,13 @@ TEST_READ_BYTES = 64 * 1024
 
 @dataclass
 class Report:
-    failures: list[tuple[str, UserError]] = field(default_factory=list)
+    failures: list[tuple[str, IvdfsError]] = field(default_factory=list)
 
     def ok(self, step: str, text: str) -> None:
         print(f"ok    {step:<12} {text}", flush=True)
 
-    def fail(self, step: str, error: UserError) -> None:
-        print(f"FAIL  {step:<12} {error.message}", flush=True)
+    def fail(self, step: str, error: IvdfsError) -> None:
+        print(f"FAIL  {step:<12} {error}", flush=True)
         self.failures.append((step, error))
 
     def skip(self, step: str, text: str) -> None:
@@ -76,16 +76,11 @@ def check(
             logged_in = True
             report.ok("login", f"{server.user} on {vs.about}")
         except IvdfsError as e:
-            code = ExitCode(exit_code_of(e))
-            report.fail(
-                "login" if code == ExitCode.AUTH else "certificate", UserError(str(e), code)
-            )
+            report.fail("login" if isinstance(e, LoginRefused) else "certificate", e)
 
         try:
             if vddk is None:
-                raise UserError(
-                    "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
-                )
+                raise VddkLoadError("no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR")
             lib, plugin_error = _load(vddk)
             loaded = lib
             missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
@@ -94,11 +89,11 @@ def check(
                 f"{lib.path} (VDDK {lib.soversion}); optional functions "
                 + (f"missing: {', '.join(missing)}" if missing else "all present"),
             )
-        except UserError as e:
+        except VddkLoadError as e:
             report.fail("vddk", e)
             lib = None
         if plugin_error is not None:
-            report.fail("plugin", UserError(str(plugin_error), ExitCode.VDDK))
+            report.fail("plugin", plugin_error)
             lib = None  # InitEx was undone: nothing that talks to vSphere can work
         elif lib is not None:
             report.ok("plugin", _plugin_text())
@@ -118,23 +113,18 @@ def check(
         vs.close()
     if report.failures:
         step, first = report.failures[0]
-        print(f"ivdfs: check failed at {step}: {first.message}", file=sys.stderr)
+        print(f"ivdfs: check failed at {step}: {first}", file=sys.stderr)
         return first.exit_code
     return ExitCode.OK
 
 
 def _load(vddk: VddkOptions) -> tuple[VddkLibrary, VddkPluginError | None]:
     """The initialised library, or the library and its plugin failure (InitEx undone)."""
-    try:
-        lib = VddkLibrary(vddk.libdir)
-    except BackendError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
+    lib = VddkLibrary(vddk.libdir)
     try:
         lib.init(vddk.config_file)
     except VddkPluginError as e:
         return lib, e
-    except BackendError as e:
-        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
     return lib, None
 
 
@@ -146,7 +136,7 @@ def _vixmntapi(report: Report, lib: VddkLibrary | None, needed: bool) -> None:
         mntapi = Mntapi(lib)
     except VddkLoadError as e:
         if needed:
-            report.fail("vixmntapi", UserError(str(e), ExitCode.VDDK))
+            report.fail("vixmntapi", e)
         else:
             report.warn("vixmntapi", f"{e} (needed only for --volumes vixmntapi)")
         return
@@ -204,7 +194,7 @@ def _test_read(
     try:
         found = _first_snapshot(vs)
     except BackendError as e:
-        report.fail("read", UserError(f"listing IVDs: {e}", ExitCode.CONNECT))
+        report.fail("read", Unreachable(f"listing IVDs: {e}"))
         return
     if found is None:
         report.skip("read", "no IVD has a snapshot to test with")
@@ -223,7 +213,7 @@ def _test_read(
             f"via {handle.transport or 'VDDK'}",
         )
     except BackendError as e:
-        report.fail("read", UserError(str(e), ExitCode.VDDK))
+        report.fail("read", e)
     finally:
         try:
             handle.close()

@@ -27,7 +27,7 @@ from types import FrameType
 
 from ivdfs.commands.common import human_size, session
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
+from ivdfs.errors import BackendError, ExitCode, NotFound
 from ivdfs.forensics.hashing import Digester
 from ivdfs.io.holes import MAX_CHUNKS_PER_QUERY, query_chunk_sectors
 from ivdfs.io.partitions import parse
@@ -63,11 +63,8 @@ def hash_snapshot(
         name = f"{ivd.datastore.name}/{ivd.id}/{snap.id}/" + (
             f"part{partition}.raw" if partition is not None else "disk.raw"
         )
-        try:
-            lib = VddkLibrary(libdir)
-            lib.init(vddk_config)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
+        lib = VddkLibrary(libdir)
+        lib.init(vddk_config)
         s = server
         target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
         where = ServerTarget(s.host, s.port, s.user, s.password, vs.thumbprint, nfc_host_port)
@@ -115,8 +112,6 @@ def _hash_target(
         try:
             handle.open()
             return _hash_disk(handle, partition, ALGORITHMS[algorithm], name)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
         finally:
             with _signals_deferred():
                 try:
@@ -141,9 +136,8 @@ def _hash_disk(
         found = {p.number: p for p in table.partitions}
         if partition not in found:
             have = ", ".join(str(n) for n in sorted(found)) or "none"
-            raise UserError(
-                f"{target_text(handle)} has no partition {partition} (partitions: {have})",
-                ExitCode.NOT_FOUND,
+            raise NotFound(
+                f"{target_text(handle)} has no partition {partition} (partitions: {have})"
             )
         p = found[partition]
         start, end = p.start, p.start + p.length

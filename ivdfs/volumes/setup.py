@@ -14,9 +14,8 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import UserError
 from ivdfs.journal import Journal
-from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService
 from ivdfs.volumes.base import VolumeBackend
@@ -62,10 +61,7 @@ def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
     from ivdfs.vddk.mntapi import Mntapi
     from ivdfs.volumes.vixmntapi import MntapiVolumes
 
-    try:
-        mntapi = Mntapi(lib)
-    except VddkLoadError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
+    mntapi = Mntapi(lib)  # VddkLoadError (exit 7) when it does not load
     return lambda service, journal: MntapiVolumes(mntapi, service, journal)
 
 
