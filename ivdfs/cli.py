@@ -295,54 +295,17 @@ def server_config(v: Values) -> ServerConfig:
 def vddk_libdir(v: Values) -> Path:
     if v.vddk_libdir is None:
         raise VddkLoadError("no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR")
-    return Path(v.vddk_libdir).expanduser().absolute()
-
-
-def _options(values: tuple[str, ...]) -> tuple[str, ...]:
-    # config=FILE is ours (fstab lines can only pass -o options), not a FUSE option.
-    return tuple(
-        o.strip()
-        for opt in values
-        for o in opt.split(",")
-        if o.strip() and not o.strip().startswith("config=")
-    )
+    libdir: Path = v.vddk_libdir
+    return libdir
 
 
 def mount_config(v: Values, mountpoint: Path) -> MountConfig:
-    libdir = vddk_libdir(v)
+    vddk_libdir(v)
     if v.cache_size < 2 * v.block_size:
         raise UserError(f"--cache-size: must hold at least two blocks ({2 * v.block_size} bytes)")
     if v.max_connections < v.vddk_handles:
         raise UserError("--max-connections must be at least --vddk-handles")
-    return MountConfig(
-        server=server_config(v),
-        vddk_libdir=libdir,
-        mountpoint=mountpoint.expanduser().absolute(),
-        foreground=v.foreground,
-        fuse_options=_options(v.options),
-        cache_size=v.cache_size,
-        block_size=v.block_size,
-        debug=v.debug,
-        log_file=v.log.expanduser().absolute() if v.log else None,
-        transport_modes=v.transport,
-        vddk_config=_vddk_config(v),
-        nfc_host_port=v.nfc_host_port,
-        prefetch=v.prefetch,
-        vddk_handles=v.vddk_handles,
-        use_async=v.use_async,
-        in_flight_bytes=v.max_in_flight,
-        max_connections=v.max_connections,
-        idle_timeout=v.idle_timeout,
-        refresh=v.refresh,
-        snapshot_now=v.snapshot_now,
-        datastores=v.datastores,
-        ivds=v.ivds,
-        volumes=v.volumes,
-        guestfs_memory=v.guestfs_memory,
-        vcenter_connections=v.vcenter_connections,
-        audit_log=v.audit_log.expanduser().absolute() if v.audit_log else None,
-        hashes=v.hashes,
-    )
+    return MountConfig.of(v, server_config(v), mountpoint)
 
 
 def setup_logging(debug: bool, log_file: Path | None) -> IO[str] | None:
@@ -392,7 +355,7 @@ def _mount(args: argparse.Namespace, v: Values) -> int:
     from ivdfs import mount
 
     cfg = mount_config(v, args.mountpoint)
-    stream = setup_logging(cfg.debug, cfg.log_file)
+    stream = setup_logging(cfg.debug, cfg.log)
     mount.enable_crash_traces(stream)
     mount.quiet_aborted_replies()
     if cfg.foreground:
@@ -434,12 +397,7 @@ def vddk_options(v: Values, libdir: Path) -> VddkOptions:
     """The VDDK settings of a command that loads VDDK outside a mount, as mount takes them."""
     from ivdfs.commands.admin import VddkOptions
 
-    return VddkOptions(libdir, _vddk_config(v), v.nfc_host_port)
-
-
-def _vddk_config(v: Values) -> Path | None:
-    # Absolute: the detached daemon changes to / before VDDK reads it.
-    return v.vddk_config.expanduser().absolute() if v.vddk_config else None
+    return VddkOptions(libdir, v.vddk_config, v.nfc_host_port)
 
 
 def _check(args: argparse.Namespace, v: Values) -> int:
@@ -494,7 +452,7 @@ def _hash(args: argparse.Namespace, v: Values) -> int:
     return hash_cmd.hash_snapshot(
         server_config(v),
         vddk_libdir(v),
-        v.vddk_config.expanduser().absolute() if v.vddk_config else None,
+        v.vddk_config,
         v.transport,
         v.nfc_host_port,
         args.ivd,

@@ -17,6 +17,7 @@ mount is ready, so start-up errors still reach the terminal with a non-zero exit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import faulthandler
 import logging
@@ -60,10 +61,10 @@ from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.journal import Journal
 from ivdfs.tree.catalog import STATS_DIR, Subset
-from ivdfs.tree.tree import Tree, TreeSettings
+from ivdfs.tree.tree import Tree
 from ivdfs.vddk.connection import DiskTarget, ServerTarget
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.service import DiskService, Limits, Slot
+from ivdfs.vddk.service import DiskService, Slot
 from ivdfs.volumes import setup as volumes_setup
 from ivdfs.volumes.base import Background
 
@@ -318,12 +319,10 @@ def _run(
 ) -> int:
     check_mountpoint(cfg.mountpoint)
     options = fuse_options(
-        cfg.fuse_options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
+        cfg.options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
     )
     lib = VddkLibrary(cfg.vddk_libdir)
-    volumes_factory = volumes_setup.prepare(
-        volumes_setup.VolumeSettings(cfg.volumes, cfg.idle_timeout, cfg.guestfs_memory), lib
-    )
+    volumes_factory = volumes_setup.prepare(cfg.volume_settings, lib)
     audit = _open_audit(cfg, signals, stack)
     s = cfg.server
     record = Journal(
@@ -333,7 +332,7 @@ def _run(
         user=s.user,
         identity=ACCESS_IDENTITY,
         vddk_libdir=str(cfg.vddk_libdir),
-        log=str(cfg.log_file) if cfg.log_file else None,
+        log=str(cfg.log) if cfg.log else None,
     )
     journal.append(record)
     signals.check()
@@ -362,17 +361,9 @@ def _run(
         lib,
         ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),
         ACCESS_IDENTITY,
-        cfg.transport_modes,
-        Limits(
-            max_connections=cfg.max_connections,
-            idle_timeout=cfg.idle_timeout,
-            handles_per_disk=cfg.vddk_handles,
-            use_async=cfg.use_async,
-            in_flight_bytes=cfg.in_flight_bytes,
-            block_size=cfg.block_size,
-            # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
-            legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1",
-        ),
+        cfg.transport,
+        # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
+        dataclasses.replace(cfg.limits, legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1"),
         holdings=record,
     )
     # After every later step's release: handles, then EndAccess of whatever is still prepared.
@@ -401,7 +392,8 @@ def _run(
         vs,
         ServiceDisks(service),
         cache,
-        TreeSettings(cfg.block_size, cfg.refresh, cfg.prefetch, subset, cfg.vcenter_connections),
+        cfg.tree,
+        subset=subset,
         prefetcher=prefetcher,
         volumes=volumes,
         mountpoint=cfg.mountpoint,

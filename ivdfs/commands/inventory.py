@@ -22,7 +22,7 @@ def _print_json(doc: Any) -> None:
 
 
 def ls(
-    server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool, pool: int = 8
+    server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool, pool: int
 ) -> int:
     with session(server, pool) as vs:
         if datastore is None:
@@ -108,7 +108,7 @@ def snapshot_delete(server: ServerConfig, ivd_text: str, snapshot_id: str) -> in
         return ExitCode.OK
 
 
-def ls_all(server: ServerConfig, as_json: bool, pool: int = 8) -> int:
+def ls_all(server: ServerConfig, as_json: bool, pool: int) -> int:
     """Every datastore's IVDs with their snapshots, in one command: one listing per
     datastore, then the snapshots of every IVD that has any, on the session's pool."""
     with session(server, pool) as vs:

@@ -21,6 +21,7 @@ import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
 from ivdfs.forensics.audit import Caller
+from ivdfs.settings import default
 from ivdfs.tree.info import XATTR_PREFIX
 from ivdfs.tree.nodes import DirNode, GeneratedFile, Node, SymlinkNode
 from ivdfs.tree.tree import REFRESH_XATTR, Tree
@@ -74,8 +75,8 @@ class Presentation:
     uid: int
     gid: int
     umask: int = 0o022
-    dir_timeout: float = 60.0
-    block_size: int = 1 << 20
+    dir_timeout: float = default("refresh")
+    block_size: int = default("block_size")
 
 
 class Operations(pyfuse3.Operations):

@@ -124,8 +124,8 @@ class Catalog:
         mount_time_ns: int,
         make_snapshot_dir: Callable[[Ivd, Snapshot], SnapshotDir],
         add_generated: AddGenerated,
-        subset: Subset = Subset(),
-        inventory_threads: int = 4,
+        subset: Subset,
+        inventory_threads: int,
         on_attrs: Callable[[int], None] = lambda _ino: None,
     ) -> None:
         """`on_attrs(ino)` tells the kernel a directory's attributes changed (its mtime

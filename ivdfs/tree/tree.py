@@ -21,12 +21,12 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ivdfs.config import TreeSettings
 from ivdfs.errors import BackendError, NotFound
 from ivdfs.forensics.audit import AuditLog, Caller
 from ivdfs.forensics.evidence import Evidence
@@ -75,18 +75,6 @@ REFRESH_XATTR = "user.ivdfs.refresh"
 HASH_BACKLOG = 32 << 20
 
 
-@dataclass(frozen=True)
-class TreeSettings:
-    block_size: int = 1 << 20
-    # Seconds after which a directory listing re-queries vCenter; 0: load once, never again.
-    refresh: float = 0.0
-    # Largest read-ahead window of a sequential reader, in blocks (0: none).
-    max_prefetch: int = 0
-    subset: Subset = field(default_factory=Subset)
-    # Inventory queries at once (the vCenter session's pool).
-    inventory_threads: int = 4
-
-
 class Tree:
     def __init__(
         self,
@@ -95,6 +83,7 @@ class Tree:
         cache: BlockCache,
         settings: TreeSettings = TreeSettings(),
         *,
+        subset: Subset = Subset(),
         prefetcher: Prefetcher | None = None,
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
@@ -103,7 +92,8 @@ class Tree:
         clock: Callable[[], float] = time.monotonic,
         evidence: Evidence | None = None,
     ) -> None:
-        """`volumes` and `mountpoint`: the guest-volume backend, and where this tree is
+        """`subset`: what a subset mount shows (--datastore, --ivd). `volumes` and
+        `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
         tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
         (st_blocks, as holes become known). `evidence`: hashes, audit journal, provenance."""
@@ -136,7 +126,7 @@ class Tree:
             self.mount_time_ns,
             self.snapshots.make,
             self.add_generated,
-            settings.subset,
+            subset,
             settings.inventory_threads,
             self._on_attrs,
         )

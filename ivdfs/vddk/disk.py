@@ -28,10 +28,6 @@ from ivdfs.vddk.threads import BACKGROUND, PrioritySlots, ThreadWorker
 
 log = logging.getLogger(__name__)
 
-# Bytes one handle keeps in flight with ReadAsync: the default stays below what ESXi's NFC
-# server accepts per session (16 x 2 MiB can exceed it), and covers a 8-block prefetch window.
-DEFAULT_IN_FLIGHT_BYTES = 8 << 20
-
 
 class _HandleIO:
     """One handle, the I/O thread that alone reads from it, and its outstanding request count."""
@@ -48,10 +44,12 @@ class OpenDisk:
     def __init__(
         self,
         handles: list[DiskHandle],
-        use_async: bool = True,
-        in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES,
-        block_size: int = 1 << 20,
+        use_async: bool,
+        in_flight_bytes: int,
+        block_size: int,
     ) -> None:
+        """`in_flight_bytes`: what one handle keeps in flight with ReadAsync (--max-in-flight;
+        ESXi's NFC server bounds each session's memory)."""
         self.handles = handles
         self.handle = handles[0]
         self.target = handles[0].target

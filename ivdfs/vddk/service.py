@@ -50,9 +50,11 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from ivdfs.config import MIN_OPEN as MIN_OPEN  # under the cap (see the module doc)
+from ivdfs.config import Limits as Limits
 from ivdfs.errors import BackendError
 from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
-from ivdfs.vddk.disk import DEFAULT_IN_FLIGHT_BYTES, OpenDisk
+from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.errors import ACCOUNT_CODES, VddkError, is_permanent
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.threads import BACKGROUND, ThreadWorker
@@ -72,28 +74,11 @@ PROBE_LINGER = 5.0
 OPEN_RETRY_FIRST = 0.1
 OPEN_RETRY_PERMANENT_FIRST = 1.0
 OPEN_RETRY_MAX = 60.0
-# Under the cap (see the module doc): a disk in use is closed for another only once it has
-# been open this long, and a held disk nobody has read for `IN_USE_GAP` counts as unused.
-MIN_OPEN = 3.0
-IN_USE_GAP = 0.25
 # Reads: attempts per block and the backoff before the first retry (doubling).
 READ_ATTEMPTS = 4
 READ_BACKOFF = 0.2
 # A block that failed every attempt fails fast for this long.
 REMEMBER_FAILED_BLOCK = 30.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 8
-    idle_timeout: float = 60.0
-    handles_per_disk: int = 1
-    use_async: bool = True
-    in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES
-    block_size: int = 1 << 20
-    min_open: float = MIN_OPEN
-    in_use_gap: float = IN_USE_GAP
-    legacy: bool = False  # the cap and access policy before issue 28 (benchmarks only)
 
 
 class Holdings(Protocol):

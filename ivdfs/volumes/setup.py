@@ -12,8 +12,8 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from ivdfs.config import VolumeSettings
 from ivdfs.errors import UserError
 from ivdfs.journal import Journal
 from ivdfs.vddk.library import VddkLibrary
@@ -26,13 +26,6 @@ MODES = ("none", "kernel", "fuse", "guestfs", "vixmntapi")
 
 # Called with the disk service and the mount's journal (what a backend holds is journaled).
 Factory = Callable[[DiskService, Journal], VolumeBackend]
-
-
-@dataclass(frozen=True)
-class VolumeSettings:
-    mode: str = "none"
-    idle_timeout: float = 60.0  # guestfs: stop an appliance unused this long
-    guestfs_memory: int = 2 << 30  # guestfs: memory of all running appliances together
 
 
 def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
