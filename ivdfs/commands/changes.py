@@ -14,9 +14,8 @@ import sys
 from ivdfs.commands.common import human_size, session, table
 from ivdfs.config import ServerConfig
 from ivdfs.errors import ExitCode, NotSupported, UsageError
-from ivdfs.inventory.changes import ChangedAreas
+from ivdfs.inventory.changes import ChangedAreas, changes_json
 from ivdfs.inventory.model import creation_order
-from ivdfs.tree.changes import changes_json
 
 
 def changes(

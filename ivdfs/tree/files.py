@@ -19,8 +19,8 @@ from typing import NewType
 from ivdfs.forensics.audit import OpenAccess
 from ivdfs.forensics.hashing import SequentialHash
 from ivdfs.io.reader import ReadStream
+from ivdfs.tree.disk import SnapshotDisk
 from ivdfs.tree.nodes import Node
-from ivdfs.tree.snapshots import SnapshotDisk
 
 FileHandle = NewType("FileHandle", int)
 

@@ -1,0 +1,108 @@
+"""The package's import graph: one direction, types included (issue 26).
+
+Every `import` and `from ... import` of `ivdfs/` is read with `ast`, wherever it stands (in a
+function, under TYPE_CHECKING): a TYPE_CHECKING import that closes a loop is a sign that a
+record sits in the wrong module, even though it costs nothing at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ivdfs"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of the package that `name` imports (a package's `__init__` counts only
+    when a name is imported from it that is not a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def owner(dotted: str) -> str | None:
+        while dotted and dotted not in known:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([base] if base else [])])
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
+                       for a in node.names]  # fmt: skip
+        else:
+            continue
+        for target in targets:
+            module = owner(target) if target.startswith("ivdfs") else None
+            if module is not None and module != name:
+                found.add(module)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, known) for name, path in known.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), and self-loops."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_reader_sees_type_checking_imports(tmp_path: Path) -> None:
+    """The check reads what it must: a TYPE_CHECKING import inside a module counts."""
+    known = {"ivdfs.a": tmp_path / "a.py", "ivdfs.b": tmp_path / "b.py"}
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ivdfs.b import X\n"
+    known["ivdfs.a"].write_text(source)
+    assert imports("ivdfs.a", known["ivdfs.a"], known) == {"ivdfs.b"}
+    assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_the_package_imports_in_one_direction() -> None:
+    edges = graph()
+    assert len(edges) > 50 and "ivdfs.tree.nodes" in edges["ivdfs.tree.inodes"]
+    assert cycles(edges) == []
