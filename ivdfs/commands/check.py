@@ -23,6 +23,7 @@ from ivdfs.errors import BackendError, ExitCode, IvdfsError, LoginRefused, Unrea
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
+from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.connection import DiskHandle, DiskTarget
 from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
@@ -204,7 +205,7 @@ def _test_read(
     handle = DiskHandle(lib, vddk.server(server, vs.thumbprint), target, transport)
     try:
         handle.open()
-        n = min(TEST_READ_BYTES, handle.capacity_bytes) // _cdefs.SECTOR_SIZE * _cdefs.SECTOR_SIZE
+        n = min(TEST_READ_BYTES, handle.capacity_bytes) // SECTOR_SIZE * SECTOR_SIZE
         if n:
             handle.read_into(0, bytearray(n))
         report.ok(

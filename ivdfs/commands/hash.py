@@ -29,9 +29,9 @@ from ivdfs.commands.common import human_size, session
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, NotFound
 from ivdfs.forensics.hashing import Digester
+from ivdfs.formats.partitions import parse
 from ivdfs.io.holes import MAX_CHUNKS_PER_QUERY, query_chunk_sectors
-from ivdfs.io.partitions import parse
-from ivdfs.vddk._cdefs import SECTOR_SIZE
+from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, DiskTarget, ServerTarget
 from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary

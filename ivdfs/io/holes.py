@@ -29,7 +29,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ivdfs.errors import BackendError
-from ivdfs.vddk._cdefs import SECTOR_SIZE, VIXDISKLIB_MIN_CHUNK_SIZE
+from ivdfs.units import SECTOR_SIZE
+from ivdfs.vddk._cdefs import VIXDISKLIB_MIN_CHUNK_SIZE
 from ivdfs.vddk.errors import VddkError
 
 log = logging.getLogger(__name__)

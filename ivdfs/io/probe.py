@@ -1,5 +1,5 @@
 """What a disk's first sectors say: its partition table, its LVM volumes, the filesystem of a
-window. The parsers (`ivdfs.io.partitions`, `ivdfs.io.lvm`) stay pure and synchronous; this
+window. The parsers (`ivdfs.formats`) stay pure and synchronous; this
 runs them over a `DiskReader`.
 
 Role: `over_reader` bridges a parser that reads through a callback to the async reader, with
@@ -18,14 +18,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ivdfs.errors import BackendError
-from ivdfs.io import lvm
-from ivdfs.io.partitions import (
-    Partition,
-    PartitionTable,
-    Reader,
-    detect_filesystem,
-    parse,
-)
+from ivdfs.formats.filesystems import detect_filesystem
+from ivdfs.formats.lvm_map import LogicalVolume, LvmScan, scan
+from ivdfs.formats.partitions import Partition, PartitionTable, Reader, parse
 from ivdfs.io.reader import DiskReader
 
 log = logging.getLogger(__name__)
@@ -69,17 +64,17 @@ async def read_table(reader: DiskReader, sector_size: int = 512) -> PartitionTab
     )
 
 
-async def read_lvm(reader: DiskReader, partitions: tuple[Partition, ...]) -> lvm.LvmScan:
+async def read_lvm(reader: DiskReader, partitions: tuple[Partition, ...]) -> LvmScan:
     windows = [(p.start, p.length) for p in partitions] or [(0, reader.size)]
     # Each window costs a label read, each PV a header, an area header and its metadata.
     rounds = 8 * len(windows) + 64
-    return await over_reader(lambda read: lvm.scan(read, windows), reader, rounds)
+    return await over_reader(lambda read: scan(read, windows), reader, rounds)
 
 
 @dataclass(frozen=True)
 class Layout:
     table: PartitionTable
-    logical_volumes: tuple[lvm.LogicalVolume, ...]
+    logical_volumes: tuple[LogicalVolume, ...]
 
 
 async def read_layout(reader: DiskReader, sector_size: int, where: str) -> Layout:
@@ -103,7 +98,7 @@ async def read_layout(reader: DiskReader, sector_size: int, where: str) -> Layou
         found = await read_lvm(reader, table.partitions)
     except BackendError as e:
         log.warning("%s: cannot read LVM metadata: %s", where, e)
-        found = lvm.LvmScan()
+        found = LvmScan()
     if found.warnings:
         log.warning("%s: LVM: %s", where, "; ".join(found.warnings))
     for lv in found.volumes:

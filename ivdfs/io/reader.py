@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from ivdfs.io.block_cache import Block, BlockCache
 from ivdfs.io.holes import AllocationMap, QueryAllocated
 from ivdfs.io.prefetch import Prefetcher
-from ivdfs.vddk._cdefs import SECTOR_SIZE
+from ivdfs.units import SECTOR_SIZE
 
 # Reads this many blocks behind the last one still count as in order: the kernel's concurrent
 # read-ahead requests can reach us slightly out of order.

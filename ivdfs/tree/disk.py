@@ -27,11 +27,11 @@ import trio
 from ivdfs.errors import BackendError
 from ivdfs.forensics.evidence import Source
 from ivdfs.forensics.hashing import Digests
+from ivdfs.formats.lvm_map import LogicalVolume
+from ivdfs.formats.partitions import Partition, PartitionTable
 from ivdfs.inventory.changes import ChangedAreas
 from ivdfs.inventory.model import Ivd, Snapshot
-from ivdfs.io import lvm
 from ivdfs.io.block_cache import Block
-from ivdfs.io.partitions import Partition, PartitionTable
 from ivdfs.io.probe import read_layout
 from ivdfs.io.reader import DiskReader
 
@@ -80,7 +80,7 @@ class SnapshotDisk:
     reader: DiskReader | None = None
     partitions: tuple[Partition, ...] = ()
     table: PartitionTable | None = None
-    logical_volumes: tuple[lvm.LogicalVolume, ...] = ()
+    logical_volumes: tuple[LogicalVolume, ...] = ()
     lock: trio.Lock = field(default_factory=trio.Lock)
     # Inodes whose attributes show this disk's holes (disk.raw, windows): refreshed in the
     # kernel when the allocation map learns more.

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 from ivdfs.errors import BackendError
 from ivdfs.forensics.evidence import Source
+from ivdfs.formats.filesystems import FS_PROBE_SIZE
+from ivdfs.formats.lvm_map import LogicalVolume
 from ivdfs.inventory.model import Ivd, Snapshot
-from ivdfs.io import lvm
-from ivdfs.io.partitions import FS_PROBE_SIZE
 from ivdfs.io.probe import filesystem_at
 from ivdfs.tree import info
 from ivdfs.tree.changes import CHANGES_NAME, Changes, ChangeSource
@@ -223,7 +223,7 @@ def _constant(value: T) -> Callable[[], T]:
     return lambda: value
 
 
-def lv_file_name(lv: lvm.LogicalVolume) -> str:
+def lv_file_name(lv: LogicalVolume) -> str:
     # device-mapper's spelling: unambiguous even when names contain hyphens.
     return f"lv-{lv.dm_name}.raw"
 

@@ -7,10 +7,11 @@ VMware's public vixDiskLib.h (VDDK 6.7 and later on LP64 Linux).
 
 from __future__ import annotations
 
+# VDDK's sector (VIXDISKLIB_SECTOR_SIZE) is ivdfs.units.SECTOR_SIZE: 512 bytes, whatever the
+# disk's logical sector size.
 VIX_OK = 0
 VIX_ASYNC = 25000
 VIX_E_FAIL = 1
-SECTOR_SIZE = 512
 VIXDISKLIB_FLAG_OPEN_UNBUFFERED = 1
 VIXDISKLIB_FLAG_OPEN_READ_ONLY = 4
 VIXDISKLIB_SPEC_VMX = 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivdfs.config import Secret
+from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary, ffi
@@ -219,7 +220,7 @@ class DiskHandle:
         self.capacity_sectors = 0
         # The disk's logical sector size as the guest sees it (4096: a 4Kn disk). VDDK's own
         # unit stays VIXDISKLIB_SECTOR_SIZE (512) for capacity and every read whatever this is.
-        self.sector_size = _cdefs.SECTOR_SIZE
+        self.sector_size = SECTOR_SIZE
         self.transport = ""
         # ReadAsync bookkeeping: cbData is a small integer naming the request, so no Python
         # object has to be kept alive through a void pointer.
@@ -262,11 +263,11 @@ class DiskHandle:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.capacity_sectors * _cdefs.SECTOR_SIZE
+        return self.capacity_sectors * SECTOR_SIZE
 
     def read_into(self, start_sector: int, buf: bytearray | memoryview) -> None:
         """Fill `buf` (a whole number of sectors, at most 2 MiB) from `start_sector`."""
-        n = len(buf) // _cdefs.SECTOR_SIZE
+        n = len(buf) // SECTOR_SIZE
         cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self._lib.call(
             "VixDiskLib_Read",
@@ -301,7 +302,7 @@ class DiskHandle:
             err = self._lib.lib.VixDiskLib_ReadAsync(
                 self._handle,
                 req.start_sector,
-                len(req.buf) // _cdefs.SECTOR_SIZE,
+                len(req.buf) // SECTOR_SIZE,
                 req.cbuf,
                 self._callback,
                 ffi.cast("void *", token),

@@ -22,7 +22,7 @@ import logging
 import trio
 
 from ivdfs.errors import BackendError
-from ivdfs.vddk import _cdefs
+from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk.connection import AsyncRead, DiskHandle
 from ivdfs.vddk.threads import BACKGROUND, PrioritySlots, ThreadWorker
 
@@ -57,7 +57,7 @@ class OpenDisk:
         self.sector_size = handles[0].sector_size
         self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
         self.use_async = use_async and handles[0].truly_async
-        sector = _cdefs.SECTOR_SIZE
+        sector = SECTOR_SIZE
         # A read larger than the bound (a block larger than --max-in-flight) goes in parts.
         self.max_request = max(sector, in_flight_bytes // sector * sector)
         per_handle = in_flight_bytes // min(block_size, self.max_request)
@@ -83,7 +83,7 @@ class OpenDisk:
                 step = self.max_request
                 for off in range(0, nbytes, step):
                     n = min(step, nbytes - off)
-                    part = await self._read_one(io, start_sector + off // _cdefs.SECTOR_SIZE, n)
+                    part = await self._read_one(io, start_sector + off // SECTOR_SIZE, n)
                     buf[off : off + n] = part
                 return buf
             finally:
