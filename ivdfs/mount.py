@@ -51,7 +51,7 @@ from ivdfs.forensics.audit import AuditLog, start_fields
 from ivdfs.forensics.evidence import Evidence, Source
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
-from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.io import stats as io_stats
@@ -62,7 +62,7 @@ from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.journal import Journal
 from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree
-from ivdfs.vddk.connection import DiskTarget, ServerTarget
+from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService, Slot
 from ivdfs.volumes import setup as volumes_setup
@@ -249,7 +249,7 @@ class ServiceDisks:
         self.service = service
 
     def disk(self, ivd: Ivd, snapshot: Snapshot) -> ServiceDisk:
-        target = DiskTarget(ivd.id, ivd.datastore.moref, snapshot.id)
+        target = DiskTarget.of(ivd, snapshot)
         return ServiceDisk(self.service, self.service.slot(target))
 
 

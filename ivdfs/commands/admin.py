@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import ExitCode
+from ivdfs.inventory.model import DiskTarget
 from ivdfs.inventory.vsphere import VSphere
-from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
+from ivdfs.vddk.connection import Access, ServerTarget
 from ivdfs.vddk.library import VddkLibrary
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def end_access(server: ServerConfig, vddk: VddkOptions, ivd_text: str) -> int:
             access = Access(
                 lib,
                 vddk.server(server, thumbprint),
-                DiskTarget(ivd.id, ivd.datastore.moref),
+                DiskTarget.of(ivd),
                 ACCESS_IDENTITY,
             )
             access.recover()

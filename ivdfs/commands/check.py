@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, LoginRefused, Unreachable, UserError
-from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
-from ivdfs.vddk.connection import DiskHandle, DiskTarget
+from ivdfs.vddk.connection import DiskHandle
 from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.mntapi import Mntapi
@@ -201,7 +201,7 @@ def _test_read(
         report.skip("read", "no IVD has a snapshot to test with")
         return
     ivd, snap = found
-    target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
+    target = DiskTarget.of(ivd, snap)
     handle = DiskHandle(lib, vddk.server(server, vs.thumbprint), target, transport)
     try:
         handle.open()

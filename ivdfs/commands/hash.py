@@ -30,9 +30,10 @@ from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, NotFound
 from ivdfs.forensics.hashing import Digester
 from ivdfs.formats.partitions import parse
+from ivdfs.inventory.model import DiskTarget
 from ivdfs.io.holes import MAX_CHUNKS_PER_QUERY, query_chunk_sectors
 from ivdfs.units import SECTOR_SIZE
-from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, DiskTarget, ServerTarget
+from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, ServerTarget
 from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary
 
@@ -66,7 +67,7 @@ def hash_snapshot(
         lib = VddkLibrary(libdir)
         lib.init(vddk_config)
         s = server
-        target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
+        target = DiskTarget.of(ivd, snap)
         where = ServerTarget(s.host, s.port, s.user, s.password, vs.thumbprint, nfc_host_port)
         try:
             with _stop_signals_interrupt():

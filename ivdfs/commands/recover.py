@@ -32,12 +32,12 @@ from ivdfs import journal, mountinfo
 from ivdfs.commands.admin import VddkOptions
 from ivdfs.config import ACCESS_IDENTITY, ServerConfig
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
-from ivdfs.inventory.model import Datastore, Ivd
+from ivdfs.inventory.model import Datastore, DiskTarget, Ivd
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.processes import under
 from ivdfs.rundirs import remove_tree
 from ivdfs.vddk import mntapi
-from ivdfs.vddk.connection import Access, DiskTarget
+from ivdfs.vddk.connection import Access
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ivdfs.config import Secret
+from ivdfs.inventory.model import DiskTarget as DiskTarget  # where VDDK's calls point
 from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.errors import VddkError
@@ -37,17 +38,6 @@ class ServerTarget:
     password: Secret
     thumbprint: str  # SHA-1 of the certificate ivdfs saw, 'AA:BB:...'
     nfc_host_port: int = 0  # ESXi's NFC port for NBD/NBDSSL; 0: VDDK's default (902)
-
-
-@dataclass(frozen=True)
-class DiskTarget:
-    ivd_id: str
-    datastore_moref: str
-    snapshot_id: str | None = None
-
-    def describe(self) -> str:
-        snap = f" snapshot {self.snapshot_id}" if self.snapshot_id else ""
-        return f"IVD {self.ivd_id}{snap} on {self.datastore_moref}"
 
 
 class ConnectParams:

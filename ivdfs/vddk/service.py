@@ -53,7 +53,8 @@ import trio
 from ivdfs.config import MIN_OPEN as MIN_OPEN  # under the cap (see the module doc)
 from ivdfs.config import Limits as Limits
 from ivdfs.errors import BackendError
-from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
+from ivdfs.inventory.model import DiskTarget
+from ivdfs.vddk.connection import Access, DiskHandle, ServerTarget
 from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.errors import ACCOUNT_CODES, VddkError, is_permanent
 from ivdfs.vddk.library import VddkLibrary
