@@ -224,8 +224,8 @@ class ServiceDisk:
     async def sector_size(self) -> int:
         return await self._service.sector_size(self._slot)
 
-    async def read(self, start_sector: int, nbytes: int) -> bytearray:
-        return await self._service.read(self._slot, start_sector, nbytes)
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
+        return await self._service.read(self._slot, start_sector, nbytes, background)
 
     async def query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int

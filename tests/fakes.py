@@ -105,7 +105,7 @@ class FakeDisk:
     def forget(self) -> None:
         self.forgotten = True
 
-    async def read(self, start_sector: int, nbytes: int) -> bytes:
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytes:
         self.reads.append((start_sector, nbytes))
         if self.delay:
             await trio.sleep(self.delay)

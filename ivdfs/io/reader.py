@@ -21,7 +21,8 @@ from ivdfs.units import SECTOR_SIZE
 # read-ahead requests can reach us slightly out of order.
 SEQ_SLACK = 2
 
-FetchBlock = Callable[[int, int], Awaitable[Block]]
+# (start sector, bytes, background) -> the block; background: read ahead of a reader.
+FetchBlock = Callable[[int, int, bool], Awaitable[Block]]
 
 
 def block_span(offset: int, size: int, disk_size: int, block_size: int) -> tuple[int, int, int]:
@@ -100,10 +101,10 @@ class DiskReader:
         # The last block is short when the capacity is not a multiple of the block size.
         return min(self.block_size, self.size - index * self.block_size)
 
-    def _fetcher(self, index: int) -> Callable[[], Awaitable[Block]]:
+    def _fetcher(self, index: int, background: bool = False) -> Callable[[], Awaitable[Block]]:
         nbytes = self._block_bytes(index)
         start_sector = index * self.block_size // SECTOR_SIZE
-        return lambda: self._fetch(start_sector, nbytes)
+        return lambda: self._fetch(start_sector, nbytes, background)
 
     def _zero_block(self, index: int) -> Block:
         self.cache.stats.zero_blocks += 1
@@ -125,7 +126,8 @@ class DiskReader:
 
         async def job() -> bool:
             if await self.holes.is_allocated(index):
-                return await self.cache.prefetch((self.key, index), self._fetcher(index))
+                fetch = self._fetcher(index, background=True)
+                return await self.cache.prefetch((self.key, index), fetch)
             return True
 
         return self.prefetcher.submit(job)

@@ -48,7 +48,10 @@ class Disk(Protocol):
         count in it. Reads stay in 512-byte sectors whatever it is."""
         ...
 
-    async def read(self, start_sector: int, nbytes: int) -> Block: ...
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> Block:
+        """`background`: read-ahead (ivdfs.io.prefetch), which yields to demand reads and
+        never opens the disk."""
+        ...
 
     async def query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int

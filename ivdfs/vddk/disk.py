@@ -24,7 +24,7 @@ import trio
 from ivdfs.errors import BackendError
 from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk.connection import AsyncRead, DiskHandle
-from ivdfs.vddk.threads import BACKGROUND, PrioritySlots, ThreadWorker
+from ivdfs.vddk.threads import PrioritySlots, ThreadWorker
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ class OpenDisk:
         # slot must fail (and be retried on a new handle), never queue behind a dead thread.
         self.closed = False
 
-    async def read(self, start_sector: int, nbytes: int) -> bytearray:
-        await self._slots.acquire(BACKGROUND.get())
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
+        """`background`: a read ahead of a reader, which waits while a demand read waits."""
+        await self._slots.acquire(background)
         try:
             if self.closed:
                 raise BackendError(f"{self.target.describe()}: the handle was closed")

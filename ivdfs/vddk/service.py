@@ -58,7 +58,7 @@ from ivdfs.vddk.connection import Access, DiskHandle, ServerTarget
 from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.errors import ACCOUNT_CODES, VddkError, is_permanent
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.threads import BACKGROUND, ThreadWorker
+from ivdfs.vddk.threads import ThreadWorker
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,11 @@ class DiskService:
         await self.capacity(slot)
         return slot.sector_size
 
-    async def read(self, slot: Slot, start_sector: int, nbytes: int) -> bytearray:
-        background = BACKGROUND.get()
+    async def read(
+        self, slot: Slot, start_sector: int, nbytes: int, background: bool = False
+    ) -> bytearray:
+        """`background`: read-ahead, which is tried once, waits while a demand read waits, and
+        never opens a disk or evicts another one to get a connection."""
         if not background:
             failed = slot.failed_blocks.get(start_sector)
             if failed is not None:
@@ -254,7 +257,7 @@ class DiskService:
             try:
                 disk = await self._acquire(slot, background)
                 try:
-                    return await disk.read(start_sector, nbytes)
+                    return await disk.read(start_sector, nbytes, background)
                 finally:
                     self._done(slot)
             except BackendError as e:
