@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from ivdfs import __version__, settings
 from ivdfs.config import (
@@ -25,6 +25,7 @@ from ivdfs.config import (
     MountConfig,
     Secret,
     ServerConfig,
+    VddkOptions,
     load_config_file,
     normalize_thumbprint,
     parse_server,
@@ -33,9 +34,6 @@ from ivdfs.config import (
 from ivdfs.errors import ExitCode, IvdfsError, TlsProblem, UsageError, UserError, exit_code_of
 from ivdfs.settings import Values
 from ivdfs.vddk.errors import VddkLoadError
-
-if TYPE_CHECKING:
-    from ivdfs.commands.admin import VddkOptions
 
 log = logging.getLogger("ivdfs")
 
@@ -395,8 +393,6 @@ def _changes(args: argparse.Namespace, v: Values) -> int:
 
 def vddk_options(v: Values, libdir: Path) -> VddkOptions:
     """The VDDK settings of a command that loads VDDK outside a mount, as mount takes them."""
-    from ivdfs.commands.admin import VddkOptions
-
     return VddkOptions(libdir, v.vddk_config, v.nfc_host_port)
 
 
@@ -451,10 +447,8 @@ def _hash(args: argparse.Namespace, v: Values) -> int:
 
     return hash_cmd.hash_snapshot(
         server_config(v),
-        vddk_libdir(v),
-        v.vddk_config,
+        vddk_options(v, vddk_libdir(v)),
         v.transport,
-        v.nfc_host_port,
         args.ivd,
         args.snapshot,
         args.partition,

@@ -124,6 +124,26 @@ class ServerConfig:
     timeout: float = default("vcenter_timeout")
 
 
+@dataclass(frozen=True)
+class VddkOptions:
+    """Where VDDK is and how to start it, for the commands that load it outside a mount as a
+    mount does: `--vddk-libdir`, `--vddk-config` (InitEx's config file; None: ivdfs's private
+    one) and `--nfc-host-port` (0: VDDK's default)."""
+
+    libdir: Path
+    config_file: Path | None
+    nfc_host_port: int
+
+    def options(self) -> list[str]:
+        """These settings as command-line options, for printed advice."""
+        out = ["--vddk-libdir", str(self.libdir)]
+        if self.config_file is not None:
+            out += ["--vddk-config", str(self.config_file)]
+        if self.nfc_host_port:
+            out += ["--nfc-host-port", str(self.nfc_host_port)]
+        return out
+
+
 # --- the views the layers take ----------------------------------------------------------------
 
 # Not options: the connection cap's policy (ivdfs.vddk.service). A disk in use is closed for

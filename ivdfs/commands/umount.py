@@ -63,7 +63,7 @@ def umount(
         if err is not None:
             if "busy" not in err.lower():
                 raise MountpointError(f"cannot unmount {mp}: {err}")
-            roots = [str(mp), *recover._run_dirs(rec)]
+            roots = [str(mp), *recover.run_dirs(rec)]
             own = {rec.pid, *recover.leftovers(rec).helpers}
             users = holders(roots, own | {os.getpid()})
             if users and not force:

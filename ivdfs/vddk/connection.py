@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ivdfs.config import Secret
+from ivdfs.config import Secret, ServerConfig
 from ivdfs.inventory.model import DiskTarget as DiskTarget  # where VDDK's calls point
 from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
@@ -38,6 +38,12 @@ class ServerTarget:
     password: Secret
     thumbprint: str  # SHA-1 of the certificate ivdfs saw, 'AA:BB:...'
     nfc_host_port: int = 0  # ESXi's NFC port for NBD/NBDSSL; 0: VDDK's default (902)
+
+    @classmethod
+    def of(cls, server: ServerConfig, thumbprint: str, nfc_host_port: int) -> ServerTarget:
+        """The server ivdfs logged in to, with the certificate it saw there."""
+        s = server
+        return cls(s.host, s.port, s.user, s.password, thumbprint, nfc_host_port)
 
 
 class ConnectParams:

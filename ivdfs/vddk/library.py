@@ -160,6 +160,11 @@ class VddkLibrary:
         return has_symbol(self.lib, name)
 
     @property
+    def missing_optional(self) -> list[str]:
+        """The optional functions this library lacks (each only disables a feature)."""
+        return sorted(set(_cdefs.OPTIONAL) - self.optional)
+
+    @property
     def has_async(self) -> bool:
         return {"VixDiskLib_ReadAsync", "VixDiskLib_Wait"} <= self.optional
 
