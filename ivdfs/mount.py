@@ -227,12 +227,8 @@ class ServiceDisk:
     async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
         return await self._service.read(self._slot, start_sector, nbytes, background)
 
-    async def query_allocated(
-        self, start_sector: int, num_sectors: int, chunk_sectors: int
-    ) -> list[tuple[int, int]]:
-        return await self._service.query_allocated(
-            self._slot, start_sector, num_sectors, chunk_sectors
-        )
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+        return await self._service.allocated(self._slot, start, end, granularity)
 
     def hold(self) -> None:
         self._service.hold(self._slot)

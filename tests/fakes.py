@@ -91,9 +91,7 @@ class FakeDisk:
     async def sector_size(self) -> int:
         return self.logical_sector_size
 
-    async def query_allocated(
-        self, start_sector: int, num_sectors: int, chunk_sectors: int
-    ) -> list[tuple[int, int]]:
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
         raise BackendError("no allocation map")
 
     def hold(self) -> None:

@@ -251,9 +251,9 @@ MUTANTS: tuple[Mutant, ...] = (
         MOUNT, "the connection asks for write access",
     ),
     Mutant(
-        "query-ignores-chunk-cap", "vddk", "ivdfs/io/holes.py",
-        "n = min(end - pos, MAX_CHUNKS_PER_QUERY * chunk)",
-        "n = end - pos",
+        "query-ignores-chunk-cap", "vddk", "ivdfs/vddk/allocation.py",
+        "n = min(stop - pos, MAX_CHUNKS_PER_QUERY * chunk)",
+        "n = stop - pos",
         HOLES, "a query over more than 512 Ki chunks, which VDDK refuses",
     ),
     Mutant(
@@ -263,9 +263,9 @@ MUTANTS: tuple[Mutant, ...] = (
         HOLES, "issue 16 #3: allocated blocks beyond the first region read as zeros",
     ),
     Mutant(
-        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/io/holes.py",
-        "allocated = {i for i in range(first, last) if (i + 1) * bs > end}",
-        "allocated: set[int] = set()",
+        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/vddk/allocation.py",
+        "runs = [(tail, end - tail)] if end > tail else []",
+        "runs: list[tuple[int, int]] = []",
         HOLES, "the tail of a disk past its last whole chunk reads as zeros",
     ),
     Mutant(

@@ -106,3 +106,49 @@ def test_the_package_imports_in_one_direction() -> None:
     edges = graph()
     assert len(edges) > 50 and "ivdfs.tree.nodes" in edges["ivdfs.tree.inodes"]
     assert cycles(edges) == []
+
+
+# What a module outside vddk/ may not import from it: the binding's declarations (VDDK's
+# constants) and whatever carries or reads a VixError code.
+VDDK_INTERNALS = {
+    "ivdfs.vddk._cdefs": None,
+    "ivdfs.vddk._mntapi_cdefs": None,
+    "ivdfs.vddk.errors": {"VddkError", "is_permanent", "code_of", "ACCOUNT_CODES"},
+}
+
+
+def vddk_knowledge(path: Path) -> list[str]:
+    """Where a module outside vddk/ knows a VixError code or a VDDK constant."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                whole = f"{node.module}.{a.name}"
+                banned = VDDK_INTERNALS.get(node.module or "", set())
+                if whole in VDDK_INTERNALS or banned is None or a.name in banned:
+                    found.append(f"imports {whole}")
+        elif isinstance(node, ast.Import):
+            found += [f"imports {a.name}" for a in node.names if a.name in VDDK_INTERNALS]
+        elif isinstance(node, ast.Name | ast.Attribute):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            if name.startswith(("VIX_", "VIXDISKLIB_", "VIXMNTAPI_")):
+                found.append(f"names {name}")
+    where = path.relative_to(PACKAGE.parent) if path.is_relative_to(PACKAGE) else path.name
+    return [f"{where}: {f}" for f in found]
+
+
+def test_nothing_outside_vddk_knows_a_vixerror_code_or_a_vddk_constant(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from ivdfs.vddk.errors import VddkError, VddkLoadError\n"
+        "from ivdfs.vddk import _cdefs\n"
+        "if isinstance(e, VddkError) and e.code == _cdefs.VIX_E_NOT_SUPPORTED: pass\n"
+    )
+    assert [f.split(": ", 1)[1] for f in vddk_knowledge(probe)] == [
+        "imports ivdfs.vddk.errors.VddkError",
+        "imports ivdfs.vddk._cdefs",
+        "names VIX_E_NOT_SUPPORTED",
+    ]
+    outside = [p for p in PACKAGE.rglob("*.py") if "vddk" not in p.relative_to(PACKAGE).parts]
+    assert len(outside) > 50
+    assert [f for p in outside for f in vddk_knowledge(p)] == []

@@ -229,8 +229,8 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
         async def read(start: int, n: int, background: bool = False) -> bytearray:
             return await service.read(slot, start, n, background)
 
-        async def query(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
-            return await service.query_allocated(slot, start, n, chunk)
+        async def query(start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+            return await service.allocated(slot, start, end, granularity)
 
         return DiskReader("d", capacity, block, cache, read, query)
 

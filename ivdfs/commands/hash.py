@@ -135,7 +135,7 @@ async def _hash_disk(
     # Room for the read-ahead window twice over: each block is read once.
     cache = BlockCache((2 * ahead + 2) * block)
     reader = DiskReader(
-        "hash", disk.capacity, block, cache, disk.read, disk.query_allocated, prefetcher, ahead
+        "hash", disk.capacity, block, cache, disk.read, disk.allocated, prefetcher, ahead
     )
     start, end = 0, disk.capacity
     if partition is not None:

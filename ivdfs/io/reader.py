@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 
 from ivdfs.io.block_cache import Block, BlockCache
-from ivdfs.io.holes import AllocationMap, QueryAllocated
+from ivdfs.io.holes import Allocated, AllocationMap
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.units import SECTOR_SIZE
 
@@ -76,7 +76,7 @@ class DiskReader:
         block_size: int,
         cache: BlockCache,
         fetch_block: FetchBlock,
-        query_allocated: QueryAllocated | None = None,
+        allocated: Allocated | None = None,
         prefetcher: Prefetcher | None = None,
         max_prefetch: int = 0,
         on_map_change: Callable[[], None] | None = None,
@@ -89,7 +89,7 @@ class DiskReader:
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.cache = cache
         self._fetch = fetch_block
-        self.holes = AllocationMap(query_allocated, disk_size, block_size, on_change=on_map_change)
+        self.holes = AllocationMap(allocated, disk_size, block_size, on_change=on_map_change)
         self.prefetcher = prefetcher
         self.max_prefetch = max_prefetch if prefetcher is not None else 0
         self._zeros = bytes(block_size)  # shared by every hole of this disk

@@ -150,7 +150,7 @@ class Tree:
             self.settings.block_size,
             self.cache,
             sd.disk.read,
-            query_allocated=sd.disk.query_allocated,
+            allocated=sd.disk.allocated,
             prefetcher=self.prefetcher,
             max_prefetch=self.settings.max_prefetch,
             on_map_change=holes_known,

@@ -11,7 +11,7 @@ than the bound is read as requests of at most the bound, one after another, so t
 for every block size. Opening and closing are the service's job (`vddk.service`), on its control
 thread.
 
-Concurrency: `read`/`query_allocated` on the trio thread; `stop_io` from a worker thread
+Concurrency: `read`/`allocated` on the trio thread; `stop_io` from a worker thread
 (it joins threads); the handles' blocking calls only on their own I/O thread.
 """
 
@@ -23,6 +23,7 @@ import trio
 
 from ivdfs.errors import BackendError
 from ivdfs.units import SECTOR_SIZE
+from ivdfs.vddk.allocation import allocated_runs
 from ivdfs.vddk.connection import AsyncRead, DiskHandle
 from ivdfs.vddk.threads import PrioritySlots, ThreadWorker
 
@@ -122,12 +123,17 @@ class OpenDisk:
             raise req.error
         return req.buf
 
-    async def query_allocated(
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+        """Runs of sectors in [start, end) that may hold data, asked in chunks dividing
+        `granularity` (`ivdfs.vddk.allocation`; AllocationUnsupported when the library
+        cannot tell)."""
+        query = self._query_allocated if self.handle.can_query_allocated else None
+        return await allocated_runs(query, self.capacity // SECTOR_SIZE, start, end, granularity)
+
+    async def _query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int
     ) -> list[tuple[int, int]]:
         """QueryAllocatedBlocks on the first handle's I/O thread (it counts as a read there)."""
-        if not self.handle.can_query_allocated:
-            raise BackendError("VixDiskLib_QueryAllocatedBlocks is not available")
         io = self._ios[0]
         return await io.worker.run(
             lambda: io.handle.query_allocated(start_sector, num_sectors, chunk_sectors)

@@ -281,13 +281,14 @@ class DiskService:
             await trio.sleep(READ_BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    async def query_allocated(
-        self, slot: Slot, start_sector: int, num_sectors: int, chunk_sectors: int
+    async def allocated(
+        self, slot: Slot, start: int, end: int, granularity: int
     ) -> list[tuple[int, int]]:
-        """Allocated runs from the disk; not retried (callers treat a failure as 'allocated')."""
+        """Runs of sectors in [start, end) that may hold data (`OpenDisk.allocated`); not
+        retried (callers treat a failure as 'allocated')."""
         disk = await self._acquire(slot, background=False)
         try:
-            return await disk.query_allocated(start_sector, num_sectors, chunk_sectors)
+            return await disk.allocated(start, end, granularity)
         finally:
             self._done(slot)
 
