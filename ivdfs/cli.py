@@ -226,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         "that tool's own '<hex>  <file>' line",
     )
 
-    audit = sub.add_parser("audit", help="check an --audit-log journal")
+    audit = sub.add_parser("audit", help="check an --audit-log audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     audit_sub.required = True
     av = _command(
         audit_sub,
         "verify",
         "audit verify",
-        "verify a journal's hash chain and summarise who read what",
-        "Check every line of FILE (an ivdfs mount --audit-log journal): its own hash, its "
+        "verify an audit log's hash chain and summarise who read what",
+        "Check every line of FILE (an ivdfs mount --audit-log FILE): its own hash, its "
         "number and its link to the line before. Prints the mount sessions, each process's "
         "reads per file and the evidence hashes recorded, and the head (last line and its "
         "hash): note it, and pass it later with --head to show that nothing was cut off or "

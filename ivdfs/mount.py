@@ -47,8 +47,8 @@ from ivdfs.errors import (
     UserError,
     exit_code_of,
 )
-from ivdfs.forensics.audit import AuditLog, start_fields
 from ivdfs.forensics.evidence import Evidence, Source
+from ivdfs.forensics.writer import AuditLog, start_fields
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
 from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
@@ -452,7 +452,7 @@ def _run(
 
 
 def _open_audit(cfg: MountConfig, signals: Signals, stack: contextlib.ExitStack) -> AuditLog | None:
-    """The access journal, verified and locked; it ends (with `stop`) after the unmount, which
+    """The audit log, verified and locked; it ends (with `stop`) after the unmount, which
     is registered later, so every close is in it."""
     if cfg.audit_log is None:
         return None

@@ -515,8 +515,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "audit_log",
         ("--audit-log",),
-        "journal every open and the byte ranges read (who, what, "
-        "when) to FILE, one hash-chained JSON line per event; an existing journal is verified "
+        "record every open and the byte ranges read (who, what, "
+        "when) in the audit log FILE, one hash-chained JSON line per event; an existing one is "
+        "verified "
         "and continued; reads fail if it cannot be written; disk files are then read without "
         "the page cache (check it with ivdfs audit verify)",
         frozenset({"mount"}),

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ivdfs.forensics.audit import AuditLog
 from ivdfs.forensics.hashing import Buffer, Digests, SequentialHash
+from ivdfs.forensics.writer import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Source:
 @dataclass(frozen=True)
 class Evidence:
     """`hashes`: compute SHA-256/MD5 of disk.raw and windows read in order; `audit`: the
-    access journal, if any."""
+    audit log, if any."""
 
     source: Source | None = None
     hashes: bool = False

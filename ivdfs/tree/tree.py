@@ -27,9 +27,10 @@ import trio
 
 from ivdfs.config import TreeSettings
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.forensics.audit import AuditLog, Caller
+from ivdfs.forensics.access import Caller
 from ivdfs.forensics.evidence import Evidence, EvidenceHashes, HashTarget
 from ivdfs.forensics.hashing import SequentialHash
+from ivdfs.forensics.writer import AuditLog
 from ivdfs.inventory.model import Inventory
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
@@ -90,7 +91,7 @@ class Tree:
         `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
         tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
-        (st_blocks, as holes become known). `evidence`: hashes, audit journal, provenance."""
+        (st_blocks, as holes become known). `evidence`: hashes, audit log, provenance."""
         self._on_attrs = on_attrs or (lambda _ino: None)
         self.settings = settings
         self.evidence = evidence or Evidence()
@@ -235,7 +236,7 @@ class Tree:
     # --- files ---------------------------------------------------------------------------
 
     async def open(self, ino: int, caller: Caller | None = None) -> tuple[FileHandle, Node]:
-        """`caller`: who opens, for the audit journal (which must hold the open before it
+        """`caller`: who opens, for the audit log (which must hold the open before it
         succeeds)."""
         audit = self.evidence.audit
         if audit is not None:
@@ -282,13 +283,13 @@ class Tree:
         fh = self.files.add(f)
         if audit is not None:
             try:
-                await self._journal_open(audit, fh, f, caller)
+                await self._audit_open(audit, fh, f, caller)
             except BaseException:
                 self.release(fh)
                 raise
         return fh, node
 
-    async def _journal_open(
+    async def _audit_open(
         self, audit: AuditLog, fh: FileHandle, f: OpenFile, caller: Caller | None
     ) -> None:
         who = caller or Caller(-1, -1, -1, -1, "")
@@ -305,7 +306,7 @@ class Tree:
             raise OSError(errno.EINVAL, "negative offset or size")
         audit = self.evidence.audit
         if audit is not None:
-            audit.check()  # fail closed: nothing is served that the journal cannot record
+            audit.check()  # fail closed: nothing is served that the audit log cannot record
         data = await self._read(f, offset, size)
         if audit is not None and f.access is not None:
             audit.read(f.access, offset, len(data))
