@@ -4,8 +4,9 @@ signals.
 Role: a command that holds something on vCenter (an IVD prepared for access, an open disk)
 must release it however it is stopped. For the one-shot commands, `interruptible` makes SIGTERM
 and SIGHUP end it as Ctrl-C does (KeyboardInterrupt: the context managers release, the CLI says
-"interrupted" and exits 130); `deferred` holds stop signals back during a release that a second
-Ctrl-C must not cut short (EndAccess above all): they are delivered when it is done.
+"interrupted" and exits 130), and `cancel_on_stop` does the same inside trio; `deferred`
+holds stop signals back during a release that a second Ctrl-C must not cut short (EndAccess
+above all): they are delivered when it is done.
 
 A mount has one handler per signal for its whole life (`MountSignals`): SIGTERM, SIGINT and
 SIGHUP stop it at any stage (start-up checks `check` between steps; the serving loop waits in
@@ -57,6 +58,17 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+async def cancel_on_stop(scope: trio.CancelScope, stopped: list[int]) -> None:
+    """For a one-shot command that runs trio (`ivdfs hash`): the first stop signal cancels
+    `scope` and is appended to `stopped` (the command then ends as Ctrl-C does). A handler
+    raising KeyboardInterrupt could land anywhere in trio's own code; this one is a task."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+        async for signum in received:
+            stopped.append(signum)
+            scope.cancel()
+            return
 
 
 class MountSignals:
