@@ -64,8 +64,8 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    before = host_vgs()
     d = tmp_path_factory.mktemp("lvm")
+    before = host_vgs(d)
     b = Built(
         part=images.lvm_disk(d / "part.img", "partition"),
         whole=images.lvm_disk(d / "whole.img", "whole"),
@@ -75,7 +75,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     )
     yield b
     # The builders' lvm2 ran in a sandbox: nothing of theirs may be left for the host.
-    assert host_vgs() == before
+    assert host_vgs(d) == before == []
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
     assert str(d) not in losetup.stdout
 
