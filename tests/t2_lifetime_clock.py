@@ -179,8 +179,10 @@ class World:
 
     async def settle(self) -> None:
         """Until the service is at rest: every task blocked, its control thread idle, no
-        worker thread busy, and two rounds in a row without a VDDK call (a task woken by the
-        first round's control-thread job may queue another, which the second round runs)."""
+        worker thread busy, no read in flight (a ReadAsync completes on a VDDK thread, which
+        a loaded machine may delay past any cushion: the read would end a step late), and two
+        rounds in a row without a VDDK call (a task woken by the first round's control-thread
+        job may queue another, which the second round runs)."""
         import trio
         import trio.testing
 
@@ -194,7 +196,7 @@ class World:
             await trio.testing.wait_all_tasks_blocked(cushion=0.001)
             await self.service.run_on_control(lambda: None)
             await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-            busy = limiter.statistics().borrowed_tokens
+            busy = limiter.statistics().borrowed_tokens + self.service.report()["reads_in_flight"]
             sig = (self.calls(), busy, json.dumps(self.service.report(), sort_keys=True))
             quiet = quiet + 1 if sig == last and busy == 0 else 0
             last = sig
