@@ -84,7 +84,7 @@ LIFETIME = (
     "tests/t4_lifetime.py",
     "tests/t4_signals.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
 )
-RECOVERY = ("tests/t4_recover.py", "tests/t4_vixmntapi.py")
+RECOVERY = ("tests/t1_journal.py", "tests/t4_recover.py", "tests/t4_vixmntapi.py")
 GUESTFS_RECOVERY = ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",)
 CHANGES = ("tests/t4_changes.py",)
 LVM = ("tests/t1_lvm.py", "tests/t4_volumes_lvm.py")
