@@ -279,6 +279,31 @@ def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point
 
 
 @killed
+def test_killed_during_prepare_for_access(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> None:
+    """Killed while PrepareForAccess is under way (the stand-in holds it): vCenter may have
+    disabled vMotion already, so the IVD is journaled before the call, and `ivdfs umount`
+    ends its access."""
+    ivd, snap = disk
+    before = bed.vcsim.snapshots(ivd)
+    hold = mp.parent / "hold"
+    hold.write_text("0")  # the first access call, the PrepareForAccess, waits
+    m = Mount(bed, mp, VDDK_STANDIN_HOLD_ACCESS=str(hold))
+    reader = subprocess.Popen(["cat", str(mp / ivd.datastore_name / ivd.id / snap / "disk.raw")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: any(h["func"] == "PrepareForAccess" and h["id"] == ivd.id
+                             for h in call_lines(bed.log_lines(), "Hold")),
+                 timeout=60, what="the PrepareForAccess")  # fmt: skip
+        pid = kill(m)
+    finally:
+        reader.wait(timeout=30)  # the kernel fails its read once the daemon is gone
+    rec = journal.find(mp)
+    assert rec is not None and [p["ivd"] for p in rec.prepared] == [ivd.id]
+    assert_recovered(bed, mp, pid, ivd, before)
+    assert ivd.id in {e["id"] for e in call_lines(bed.log_lines(), "EndAccess")}
+
+
+@killed
 def test_umount_of_a_live_mount_reports_a_daemon_that_dies_in_teardown(
     bed: Bed, disk: tuple[Ivd, str], mp: Path
 ) -> None:
