@@ -196,6 +196,7 @@ def test_killed_while_creating_the_temporary_snapshot(
         (tmp_path / "images").mkdir()
         bed = Bed(v, tmp_path)
         ivd = v.create_ivd("slow", 2, "LocalDS_0")
+        v.create_snapshot(ivd, "the backup system's")  # not ours: recovery must leave it
         before = v.snapshots(ivd)
         hold = v.tmpdir / "faults" / "createSnapshot.hold"
         hold.touch()
