@@ -91,3 +91,23 @@ def test_vcenter_outage_and_restart(own_bed: Bed, tmp_path: Path) -> None:
     log = m.log()
     assert "listing IVDs on LocalDS_1" in log and "Traceback" not in log
     assert "unexpected error" not in log and "ExceptionGroup" not in log
+
+
+@pytest.mark.allow_log("certificate changed since mounting", "listing IVDs on")
+def test_a_renewed_certificate_is_not_logged_in_to(own_bed: Bed, tmp_path: Path) -> None:
+    """vCenter comes back with another certificate that the CA still vouches for: ivdfs does
+    not log in again (VDDK goes on pinning the thumbprint seen at mount time); what needs
+    vCenter fails with EIO, and the log says why."""
+    v = own_bed.vcsim
+    with Mount(own_bed, tmp_path / "mnt") as m:
+        assert os.listdir(m.mountpoint / "LocalDS_0") == []  # logged in, answered
+        before = v.thumbprint
+        v.kill_server()
+        v.renew_certificate()
+        v.restart_server()
+        assert v.thumbprint != before
+        with pytest.raises(OSError) as e:
+            os.listdir(m.mountpoint / "LocalDS_1")
+        assert e.value.errno == errno.EIO
+        assert m.unmount() == 0
+    assert "the server certificate changed since mounting" in m.log()

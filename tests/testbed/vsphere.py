@@ -293,13 +293,19 @@ def make_certificates(directory: Path, *, self_signed: bool = False) -> tuple[Pa
             cwd=directory,
         )
     else:
-        _openssl(f"{server} -new -out server.csr", cwd=directory)
-        _openssl(
-            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7"
-            " -extfile server.ext -out server.pem",
-            cwd=directory,
-        )
+        _signed_server_certificate(directory)
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+def _signed_server_certificate(directory: Path) -> None:
+    """A new server.key and server.pem, signed by the CA in `directory`."""
+    _openssl(f"req {_KEY} -keyout server.key -subj /CN=127.0.0.1 -new -out server.csr",
+             cwd=directory)  # fmt: skip
+    _openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7"
+        " -extfile server.ext -out server.pem",
+        cwd=directory,
+    )
 
 
 def _spec_json(p: IvdSpec) -> dict[str, Any]:
@@ -513,6 +519,12 @@ class Vcsim:
         """Start again on the same port and certificate, with an empty inventory (like a
         vCenter whose sessions are gone): `populate` is not applied again."""
         self._launch(f"{self.host}:{self.port}")
+
+    def renew_certificate(self) -> None:
+        """A new server key and certificate from the same CA (a vCenter whose certificate was
+        renewed: still trusted, another thumbprint); served from the next `restart_server`."""
+        assert not self.self_signed
+        _signed_server_certificate(self.tmpdir)
 
     @contextlib.contextmanager
     def failing(self, operation: str) -> Iterator[None]:
