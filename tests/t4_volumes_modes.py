@@ -221,6 +221,16 @@ def test_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path, mode
             # Userspace drivers on our own window files: no loop device, no kernel filesystem.
             assert loop_devices_of(mountpoint) == []
             assert all(fstype.startswith("fuse") for _, fstype, _ in ours), ours
+        else:
+            # Each loop device ends where its volume does, not at the end of the disk: a
+            # filesystem cannot read its neighbours' bytes.
+            limits = {
+                d.name: int((d / "loop" / "sizelimit").read_text())
+                for d in Path("/sys/block").glob("loop*")
+                if (d / "loop" / "backing_file").exists()
+                and (d / "loop" / "backing_file").read_text().startswith(f"{mountpoint}/")
+            }
+            assert limits and all(limits.values()), limits
         assert m.unmount("ivdfs") == 0, m.log()
     finally:
         if m.proc.poll() is None:
