@@ -95,6 +95,7 @@ VIXMNTAPI = ("tests/t4_vixmntapi.py",)
 FORENSICS = ("tests/t1_audit.py", "tests/t4_forensics.py")
 SESSION = (
     "tests/t4_inventory.py::test_one_relogin_for_the_whole_pool",
+    "tests/t4_inventory.py::test_a_silent_vcenter_costs_one_login_attempt_not_one_per_thread",
     "tests/t4_vcenter.py",
     "tests/t4_outage.py",
 )
