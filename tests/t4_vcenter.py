@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount
-from tests.testbed.vsphere import Vcsim, place_image
+from tests.mounting import IVDFS, Bed, Mount
+from tests.testbed.vsphere import Vcsim, https_server, place_image
 
 MiB = 1 << 20
 
@@ -111,3 +112,18 @@ def test_a_renewed_certificate_is_not_logged_in_to(own_bed: Bed, tmp_path: Path)
         assert e.value.errno == errno.EIO
         assert m.unmount() == 0
     assert "the server certificate changed since mounting" in m.log()
+
+
+def test_a_server_that_never_answers_fails_after_the_timeout(tmp_path: Path) -> None:
+    """A server that completes the TLS handshake and then says nothing (a vCenter stalled
+    after accepting): ivdfs gives up after --vcenter-timeout with one line, never hangs, at
+    the version discovery before any login as at every later call."""
+    with https_server(tmp_path, silent=True) as (port, ca):
+        r = subprocess.run(
+            [*IVDFS, "ls", "--server", f"127.0.0.1:{port}", "--user", "u", "--ca-file", str(ca),
+             "--vcenter-timeout", "1"],
+            env={**os.environ, "IVDFS_PASSWORD": "pw"}, capture_output=True, text=True,
+            timeout=30, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "within 1 s" in r.stderr, r.stderr

@@ -879,11 +879,20 @@ class Vcsim:
 
 
 @contextlib.contextmanager
-def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
+def https_server(directory: Path, *, silent: bool = False) -> Iterator[tuple[int, Path]]:
     """An HTTPS server that is not vSphere (every request: 404) on 127.0.0.1, whose
-    certificate only its own CA file verifies (like vcsim's): yields (port, CA file)."""
+    certificate only its own CA file verifies (like vcsim's): yields (port, CA file).
+    `silent`: it completes each TLS handshake and then never answers (a stalled server)."""
     ca, cert, key = make_certificates(directory)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    stopped = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def handle(self) -> None:
+            stopped.wait(600)
+
+    handler = Silent if silent else http.server.BaseHTTPRequestHandler
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
@@ -891,6 +900,7 @@ def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
     try:
         yield server.server_address[1], ca
     finally:
+        stopped.set()
         server.shutdown()
 
 
