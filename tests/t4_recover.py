@@ -286,15 +286,19 @@ def test_killed_during_prepare_for_access(bed: Bed, disk: tuple[Ivd, str], mp: P
     ends its access."""
     ivd, snap = disk
     before = bed.vcsim.snapshots(ivd)
+
+    def holds() -> int:  # the bed's log has the holds of earlier tests of this IVD too
+        return sum(h["func"] == "PrepareForAccess" and h["id"] == ivd.id
+                   for h in call_lines(bed.log_lines(), "Hold"))  # fmt: skip
+
+    earlier = holds()
     hold = mp.parent / "hold"
     hold.write_text("0")  # the first access call, the PrepareForAccess, waits
     m = Mount(bed, mp, VDDK_STANDIN_HOLD_ACCESS=str(hold))
     reader = subprocess.Popen(["cat", str(mp / ivd.datastore_name / ivd.id / snap / "disk.raw")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_for(lambda: any(h["func"] == "PrepareForAccess" and h["id"] == ivd.id
-                             for h in call_lines(bed.log_lines(), "Hold")),
-                 timeout=60, what="the PrepareForAccess")  # fmt: skip
+        wait_for(lambda: holds() > earlier, timeout=60, what="the PrepareForAccess")
         pid = kill(m)
     finally:
         reader.wait(timeout=30)  # the kernel fails its read once the daemon is gone
