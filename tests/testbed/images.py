@@ -734,7 +734,8 @@ MATRIX_DAMAGED = 7
 
 
 def matrix_disk(path: Path) -> DiskManifest:
-    """GPT with one partition per filesystem of the volume matrix (see MATRIX): ext4, XFS,
+    """GPT with one partition per filesystem of the volume matrix (see MATRIX): ext4 (its
+    journal marked as needing recovery, as in a snapshot of a running VM), XFS,
     btrfs, NTFS (top-level files only), FAT32, an LVM PV holding VG ``mxvg`` with LV ``data``
     (ext4, files of payload 16), and an ext4 with a damaged superblock: its block count is set
     far past its partition with ``debugfs`` (which keeps the checksum valid, so blkid still
@@ -771,6 +772,16 @@ def matrix_disk(path: Path) -> DiskManifest:
         _run("debugfs", "-w", "-R", "ssv blocks_count 999999999", image)
         with open(image, "rb") as src, open(path, "r+b") as dst:
             _copy_span(src.fileno(), dst.fileno(), 0, 2 * MiB, bad[0])
+        # Partition 1 as a snapshot of a running VM leaves it: its journal needs recovery,
+        # which a read-only mount must not attempt (ext4 noload, fuse2fs norecovery).
+        live = layout[1]
+        image = scratch / "live.img"
+        with open(path, "rb") as src, open(image, "wb") as dst:
+            _copy_span(src.fileno(), dst.fileno(), live[0], live[1], 0)
+        os.truncate(image, live[1])
+        _run("debugfs", "-w", "-R", "feature needs_recovery", image)
+        with open(image, "rb") as src, open(path, "r+b") as dst:
+            _copy_span(src.fileno(), dst.fileno(), 0, 2 * MiB, live[0])
     return DiskManifest(path, size, "gpt", tuple(parts), pvs=((start, length),), lvs=lvs,
                         damage=f"partition {MATRIX_DAMAGED}: superblock block count")  # fmt: skip
 
