@@ -410,13 +410,26 @@ def umount(bed: Bed, mp: Path, *extra: str, server: str | None = None,
     )  # fmt: skip
 
 
-def host_vgs() -> str:
-    """What the host's own LVM sees (its configuration, not the image builders' sandbox)."""
+def host_vgs(*roots: Path) -> list[str]:
+    """The volume groups the host's own LVM (its configuration, not the image builders'
+    sandbox) sees on loop devices backed by files under `roots`, as "pv vg uuid" lines. Only
+    those: other tests on this machine (another helper's suite, scripts/mutate -j 2) build LVM
+    images at the same time, and their sandboxes' loop devices are visible to the host."""
     env = {k: v for k, v in os.environ.items() if k != "LVM_SYSTEM_DIR"}
     env["LVM_SUPPRESS_FD_WARNINGS"] = "1"
-    out = subprocess.run(["vgs", "--noheadings", "-o", "vg_name,vg_uuid"], capture_output=True,
-                         text=True, check=True, env=env)  # fmt: skip
-    return out.stdout
+    out = subprocess.run(["pvs", "--noheadings", "-o", "pv_name,vg_name,vg_uuid"],
+                         capture_output=True, text=True, check=True, env=env)  # fmt: skip
+    found = []
+    for line in out.stdout.splitlines():
+        pv = line.split()[0] if line.split() else ""
+        backing = Path("/sys/block") / Path(pv).name / "loop" / "backing_file"
+        try:
+            source = backing.read_text().strip().removesuffix(" (deleted)")
+        except OSError:
+            continue  # not a loop device (the host's own disks), or gone meanwhile
+        if any(source == str(r) or source.startswith(f"{r}/") for r in roots):
+            found.append(" ".join(line.split()))
+    return sorted(found)
 
 
 @dataclass(frozen=True)

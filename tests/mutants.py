@@ -76,6 +76,30 @@ ENVIRON = (
     "tests/t4_mount.py::test_password_never_in_argv_or_logs",
 )
 
+# Issue 25 #1: the areas of the last rounds' code, each with its own tests.
+LIFETIME = (
+    "tests/t2_lifetime_clock.py",
+    TURNS,
+    "tests/t4_connections.py",
+    "tests/t4_lifetime.py",
+    "tests/t4_signals.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
+)
+RECOVERY = ("tests/t1_journal.py", "tests/t4_recover.py", "tests/t4_vixmntapi.py")
+GUESTFS_RECOVERY = ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",)
+CHANGES = ("tests/t4_changes.py",)
+LVM = ("tests/t1_lvm.py", "tests/t4_volumes_lvm.py")
+KERNEL_VOLUMES = ("tests/t4_volumes.py", "tests/t4_volumes_modes.py::test_matrix[kernel]")
+FUSE_VOLUMES = ("tests/t4_volumes_modes.py::test_matrix[fuse]",)
+GUESTFS_VOLUMES = ("tests/t4_volumes_modes.py::test_guestfs_matrix",)
+VIXMNTAPI = ("tests/t4_vixmntapi.py",)
+FORENSICS = ("tests/t1_audit.py", "tests/t4_forensics.py")
+SESSION = (
+    "tests/t4_inventory.py::test_one_relogin_for_the_whole_pool",
+    "tests/t4_inventory.py::test_a_silent_vcenter_costs_one_login_attempt_not_one_per_thread",
+    "tests/t4_vcenter.py",
+    "tests/t4_outage.py",
+)
+
 
 # fmt: off
 MUTANTS: tuple[Mutant, ...] = (
@@ -299,7 +323,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/budget.py",
-        "if now - s.opened_at >= lim.min_open:",
+        "if s.opened_at + lim.min_open <= now:",
         "if True:",
         (TURNS, *SERVICE), "issue 28: under the cap a busy disk gives up its connection at "
         "once: an open (and an NFC session, a login) per few reads",
@@ -374,6 +398,541 @@ MUTANTS: tuple[Mutant, ...] = (
         "            if False:\n",
         ("tests/t4_outage.py::test_a_frozen_vcenter_stalls_nothing_the_mount_knows",),
         "issue 28: with vCenter stalled, ls and stat of what the mount knows hang",
+    ),
+    # --- lifetime and the connection cap (issue 25 #1) ---------------------------------------
+    Mutant(
+        "probe-lingers-the-idle-timeout", "lifetime", "ivdfs/vddk/slots.py",
+        "return idle_timeout if self.held else min(PROBE_LINGER, idle_timeout)",
+        "return idle_timeout",
+        LIFETIME, "a disk opened only to list its partitions keeps its NFC session (and login) "
+        "for the whole --idle-timeout: a listing of many snapshots holds the cap for a minute",
+    ),
+    Mutant(
+        "probe-keeps-access-the-idle-timeout", "lifetime", "ivdfs/vddk/slots.py",
+        "return idle_timeout if self.ever_held else min(PROBE_LINGER, idle_timeout)",
+        "return idle_timeout",
+        LIFETIME, "after a listing every IVD stays prepared (vMotion blocked on its VMs) for "
+        "--idle-timeout instead of seconds",
+    ),
+    Mutant(
+        "hold-does-not-mark-held", "lifetime", "ivdfs/vddk/service.py",
+        "slot.held = slot.ever_held = True",
+        "slot.ever_held = True",
+        LIFETIME, "a file opened after its disk was probed counts as a probe: closing the file "
+        "closes the disk after seconds, not --idle-timeout, and the next read reopens it",
+    ),
+    Mutant(
+        "release-keeps-the-old-time", "lifetime", "ivdfs/vddk/service.py",
+        "        slot.users -= 1\n        slot.last_used = self._clock()\n",
+        "        slot.users -= 1\n",
+        LIFETIME, "a disk read long ago and just closed by its last reader is closed at once, "
+        "not --idle-timeout after the close",
+    ),
+    Mutant(
+        "idle-close-of-a-held-disk", "lifetime", "ivdfs/vddk/service.py",
+        "if not slot.closable or slot.in_use:\n",
+        "if not slot.closable:\n",
+        LIFETIME, "a disk with a file open on it is closed after --idle-timeout without reads, "
+        "and reopened (a login, a PrepareForAccess) at the next read",
+    ),
+    Mutant(
+        "reaper-forgets-the-next-due", "lifetime", "ivdfs/vddk/service.py",
+        "                    due = min(due, slot.last_used + linger)\n",
+        "                    pass\n",
+        LIFETIME, "an idle disk nothing else wakes the service for stays open for an hour",
+    ),
+    Mutant(
+        "opened-ivd-not-reaped", "lifetime", "ivdfs/vddk/service.py",
+        "                self.ledger.prepared.add(target.ivd_id)\n",
+        "                pass\n",
+        LIFETIME, "an IVD whose disk was closed by the cap stays prepared (vMotion off) until "
+        "the unmount",
+    ),
+    Mutant(
+        "access-ignores-holders", "lifetime", "ivdfs/vddk/slots.py",
+        "return self.disk is not None or self.opening is not None or bool(self.users)",
+        "return self.disk is not None or self.opening is not None",
+        LIFETIME, "an IVD with a file open whose disk gave up its connection to the cap gets "
+        "EndAccess, and PrepareForAccess again at its next turn: tasks on every VM per turn",
+    ),
+    Mutant(
+        "access-ends-with-the-first-snapshot", "lifetime", "ivdfs/vddk/ledger.py",
+        "until = max(until, s.last_used",
+        "until = min(until, s.last_used",
+        LIFETIME, "an IVD is ended as soon as any of its snapshots idles out, though another "
+        "snapshot of it is in use: EndAccess and PrepareForAccess again and again",
+    ),
+    Mutant(
+        "eviction-takes-the-most-recent", "lifetime", "ivdfs/vddk/budget.py",
+        "return min(group, key=lambda s: s.last_used), due",
+        "return max(group, key=lambda s: s.last_used), due",
+        LIFETIME, "under the cap the disk used last is closed for another, not the least "
+        "recently used one: the working set is what gets evicted",
+    ),
+    Mutant(
+        "eviction-prefers-held-disks", "lifetime", "ivdfs/vddk/budget.py",
+        "for group in (unheld, unused):",
+        "for group in (unused, unheld):",
+        LIFETIME, "a disk with a file open is closed for another while a disk nobody holds "
+        "stays open",
+    ),
+    Mutant(
+        "gap-between-reads-counts-as-unused", "lifetime", "ivdfs/vddk/budget.py",
+        "elif not s.active and s.last_used + lim.in_use_gap <= now:",
+        "elif not s.active:",
+        LIFETIME, "a disk being read sequentially is closed between two of its reads for a "
+        "waiting disk: an open (a login) every few reads",
+    ),
+    Mutant(
+        "turn-goes-to-the-newest", "lifetime", "ivdfs/vddk/budget.py",
+        "return min(in_use, key=lambda s: s.opened_at), due",
+        "return max(in_use, key=lambda s: s.opened_at), due",
+        LIFETIME, "under contention the disk that just got a connection loses it again while "
+        "the one open longest keeps it forever: busy disks starve",
+    ),
+    Mutant(
+        "victim-not-drained", "lifetime", "ivdfs/vddk/budget.py",
+        "victim.draining = True  # its reads in flight end, then it closes\n",
+        "pass  # its reads in flight end, then it closes\n",
+        LIFETIME, "a busy disk chosen to make room keeps admitting reads, so it never drains and "
+        "the disk waiting for its connection waits as long as anyone reads it",
+    ),
+    Mutant(
+        "queue-jumping", "lifetime", "ivdfs/vddk/budget.py",
+        "if self._queue[0] is ticket:",
+        "if ticket in self._queue:",
+        LIFETIME, "disks waiting for a connection are served in random order, not first come "
+        "first served: one may wait indefinitely",
+    ),
+    Mutant(
+        "failure-retry-does-not-grow", "lifetime", "ivdfs/vddk/failures.py",
+        "delay = first if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)",
+        "delay = first",
+        LIFETIME, "a disk that cannot be opened is tried again every 0.1 s for as long as "
+        "anyone asks: a storm of vCenter logins",
+    ),
+    Mutant(
+        "refused-login-retried-soon", "lifetime", "ivdfs/vddk/failures.py",
+        "        if code in ACCOUNT_CODES:\n            delay = OPEN_RETRY_MAX\n",
+        "",
+        LIFETIME, "a refused login is tried again after a second, then two...: failed logins "
+        "that lock the service account",
+    ),
+    Mutant(
+        "refused-login-per-disk", "lifetime", "ivdfs/vddk/failures.py",
+        "            self._account = slot.failure\n",
+        "            pass\n",
+        LIFETIME, "after a refused login every other disk tries its own login with the same "
+        "bad password: an account lockout",
+    ),
+    Mutant(
+        "failed-block-not-remembered", "lifetime", "ivdfs/vddk/failures.py",
+        "        slot.failed_blocks[start_sector] = "
+        "(self._clock() + REMEMBER_FAILED_BLOCK, str(error))\n",
+        "        pass\n",
+        LIFETIME, "a block that failed every attempt is tried again (four attempts, reopens) by "
+        "each reader that asks: a scan over a bad region hammers the host",
+    ),
+    Mutant(
+        "failed-block-expiry-inverted", "lifetime", "ivdfs/vddk/failures.py",
+        "if self._clock() < failed[0]:",
+        "if self._clock() > failed[0]:",
+        LIFETIME, "a failed block is read again at once, and once its memory has lapsed it "
+        "fails for good without being tried",
+    ),
+    # --- recovery and the holdings journal (issue 25 #1) --------------------------------------
+    Mutant(
+        "prepared-not-journaled", "recovery", "ivdfs/vddk/ledger.py",
+        "                self._holdings.prepared(target.ivd_id, target.datastore_moref)\n"
+        "            self.stats.prepares += 1\n",
+        "                pass\n            self.stats.prepares += 1\n",
+        RECOVERY, "a killed mount's PrepareForAccess is not in its journal: vMotion stays "
+        "blocked on the IVD's VMs and `ivdfs umount` does not end it",
+    ),
+    Mutant(
+        "failed-prepare-not-journaled", "recovery", "ivdfs/vddk/ledger.py",
+        "                self._holdings.prepared(target.ivd_id, target.datastore_moref)\n"
+        "            self.stats.prepares += 1\n            try:\n"
+        "                access.prepare()\n",
+        "                pass\n            self.stats.prepares += 1\n            try:\n"
+        "                access.prepare()\n                if self._holdings is not None:\n"
+        "                    self._holdings.prepared(target.ivd_id, target.datastore_moref)\n",
+        RECOVERY, "a Prepare that failed (or a kill during it) is not journaled: `ivdfs umount` "
+        "of the killed mount skips the EndAccess VMware requires after every Prepare",
+    ),
+    Mutant(
+        "ended-journaled-before-endaccess", "recovery", "ivdfs/vddk/ledger.py",
+        "        self.stats.end_accesses += 1\n        try:\n            state.access.end()\n",
+        "        self.stats.end_accesses += 1\n        if self._holdings is not None:\n"
+        "            self._holdings.ended(target.ivd_id)\n        try:\n"
+        "            state.access.end()\n",
+        RECOVERY, "the journal forgets a prepared IVD before its EndAccess: a mount killed "
+        "during that call leaves vMotion blocked with nothing to undo it",
+    ),
+    Mutant(
+        "ended-not-journaled", "recovery", "ivdfs/journal.py",
+        '        self.drop("prepared", {"ivd": ivd_id})\n',
+        "        pass\n",
+        RECOVERY, "an IVD's EndAccess is not struck from the journal: a clean unmount leaves a "
+        "journal behind and exits non-zero, and `ivdfs umount` ends the access a second time",
+    ),
+    Mutant(
+        "journal-drop-matches-any-field", "recovery", "ivdfs/journal.py",
+        "d[kind] = [e for e in d[kind] if not all(e.get(k) == v for k, v in match.items())]",
+        "d[kind] = [e for e in d[kind] if not any(e.get(k) == v for k, v in match.items())]",
+        RECOVERY, "dropping one snapshot's entry drops every entry of its IVD: a temporary "
+        "snapshot or a VixMntapi mount of another snapshot is forgotten, and a kill leaves it",
+    ),
+    Mutant(
+        "journal-forgets-appliances-at-exit", "recovery", "ivdfs/journal.py",
+        'HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi", "appliances")',
+        'HOLDINGS = ("snapshots", "prepared", "run_dirs", "vixmntapi")',
+        RECOVERY, "a mount that exits with a libguestfs appliance still running removes its "
+        "journal: nothing finds that qemu again",
+    ),
+    Mutant(
+        "dead-mount-with-a-reused-pid-alive", "recovery", "ivdfs/journal.py",
+        'return process_start(self.pid) == self.doc.get("pid_start")',
+        "return process_start(self.pid) is not None",
+        RECOVERY, "a dead mount whose pid the system gave to another process counts as alive: "
+        "`ivdfs umount` signals that stranger and undoes nothing",
+    ),
+    Mutant(
+        "appliance-pid-without-start-time", "recovery", "ivdfs/commands/recover.py",
+        "if pid and start and journal.process_start(int(pid)) == start:",
+        "if pid and journal.process_start(int(pid)) is not None:",
+        RECOVERY, "recovery SIGKILLs whatever process now has a dead appliance's pid",
+    ),
+    Mutant(
+        "recovery-keeps-journal-despite-failures", "recovery", "ivdfs/commands/recover.py",
+        "    if report.failures:\n        return report.code\n",
+        "",
+        RECOVERY, "a recovery that could not undo everything removes the journal anyway: what "
+        "is left (a snapshot, a prepared IVD) is never undone",
+    ),
+    Mutant(
+        "recovery-stops-no-volume-driver", "recovery", "ivdfs/commands/recover.py",
+        "            os.kill(pid, signal.SIGKILL)  # a FUSE driver reading a dead mount never "
+        "finishes\n",
+        "",
+        RECOVERY, "ntfs-3g and fusefat of a killed mount keep running, holding its disk.raw",
+    ),
+    Mutant(
+        "recovery-leaves-loops-on-vixmntapi", "recovery", "ivdfs/commands/recover.py",
+        "        found.loops += loop_devices_under(path)\n",
+        "        pass\n",
+        RECOVERY, "loop devices on VixMntapi's disk mounts stay attached after recovery: the "
+        "FUSE mount cannot be unmounted",
+    ),
+    Mutant(
+        "recovery-looks-before-the-task-ends", "recovery", "ivdfs/commands/recover.py",
+        '            vs.wait_task_ended(s["task"], what, CREATE_TASK_WAIT)\n',
+        "",
+        RECOVERY, "recovery looks for an interrupted --snapshot-now snapshot before its task "
+        "has made it: the snapshot is left on the datastore",
+    ),
+    Mutant(
+        "recovery-deletes-any-new-snapshot", "recovery", "ivdfs/commands/recover.py",
+        'matches = [x.id for x in existing if x.description == s["description"]]',
+        "matches = [x.id for x in existing]",
+        RECOVERY, "recovery deletes the IVD's first snapshot, whoever made it, instead of the "
+        "one its interrupted creation made",
+    ),
+    Mutant(
+        "vixmntapi-not-journaled-before-open", "recovery", "ivdfs/volumes/vixmntapi.py",
+        '            self.journal.add(JOURNAL_KIND, {**record.key, "name": ivd.id, "fuse": []})\n',
+        "            pass\n",
+        RECOVERY, "a mount killed during OpenDisks leaves VixMntapi's FUSE mount and server, "
+        "which recovery cannot find",
+    ),
+    Mutant(
+        "vixmntapi-mounts-not-journaled", "recovery", "ivdfs/volumes/vixmntapi.py",
+        "                self.journal.update(JOURNAL_KIND, record.key, fuse=record.fuse)\n",
+        "                pass\n",
+        RECOVERY, "VixMntapi's disk mounts are not journaled once made: after a kill, recovery "
+        "finds them only if VixMntapi's .info files are still there",
+    ),
+    Mutant(
+        "appliance-not-journaled", "recovery", "ivdfs/volumes/guestfs.py",
+        '            self._holdings.add("appliances", {\n',
+        '            (lambda *a: None)("appliances", {\n',
+        GUESTFS_RECOVERY, "a killed mount's libguestfs appliance (qemu) keeps running",
+    ),
+    # --- changes/ (issue 25 #1) ----------------------------------------------------------------
+    Mutant(
+        "touching-changes-not-joined", "changes", "ivdfs/inventory/changes.py",
+        "if out and start <= out[-1][0] + out[-1][1]:",
+        "if out and start < out[-1][0] + out[-1][1]:",
+        CHANGES, "an area split by a page of vCenter's answer shows as two extents "
+        "(the .json's extent count is wrong)",
+    ),
+    Mutant(
+        "contained-change-shrinks-its-area", "changes", "ivdfs/inventory/changes.py",
+        "out[-1][1] = max(out[-1][1], start + length - out[-1][0])",
+        "out[-1][1] = start + length - out[-1][0]",
+        CHANGES, "a changed area inside a larger one cuts the larger one short: changed bytes "
+        "read as zeros in the .raw",
+    ),
+    Mutant(
+        "read-inside-an-extent-skips-it", "changes", "ivdfs/tree/nodes.py",
+        "i = max(0, bisect.bisect_right(self.extents, (offset, 0)) - 1)",
+        "i = bisect.bisect_right(self.extents, (offset, 0))",
+        CHANGES, "a read of changes/<older>.raw that starts inside a changed extent returns "
+        "zeros for it",
+    ),
+    Mutant(
+        "changes-keep-only-the-last-page", "changes", "ivdfs/inventory/vsphere.py",
+        "found += [(int(a.start), int(a.length)) for a in info.changedArea or []]",
+        "found = [(int(a.start), int(a.length)) for a in info.changedArea or []]",
+        CHANGES, "only the last piece of vCenter's answer is kept: changes in the first part "
+        "of a large disk are missing",
+    ),
+    Mutant(
+        "changes-of-the-older-snapshot", "changes", "ivdfs/inventory/vsphere.py",
+        "return self.changed_areas(ivd, newer_id, change_id)",
+        "return self.changed_areas(ivd, older_id, change_id)",
+        CHANGES, "the changes are asked of the older snapshot since itself: always none",
+    ),
+    Mutant(
+        "newer-snapshots-listed-as-older", "changes", "ivdfs/tree/changes.py",
+        "and creation_order(c.disk.snapshot) < newer",
+        "and creation_order(c.disk.snapshot) != newer",
+        CHANGES, "changes/ lists snapshots taken after this one, which vCenter refuses to "
+        "compare",
+    ),
+    Mutant(
+        "refusal-reads-as-no-changes", "changes", "ivdfs/tree/changes.py",
+        "            raise BackendError(f\"{pair.where()}: {pair.refusal}\", quiet=quiet)\n",
+        "            return\n",
+        CHANGES, "with tracking off, changes/<older>.raw reads as all zeros: 'nothing changed'",
+    ),
+    Mutant(
+        "failure-kept-as-refusal", "changes", "ivdfs/tree/changes.py",
+        "            except NotSupported as e:\n",
+        "            except BackendError as e:\n",
+        CHANGES, "a vCenter that was unreachable once makes the pair fail for the life of the "
+        "mount",
+    ),
+    Mutant(
+        "deleted-older-snapshot-stays", "changes", "ivdfs/tree/changes.py",
+        "            del d.pairs[old_id]\n",
+        "            continue\n",
+        CHANGES, "changes/ keeps the files of an older snapshot that was deleted",
+    ),
+    # --- LVM (issue 25 #1) ---------------------------------------------------------------------
+    Mutant(
+        "stripes-row-and-column-swapped", "lvm", "ivdfs/formats/lvm_map.py",
+        "row, stripe = divmod(chunk, n)",
+        "stripe, row = divmod(chunk, n)",
+        LVM, "a striped LV's chunks are read from the wrong PV and place: its filesystem is "
+        "garbage",
+    ),
+    Mutant(
+        "pe-start-in-sectors", "lvm", "ivdfs/formats/lvm_map.py",
+        "slots[key] = _PvSlot(uuid, pe_start * SECTOR_SIZE, pe_count,",
+        "slots[key] = _PvSlot(uuid, pe_start, pe_count,",
+        LVM, "every LV starts at pe_start bytes, not sectors, into its PV: wrong bytes",
+    ),
+    Mutant(
+        "stripe-size-in-sectors", "lvm", "ivdfs/formats/lvm_map.py",
+        "        chunk = chunk_sectors * SECTOR_SIZE\n",
+        "        chunk = chunk_sectors\n",
+        LVM, "a striped LV's chunk size taken as bytes: its bytes are interleaved wrongly",
+    ),
+    Mutant(
+        "wrapped-metadata-read-from-the-header", "lvm", "ivdfs/formats/lvm_disk.py",
+        "parts.append(win.read(start + _MDA_HEADER_SIZE, length - first))",
+        "parts.append(win.read(start, length - first))",
+        LVM, "metadata that wraps around its area fails its CRC: the VG's LVs are not listed",
+    ),
+    Mutant(
+        "oldest-metadata-wins", "lvm", "ivdfs/formats/lvm_map.py",
+        "if c.vg_id not in best or c.seqno > best[c.vg_id].seqno:",
+        "if c.vg_id not in best or c.seqno < best[c.vg_id].seqno:",
+        LVM, "with two metadata copies, the older one describes the LVs: a resized or new LV "
+        "reads wrong or is missing",
+    ),
+    Mutant(
+        "hidden-lvs-listed", "lvm", "ivdfs/formats/lvm_map.py",
+        'if not isinstance(status, list) or "VISIBLE" not in status:',
+        "if not isinstance(status, list):",
+        LVM, "the internal parts of raid, thin or mirror LVs appear as lv-*.raw files",
+    ),
+    Mutant(
+        "lv-may-reach-past-its-pv", "lvm", "ivdfs/formats/lvm_map.py",
+        "if offset + per_stripe > slot.window.length:",
+        "if offset > slot.window.length:",
+        LVM, "an LV whose metadata reaches past its PV's partition reads the next partition",
+    ),
+    Mutant(
+        "dm-names-collide", "lvm", "ivdfs/formats/lvm_map.py",
+        "return f\"{self.vg.replace('-', '--')}-{self.name.replace('-', '--')}\"",
+        "return f\"{self.vg}-{self.name}\"",
+        LVM, "VG a-b LV c and VG a LV b-c get the same lv-*.raw name",
+    ),
+    # --- guest volumes: mount options (issue 25 #1) --------------------------------------------
+    Mutant(
+        "kernel-ext4-replays-its-journal", "volumes", "ivdfs/volumes/kernel.py",
+        '"ext4": ("ro,noload",),',
+        '"ext4": ("ro",),',
+        KERNEL_VOLUMES, "an ext4 snapshot of a running VM (its journal needs replay) is not "
+        "mounted, or its journal is replayed",
+    ),
+    Mutant(
+        "xfs-clones-refused", "volumes", "ivdfs/volumes/kernel.py",
+        '"xfs": ("ro,norecovery,nouuid",),',
+        '"xfs": ("ro,norecovery",),',
+        KERNEL_VOLUMES, "a second snapshot of an XFS volume is refused (duplicate UUID)",
+    ),
+    Mutant(
+        "loop-device-runs-past-the-partition", "volumes", "ivdfs/volumes/kernel.py",
+        '                 "--sizelimit", str(c.length), str(source)],\n',
+        "                 str(source)],\n",
+        KERNEL_VOLUMES, "a partition's loop device runs on to the end of the disk: its "
+        "filesystem can read its neighbours' bytes",
+    ),
+    Mutant(
+        "fuse2fs-replays-the-journal", "volumes", "ivdfs/volumes/fuse.py",
+        '"ext4": ("fuse2fs", "ro,norecovery"),',
+        '"ext4": ("fuse2fs", "ro"),',
+        FUSE_VOLUMES, "an ext4 snapshot of a running VM is refused by fuse2fs (journal needs "
+        "recovery)",
+    ),
+    Mutant(
+        "guestfs-ext4-replays-its-journal", "volumes", "ivdfs/volumes/guestfs.py",
+        '    "ext4": "ro,noload",\n',
+        '    "ext4": "ro",\n',
+        GUESTFS_VOLUMES, "an ext4 snapshot of a running VM is not mounted in the appliance",
+    ),
+    Mutant(
+        "vixmntapi-opens-for-writing", "volumes", "ivdfs/vddk/mntapi.py",
+        "                1,\n                _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY,\n",
+        "                1,\n                0,\n",
+        VIXMNTAPI, "VixMntapi opens the snapshot's disk for writing",
+    ),
+    Mutant(
+        "vixmntapi-mounts-read-write", "volumes", "ivdfs/vddk/mntapi.py",
+        'self._mnt.call("VixMntapi_MountVolume", vh, b"\\x01", context=self._ctx)',
+        'self._mnt.call("VixMntapi_MountVolume", vh, b"\\x00", context=self._ctx)',
+        VIXMNTAPI, "VixMntapi mounts the guest's volumes read-write",
+    ),
+    # --- forensics (issue 25 #1) ---------------------------------------------------------------
+    Mutant(
+        "read-at-the-hashed-end-held-back", "forensics", "ivdfs/forensics/hashing.py",
+        "        if offset <= self.pos:\n",
+        "        if offset < self.pos:\n",
+        FORENSICS, "a reader reading a file in order gets no evidence hash",
+    ),
+    Mutant(
+        "longer-read-at-same-offset-dropped", "forensics", "ivdfs/forensics/hashing.py",
+        "if held is None or len(held) < len(view):",
+        "if held is None:",
+        FORENSICS, "a short read followed by a longer one at the same offset leaves a gap: no "
+        "hash for a file read in full",
+    ),
+    Mutant(
+        "hash-pieces-last-first", "forensics", "ivdfs/forensics/hashing.py",
+        "                view = self._items.popleft()\n",
+        "                view = self._items.pop()\n",
+        FORENSICS, "queued pieces are hashed newest first: a wrong evidence hash",
+    ),
+    Mutant(
+        "audit-chain-not-advanced", "forensics", "ivdfs/forensics/writer.py",
+        "self.lines, self._prev = self.lines + 1, digest",
+        "self.lines += 1",
+        FORENSICS, "every audit line points at the journal's start: verify calls it damaged",
+    ),
+    Mutant(
+        "adjacent-ranges-not-merged", "forensics", "ivdfs/forensics/access.py",
+        "i = bisect.bisect_left(self._ends, start)",
+        "i = bisect.bisect_right(self._ends, start)",
+        FORENSICS, "a sequential reader's ranges are recorded one per read, not as one range",
+    ),
+    Mutant(
+        "failed-journal-write-ignored", "forensics", "ivdfs/forensics/writer.py",
+        "        except Exception as e:  # OSError, or a bug: either way no line may go unwritten\n"
+        "            self.failed = e\n",
+        "        except Exception as e:  # OSError, or a bug: either way no line may go unwritten\n"
+        "            pass\n",
+        FORENSICS, "after a failed journal write reads go on: bytes served that no record shows",
+    ),
+    Mutant(
+        "audit-log-follows-symlinks", "forensics", "ivdfs/forensics/writer.py",
+        "flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC",
+        "flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC",
+        FORENSICS, "a symlink planted at --audit-log redirects the journal to any file",
+    ),
+    Mutant(
+        "files-open-at-unmount-not-closed", "forensics", "ivdfs/forensics/writer.py",
+        '            self.closed(access, reason="unmount")\n',
+        "            pass\n",
+        FORENSICS, "files still open at unmount get no close record: their last ranges are "
+        "missing from the journal",
+    ),
+    Mutant(
+        "caller-pid-is-the-thread", "forensics", "ivdfs/forensics/access.py",
+        'elif key == "Tgid" and value.strip().isdigit():',
+        'elif key == "Pid" and value.strip().isdigit():',
+        FORENSICS, "the journal names a reader's thread id as its process",
+    ),
+    Mutant(
+        "hash-of-a-partition-from-the-disk-start", "forensics", "ivdfs/commands/hash.py",
+        "start, end = found[partition].start, found[partition].start + found[partition].length",
+        "start, end = 0, found[partition].length",
+        FORENSICS, "`ivdfs hash --partition N` hashes the disk's first bytes, not the partition",
+    ),
+    Mutant(
+        "hash-tail-past-the-last-chunk-is-zeros", "forensics", "ivdfs/vddk/allocation.py",
+        "    runs = [(tail, end - tail)] if end > tail else []\n",
+        "    runs: list[tuple[int, int]] = []\n",
+        FORENSICS, "`ivdfs hash` of a disk not a whole number of chunks hashes its tail as "
+        "zeros: a wrong evidence hash",
+    ),
+    # --- the vCenter session (issue 25 #1) -----------------------------------------------------
+    Mutant(
+        "every-thread-logs-in-again", "vcenter", "ivdfs/inventory/session.py",
+        "            if self._generation != generation:\n                return  # another",
+        "            if False:\n                return  # another",
+        SESSION, "after a session expires, every waiting thread logs in again: a burst of "
+        "logins on vCenter",
+    ),
+    Mutant(
+        "relogin-does-not-count", "vcenter", "ivdfs/inventory/session.py",
+        "            self._generation += 1\n",
+        "",
+        SESSION, "threads that failed together each log in again",
+    ),
+    Mutant(
+        "failed-relogin-tried-by-each", "vcenter", "ivdfs/inventory/session.py",
+        "            if failed is not None and failed[0] >= started:\n",
+        "            if False:\n",
+        SESSION, "with vCenter silent, each waiting call tries its own login and waits its own "
+        "deadline in turn: a listing stalls for minutes",
+    ),
+    Mutant(
+        "no-relogin", "vcenter", "ivdfs/inventory/session.py",
+        "        for attempt in (1, 2):\n",
+        "        for attempt in (2,):\n",
+        SESSION, "an expired session is never renewed: every vCenter call fails until remount",
+    ),
+    Mutant(
+        "calls-without-deadline", "vcenter", "ivdfs/inventory/session.py",
+        "                httpConnectionTimeout=s.timeout,\n            )\n",
+        "            )\n",
+        SESSION, "a stalled vCenter holds every call (and the lookups waiting on them) forever",
+    ),
+    Mutant(
+        "version-discovery-without-deadline", "vcenter", "ivdfs/inventory/session.py",
+        "conn = http.client.HTTPSConnection(s.host, s.port, timeout=s.timeout, context=self._ctx)",
+        "conn = http.client.HTTPSConnection(s.host, s.port, context=self._ctx)",
+        SESSION, "logging in again to a stalled vCenter hangs forever, holding the login lock",
+    ),
+    Mutant(
+        "certificate-not-checked-at-relogin", "vcenter", "ivdfs/inventory/session.py",
+        "if probe_certificate(self.server, self._ctx) != self.thumbprint:",
+        "if False:",
+        SESSION, "a vCenter whose certificate changed since mounting is logged in to again, "
+        "while VDDK keeps the old thumbprint",
     ),
 )
 # fmt: on

@@ -11,6 +11,7 @@ import os
 import random
 import resource
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,11 +119,42 @@ def test_range_set_coalesces() -> None:
     assert r.take() == [[0, 40], [100, 200]] and len(r) == 0
 
 
+def test_in_order_keeps_the_longer_of_two_reads_at_one_offset() -> None:
+    """A short read held for later, then a longer one at the same offset (the kernel's
+    read-ahead retried in full): the longer is kept, or its tail would be a gap forever."""
+    data = random.Random(7).randbytes(8 * KiB)
+    got = bytearray()
+    o = InOrder(len(data), got.extend)
+    o.add(4 * KiB, data[4 * KiB : 4 * KiB + 10])
+    o.add(4 * KiB, data[4 * KiB :])
+    o.add(4 * KiB, data[4 * KiB : 5 * KiB])  # a shorter one again changes nothing
+    o.add(0, data[: 4 * KiB])
+    assert o.complete and bytes(got) == data
+
+
 def test_caller_from_proc() -> None:
     me = Caller.of(os.getuid(), os.getgid(), os.getpid())
     assert me.pid == os.getpid()
     assert me.comm == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert Caller.of(0, 0, 0) == Caller(0, 0, 0, 0, "")
+    # A reader's thread (FUSE names the thread that read): the process is its thread group.
+    started, stop = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        stop.wait(30)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert started.wait(30)
+        caller = Caller.of(os.getuid(), os.getgid(), tids[0])
+        assert (caller.pid, caller.tid) == (os.getpid(), tids[0]) and tids[0] != os.getpid()
+    finally:
+        stop.set()
+        t.join()
 
 
 # --- the journal -----------------------------------------------------------------------------
@@ -177,6 +209,22 @@ def tampered(lines: list[bytes]) -> Iterator[tuple[str, int, list[bytes]]]:
         if i < len(lines) - 1:
             yield "delete", i + 1, lines[:i] + lines[i + 1 :]
             yield "swap", i + 1, [*lines[:i], lines[i + 1], lines[i], *lines[i + 2 :]]
+
+
+def test_files_open_at_unmount_get_their_close_record(tmp_path: Path) -> None:
+    """A file still open when the journal ends (an unmount with a reader inside) gets its close
+    record, with the ranges it read, before the stop line: no served byte goes unrecorded."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog.open(path)
+    log.start(server="vc:443", user="u", thumbprint="AA:BB", mountpoint="/mnt")
+    access, ticket = log.opened(7, "DS/ivd/snap/disk.raw", Caller.of(0, 0, os.getpid()))
+    ticket.wait()
+    log.read(access, 0, 4096)
+    log.close(reason="unmounted")
+    docs = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [d["event"] for d in docs] == ["start", "open", "close", "stop"]
+    assert docs[2]["reason"] == "unmount" and docs[2]["ranges"] == [[0, 4096]]
+    assert verify(path, Summary().visit).lines == 4
 
 
 def test_any_edit_deletion_or_swap_breaks_the_chain_at_that_line(tmp_path: Path) -> None:

@@ -56,8 +56,8 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    before = host_vgs()
     d = tmp_path_factory.mktemp("lvm")
+    before = host_vgs(d)
     b = Built(
         part=images.lvm_disk(d / "part.img", "partition"),
         whole=images.lvm_disk(d / "whole.img", "whole"),
@@ -67,7 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     )
     yield b
     # The builders' lvm2 ran in a sandbox: nothing of theirs may be left for the host.
-    assert host_vgs() == before
+    assert host_vgs(d) == before == []
     losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
     assert str(d) not in losetup.stdout
 
@@ -372,10 +372,12 @@ stripes = [{stripes}]
 """
 
 
-def synthetic_pv(text: bytes, text_offset: int = 512, size: int = 24 * MiB) -> bytearray:
+def synthetic_pv(
+    text: bytes, text_offset: int = 512, size: int = 24 * MiB, uuid: bytes = PV_UUID
+) -> bytearray:
     """A PV as lvm2 lays it out: label in sector 1, one metadata area at 4 KiB."""
     disk = bytearray(PE_START)
-    hdr = PV_UUID + struct.pack("<Q", size)
+    hdr = uuid + struct.pack("<Q", size)
     hdr += struct.pack("<QQQQ", PE_START, 0, 0, 0) + struct.pack("<QQQQ", MDA_START, MDA_SIZE, 0, 0)
     label = bytearray(512)
     label[0:8] = b"LABELONE"
@@ -467,6 +469,54 @@ def test_bad_segments_are_unsupported_with_a_reason(
         assert lv.supported
         other = next(v for v in result.volumes if v.name == "other")
         assert not other.supported and other.reason == "it has no segments"
+
+
+def test_hidden_lvs_are_not_listed() -> None:
+    """The internal parts of raid, mirror or thin LVs (no VISIBLE flag) are not lv-*.raw."""
+    hidden = (
+        'lv_rimage_0 { status = ["READ", "WRITE"] segment_count = 1 segment1 { '
+        'start_extent = 0 extent_count = 4 type = "striped" stripe_count = 1 '
+        'stripes = ["pv0", 4] } }'
+    )
+    result = check_scan(
+        MemDisk(synthetic_pv(metadata_text(hidden).encode()), 24 * MiB), [(0, 24 * MiB)]
+    )
+    assert [v.name for v in result.volumes] == ["lv"]
+
+
+def test_the_newest_metadata_of_a_vg_wins() -> None:
+    """A VG on two PVs whose copies disagree (lvm2 was stopped between writing them): the
+    copy with the higher seqno describes the VG, here with an LV the older copy lacks."""
+    other = b"ZyXwVuTsRqPoNmLkJiHgFeDcBa543210"
+
+    def text(seqno: int) -> bytes:
+        ids = [
+            "-".join(u[a:b].decode() for a, b in ((0, 6), (6, 10), (10, 14), (14, 18),
+                                                 (18, 22), (22, 26), (26, 32)))
+            for u in (PV_UUID, other)
+        ]  # fmt: skip
+        pvs = "".join(
+            f'pv{i} {{ id = "{u}" pe_start = {PE_START // 512} pe_count = 16 }}\n'
+            for i, u in enumerate(ids)
+        )
+        lv = 'status = ["READ", "WRITE", "VISIBLE"] segment_count = 1 segment1 {{ ' \
+             'start_extent = 0 extent_count = 4 type = "striped" stripe_count = 1 ' \
+             'stripes = ["{}", 0] }}'  # fmt: skip
+        lvs = "old { " + lv.format("pv0") + " }\n"
+        if seqno > 1:
+            lvs += "new { " + lv.format("pv1") + " }\n"
+        return (
+            f'vg {{\nid = "vgid"\nseqno = {seqno}\nextent_size = 8192\n'
+            f"physical_volumes {{\n{pvs}}}\nlogical_volumes {{\n{lvs}}}\n}}\n"
+        ).encode()
+
+    for first, second in ((1, 2), (2, 1)):
+        disk = synthetic_pv(text(first)).ljust(24 * MiB, b"\0")
+        disk += synthetic_pv(text(second), uuid=other)
+        result = check_scan(MemDisk(disk, 48 * MiB), [(0, 24 * MiB), (24 * MiB, 24 * MiB)])
+        assert sorted(v.name for v in result.volumes) == ["new", "old"], result
+        assert all(v.supported for v in result.volumes), result
+        assert any("holds older metadata (seqno 1)" in w for w in result.warnings)
 
 
 def test_window_smaller_than_the_pv_cuts_its_extents() -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from ivdfs.inventory.changes import merge
 from ivdfs.tree.nodes import SparseSpan
-from tests.mounting import Bed, Mount, call_lines, check_standin_lines, is_warning
+from tests.mounting import Bed, Mount, call_lines, check_standin_lines, is_warning, wait_for
 from tests.t4_check import check, step
 from tests.t4_cli import cli, fails, ok
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
@@ -141,7 +141,9 @@ def make_history(
 def bed(built_testbed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     root = tmp_path_factory.mktemp("changes")
     (root / "images").mkdir()
-    with Vcsim(images_dir=root / "images") as v:
+    # 2 MiB per QueryChangedDiskAreas answer: a query of an 8 MiB disk takes four, as a large
+    # disk takes many of vCenter's, and the areas of every one of them must be kept.
+    with Vcsim(images_dir=root / "images", cbt_max_span=2 << 20) as v:
         yield Bed(v, root)
 
 
@@ -381,3 +383,24 @@ def test_an_answer_is_kept_for_the_life_of_the_mount(built_testbed: None, tmp_pa
                 assert (d / f"{older}.raw").read_bytes() == view
             assert m.unmount() == 0
         check_standin_lines(own.log_lines())
+
+
+def test_a_deleted_older_snapshot_leaves_changes(built_testbed: None, tmp_path: Path) -> None:
+    """Once the IVD directory shows that an older snapshot was deleted, the newer snapshots'
+    changes/ no longer offer a comparison with it."""
+    (tmp_path / "images").mkdir()
+    with Vcsim(images_dir=tmp_path / "images") as v:
+        own = Bed(v, tmp_path)
+        rng = random.Random(9)
+        h = make_history(v, own.images, "pruned", [rng.randbytes(MiB) for _ in range(3)])
+        a, b, c = h.snaps
+        with Mount(own, tmp_path / "mnt", "--refresh", "0.2") as m:
+            d = changes_dir(m.mountpoint, h, c)
+            pair = [f"{b}.json", f"{b}.raw"]
+            assert sorted(os.listdir(d)) == sorted([f"{a}.json", f"{a}.raw", *pair])
+            v.delete_snapshot(h.ivd, a)
+            ivd_dir = m.mountpoint / h.ivd.datastore_name / h.ivd.id
+            wait_for(lambda: a not in os.listdir(ivd_dir), what="the deleted snapshot to go")
+            # changes/ is listed again by its own --refresh, after its IVD directory.
+            wait_for(lambda: sorted(os.listdir(d)) == pair, what="its comparison to go")
+            assert m.unmount() == 0

@@ -304,6 +304,20 @@ def test_hash_command_output_checks_inside_the_mount(
         assert m.unmount() == 0
 
 
+def test_hash_command_reads_the_tail_past_the_last_whole_chunk(bed: Bed, tmp_path: Path) -> None:
+    """A disk that is not a whole number of allocation chunks (4 MiB and 64 KiB): VDDK cannot
+    be asked whether its tail is allocated, so the tail is read, never taken for a hole."""
+    ivd = bed.vcsim.create_ivd("evidence-tail", 5, "LocalDS_0")
+    snap = bed.vcsim.create_snapshot(ivd, "tail")
+    image = tmp_path / "tail.raw"
+    data = random.Random(184).randbytes(4 * MiB + 64 * 1024)
+    image.write_bytes(data)
+    place_image(bed.images, ivd, snap, image)
+    r = hash_cmd(bed, ivd.id, snap, "--algorithm", "sha256")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+
+
 def test_hash_command_stopped_by_sigterm_still_ends_access(
     bed: Bed, disks: dict[str, Disk]
 ) -> None:

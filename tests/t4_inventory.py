@@ -164,3 +164,47 @@ def test_one_relogin_for_the_whole_pool(vslm_bed: Bed, caplog: pytest.LogCapture
         assert len(vs.summaries(Datastore("LocalDS_0", items[0][0].moref))) > 0
     finally:
         vs.close()
+
+
+def test_a_silent_vcenter_costs_one_login_attempt_not_one_per_thread(
+    vslm_bed: Bed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vCenter stalls (frozen): eight calls that time out together share one attempt to log
+    in again and its failure, instead of each trying its own and waiting its own deadline in
+    turn (a listing would stall for minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ivdfs.config import Secret, ServerConfig
+    from ivdfs.errors import BackendError
+    from ivdfs.inventory.model import Datastore
+    from ivdfs.inventory.vsphere import VSphere
+
+    v = vslm_bed.vcsim
+    host, port = v.server.split(":")
+    server = ServerConfig(host, int(port), v.user, Secret(v.password), Path(v.ca_file),
+                          timeout=1.0)  # fmt: skip
+    vs = VSphere(server, 8)
+    vs.connect()
+    items = [(Datastore(p.ivd.datastore_name, p.ivd.datastore_moref), p.ivd.id)
+             for p in v.populated[:8]]  # fmt: skip
+
+    def ask(item: tuple[Datastore, str]) -> str:
+        try:
+            vs.snapshots_of(*item)
+        except BackendError as e:
+            return str(e)
+        return "answered"
+
+    try:
+        v.freeze()
+        try:
+            with caplog.at_level(logging.INFO, logger="ivdfs.inventory.session"):
+                with ThreadPoolExecutor(8) as pool:
+                    answers = list(pool.map(ask, items))
+        finally:
+            v.thaw()
+        assert all("within 1 s (--vcenter-timeout)" in a for a in answers), answers
+        relogins = [r for r in caplog.records if "logging in again" in r.getMessage()]
+        assert len(relogins) == 1, [r.getMessage() for r in relogins]
+    finally:
+        vs.close()

@@ -178,6 +178,7 @@ def test_killed_while_creating_the_temporary_snapshot(
         (tmp_path / "images").mkdir()
         bed = Bed(v, tmp_path)
         ivd = v.create_ivd("slow", 2, "LocalDS_0")
+        v.create_snapshot(ivd, "the backup system's")  # not ours: recovery must leave it
         before = v.snapshots(ivd)
         hold = v.tmpdir / "faults" / "createSnapshot.hold"
         hold.touch()
@@ -261,6 +262,35 @@ def test_killed_during_teardown(bed: Bed, disk: tuple[Ivd, str], mp: Path, point
 
 
 @killed
+def test_killed_during_prepare_for_access(bed: Bed, disk: tuple[Ivd, str], mp: Path) -> None:
+    """Killed while PrepareForAccess is under way (the stand-in holds it): vCenter may have
+    disabled vMotion already, so the IVD is journaled before the call, and `ivdfs umount`
+    ends its access."""
+    ivd, snap = disk
+    before = bed.vcsim.snapshots(ivd)
+
+    def holds() -> int:  # the bed's log has the holds of earlier tests of this IVD too
+        return sum(h["func"] == "PrepareForAccess" and h["id"] == ivd.id
+                   for h in call_lines(bed.log_lines(), "Hold"))  # fmt: skip
+
+    earlier = holds()
+    hold = mp.parent / "hold"
+    hold.write_text("0")  # the first access call, the PrepareForAccess, waits
+    m = Mount(bed, mp, VDDK_STANDIN_HOLD_ACCESS=str(hold))
+    reader = subprocess.Popen(["cat", str(mp / ivd.datastore_name / ivd.id / snap / "disk.raw")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: holds() > earlier, timeout=60, what="the PrepareForAccess")
+        pid = kill(m)
+    finally:
+        reader.wait(timeout=30)  # the kernel fails its read once the daemon is gone
+    rec = journal.find(mp)
+    assert rec is not None and [p["ivd"] for p in rec.prepared] == [ivd.id]
+    assert_recovered(bed, mp, pid, ivd, before)
+    assert ivd.id in {e["id"] for e in call_lines(bed.log_lines(), "EndAccess")}
+
+
+@killed
 def test_umount_of_a_live_mount_reports_a_daemon_that_dies_in_teardown(
     bed: Bed, disk: tuple[Ivd, str], mp: Path
 ) -> None:
@@ -324,11 +354,21 @@ def test_killed_with_fuse_driven_guest_volumes(
     pid = m.proc.pid
     drivers = processes_naming(f"/run/ivdfs-{pid}-")
     assert "ntfs-3g" in drivers.values(), drivers
-    kill(m)
-    assert all(alive(p) for p in drivers)  # they outlive ivdfs: recovery must stop them
-    assert_recovered(bed, mp, pid, ivd, before)
-    assert not [p for p in drivers if alive(p)]
-    assert processes_naming(f"/run/ivdfs-{pid}-") == {}
+    # A process left inside the NTFS volume: its lazy unmount then keeps ntfs-3g serving, so
+    # only recovery's kill ends the driver.
+    (ntfs,) = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+               if ln.split()[4].startswith(f"/run/ivdfs-{pid}-")
+               and ln.split(" - ")[1].split()[0] == "fuseblk"]  # fmt: skip
+    holder = subprocess.Popen(["sleep", "600"], cwd=ntfs)
+    try:
+        kill(m)
+        assert all(alive(p) for p in drivers)  # they outlive ivdfs: recovery must stop them
+        assert_recovered(bed, mp, pid, ivd, before)
+        assert not [p for p in drivers if alive(p)]
+        assert processes_naming(f"/run/ivdfs-{pid}-") == {}
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.allow_log("could not delete snapshot", "TLS verification disabled",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount
-from tests.testbed.vsphere import Vcsim, place_image
+from tests.mounting import IVDFS, Bed, Mount
+from tests.testbed.vsphere import Vcsim, https_server, place_image
 
 MiB = 1 << 20
 
@@ -91,3 +92,38 @@ def test_vcenter_outage_and_restart(own_bed: Bed, tmp_path: Path) -> None:
     log = m.log()
     assert "listing IVDs on LocalDS_1" in log and "Traceback" not in log
     assert "unexpected error" not in log and "ExceptionGroup" not in log
+
+
+@pytest.mark.allow_log("certificate changed since mounting", "listing IVDs on")
+def test_a_renewed_certificate_is_not_logged_in_to(own_bed: Bed, tmp_path: Path) -> None:
+    """vCenter comes back with another certificate that the CA still vouches for: ivdfs does
+    not log in again (VDDK goes on pinning the thumbprint seen at mount time); what needs
+    vCenter fails with EIO, and the log says why."""
+    v = own_bed.vcsim
+    with Mount(own_bed, tmp_path / "mnt") as m:
+        assert os.listdir(m.mountpoint / "LocalDS_0") == []  # logged in, answered
+        before = v.thumbprint
+        v.kill_server()
+        v.renew_certificate()
+        v.restart_server()
+        assert v.thumbprint != before
+        with pytest.raises(OSError) as e:
+            os.listdir(m.mountpoint / "LocalDS_1")
+        assert e.value.errno == errno.EIO
+        assert m.unmount() == 0
+    assert "the server certificate changed since mounting" in m.log()
+
+
+def test_a_server_that_never_answers_fails_after_the_timeout(tmp_path: Path) -> None:
+    """A server that completes the TLS handshake and then says nothing (a vCenter stalled
+    after accepting): ivdfs gives up after --vcenter-timeout with one line, never hangs, at
+    the version discovery before any login as at every later call."""
+    with https_server(tmp_path, silent=True) as (port, ca):
+        r = subprocess.run(
+            [*IVDFS, "ls", "--server", f"127.0.0.1:{port}", "--user", "u", "--ca-file", str(ca),
+             "--vcenter-timeout", "1"],
+            env={**os.environ, "IVDFS_PASSWORD": "pw"}, capture_output=True, text=True,
+            timeout=30, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "within 1 s" in r.stderr, r.stderr

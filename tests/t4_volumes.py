@@ -91,7 +91,7 @@ def clones(bed: Bed) -> Iterator[dict[str, Clone]]:
 
 
 def test_clones_mount_side_by_side(bed: Bed, clones: dict[str, Clone], mountpoint: Path) -> None:
-    vgs_before = host_vgs()
+    vgs_before = host_vgs(mountpoint, bed.images)
     m = Mount(bed, mountpoint, "--volumes", "kernel")
     run_dirs: set[Path] = set()
     targets: dict[str, Path] = {}  # snapshot id -> where its volume 0 is mounted
@@ -135,7 +135,7 @@ def test_clones_mount_side_by_side(bed: Bed, clones: dict[str, Clone], mountpoin
     assert loop_devices_of(mountpoint, bed.images) == []
     assert mounts_under(*run_dirs) == []
     assert not [d for d in run_dirs if d.exists()]
-    assert host_vgs() == vgs_before
+    assert host_vgs(mountpoint, bed.images) == vgs_before
     for c in clones.values():
         for snap in c.snapshots:
             assert sha256_file(bed.images / c.ivd.id / f"{snap}.raw") == c.sha256

@@ -98,7 +98,7 @@ def expected_raw(m: imgs.DiskManifest) -> set[str]:
 def test_lv_windows_read_exactly_what_lvm_placed(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path
 ) -> None:
-    vgs_before = host_vgs()
+    vgs_before = host_vgs(mountpoint, bed.images)
     with Mount(bed, mountpoint) as m:
         for d in disks.values():
             for snap in d.snapshots:
@@ -132,7 +132,7 @@ def test_lv_windows_read_exactly_what_lvm_placed(
         assert sorted(next(i for i in damaged if i in ln) for ln in lvm_lines) == sorted(damaged)
         assert m.unexpected_log_records(allowed=("LVM",)) == []
     assert loop_devices_of(mountpoint, bed.images) == []
-    assert host_vgs() == vgs_before
+    assert host_vgs(mountpoint, bed.images) == vgs_before
 
 
 def _lv_read(fd: int, lv: imgs.LvManifest, offset: int, length: int) -> bytes:
@@ -154,7 +154,7 @@ def _lv_read(fd: int, lv: imgs.LvManifest, offset: int, length: int) -> bytes:
 def test_lv_filesystems_mount_with_reasons_for_the_rest(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
 ) -> None:
-    vgs_before = host_vgs()
+    vgs_before = host_vgs(mountpoint, bed.images)
     m = Mount(bed, mountpoint, "--volumes", "kernel")
     run_dirs: set[Path] = set()
     try:
@@ -208,7 +208,7 @@ def test_lv_filesystems_mount_with_reasons_for_the_rest(
     assert not mounted_at(mountpoint)
     assert loop_devices_of(mountpoint, bed.images) == []
     assert mounts_under(*run_dirs) == [] and not [p for p in run_dirs if p.exists()]
-    assert host_vgs() == vgs_before
+    assert host_vgs(mountpoint, bed.images) == vgs_before
     for d in disks.values():
         for snap in d.snapshots:
             assert sha256_file(bed.images / d.ivd.id / f"{snap}.raw") == d.sha256

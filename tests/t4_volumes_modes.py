@@ -205,7 +205,7 @@ def assert_nothing_left(bed: Bed, m: Matrix, mp: Path, pid: int, run_dirs: list[
 @pytest.mark.parametrize("mode", ["kernel", "fuse"])
 @pytest.mark.allow_log("not mounted", "partition table")
 def test_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path, mode: str) -> None:
-    vgs = host_vgs()
+    vgs = host_vgs(mountpoint, bed.images)
     m = Mount(bed, mountpoint, "--volumes", mode)
     try:
         run_dirs = run_dirs_of(m.proc.pid)
@@ -216,12 +216,22 @@ def test_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path, mode
             # Userspace drivers on our own window files: no loop device, no kernel filesystem.
             assert loop_devices_of(mountpoint) == []
             assert all(fstype.startswith("fuse") for _, fstype, _ in ours), ours
+        else:
+            # Each loop device ends where its volume does, not at the end of the disk: a
+            # filesystem cannot read its neighbours' bytes.
+            limits = {
+                d.name: int((d / "loop" / "sizelimit").read_text())
+                for d in Path("/sys/block").glob("loop*")
+                if (d / "loop" / "backing_file").exists()
+                and (d / "loop" / "backing_file").read_text().startswith(f"{mountpoint}/")
+            }
+            assert limits and all(limits.values()), limits
         assert m.unmount("ivdfs") == 0, m.log()
     finally:
         if m.proc.poll() is None:
             m.unmount("SIGTERM")
     assert_nothing_left(bed, matrix, mountpoint, m.proc.pid, run_dirs)
-    assert host_vgs() == vgs
+    assert host_vgs(mountpoint, bed.images) == vgs
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +241,7 @@ def test_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path, mode
 @pytest.mark.guestfs
 @pytest.mark.allow_log("partition table", "the appliance ended by itself", r"appliance: qemu \(pid")
 def test_guestfs_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Path) -> None:
-    vgs = host_vgs()
+    vgs = host_vgs(mountpoint, bed.images)
     # Reading every volume of two snapshots through TCG appliances takes minutes on a loaded
     # machine: no idle stop meanwhile (the lifetime test covers it).
     m = Mount(bed, mountpoint, "--volumes", "guestfs", "--idle-timeout", "900")
@@ -287,7 +297,7 @@ def test_guestfs_matrix(bed: Bed, matrix: Matrix, mountpoint: Path, tmp_path: Pa
     assert log.count("appliance stopped (it had ended)") == 1
     assert_nothing_left(bed, matrix, mountpoint, m.proc.pid, run_dirs)
     assert not [p for p in pids if alive(p)], "an appliance's helper or qemu is still running"
-    assert host_vgs() == vgs
+    assert host_vgs(mountpoint, bed.images) == vgs
 
 
 @dataclass(frozen=True)

@@ -141,12 +141,15 @@ class ConnectionBudget:
                     unheld.append(s)
             elif s.draining:
                 draining = s
-            elif not s.active and now - s.last_used >= lim.in_use_gap:
+            # Each test is the very sum `due` takes: `now - t >= gap` can be false where
+            # `t + gap <= now` is true (rounding), and the waiter would then spin on a due
+            # that has passed with nothing to close.
+            elif not s.active and s.last_used + lim.in_use_gap <= now:
                 unused.append(s)
             else:
                 if not s.active:
                     due = min(due, s.last_used + lim.in_use_gap)
-                if now - s.opened_at >= lim.min_open:
+                if s.opened_at + lim.min_open <= now:
                     in_use.append(s)
                 else:
                     due = min(due, s.opened_at + lim.min_open)

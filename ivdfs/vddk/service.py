@@ -453,6 +453,7 @@ class DiskService:
             **self.stats.__dict__,
             "open_disks": len(open_slots),
             "held_disks": sum(1 for s in open_slots if s.users),
+            "reads_in_flight": sum(s.active for s in open_slots),
             "connections": self.budget.connections,
             "volume_connections": self.budget.pinned,
             "max_connections": self.limits.max_connections,

@@ -734,7 +734,8 @@ MATRIX_DAMAGED = 7
 
 
 def matrix_disk(path: Path) -> DiskManifest:
-    """GPT with one partition per filesystem of the volume matrix (see MATRIX): ext4, XFS,
+    """GPT with one partition per filesystem of the volume matrix (see MATRIX): ext4 (with a
+    transaction in its journal not yet written home, as in a snapshot of a running VM), XFS,
     btrfs, NTFS (top-level files only), FAT32, an LVM PV holding VG ``mxvg`` with LV ``data``
     (ext4, files of payload 16), and an ext4 with a damaged superblock: its block count is set
     far past its partition with ``debugfs`` (which keeps the checksum valid, so blkid still
@@ -771,6 +772,24 @@ def matrix_disk(path: Path) -> DiskManifest:
         _run("debugfs", "-w", "-R", "ssv blocks_count 999999999", image)
         with open(image, "rb") as src, open(path, "r+b") as dst:
             _copy_span(src.fileno(), dst.fileno(), 0, 2 * MiB, bad[0])
+        # Partition 1 as a snapshot of a running VM leaves it: a committed transaction in its
+        # journal, not yet written home, rewrites the first block of one of its files. A
+        # read-only mount serves the snapshot's own bytes and must not replay it (ext4 noload,
+        # fuse2fs norecovery; a replay would need a writable device, or change what is served).
+        live = layout[1]
+        image = scratch / "live.img"
+        with open(path, "rb") as src, open(image, "wb") as dst:
+            _copy_span(src.fileno(), dst.fileno(), live[0], live[1], 0)
+        os.truncate(image, live[1])
+        assert parts[0].number == 1
+        victim = sorted(parts[0].files)[0]
+        block = _run("debugfs", "-R", f"bmap /{victim} 0", image).split()[0]
+        size = int(_run("debugfs", "-R", "stats", image).split("Block size:")[1].split()[0])
+        (scratch / "pending.blk").write_bytes(b"\xa5" * size)
+        (scratch / "journal.cmds").write_text(f"jo\njw -b {block} {scratch / 'pending.blk'}\njc\n")
+        _run("debugfs", "-w", "-f", scratch / "journal.cmds", image)
+        with open(image, "rb") as src, open(path, "r+b") as dst:
+            _copy_span(src.fileno(), dst.fileno(), 0, live[1], live[0])
     return DiskManifest(path, size, "gpt", tuple(parts), pvs=((start, length),), lvs=lvs,
                         damage=f"partition {MATRIX_DAMAGED}: superblock block count")  # fmt: skip
 

@@ -293,13 +293,19 @@ def make_certificates(directory: Path, *, self_signed: bool = False) -> tuple[Pa
             cwd=directory,
         )
     else:
-        _openssl(f"{server} -new -out server.csr", cwd=directory)
-        _openssl(
-            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7"
-            " -extfile server.ext -out server.pem",
-            cwd=directory,
-        )
+        _signed_server_certificate(directory)
     return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+def _signed_server_certificate(directory: Path) -> None:
+    """A new server.key and server.pem, signed by the CA in `directory`."""
+    _openssl(f"req {_KEY} -keyout server.key -subj /CN=127.0.0.1 -new -out server.csr",
+             cwd=directory)  # fmt: skip
+    _openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 7"
+        " -extfile server.ext -out server.pem",
+        cwd=directory,
+    )
 
 
 def _spec_json(p: IvdSpec) -> dict[str, Any]:
@@ -513,6 +519,12 @@ class Vcsim:
         """Start again on the same port and certificate, with an empty inventory (like a
         vCenter whose sessions are gone): `populate` is not applied again."""
         self._launch(f"{self.host}:{self.port}")
+
+    def renew_certificate(self) -> None:
+        """A new server key and certificate from the same CA (a vCenter whose certificate was
+        renewed: still trusted, another thumbprint); served from the next `restart_server`."""
+        assert not self.self_signed
+        _signed_server_certificate(self.tmpdir)
 
     @contextlib.contextmanager
     def failing(self, operation: str) -> Iterator[None]:
@@ -867,11 +879,20 @@ class Vcsim:
 
 
 @contextlib.contextmanager
-def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
+def https_server(directory: Path, *, silent: bool = False) -> Iterator[tuple[int, Path]]:
     """An HTTPS server that is not vSphere (every request: 404) on 127.0.0.1, whose
-    certificate only its own CA file verifies (like vcsim's): yields (port, CA file)."""
+    certificate only its own CA file verifies (like vcsim's): yields (port, CA file).
+    `silent`: it completes each TLS handshake and then never answers (a stalled server)."""
     ca, cert, key = make_certificates(directory)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    stopped = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def handle(self) -> None:
+            stopped.wait(600)
+
+    handler = Silent if silent else http.server.BaseHTTPRequestHandler
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
@@ -879,6 +900,7 @@ def https_server(directory: Path) -> Iterator[tuple[int, Path]]:
     try:
         yield server.server_address[1], ca
     finally:
+        stopped.set()
         server.shutdown()
 
 
