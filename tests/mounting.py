@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tests.testbed.images import DataManifest
-from tests.testbed.vsphere import TESTBED, Ivd, Vcsim
+from tests.testbed.vsphere import TESTBED, Ivd, Vcsim, place_image
 
 REPO = TESTBED.parent.parent
 VDDK_LIBDIR = TESTBED / "build" / "vddk"
@@ -442,3 +442,22 @@ class DataDisk:
 
     def path(self, mountpoint: Path) -> Path:
         return mountpoint / self.ivd.datastore_name / self.ivd.id / self.snapshot / "disk.raw"
+
+
+def placed_disks(bed: Bed, *where: tuple[str, str]) -> dict[str, tuple[Ivd, str, Path]]:
+    """One 8 MiB IVD of pseudo-random bytes per (name, datastore), with a snapshot placed on the
+    bed: name -> (IVD, snapshot id, source image)."""
+    out = {}
+    for name, ds in where:
+        ivd = bed.vcsim.create_ivd(name, 8, ds)
+        snap = bed.vcsim.create_snapshot(ivd, name)
+        src = bed.root / f"{name}.raw"
+        src.write_bytes(hashlib.shake_128(name.encode()).digest(8 << 20))
+        place_image(bed.images, ivd, snap, src)
+        out[name] = (ivd, snap, src)
+    return out
+
+
+def raw_path(ivd: Ivd, snap: str) -> Path:
+    """A snapshot's disk.raw, relative to the mountpoint."""
+    return Path(ivd.datastore_name) / ivd.id / snap / "disk.raw"

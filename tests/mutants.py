@@ -82,7 +82,7 @@ LIFETIME = (
     TURNS,
     "tests/t4_connections.py",
     "tests/t4_lifetime.py",
-    "tests/t4_signals.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
+    "tests/t4_open_failures.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
 )
 RECOVERY = ("tests/t1_journal.py", "tests/t4_recover.py", "tests/t4_vixmntapi.py")
 GUESTFS_RECOVERY = ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",)
