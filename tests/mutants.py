@@ -82,7 +82,7 @@ LIFETIME = (
     TURNS,
     "tests/t4_connections.py",
     "tests/t4_lifetime.py",
-    "tests/t4_signals.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
+    "tests/t4_open_failures.py::test_an_open_storm_on_an_unopenable_disk_is_bounded",
 )
 RECOVERY = ("tests/t1_journal.py", "tests/t4_recover.py", "tests/t4_vixmntapi.py")
 GUESTFS_RECOVERY = ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",)
@@ -196,37 +196,37 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- partitions --------------------------------------------------------------------------
     Mutant(
-        "ebr-link-relative-to-ebr", "partitions", "ivdfs/io/partitions.py",
+        "ebr-link-relative-to-ebr", "partitions", "ivdfs/formats/partitions.py",
         "ebr_lba = base + link.start_lba",
         "ebr_lba = ebr_lba + link.start_lba",
         PARTS, "logical partitions after the second are lost or misplaced",
     ),
     Mutant(
-        "ebr-data-relative-to-container", "partitions", "ivdfs/io/partitions.py",
+        "ebr-data-relative-to-container", "partitions", "ivdfs/formats/partitions.py",
         "start, length = (ebr_lba + e.start_lba) * ss, e.sectors * ss",
         "start, length = (base + e.start_lba) * ss, e.sectors * ss",
         PARTS, "logical partitions after the first point at the wrong bytes",
     ),
     Mutant(
-        "gpt-numbers-skip-empty-entries", "partitions", "ivdfs/io/partitions.py",
+        "gpt-numbers-skip-empty-entries", "partitions", "ivdfs/formats/partitions.py",
         "number = index + 1\n",
         "number = len(parts) + 1\n",
         PARTS, "partN.raw is not /dev/sdaN on a GPT with an empty slot",
     ),
     Mutant(
-        "gpt-sectors-always-512", "partitions", "ivdfs/io/partitions.py",
+        "gpt-sectors-always-512", "partitions", "ivdfs/formats/partitions.py",
         "start, length = first * ss, (last - first + 1) * ss",
         "start, length = first * 512, (last - first + 1) * 512",
         PARTS, "a 4Kn GPT disk's partitions point at an eighth of their offsets",
     ),
     Mutant(
-        "mbr-sectors-always-512", "partitions", "ivdfs/io/partitions.py",
+        "mbr-sectors-always-512", "partitions", "ivdfs/formats/partitions.py",
         "start, length = e.start_lba * ss, e.sectors * ss",
         "start, length = e.start_lba * 512, e.sectors * 512",
         PARTS, "a 4Kn MBR disk's primary partitions point at the wrong bytes",
     ),
     Mutant(
-        "lba-extended-type-unknown", "partitions", "ivdfs/io/partitions.py",
+        "lba-extended-type-unknown", "partitions", "ivdfs/formats/partitions.py",
         "_MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})",
         "_MBR_EXTENDED_TYPES = frozenset({0x05, 0x85})",
         PARTS, "logical partitions in a 0x0F (LBA) extended partition are not listed",
@@ -244,9 +244,9 @@ MUTANTS: tuple[Mutant, ...] = (
         ACCESS, "issue 16 #2: vMotion stays disabled after a Prepare that failed",
     ),
     Mutant(
-        "failed-prepare-forgets-access", "vddk", "ivdfs/vddk/service.py",
+        "failed-prepare-forgets-access", "vddk", "ivdfs/vddk/ledger.py",
         'log.warning("%s (reading anyway)", e)',
-        "del self._access[target.ivd_id]\n                raise",
+        "del self._states[target.ivd_id]\n                raise",
         ACCESS, "a failed Prepare fails the open and drops the IVD without EndAccess",
     ),
     Mutant(
@@ -257,9 +257,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "unmount-close-on-main-thread", "vddk", "ivdfs/vddk/service.py",
-        "self._control.run_blocking(lambda: self._close_blocking(disk, True))\n"
-        "        self._connections -= len(disk.handles)",
-        "self._close_blocking(disk, True)\n        self._connections -= len(disk.handles)",
+        "self._control.run_blocking(lambda: self._close_blocking(disk, True))",
+        "self._close_blocking(disk, True)",
         MOUNT, "VixDiskLib_Close at unmount on the main thread, not the Open thread",
     ),
     Mutant(
@@ -275,9 +274,9 @@ MUTANTS: tuple[Mutant, ...] = (
         MOUNT, "the connection asks for write access",
     ),
     Mutant(
-        "query-ignores-chunk-cap", "vddk", "ivdfs/io/holes.py",
-        "n = min(end - pos, MAX_CHUNKS_PER_QUERY * chunk)",
-        "n = end - pos",
+        "query-ignores-chunk-cap", "vddk", "ivdfs/vddk/allocation.py",
+        "n = min(stop - pos, MAX_CHUNKS_PER_QUERY * chunk)",
+        "n = stop - pos",
         HOLES, "a query over more than 512 Ki chunks, which VDDK refuses",
     ),
     Mutant(
@@ -287,9 +286,9 @@ MUTANTS: tuple[Mutant, ...] = (
         HOLES, "issue 16 #3: allocated blocks beyond the first region read as zeros",
     ),
     Mutant(
-        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/io/holes.py",
-        "allocated = {i for i in range(first, last) if (i + 1) * bs > end}",
-        "allocated: set[int] = set()",
+        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/vddk/allocation.py",
+        "runs = [(tail, end - tail)] if end > tail else []",
+        "runs: list[tuple[int, int]] = []",
         HOLES, "the tail of a disk past its last whole chunk reads as zeros",
     ),
     Mutant(
@@ -317,13 +316,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ERRORS, "a read failing with a permanent code reconnects (logs in) again and again",
     ),
     Mutant(
-        "connection-cap-off-by-one", "vddk", "ivdfs/vddk/service.py",
-        "if self._connections + n <= self.limits.max_connections:",
-        "if self._connections <= self.limits.max_connections:",
+        "connection-cap-off-by-one", "vddk", "ivdfs/vddk/budget.py",
+        "if self.connections + n <= self.limits.max_connections:",
+        "if self.connections <= self.limits.max_connections:",
         SERVICE, "one NFC connection more than --max-connections",
     ),
     Mutant(
-        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/service.py",
+        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/budget.py",
         "if s.opened_at + lim.min_open <= now:",
         "if True:",
         (TURNS, *SERVICE), "issue 28: under the cap a busy disk gives up its connection at "
@@ -331,7 +330,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "access-ends-with-its-connection", "vddk", "ivdfs/vddk/service.py",
-        "end = self.limits.legacy or self._access_until(ivd_id, self._clock()) <= self._clock()",
+        "end = self.limits.legacy or self._access_until(ivd_id) <= self._clock()",
         "end = True",
         (TURNS, *SERVICE), "issue 28: a PrepareForAccess/EndAccess pair (vCenter tasks on "
         "every attached VM) for each connection the cap takes away",
@@ -402,16 +401,16 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- lifetime and the connection cap (issue 25 #1) ---------------------------------------
     Mutant(
-        "probe-lingers-the-idle-timeout", "lifetime", "ivdfs/vddk/service.py",
-        "linger = idle if slot.held else min(PROBE_LINGER, idle)",
-        "linger = idle",
+        "probe-lingers-the-idle-timeout", "lifetime", "ivdfs/vddk/slots.py",
+        "return idle_timeout if self.held else min(PROBE_LINGER, idle_timeout)",
+        "return idle_timeout",
         LIFETIME, "a disk opened only to list its partitions keeps its NFC session (and login) "
         "for the whole --idle-timeout: a listing of many snapshots holds the cap for a minute",
     ),
     Mutant(
-        "probe-keeps-access-the-idle-timeout", "lifetime", "ivdfs/vddk/service.py",
-        "until = max(until, s.last_used + (idle if s.ever_held else min(PROBE_LINGER, idle)))",
-        "until = max(until, s.last_used + idle)",
+        "probe-keeps-access-the-idle-timeout", "lifetime", "ivdfs/vddk/slots.py",
+        "return idle_timeout if self.ever_held else min(PROBE_LINGER, idle_timeout)",
+        "return idle_timeout",
         LIFETIME, "after a listing every IVD stays prepared (vMotion blocked on its VMs) for "
         "--idle-timeout instead of seconds",
     ),
@@ -431,8 +430,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "idle-close-of-a-held-disk", "lifetime", "ivdfs/vddk/service.py",
-        "                elif slot.users:\n                    continue\n",
-        "",
+        "if not slot.closable or slot.in_use:\n",
+        "if not slot.closable:\n",
         LIFETIME, "a disk with a file open on it is closed after --idle-timeout without reads, "
         "and reopened (a login, a PrepareForAccess) at the next read",
     ),
@@ -444,97 +443,98 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "opened-ivd-not-reaped", "lifetime", "ivdfs/vddk/service.py",
-        "            self._prepared.add(slot.target.ivd_id)\n",
-        "",
+        "                self.ledger.prepared.add(target.ivd_id)\n",
+        "                pass\n",
         LIFETIME, "an IVD whose disk was closed by the cap stays prepared (vMotion off) until "
         "the unmount",
     ),
     Mutant(
-        "access-ignores-holders", "lifetime", "ivdfs/vddk/service.py",
-        "if s.disk is not None or s.opening is not None or s.users:",
-        "if s.disk is not None or s.opening is not None:",
+        "access-ignores-holders", "lifetime", "ivdfs/vddk/slots.py",
+        "return self.disk is not None or self.opening is not None or bool(self.users)",
+        "return self.disk is not None or self.opening is not None",
         LIFETIME, "an IVD with a file open whose disk gave up its connection to the cap gets "
         "EndAccess, and PrepareForAccess again at its next turn: tasks on every VM per turn",
     ),
     Mutant(
-        "access-ends-with-the-first-snapshot", "lifetime", "ivdfs/vddk/service.py",
+        "access-ends-with-the-first-snapshot", "lifetime", "ivdfs/vddk/ledger.py",
         "until = max(until, s.last_used",
         "until = min(until, s.last_used",
         LIFETIME, "an IVD is ended as soon as any of its snapshots idles out, though another "
         "snapshot of it is in use: EndAccess and PrepareForAccess again and again",
     ),
     Mutant(
-        "eviction-takes-the-most-recent", "lifetime", "ivdfs/vddk/service.py",
+        "eviction-takes-the-most-recent", "lifetime", "ivdfs/vddk/budget.py",
         "return min(group, key=lambda s: s.last_used), due",
         "return max(group, key=lambda s: s.last_used), due",
         LIFETIME, "under the cap the disk used last is closed for another, not the least "
         "recently used one: the working set is what gets evicted",
     ),
     Mutant(
-        "eviction-prefers-held-disks", "lifetime", "ivdfs/vddk/service.py",
+        "eviction-prefers-held-disks", "lifetime", "ivdfs/vddk/budget.py",
         "for group in (unheld, unused):",
         "for group in (unused, unheld):",
         LIFETIME, "a disk with a file open is closed for another while a disk nobody holds "
         "stays open",
     ),
     Mutant(
-        "gap-between-reads-counts-as-unused", "lifetime", "ivdfs/vddk/service.py",
+        "gap-between-reads-counts-as-unused", "lifetime", "ivdfs/vddk/budget.py",
         "elif not s.active and s.last_used + lim.in_use_gap <= now:",
         "elif not s.active:",
         LIFETIME, "a disk being read sequentially is closed between two of its reads for a "
         "waiting disk: an open (a login) every few reads",
     ),
     Mutant(
-        "turn-goes-to-the-newest", "lifetime", "ivdfs/vddk/service.py",
+        "turn-goes-to-the-newest", "lifetime", "ivdfs/vddk/budget.py",
         "return min(in_use, key=lambda s: s.opened_at), due",
         "return max(in_use, key=lambda s: s.opened_at), due",
         LIFETIME, "under contention the disk that just got a connection loses it again while "
         "the one open longest keeps it forever: busy disks starve",
     ),
     Mutant(
-        "victim-not-drained", "lifetime", "ivdfs/vddk/service.py",
+        "victim-not-drained", "lifetime", "ivdfs/vddk/budget.py",
         "victim.draining = True  # its reads in flight end, then it closes\n",
         "pass  # its reads in flight end, then it closes\n",
         LIFETIME, "a busy disk chosen to make room keeps admitting reads, so it never drains and "
         "the disk waiting for its connection waits as long as anyone reads it",
     ),
     Mutant(
-        "queue-jumping", "lifetime", "ivdfs/vddk/service.py",
+        "queue-jumping", "lifetime", "ivdfs/vddk/budget.py",
         "if self._queue[0] is ticket:",
         "if ticket in self._queue:",
         LIFETIME, "disks waiting for a connection are served in random order, not first come "
         "first served: one may wait indefinitely",
     ),
     Mutant(
-        "failure-retry-does-not-grow", "lifetime", "ivdfs/vddk/service.py",
+        "failure-retry-does-not-grow", "lifetime", "ivdfs/vddk/failures.py",
         "delay = first if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)",
         "delay = first",
         LIFETIME, "a disk that cannot be opened is tried again every 0.1 s for as long as "
         "anyone asks: a storm of vCenter logins",
     ),
     Mutant(
-        "refused-login-retried-soon", "lifetime", "ivdfs/vddk/service.py",
-        "            if code in ACCOUNT_CODES:\n                delay = OPEN_RETRY_MAX\n",
+        "refused-login-retried-soon", "lifetime", "ivdfs/vddk/failures.py",
+        "        if code in ACCOUNT_CODES:\n            delay = OPEN_RETRY_MAX\n",
         "",
         LIFETIME, "a refused login is tried again after a second, then two...: failed logins "
         "that lock the service account",
     ),
     Mutant(
-        "refused-login-per-disk", "lifetime", "ivdfs/vddk/service.py",
-        "                self._account_failure = slot.failure\n",
-        "                pass\n",
+        "refused-login-per-disk", "lifetime", "ivdfs/vddk/failures.py",
+        "            self._account = slot.failure\n",
+        "            pass\n",
         LIFETIME, "after a refused login every other disk tries its own login with the same "
         "bad password: an account lockout",
     ),
     Mutant(
-        "failed-block-not-remembered", "lifetime", "ivdfs/vddk/service.py",
-        "                    slot.failed_blocks[start_sector] = (until, str(error))\n",
-        "",
+        "failed-block-not-remembered", "lifetime", "ivdfs/vddk/failures.py",
+        "        slot.failed_blocks[start_sector] = "
+        "(self._clock() + REMEMBER_FAILED_BLOCK, str(error))\n",
+        "        pass\n",
         LIFETIME, "a block that failed every attempt is tried again (four attempts, reopens) by "
         "each reader that asks: a scan over a bad region hammers the host",
     ),
     Mutant(
-        "failed-block-expiry-inverted", "lifetime", "ivdfs/vddk/service.py",
+        "failed-block-expiry-inverted", "lifetime", "ivdfs/vddk/failures.py",
         "if self._clock() < failed[0]:",
         "if self._clock() > failed[0]:",
         LIFETIME, "a failed block is read again at once, and once its memory has lapsed it "
@@ -542,7 +542,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- recovery and the holdings journal (issue 25 #1) --------------------------------------
     Mutant(
-        "prepared-not-journaled", "recovery", "ivdfs/vddk/service.py",
+        "prepared-not-journaled", "recovery", "ivdfs/vddk/ledger.py",
         "                self._holdings.prepared(target.ivd_id, target.datastore_moref)\n"
         "            self.stats.prepares += 1\n",
         "                pass\n            self.stats.prepares += 1\n",
@@ -550,7 +550,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "blocked on the IVD's VMs and `ivdfs umount` does not end it",
     ),
     Mutant(
-        "failed-prepare-not-journaled", "recovery", "ivdfs/vddk/service.py",
+        "failed-prepare-not-journaled", "recovery", "ivdfs/vddk/ledger.py",
         "                self._holdings.prepared(target.ivd_id, target.datastore_moref)\n"
         "            self.stats.prepares += 1\n            try:\n"
         "                access.prepare()\n",
@@ -561,7 +561,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "of the killed mount skips the EndAccess VMware requires after every Prepare",
     ),
     Mutant(
-        "ended-journaled-before-endaccess", "recovery", "ivdfs/vddk/service.py",
+        "ended-journaled-before-endaccess", "recovery", "ivdfs/vddk/ledger.py",
         "        self.stats.end_accesses += 1\n        try:\n            state.access.end()\n",
         "        self.stats.end_accesses += 1\n        if self._holdings is not None:\n"
         "            self._holdings.ended(target.ivd_id)\n        try:\n"
@@ -605,7 +605,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "recovery-keeps-journal-despite-failures", "recovery", "ivdfs/commands/recover.py",
-        "    if report.failed:\n        return report.code\n",
+        "    if report.failures:\n        return report.code\n",
         "",
         RECOVERY, "a recovery that could not undo everything removes the journal anyway: what "
         "is left (a snapshot, a prepared IVD) is never undone",
@@ -721,51 +721,51 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- LVM (issue 25 #1) ---------------------------------------------------------------------
     Mutant(
-        "stripes-row-and-column-swapped", "lvm", "ivdfs/io/lvm.py",
+        "stripes-row-and-column-swapped", "lvm", "ivdfs/formats/lvm_map.py",
         "row, stripe = divmod(chunk, n)",
         "stripe, row = divmod(chunk, n)",
         LVM, "a striped LV's chunks are read from the wrong PV and place: its filesystem is "
         "garbage",
     ),
     Mutant(
-        "pe-start-in-sectors", "lvm", "ivdfs/io/lvm.py",
-        "slots[key] = _PvSlot(uuid, pe_start * SECTOR, pe_count,",
+        "pe-start-in-sectors", "lvm", "ivdfs/formats/lvm_map.py",
+        "slots[key] = _PvSlot(uuid, pe_start * SECTOR_SIZE, pe_count,",
         "slots[key] = _PvSlot(uuid, pe_start, pe_count,",
         LVM, "every LV starts at pe_start bytes, not sectors, into its PV: wrong bytes",
     ),
     Mutant(
-        "stripe-size-in-sectors", "lvm", "ivdfs/io/lvm.py",
-        "        chunk = chunk_sectors * SECTOR\n",
+        "stripe-size-in-sectors", "lvm", "ivdfs/formats/lvm_map.py",
+        "        chunk = chunk_sectors * SECTOR_SIZE\n",
         "        chunk = chunk_sectors\n",
         LVM, "a striped LV's chunk size taken as bytes: its bytes are interleaved wrongly",
     ),
     Mutant(
-        "wrapped-metadata-read-from-the-header", "lvm", "ivdfs/io/lvm.py",
+        "wrapped-metadata-read-from-the-header", "lvm", "ivdfs/formats/lvm_disk.py",
         "parts.append(win.read(start + _MDA_HEADER_SIZE, length - first))",
         "parts.append(win.read(start, length - first))",
         LVM, "metadata that wraps around its area fails its CRC: the VG's LVs are not listed",
     ),
     Mutant(
-        "oldest-metadata-wins", "lvm", "ivdfs/io/lvm.py",
+        "oldest-metadata-wins", "lvm", "ivdfs/formats/lvm_map.py",
         "if c.vg_id not in best or c.seqno > best[c.vg_id].seqno:",
         "if c.vg_id not in best or c.seqno < best[c.vg_id].seqno:",
         LVM, "with two metadata copies, the older one describes the LVs: a resized or new LV "
         "reads wrong or is missing",
     ),
     Mutant(
-        "hidden-lvs-listed", "lvm", "ivdfs/io/lvm.py",
+        "hidden-lvs-listed", "lvm", "ivdfs/formats/lvm_map.py",
         'if not isinstance(status, list) or "VISIBLE" not in status:',
         "if not isinstance(status, list):",
         LVM, "the internal parts of raid, thin or mirror LVs appear as lv-*.raw files",
     ),
     Mutant(
-        "lv-may-reach-past-its-pv", "lvm", "ivdfs/io/lvm.py",
+        "lv-may-reach-past-its-pv", "lvm", "ivdfs/formats/lvm_map.py",
         "if offset + per_stripe > slot.window.length:",
         "if offset > slot.window.length:",
         LVM, "an LV whose metadata reaches past its PV's partition reads the next partition",
     ),
     Mutant(
-        "dm-names-collide", "lvm", "ivdfs/io/lvm.py",
+        "dm-names-collide", "lvm", "ivdfs/formats/lvm_map.py",
         "return f\"{self.vg.replace('-', '--')}-{self.name.replace('-', '--')}\"",
         "return f\"{self.vg}-{self.name}\"",
         LVM, "VG a-b LV c and VG a LV b-c get the same lv-*.raw name",
@@ -837,19 +837,19 @@ MUTANTS: tuple[Mutant, ...] = (
         FORENSICS, "queued pieces are hashed newest first: a wrong evidence hash",
     ),
     Mutant(
-        "audit-chain-not-advanced", "forensics", "ivdfs/forensics/audit.py",
+        "audit-chain-not-advanced", "forensics", "ivdfs/forensics/writer.py",
         "self.lines, self._prev = self.lines + 1, digest",
         "self.lines += 1",
         FORENSICS, "every audit line points at the journal's start: verify calls it damaged",
     ),
     Mutant(
-        "adjacent-ranges-not-merged", "forensics", "ivdfs/forensics/audit.py",
+        "adjacent-ranges-not-merged", "forensics", "ivdfs/forensics/access.py",
         "i = bisect.bisect_left(self._ends, start)",
         "i = bisect.bisect_right(self._ends, start)",
         FORENSICS, "a sequential reader's ranges are recorded one per read, not as one range",
     ),
     Mutant(
-        "failed-journal-write-ignored", "forensics", "ivdfs/forensics/audit.py",
+        "failed-journal-write-ignored", "forensics", "ivdfs/forensics/writer.py",
         "        except Exception as e:  # OSError, or a bug: either way no line may go unwritten\n"
         "            self.failed = e\n",
         "        except Exception as e:  # OSError, or a bug: either way no line may go unwritten\n"
@@ -857,34 +857,34 @@ MUTANTS: tuple[Mutant, ...] = (
         FORENSICS, "after a failed journal write reads go on: bytes served that no record shows",
     ),
     Mutant(
-        "audit-log-follows-symlinks", "forensics", "ivdfs/forensics/audit.py",
+        "audit-log-follows-symlinks", "forensics", "ivdfs/forensics/writer.py",
         "flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC",
         "flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC",
         FORENSICS, "a symlink planted at --audit-log redirects the journal to any file",
     ),
     Mutant(
-        "files-open-at-unmount-not-closed", "forensics", "ivdfs/forensics/audit.py",
+        "files-open-at-unmount-not-closed", "forensics", "ivdfs/forensics/writer.py",
         '            self.closed(access, reason="unmount")\n',
         "            pass\n",
         FORENSICS, "files still open at unmount get no close record: their last ranges are "
         "missing from the journal",
     ),
     Mutant(
-        "caller-pid-is-the-thread", "forensics", "ivdfs/forensics/audit.py",
+        "caller-pid-is-the-thread", "forensics", "ivdfs/forensics/access.py",
         'elif key == "Tgid" and value.strip().isdigit():',
         'elif key == "Pid" and value.strip().isdigit():',
         FORENSICS, "the journal names a reader's thread id as its process",
     ),
     Mutant(
         "hash-of-a-partition-from-the-disk-start", "forensics", "ivdfs/commands/hash.py",
-        "        start, end = p.start, p.start + p.length\n",
-        "        start, end = 0, p.length\n",
+        "start, end = found[partition].start, found[partition].start + found[partition].length",
+        "start, end = 0, found[partition].length",
         FORENSICS, "`ivdfs hash --partition N` hashes the disk's first bytes, not the partition",
     ),
     Mutant(
-        "hash-tail-past-the-last-chunk-is-zeros", "forensics", "ivdfs/commands/hash.py",
-        "        runs.append((queryable_end * SECTOR_SIZE, end))\n",
-        "        pass\n",
+        "hash-tail-past-the-last-chunk-is-zeros", "forensics", "ivdfs/vddk/allocation.py",
+        "    runs = [(tail, end - tail)] if end > tail else []\n",
+        "    runs: list[tuple[int, int]] = []\n",
         FORENSICS, "`ivdfs hash` of a disk not a whole number of chunks hashes its tail as "
         "zeros: a wrong evidence hash",
     ),

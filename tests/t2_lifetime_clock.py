@@ -211,7 +211,7 @@ class World:
     # disks
 
     def slot(self, ivd: int, snap: str = "s") -> Any:
-        from ivdfs.vddk.connection import DiskTarget
+        from ivdfs.inventory.model import DiskTarget
 
         key = (ivd, snap)
         if key not in self._slots:
