@@ -11,13 +11,17 @@ began before their read ended.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ivdfs.datastore.access import DirectAccess, NotDirect, check_directory, parse_spec
 from ivdfs.datastore.identity import (
     ChainChanged,
     ChainIdentity,
@@ -29,6 +33,7 @@ from ivdfs.datastore.identity import (
     record_chain,
 )
 from ivdfs.datastore.paths import NotOnDatastore, datastore_file, split_datastore_path
+from ivdfs.errors import UserError
 from tests.testbed import vmdk
 from tests.testbed.vddkprobe import SINGLE_LINK, STANDIN_LIBRARY, Job, probe
 
@@ -328,3 +333,75 @@ def test_concurrent_reads_share_checks_that_began_after_them(tmp_path: Path) -> 
     with pytest.raises(ChainChanged):  # final: no further check is run
         watch.confirm(0)
     assert gate.runs == 3 and watch.changed is errors[-1]
+
+
+# --- --datastore-path DIR and what is read directly ----------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
+    """`folder` bind-mounted read-only at `mountpoint`."""
+    mountpoint.mkdir()
+    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_a_datastore_directory_must_be_a_read_only_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ds").mkdir()
+    for directory, message in [
+        (tmp_path / "gone", "No such file or directory"),
+        (tmp_path / "file", "not a directory"),
+        (tmp_path / "ds", "is on a writable mount, and VDDK would write lock files there: "
+                          "mount it read-only"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=message) as e:
+            check_directory("DS1", directory)
+        assert e.value.exit_code == 3 and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"--datastore-path DS1={directory}")
+    with read_only_view(tmp_path / "ds", tmp_path / "ro") as ro:
+        assert check_directory("DS1", ro) == ro.resolve()
+    assert parse_spec("DS 1=/mnt/ds1") == ("DS 1", Path("/mnt/ds1"))
+    assert parse_spec("a=b=/mnt/x=y") == ("a=b", Path("/mnt/x=y"))
+    for bad in ("DS1", "=/mnt", "DS1="):
+        with pytest.raises(ValueError, match="expected NAME=DIR"):
+            parse_spec(bad)
+    with pytest.raises(ValueError, match="DIR must be an absolute path"):
+        parse_spec("DS1=relative/dir")
+
+
+def test_what_is_read_directly_and_why_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    links = chain(tmp_path)
+    root = (tmp_path / "ds").resolve()
+    access = DirectAccess({"DS1": root, "datastore-2": root})
+    top = f"[DS1] fcd/{links[-1].descriptor.name}"
+    got = access.locate("DS1", "datastore-1", top)
+    assert (got.file, got.root, got.identity.links[0].cid) == (links[-1].descriptor, root,
+                                                                links[-1].cid)  # fmt: skip
+    assert access.root_for("other", "datastore-2") == root  # by moref
+    assert access.locate("DS1", "datastore-1", top).identity is got.identity  # admitted once
+    for ds, moref, path, reason in [
+        ("DS9", "datastore-9", "[DS9] fcd/x.vmdk", "no --datastore-path"),
+        ("DS1", "datastore-1", "[vsanDatastore] 52a1/x.vmdk", "on datastore vsanDatastore"),
+        ("DS1", "datastore-1", "[DS1] fcd/gone.vmdk", "no "),
+        ("DS1", "datastore-1", "[DS1] fcd/../../x.vmdk", "leaves the datastore"),
+    ]:
+        with pytest.raises(NotDirect, match=reason):
+            access.locate(ds, moref, path)
+    (links[0].descriptor).write_bytes(b"garbage")
+    with pytest.raises(NotDirect, match="not a VMDK descriptor"):
+        access.locate("DS1", "datastore-1", f"[DS1] fcd/{links[0].descriptor.name}")
+    with caplog.at_level("INFO", logger="ivdfs.datastore.access"):
+        for _ in range(3):
+            access.fallback("DS9", "no --datastore-path")
+        access.fallback("DS9", "another reason")
+    assert [r.getMessage() for r in caplog.records] == [
+        "datastore DS9: reading over the network: no --datastore-path",
+        "datastore DS9: reading over the network: another reason",
+    ]
