@@ -704,8 +704,9 @@ static VixError read_image(handle_t *h, uint8_t *buf, uint64_t off, size_t len) 
    "M<5 digits>.lck" of 512 bytes that names the process ("<id> <pid>-<start>(<name>) 1 S ...",
    S: shared). Close removes member and directory; a process that dies leaves them, and the
    next opener removes a member whose process is gone. Where the directory cannot be made (a
-   read-only filesystem) it logs the two lines below and takes an implicit shared lock, writing
-   nothing. The stand-in does the same, so that a test of "writes nothing" means something. */
+   read-only filesystem) it warns with the two lines below (through the warning callback,
+   twice per link) and takes an implicit shared lock, writing nothing. The stand-in does the
+   same, so that a test of "writes nothing" means something. */
 static void reap_stale_locks(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return;
@@ -735,9 +736,14 @@ static char *lock_link(const char *path) {
     if (snprintf(dir, sizeof(dir), "%s.lck", path) >= (int)sizeof(dir)) return NULL;
     int made = mkdir(dir, 0777) == 0;
     if (!made && errno != EEXIST) {
-        LOG_MSG("FILE: FileLockCreateEntryDirectory creation failure on '%s': %s\n", dir,
-                strerror(errno));
-        LOG_MSG("FILE: FileLockIntrinsicPortable implicit S lock succeeded on '%s'.\n", path);
+        /* VDDK 7.0.2 sends both through the warning callback, twice per link (measured). */
+        int e = errno;
+        for (int i = 0; i < 2; i++) {
+            WARN_MSG("FILE: FileLockCreateEntryDirectory creation failure on '%s': %s\n", dir,
+                     strerror(e));
+            WARN_MSG("FILE: FileLockIntrinsicPortable implicit S lock succeeded on '%s'.\n",
+                     path);
+        }
         return NULL;
     }
     if (made) chmod(dir, 0777); /* as VDDK leaves it, whatever the umask */
