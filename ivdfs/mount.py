@@ -51,7 +51,6 @@ from ivdfs.forensics.evidence import Evidence, Source
 from ivdfs.forensics.writer import AuditLog, start_fields
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
-from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.io import stats as io_stats
@@ -64,7 +63,7 @@ from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree
 from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.service import DiskService, Slot
+from ivdfs.vddk.service import DiskService, ServiceDisks
 from ivdfs.volumes import setup as volumes_setup
 from ivdfs.volumes.base import Background
 
@@ -209,44 +208,6 @@ def check_mountpoint(mp: Path) -> None:
             "no permission to use /dev/fuse (is the fuse3 package installed and "
             "are you allowed to use it?)"
         )
-
-
-class ServiceDisk:
-    """The tree's view of one snapshot's disk, over the disk service."""
-
-    def __init__(self, service: DiskService, slot: Slot) -> None:
-        self._service = service
-        self._slot = slot
-
-    async def capacity(self) -> int:
-        return await self._service.capacity(self._slot)
-
-    async def sector_size(self) -> int:
-        return await self._service.sector_size(self._slot)
-
-    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
-        return await self._service.read(self._slot, start_sector, nbytes, background)
-
-    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
-        return await self._service.allocated(self._slot, start, end, granularity)
-
-    def hold(self) -> None:
-        self._service.hold(self._slot)
-
-    def release(self) -> None:
-        self._service.release(self._slot)
-
-    def forget(self) -> None:
-        self._service.forget(self._slot.target)
-
-
-class ServiceDisks:
-    def __init__(self, service: DiskService) -> None:
-        self.service = service
-
-    def disk(self, ivd: Ivd, snapshot: Snapshot) -> ServiceDisk:
-        target = DiskTarget.of(ivd, snapshot)
-        return ServiceDisk(self.service, self.service.slot(target))
 
 
 def _step(what: str, fn: Callable[[], object]) -> Callable[[], None]:
