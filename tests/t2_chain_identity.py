@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ivdfs.datastore.access import DirectAccess, NotDirect, check_directory, parse_spec
+from ivdfs.datastore.access import DirectAccess, NotDirect, check_directory
 from ivdfs.datastore.identity import (
     ChainChanged,
     ChainIdentity,
@@ -34,6 +34,7 @@ from ivdfs.datastore.identity import (
 )
 from ivdfs.datastore.paths import NotOnDatastore, datastore_file, split_datastore_path
 from ivdfs.errors import UserError
+from ivdfs.settings import parse_datastore_path
 from tests.testbed import vmdk
 from tests.testbed.vddkprobe import SINGLE_LINK, STANDIN_LIBRARY, Job, probe
 
@@ -365,13 +366,13 @@ def test_a_datastore_directory_must_be_a_read_only_directory(tmp_path: Path) -> 
         assert str(e.value).startswith(f"--datastore-path DS1={directory}")
     with read_only_view(tmp_path / "ds", tmp_path / "ro") as ro:
         assert check_directory("DS1", ro) == ro.resolve()
-    assert parse_spec("DS 1=/mnt/ds1") == ("DS 1", Path("/mnt/ds1"))
-    assert parse_spec("a=b=/mnt/x=y") == ("a=b", Path("/mnt/x=y"))
+    assert parse_datastore_path("DS 1=/mnt/ds1") == ("DS 1", Path("/mnt/ds1"))
+    assert parse_datastore_path("a=b=/mnt/x=y") == ("a=b", Path("/mnt/x=y"))
     for bad in ("DS1", "=/mnt", "DS1="):
-        with pytest.raises(ValueError, match="expected NAME=DIR"):
-            parse_spec(bad)
+        with pytest.raises(ValueError, match="use NAME=DIR"):
+            parse_datastore_path(bad)
     with pytest.raises(ValueError, match="DIR must be an absolute path"):
-        parse_spec("DS1=relative/dir")
+        parse_datastore_path("DS1=relative/dir")
 
 
 def test_what_is_read_directly_and_why_not(

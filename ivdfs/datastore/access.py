@@ -33,19 +33,6 @@ from ivdfs.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def parse_spec(text: str) -> tuple[str, Path]:
-    """("DS1", Path("/mnt/ds1")) from "DS1=/mnt/ds1"; ValueError saying what is wrong. NAME
-    is a datastore's name or moref; DIR must be absolute, so the first "=/" separates them and
-    either may hold "=" otherwise."""
-    at = text.find("=/")
-    if at <= 0:
-        name, _, directory = text.partition("=")
-        if name and directory:
-            raise ValueError(f"{text!r}: DIR must be an absolute path")
-        raise ValueError(f"{text!r}: expected NAME=DIR (a datastore name or moref, a directory)")
-    return text[:at], Path(text[at + 1 :])
-
-
 def read_only_hint(directory: Path) -> str:
     return (
         f"mount it read-only (NFS: mount -o ro,actimeo=0,lookupcache=none ...), or give a "
@@ -100,7 +87,7 @@ class DirectAccess:
         self._roots = dict(roots)
         self.registry = registry if registry is not None else ChainRegistry()
         self._lock = threading.Lock()
-        self._told: set[tuple[str, str]] = set()
+        self._told: set[tuple[str, str, bool]] = set()
 
     def __bool__(self) -> bool:
         return bool(self._roots)
@@ -112,13 +99,18 @@ class DirectAccess:
         """DIR of the datastore named `datastore` with moref `moref`, if one was given."""
         return self._roots.get(datastore) or self._roots.get(moref)
 
-    def fallback(self, datastore: str, reason: str) -> None:
-        """Log, once per datastore and reason, that its snapshots are read over the network."""
+    def fallback(self, datastore: str, reason: str, *, refused: bool = False) -> None:
+        """Log, once per datastore and reason, that its snapshots are read over the network,
+        or (`refused`, --transport file) not read at all."""
         with self._lock:
-            if (datastore, reason) in self._told:
+            if (datastore, reason, refused) in self._told:
                 return
-            self._told.add((datastore, reason))
-        log.info("datastore %s: reading over the network: %s", datastore, reason)
+            self._told.add((datastore, reason, refused))
+        if refused:
+            log.error("datastore %s: not read (--transport file reads nothing over the "
+                      "network): %s", datastore, reason)  # fmt: skip
+        else:
+            log.info("datastore %s: reading over the network: %s", datastore, reason)
 
     def locate(self, datastore: str, moref: str, path: str) -> DirectFile:
         """The snapshot at vSphere `path` on `datastore`, read directly: its file under DIR,

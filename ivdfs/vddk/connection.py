@@ -54,6 +54,7 @@ class ConnectParams:
     """
 
     def __init__(self, lib: VddkLibrary, server: ServerTarget | None, target: DiskTarget) -> None:
+        """`server` None: VDDK's local-file mode, no server and no vStorageObject spec."""
         self._lib = lib
         self._keep: list[Any] = []
         p = lib.lib.VixDiskLib_AllocateConnectParams()
@@ -68,6 +69,10 @@ class ConnectParams:
             p.credType = _cdefs.VIXDISKLIB_CRED_UID
             p.creds.uid.userName = self._str(server.user)
             p.creds.uid.password = self._str(server.password.reveal())
+        else:
+            # VDDK's local-file mode: the parameters stay as AllocateConnectParams left them
+            # (measured with VDDK 7.0.2), and Open names the file.
+            return
         p.specType = _cdefs.VIXDISKLIB_SPEC_VSTORAGE_OBJECT
         spec = p.spec.vStorageObjSpec
         spec.id = self._str(target.ivd_id)

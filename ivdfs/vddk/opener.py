@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ivdfs.config import Limits
+from ivdfs.datastore.access import DirectFile
+from ivdfs.datastore.reads import DirectReads
 from ivdfs.errors import BackendError
 from ivdfs.inventory.model import DiskTarget
 from ivdfs.vddk.connection import DiskHandle, ServerTarget
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class Opener(Protocol):
+    async def choose(self, target: DiskTarget) -> None:
+        """Decide how the disk opens, before `connections`, `needs_access` and `open` are
+        asked (trio thread; may ask vCenter); BackendError fails the open."""
+        ...
+
+    def origin(self, target: DiskTarget) -> tuple[str, str | None] | None:
+        """How its bytes are read, once decided: ("network", None) or ("direct", file)."""
+        ...
+
     def connections(self, target: DiskTarget) -> int:
         """VDDK connections the disk holds against --max-connections while open."""
         ...
@@ -77,6 +88,12 @@ class NetworkOpener:
         self.transport_modes = transport_modes
         self.limits = limits
 
+    async def choose(self, target: DiskTarget) -> None:
+        pass
+
+    def origin(self, target: DiskTarget) -> tuple[str, str | None] | None:
+        return ("network", None)
+
     def connections(self, target: DiskTarget) -> int:
         return self.limits.handles_per_disk
 
@@ -93,4 +110,53 @@ class NetworkOpener:
                 "transport %s serves ReadAsync inline; --vddk-handles gives parallel reads",
                 disk.handle.transport or "?",
             )
+        return disk
+
+
+class DirectOpener:
+    """Snapshots whose VMDK chain lies under a --datastore-path: VDDK's local-file mode
+    (ConnectEx with no server, Open of the snapshot's file, read-only), no NFC session, no
+    PrepareForAccess, each read confirmed against the chain's recorded identity
+    (`ivdfs.datastore.reads`); every other snapshot through `network`."""
+
+    def __init__(
+        self, lib: VddkLibrary, network: Opener, reads: DirectReads, limits: Limits
+    ) -> None:
+        self.lib = lib
+        self.network = network
+        self.reads = reads
+        self.limits = limits
+
+    def _direct(self, target: DiskTarget) -> DirectFile | None:
+        mode = self.reads.mode(target)
+        return mode if isinstance(mode, DirectFile) else None
+
+    async def choose(self, target: DiskTarget) -> None:
+        if await self.reads.plan(target) is None:
+            await self.network.choose(target)
+
+    def origin(self, target: DiskTarget) -> tuple[str, str | None] | None:
+        mode = self.reads.mode(target)
+        if isinstance(mode, DirectFile):
+            return ("direct", str(mode.file))
+        return ("network", None) if mode == "network" else None
+
+    def connections(self, target: DiskTarget) -> int:
+        return 0 if self._direct(target) else self.network.connections(target)
+
+    def needs_access(self, target: DiskTarget) -> bool:
+        return self._direct(target) is None and self.network.needs_access(target)
+
+    def open(self, target: DiskTarget) -> OpenDisk:
+        plan = self._direct(target)
+        if plan is None:
+            return self.network.open(target)
+
+        def make() -> DiskHandle:
+            return DiskHandle(self.lib, None, target, path=str(plan.file))
+
+        disk = open_handles(make, self.limits.handles_per_disk, self.limits)
+        disk.after_read = self.reads.confirmer(target, plan)
+        self.reads.opened()
+        log.debug("%s: opened %s in VDDK's local-file mode", target.describe(), plan.file)
         return disk
