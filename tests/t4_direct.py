@@ -170,6 +170,12 @@ def test_every_snapshot_reads_byte_exact_directly_and_nothing_is_written(
             assert prov["datastore_file"] == str(ro / "fcd" / c.links[0].descriptor.name)
         stats = json.loads((mp / ".ivdfs" / "stats").read_text())
         assert stats["direct"]["opens"] >= 6 and stats["direct"]["changed"] == 0
+        assert stats["direct"]["checks"] > 0 and stats["disks"]["prepares"] == 0
+        r = subprocess.run([*IVDFS, "status", str(mp), "--json"], env=bed.env(),
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        want_direct = {f"{c.ivd.id}/{s}" for c in chains.values() for s in c.snaps}
+        assert set(json.loads(r.stdout)[0]["read_directly"]) == want_direct
         assert m.unmount() == 0
     assert listing(datastore) == before  # no lock file, nothing touched
     lines = bed.log_lines()

@@ -217,6 +217,7 @@ class DirectReads:
         return {
             **self.stats.__dict__,
             "datastores": sorted(self.access.names()),
-            "direct_snapshots": len(self._plans),
+            # Which disks are read directly: "<ivd>/<snapshot>" of each (ivdfs status).
+            "snapshots": sorted(f"{t.ivd_id}/{t.snapshot_id}" for t in self._plans),
             "chains": len(self.access.registry),
         }
