@@ -39,6 +39,7 @@ from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
 from ivdfs.datastore.access import DirectAccess, check_directory
+from ivdfs.datastore.delta import DeltaChanges
 from ivdfs.datastore.reads import DirectReads
 from ivdfs.errors import (
     ExitCode,
@@ -368,6 +369,7 @@ def _run(
         on_detach=_invalidate_entry,
         on_attrs=_invalidate_attrs,
         evidence=Evidence(Source(f"{s.host}:{s.port}", thumbprint), cfg.hashes, audit),
+        changes=_delta_changes(vs, direct, service) if direct is not None else None,
     )
     stats_dir = tree.add_dir(tree.root, STATS_DIR)
 
@@ -457,6 +459,18 @@ def _direct_reads(vs: VSphere, roots: dict[str, Path], transport: str | None) ->
 
     # --transport file: VDDK's local-file mode only, so nothing goes over the network.
     return DirectReads(DirectAccess(roots), lookup, name_of, only=transport == "file")
+
+
+def _delta_changes(vs: VSphere, direct: DirectReads, service: DiskService) -> DeltaChanges:
+    """changes/ from CBT, else from the grains of a snapshot's own link read directly."""
+    opener = service.opener
+    assert isinstance(opener, DirectOpener)
+
+    def grains(target: DiskTarget, file: Path) -> list[tuple[int, int]]:
+        # VDDK wants every Open and Close on one thread: the service's control thread.
+        return service.run_on_control_blocking(lambda: opener.link_grains(target, str(file)))
+
+    return DeltaChanges(vs, direct.access, grains)
 
 
 def _drop_cached(cache: BlockCache, target: DiskTarget) -> None:

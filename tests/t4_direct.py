@@ -351,6 +351,40 @@ def test_a_chain_rewritten_between_reads_fails_every_later_read(
     assert len(changed) == 1 and str(ro / "fcd") in changed[0], changed
 
 
+# --- changes without CBT -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", LIBDIRS)
+def test_changes_come_from_the_links_own_grains_without_cbt(
+    vcsim: Vcsim, chains: dict[str, Chain], tmp_path: Path, ro: Path, which: str
+) -> None:
+    """CBT is off for these IVDs: changes/<previous>.json lists the grains written in the
+    snapshot's own link (source delta-grains), and <previous>.raw reads this snapshot's bytes
+    there and zeros elsewhere."""
+    bed = make_bed(vcsim, tmp_path / "bed", which)
+    mp = tmp_path / "mnt"
+    with Mount(bed, mp, *direct_args(ro)) as m:
+        for c in chains.values():
+            for k in (1, 2):
+                changes = c.disk(mp, k).parent / "changes"
+                doc = json.loads((changes / f"{c.snaps[k - 1]}.json").read_text())
+                assert doc["source"] == "delta-grains", doc
+                want: list[list[int]] = []
+                for g in sorted(c.links[k].grains):
+                    if want and want[-1][0] + want[-1][1] == g * GRAIN:
+                        want[-1][1] += GRAIN
+                    else:
+                        want.append([g * GRAIN, GRAIN])
+                assert [[e["offset"], e["length"]] for e in doc["extents"]] == want
+                raw = (changes / f"{c.snaps[k - 1]}.raw").read_bytes()
+                image = c.images[k].read_bytes()
+                expect = bytearray(SIZE)
+                for off, n in want:
+                    expect[off : off + n] = image[off : off + n]
+                assert raw == expect
+        assert m.unmount() == 0
+
+
 # --- check -------------------------------------------------------------------------------
 
 

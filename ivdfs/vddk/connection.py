@@ -212,10 +212,16 @@ class DiskHandle:
         target: DiskTarget,
         transport_modes: str | None = None,
         path: str | None = None,
+        single_link: bool = False,
     ) -> None:
+        """`path`: the file to open (local-file mode, `server` None); `single_link`: that
+        link of its chain alone (VIXDISKLIB_FLAG_OPEN_SINGLE_LINK)."""
         self._lib = lib
         self.target = target
         self._path = path
+        self._flags = _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY | (
+            _cdefs.VIXDISKLIB_FLAG_OPEN_SINGLE_LINK if single_link else 0
+        )
         self._connection = Connection(lib, server, target, transport_modes)
         self._handle: Any = None
         self.capacity_sectors = 0
@@ -241,7 +247,7 @@ class DiskHandle:
             "VixDiskLib_Open",
             self._connection.conn,
             path,
-            _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY,
+            self._flags,
             handle,
             context=ctx,
         )

@@ -23,6 +23,8 @@ from ivdfs.datastore.access import DirectFile
 from ivdfs.datastore.reads import DirectReads
 from ivdfs.errors import BackendError
 from ivdfs.inventory.model import DiskTarget
+from ivdfs.vddk._cdefs import VIXDISKLIB_MIN_CHUNK_SIZE
+from ivdfs.vddk.allocation import MAX_CHUNKS_PER_QUERY
 from ivdfs.vddk.connection import DiskHandle, ServerTarget
 from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.library import VddkLibrary
@@ -160,3 +162,23 @@ class DirectOpener:
         self.reads.opened()
         log.debug("%s: opened %s in VDDK's local-file mode", target.describe(), plan.file)
         return disk
+
+    def link_grains(self, target: DiskTarget, file: str) -> list[tuple[int, int]]:
+        """The runs of sectors written in the link `file` itself, not its parents (control
+        thread): QueryAllocatedBlocks of a single-link open, at the smallest chunk VDDK allows
+        (64 KiB, the default grain), over the link's whole capacity."""
+        handle = DiskHandle(self.lib, None, target, path=file, single_link=True)
+        try:
+            handle.open()
+            total = handle.capacity_sectors
+            chunk = VIXDISKLIB_MIN_CHUNK_SIZE
+            step = MAX_CHUNKS_PER_QUERY * chunk
+            runs: list[tuple[int, int]] = []
+            whole = total // chunk * chunk  # VDDK refuses a range that is not whole chunks
+            for start in range(0, whole, step):
+                runs += handle.query_allocated(start, min(step, whole - start), chunk)
+            if whole < total:
+                runs.append((whole, total - whole))  # the tail: counted as changed
+            return runs
+        finally:
+            handle.close()
