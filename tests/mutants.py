@@ -5,8 +5,8 @@ whose text moved or changed is reported as stale, never applied somewhere else).
 pytest node ids, fastest and most likely killers first: the run stops at the first failure.
 `why` says what the bug would do to a user, in a few words.
 
-Areas: read path, cache, partitions, vddk, credentials, volumes, vcenter, direct. Not collected by pytest
-(no t<N>_ prefix); imported by scripts/mutate only.
+Areas: read path, cache, partitions, vddk, credentials, volumes, vcenter, direct. Not collected
+by pytest (no t<N>_ prefix); imported by scripts/mutate only.
 """
 
 from __future__ import annotations
