@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -46,11 +46,11 @@ from ivdfs.config import MIN_OPEN as MIN_OPEN  # under the cap (see ivdfs.vddk.b
 from ivdfs.config import Limits as Limits
 from ivdfs.errors import BackendError
 from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
-from ivdfs.vddk.budget import ConnectionBudget
+from ivdfs.vddk.budget import BudgetStats, ConnectionBudget
 from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.failures import FailureMemory, RememberedFailure, is_permanent_error
-from ivdfs.vddk.ledger import AccessLedger, Holdings
+from ivdfs.vddk.ledger import AccessLedger, Holdings, LedgerStats
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.opener import NetworkOpener, Opener
 from ivdfs.vddk.slots import Changes, Slot, Slots
@@ -78,18 +78,18 @@ READ_BACKOFF = 0.2
 
 
 @dataclass
-class ServiceStats:
+class OpenStats:
     opens: int = 0
     closes: int = 0
     idle_closes: int = 0
-    evictions: int = 0
     open_failures: int = 0
+
+
+@dataclass
+class ServiceStats(LedgerStats, BudgetStats, OpenStats):
+    """Every part's counters as one record (/.ivdfs/stats)."""
+
     remembered_failures: int = 0  # opens answered from a remembered failure, no VDDK call
-    waits: int = 0  # opens that waited for a free connection
-    wait_seconds: float = 0.0
-    prepares: int = 0
-    end_accesses: int = 0
-    accesses_kept: int = 0  # disks closed while their IVD stayed prepared (it was in use)
 
 
 class DiskService:
@@ -121,7 +121,7 @@ class DiskService:
         self.failures = FailureMemory(clock)
         self.budget = ConnectionBudget(limits, self._slots, self._changes, clock, self._close_slot)
         self.ledger = AccessLedger(lib, server, identity, self._control, holdings)
-        self._counts = ServiceStats()  # opens, closes, idle_closes, open_failures
+        self._counts = OpenStats()
 
     # --- what the tree uses --------------------------------------------------------------
 
@@ -448,19 +448,11 @@ class DiskService:
     @property
     def stats(self) -> ServiceStats:
         """The counters of every part, as one record."""
-        c, b, lg = self._counts, self.budget.stats, self.ledger.stats
         return ServiceStats(
-            opens=c.opens,
-            closes=c.closes,
-            idle_closes=c.idle_closes,
-            evictions=b.evictions,
-            open_failures=c.open_failures,
+            **asdict(self._counts),
+            **asdict(self.budget.stats),
+            **asdict(self.ledger.stats),
             remembered_failures=self.failures.remembered,
-            waits=b.waits,
-            wait_seconds=b.wait_seconds,
-            prepares=lg.prepares,
-            end_accesses=lg.end_accesses,
-            accesses_kept=lg.accesses_kept,
         )
 
     def report(self) -> dict[str, Any]:

@@ -38,6 +38,12 @@ WHOLE_DISK = 0
 ERROR_SUFFIX = ".error"
 # The name whose .error (volumes/.error) says why the disk shows no volume at all.
 DISK_ERROR_NAME = ""
+# Why some recognised things are not mounted at all.
+NOT_MOUNTED = {
+    "LVM2_member": "an LVM2 physical volume: its logical volumes are lv-<vg>-<lv>.raw and "
+    "volumes/<vg>-<lv>",
+    "swap": "swap space holds no files",
+}
 
 
 @dataclass(frozen=True)
