@@ -383,7 +383,9 @@ def _check(args: argparse.Namespace, v: Values) -> int:
     except VddkLoadError:
         vddk = None  # reported by the check itself, after the vCenter steps
     # --volumes decides whether VixMntapi must load; a command without it mounts none.
-    return check.check(server_config(v), vddk, v.transport, v.get("volumes", "none"))
+    return check.check(
+        server_config(v), vddk, v.transport, v.get("volumes", "none"), v.datastore_paths
+    )
 
 
 def _umount(args: argparse.Namespace, v: Values) -> int:

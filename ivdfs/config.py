@@ -200,6 +200,7 @@ class MountConfig:
     vddk_libdir: Path
     vddk_config: Path | None
     transport: str | None
+    datastore_paths: tuple[tuple[str, Path], ...]  # --datastore-path NAME=DIR, unchecked
     nfc_host_port: int
     cache_size: int
     block_size: int

@@ -21,17 +21,30 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import trio
 
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import ExitCode, FuseError, Interrupted, IvdfsError, UserError, exit_code_of
+from ivdfs.datastore.access import DirectAccess
+from ivdfs.datastore.delta import DeltaChanges
+from ivdfs.datastore.reads import DirectReads
+from ivdfs.errors import (
+    ExitCode,
+    FuseError,
+    Interrupted,
+    IvdfsError,
+    NotFound,
+    UserError,
+    exit_code_of,
+)
 from ivdfs.forensics.evidence import Evidence, Source
 from ivdfs.forensics.writer import AuditLog, start_fields
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations
 from ivdfs.fs.session import FuseSession, invalidate_attrs, invalidate_entry
+from ivdfs.inventory.model import Datastore, DiskTarget
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.io import stats as io_stats
@@ -39,12 +52,13 @@ from ivdfs.io.block_cache import BlockCache, scan_segment_bytes
 from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
 from ivdfs.io.prefetch import Prefetcher
 from ivdfs.journal import Journal
-from ivdfs.preflight import check_mountpoint, fuse_options
+from ivdfs.preflight import check_mountpoint, datastore_roots, fuse_options
 from ivdfs.signals import MountSignals
 from ivdfs.tree.catalog import STATS_DIR, Subset
 from ivdfs.tree.tree import Tree
 from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.library import VddkLibrary
+from ivdfs.vddk.opener import DirectOpener, NetworkOpener
 from ivdfs.vddk.service import DiskService, ServiceDisks
 from ivdfs.volumes import setup as volumes_setup
 from ivdfs.volumes.base import Background
@@ -143,6 +157,7 @@ def _run(
     ending: _Ending,
 ) -> int:
     check_mountpoint(cfg.mountpoint)
+    roots = datastore_roots(cfg)  # before anything is acquired: a bad DIR is exit 3 at once
     options = fuse_options(
         cfg.options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
     )
@@ -182,14 +197,17 @@ def _run(
             record.drop_value("run_dirs", str(private_dir))
 
     stack.callback(_step("VixDiskLib_Exit", vddk_exit))
+    server = ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port)
+    # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
+    limits = dataclasses.replace(cfg.limits, legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1")
+    direct = _direct_reads(vs, roots, cfg.transport) if roots else None
+    opener = (
+        DirectOpener(lib, NetworkOpener(lib, server, cfg.transport, limits), direct, limits)
+        if direct is not None
+        else None
+    )
     service = DiskService(
-        lib,
-        ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),
-        ACCESS_IDENTITY,
-        cfg.transport,
-        # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
-        dataclasses.replace(cfg.limits, legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1"),
-        holdings=record,
+        lib, server, ACCESS_IDENTITY, cfg.transport, limits, holdings=record, opener=opener
     )
     # After every later step's release: handles, then EndAccess of whatever is still prepared.
     stack.callback(_step("closing VDDK handles", service.close_all))
@@ -209,6 +227,8 @@ def _run(
     cache = BlockCache(
         cfg.cache_size, scan_segment_bytes(cfg.cache_size, cfg.block_size, cfg.prefetch)
     )
+    if direct is not None:
+        direct.on_changed = lambda target: _drop_cached(cache, target)
     prefetcher = Prefetcher(min(cfg.prefetch, PREFETCH_IN_FLIGHT)) if cfg.prefetch else None
     volumes = volumes_factory(service, record) if volumes_factory is not None else None
     if volumes is not None:
@@ -225,6 +245,7 @@ def _run(
         on_detach=invalidate_entry,
         on_attrs=invalidate_attrs,
         evidence=Evidence(Source(f"{s.host}:{s.port}", thumbprint), cfg.hashes, audit),
+        changes=_delta_changes(vs, direct, service) if direct is not None else None,
     )
     stats_dir = tree.add_dir(tree.root, STATS_DIR)
 
@@ -234,6 +255,8 @@ def _run(
             "disks": service.report(),
             "tree": tree.report(),
         }
+        if direct is not None:
+            out["direct"] = direct.report()
         if isinstance(volumes, Background):
             out["volumes"] = volumes.report()
         return out
@@ -271,6 +294,47 @@ def _run(
     level = logging.INFO if cfg.debug else logging.DEBUG
     stack.callback(_step("statistics", lambda: io_stats.log_report(log, level, report())))
     return ExitCode.OK
+
+
+def _direct_reads(vs: VSphere, roots: dict[str, Path], transport: str | None) -> DirectReads:
+    """Direct reads of the datastores in `roots`; datastore names as vCenter has them now
+    (asked again for a datastore that appears later)."""
+    names = {d.moref: d.name for d in vs.datastores()}
+    for name in roots:
+        if name not in names and name not in names.values():
+            log.warning("--datastore-path %s: vCenter has no such datastore (yet)", name)
+
+    def name_of(moref: str) -> str:
+        if moref not in names:
+            names.update((d.moref, d.name) for d in vs.datastores())
+        if moref not in names:
+            raise NotFound(f"vCenter has no datastore {moref}")
+        return names[moref]
+
+    def lookup(target: DiskTarget, datastore: Datastore) -> str:
+        assert target.snapshot_id is not None
+        return vs.snapshot_path(target.ivd_id, datastore, target.snapshot_id)
+
+    # --transport file: VDDK's local-file mode only, so nothing goes over the network.
+    return DirectReads(DirectAccess(roots), lookup, name_of, only=transport == "file")
+
+
+def _delta_changes(vs: VSphere, direct: DirectReads, service: DiskService) -> DeltaChanges:
+    """changes/ from CBT, else from the grains of a snapshot's own link read directly."""
+    opener = service.opener
+    assert isinstance(opener, DirectOpener)
+
+    def grains(target: DiskTarget, file: Path) -> list[tuple[int, int]]:
+        # VDDK wants every Open and Close on one thread: the service's control thread.
+        return service.run_on_control_blocking(lambda: opener.link_grains(target, str(file)))
+
+    return DeltaChanges(vs, direct.access, grains)
+
+
+def _drop_cached(cache: BlockCache, target: DiskTarget) -> None:
+    owner = (target.ivd_id, target.snapshot_id)  # the tree's cache key of the snapshot's disk
+    dropped = cache.drop(lambda key: isinstance(key, tuple) and key[:1] == (owner,))
+    log.debug("%s: dropped %d cached blocks", target.describe(), dropped)
 
 
 def _open_audit(

@@ -1,4 +1,5 @@
-"""The cheap checks before a mount acquires anything: the mountpoint and the -o options.
+"""The cheap checks before a mount acquires anything: the mountpoint, the -o options and each
+--datastore-path DIR (`datastore_roots`: it exists, is a directory, on a read-only mount).
 
 Role: `check_mountpoint` refuses a mountpoint that is missing, not an empty directory, already
 mounted, or left behind by a killed ivdfs (its journal says what `ivdfs umount` must undo), and
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ivdfs import journal, mountinfo
+from ivdfs.config import MountConfig
+from ivdfs.datastore.access import check_directory
 from ivdfs.errors import FuseError, MountpointError, UserError
 from ivdfs.fs.operations import Presentation
 
@@ -119,3 +122,14 @@ def check_mountpoint(mp: Path) -> None:
             "no permission to use /dev/fuse (is the fuse3 package installed and "
             "are you allowed to use it?)"
         )
+
+
+def datastore_roots(cfg: MountConfig) -> dict[str, Path]:
+    """--datastore-path NAME=DIR, each DIR checked (UserError, exit 3: missing, not a
+    directory, writable) and resolved."""
+    roots: dict[str, Path] = {}
+    for name, directory in cfg.datastore_paths:
+        if name in roots:
+            raise UserError(f"--datastore-path {name}= is given twice")
+        roots[name] = check_directory(name, directory)
+    return roots

@@ -78,6 +78,16 @@ def _transport(text: str) -> str:
     return text
 
 
+def parse_datastore_path(text: str) -> tuple[str, Path]:
+    at = text.find("=/")  # DIR is absolute: the first "=/" ends NAME, which may hold "="
+    if at <= 0:
+        name, _, directory = text.partition("=")
+        if name and directory:
+            raise ValueError("DIR must be an absolute path")
+        raise ValueError("use NAME=DIR (a datastore's name or moref, a directory)")
+    return text[:at], Path(text[at + 1 :])
+
+
 def _absolute(text: str) -> Path:
     # Absolute: the detached daemon changes to / before it reads the file.
     return Path(text).expanduser().absolute()
@@ -283,6 +293,20 @@ SETTINGS: tuple[Setting, ...] = (
         frozenset({"mount", "check", "hash"}),
         _transport,
         metavar="MODES",
+        group=_VDDK,
+    ),
+    Setting(
+        "datastore_paths",
+        ("--datastore-path",),
+        "read the snapshots of IVDs on datastore NAME (name or moref) from their VMDK files "
+        "under DIR, a read-only mount of that datastore on this host, past NFC; the others, "
+        "and snapshots whose files are not there, over the network (--transport file: not at "
+        "all); repeatable",
+        frozenset({"mount", "check"}),
+        parse_datastore_path,
+        kind="list",
+        default=(),
+        metavar="NAME=DIR",
         group=_VDDK,
     ),
     Setting(

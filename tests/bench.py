@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests import bench_forensics, bench_inventory, bench_lifetime, bench_volumes
+from tests import bench_direct, bench_forensics, bench_inventory, bench_lifetime, bench_volumes
 from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, call_lines, wait_for
 from tests.testbed.images import DataManifest, random_disk, sparse_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_image
@@ -680,13 +680,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--latencies", default="0,1,4", help="per-read latencies, ms (0,1,4)")
     ap.add_argument("--warm-mb", type=int, default=192, help="disk size of rows 8-9 (192)")
     ap.add_argument("--only",
-                    choices=["warm", "read", "inventory", "forensics", "volumes", "lifetime"],
+                    choices=["warm", "read", "inventory", "forensics", "volumes", "lifetime",
+                             "direct"],
                     help="warm: rows 8-10 only; read: rows 1-10; inventory: the inventory "
                     "table only; forensics: the cost of --hashes and --audit-log "
                     "(tests/bench_forensics.py); volumes: kernel vs fuse vs guestfs "
                     "(tests/bench_volumes.py); lifetime: opens, access and throughput with "
                     "more busy disks than connections, against the policy before issue 28 "
-                    "(tests/bench_lifetime.py; default: everything)")  # fmt: skip
+                    "(tests/bench_lifetime.py); direct: --datastore-path against the network "
+                    "path and a plain VixDiskLib_Read loop (tests/bench_direct.py; default: "
+                    "everything)")  # fmt: skip
     ap.add_argument("--lifetime-seconds", type=float, default=180.0,
                     help="load per policy of the lifetime table (180)")  # fmt: skip
     ap.add_argument("--inventory-n", default="500,2000,5000", help="inventory sizes")
@@ -703,6 +706,8 @@ def main(argv: list[str]) -> int:
         return bench_volumes.main(["--bw", str(args.bw)])
     if args.only == "lifetime":
         return _lifetime(args)
+    if args.only == "direct":
+        return bench_direct.main(["--out", str(args.out.with_name(args.out.stem + "-direct.json"))])
     with tempfile.TemporaryDirectory(prefix="ivdfs-bench-", dir="/var/tmp") as tmp:
         result = Bench(args, Path(tmp)).run()
     if args.only is None:
@@ -729,6 +734,7 @@ def main(argv: list[str]) -> int:
         bench_forensics.main(["--size-mb", "512", "--bw", str(args.bw)])
         bench_volumes.main(["--bw", str(args.bw)])
         _lifetime(args)
+        bench_direct.main(["--out", str(args.out.with_name(args.out.stem + "-direct.json"))])
     return 0
 
 

@@ -103,6 +103,9 @@ class FakeDisk:
     def forget(self) -> None:
         self.forgotten = True
 
+    def origin(self) -> tuple[str, str | None] | None:
+        return None
+
     async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytes:
         self.reads.append((start_sector, nbytes))
         if self.delay:

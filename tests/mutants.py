@@ -5,8 +5,8 @@ whose text moved or changed is reported as stale, never applied somewhere else).
 pytest node ids, fastest and most likely killers first: the run stops at the first failure.
 `why` says what the bug would do to a user, in a few words.
 
-Areas: read path, cache, partitions, vddk, credentials, volumes, vcenter. Not collected by pytest
-(no t<N>_ prefix); imported by scripts/mutate only.
+Areas: read path, cache, partitions, vddk, credentials, volumes, vcenter, direct. Not collected
+by pytest (no t<N>_ prefix); imported by scripts/mutate only.
 """
 
 from __future__ import annotations
@@ -263,8 +263,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "open-not-read-only", "vddk", "ivdfs/vddk/connection.py",
-        "            _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY,\n            handle,",
-        "            0,\n            handle,",
+        "        self._flags = _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY | (",
+        "        self._flags = 0 | (",
         MOUNT, "the disk is opened for writing",
     ),
     Mutant(
@@ -933,6 +933,43 @@ MUTANTS: tuple[Mutant, ...] = (
         "if False:",
         SESSION, "a vCenter whose certificate changed since mounting is logged in to again, "
         "while VDDK keeps the old thumbprint",
+    ),
+    # --- direct datastore access (issue 24) ----------------------------------------------------
+    Mutant(
+        "direct-read-unchecked", "direct", "ivdfs/vddk/opener.py",
+        "        disk.after_read = self.reads.confirmer(target, plan)\n",
+        "",
+        ("tests/t4_direct.py::test_a_link_changed_under_a_reader_fails_the_read_and_never_mixes_bytes",),
+        "issue 24: a chain consolidated under a reader serves bytes from after the change",
+    ),
+    Mutant(
+        "direct-check-confirms-early-reads", "direct", "ivdfs/datastore/identity.py",
+        "                if self._confirmed_from >= read_ended_ns:\n",
+        "                if self._confirmed_from >= 0:\n",
+        ("tests/t2_chain_identity.py",),
+        "issue 24: a check that began before a read ended confirms it: a change goes unseen",
+    ),
+    Mutant(
+        "direct-size-not-compared", "direct", "ivdfs/datastore/identity.py",
+        'for what in ("dev", "ino", "size", "mtime_ns", "ctime_ns"):',
+        'for what in ("dev", "ino"):',
+        ("tests/t2_chain_identity.py",
+         "tests/t4_direct.py::test_a_link_changed_under_a_reader_fails_the_read_and_never_mixes_bytes",),
+        "issue 24: a link written in place under a reader goes unseen",
+    ),
+    Mutant(
+        "direct-falls-back-with-transport-file", "direct", "ivdfs/datastore/reads.py",
+        "        if self.only:\n            self.stats.refused += 1\n",
+        "        if False:\n            self.stats.refused += 1\n",
+        ("tests/t4_direct.py::test_snapshots_not_under_dir_fall_back_to_the_network_or_fail_with_file_transport",),
+        "issue 24: --transport file reads over the network anyway",
+    ),
+    Mutant(
+        "direct-prepares-access", "direct", "ivdfs/vddk/opener.py",
+        "        return self._direct(target) is None and self.network.needs_access(target)\n",
+        "        return self.network.needs_access(target)\n",
+        ("tests/t4_direct.py::test_every_snapshot_reads_byte_exact_directly_and_nothing_is_written",),
+        "issue 24: direct reads still call PrepareForAccess, blocking vMotion for nothing",
     ),
 )
 # fmt: on

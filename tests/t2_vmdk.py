@@ -6,7 +6,8 @@ VIXDISKLIB_FLAG_OPEN_SINGLE_LINK opens one link (numLinks 1, its parentFileNameH
 own grains, zeros elsewhere); QueryAllocatedBlocks lists the grains of that link alone, or of
 all links merged and joined; the builder writes only the grains that changed; malformed files
 fail with the codes real VDDK 7.0.2 gives (measured; tests/testbed/standin/README.md); nothing
-is ever written next to the disk, and a read-only filesystem is fine.
+is written next to the disk but the lock directories VDDK makes while a disk is open (as the
+real library does; a read-only filesystem gets none), and a read-only filesystem is fine.
 
 The libraries run in child processes (tests/testbed/vddkprobe.py): VDDK allows one InitEx per
 process. The real-VDDK comparisons run only when IVDFS_TEST_VDDK names an unpacked VDDK (it is
@@ -34,6 +35,7 @@ from tests.testbed.vddkprobe import (
     SINGLE_LINK,
     STANDIN_LIBRARY,
     Job,
+    lock_files,
     probe,
     vmware_library,
 )
@@ -503,18 +505,72 @@ def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
-def test_the_standin_writes_nothing_next_to_the_disk(
+def _locks_of(chain: Chain, k: int) -> list[str]:
+    """What VDDK leaves beside the links of the chain up to link k while it is open: one lock
+    directory per link's descriptor (a flat base's extent gets none), one member in each."""
+    return sorted(f"{link.descriptor.name}.lck/M*.lck" for link in chain.links[: k + 1])
+
+
+def test_the_standin_locks_every_link_while_open_as_vddk_does(
+    standin: Path, chain: Chain, tmp_path: Path
+) -> None:
+    """Real VDDK 7.0.2 makes <link>.lck/M<n>.lck beside every link it opens, read-only or not,
+    and removes them at Close: on a writable directory the stand-in does too."""
+    folder = chain.links[0].descriptor.parent
+    before = _listing(folder)
+    top = chain.top(len(chain.links) - 1)
+    seen = probe(standin, [Job(top, queries=QUERIES[:1], locks=True),
+                           Job(top, flags=SINGLE_LINK, locks=True)])  # fmt: skip
+    assert seen[0].sha256 == _sha(chain.images[-1].read_bytes())
+    assert seen[0].locks == _locks_of(chain, len(chain.links) - 1)
+    assert seen[1].locks == [f"{chain.links[-1].descriptor.name}.lck/M*.lck"]
+    assert _listing(folder) == before  # gone at Close; no disk file touched
+
+
+def test_a_killed_reader_leaves_its_locks_and_the_next_one_clears_them(
+    standin: Path, chain: Chain
+) -> None:
+    folder = chain.links[0].descriptor.parent
+    before = _listing(folder)
+    top = chain.top(1)
+    seen = probe(standin, [Job(top, digest=False, abandon=True)])
+    assert seen[0].open_error == 0
+    assert lock_files(folder) == _locks_of(chain, 1)  # left behind by the dead process
+    seen = probe(standin, [Job(top, digest=False, locks=True)])
+    assert seen[0].locks == _locks_of(chain, 1)  # the dead process's members were removed
+    assert _listing(folder) == before
+
+
+def test_the_standin_writes_nothing_on_a_read_only_filesystem(
     standin: Path, chain: Chain, tmp_path: Path
 ) -> None:
     folder = chain.links[0].descriptor.parent
     before = _listing(folder)
-    top = chain.top(len(chain.links) - 1)
-    seen = probe(standin, [Job(top, queries=QUERIES[:1]), Job(top, flags=SINGLE_LINK)])
-    assert seen[0].sha256 == _sha(chain.images[-1].read_bytes()) and seen[1].open_error == 0
-    assert _listing(folder) == before  # no .lck, no temporary file, nothing touched
     with read_only_view(folder, tmp_path / "ro") as ro:
-        seen = probe(standin, [Job(str(ro / Path(top).name))])
+        seen = probe(standin, [Job(str(ro / chain.links[-1].descriptor.name), locks=True)])
         assert seen[0].sha256 == _sha(chain.images[-1].read_bytes())
+        assert seen[0].locks == []
+    assert _listing(folder) == before
+
+
+@real_vddk
+def test_vmwares_library_locks_and_clears_as_the_standin_does(standin: Path, chain: Chain) -> None:
+    folder = chain.links[0].descriptor.parent
+    before = _listing(folder)
+    real_lib = vmware_library(Path(REAL_VDDK))
+    top = chain.top(len(chain.links) - 1)
+    jobs = [Job(top, digest=False, locks=True), Job(top, flags=SINGLE_LINK, locks=True)]
+    real = probe(real_lib, jobs)
+    assert real == probe(standin, jobs)
+    assert real[0].locks == _locks_of(chain, len(chain.links) - 1)
+    assert _listing(folder) == before
+    # Killed with the disk open: the locks stay, and the next opener clears them.
+    probe(real_lib, [Job(chain.top(1), digest=False, abandon=True)])
+    assert lock_files(folder) == _locks_of(chain, 1)
+    assert probe(real_lib, [Job(chain.top(1), digest=False, locks=True)])[0].locks == (
+        _locks_of(chain, 1)
+    )
+    assert _listing(folder) == before
 
 
 @real_vddk
@@ -527,10 +583,11 @@ def test_vmwares_library_reads_a_chain_on_a_read_only_filesystem(
     before = _listing(folder)
     with read_only_view(folder, tmp_path / "ro") as ro:
         top = str(ro / chain.links[-1].descriptor.name)
-        jobs = [Job(top, queries=QUERIES[:1]), Job(top, flags=SINGLE_LINK)]
+        jobs = [Job(top, queries=QUERIES[:1], locks=True), Job(top, flags=SINGLE_LINK)]
         real = probe(vmware_library(Path(REAL_VDDK)), jobs)
         assert real == probe(standin, jobs)
         assert real[0].sha256 == _sha(chain.images[-1].read_bytes())
+        assert real[0].locks == []
     assert _listing(folder) == before
 
 

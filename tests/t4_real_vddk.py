@@ -486,8 +486,8 @@ def test_bytes_in_flight_stay_within_the_nfc_session_memory(
     assert_standin_log_clean(bed, {d.ivd.id})  # no VIOLATION nfc-session-memory
 
 
-@pytest.mark.allow_log("NFC session", "nfc-session-memory", "VixError 2", "Out of memory",
-                       "reopening and retrying", "fuse_reply_")  # fmt: skip
+@pytest.mark.allow_log("NFC memory of its session", "nfc-session-memory", "VixError 2",
+                       "Out of memory", "reopening and retrying", "fuse_reply_")  # fmt: skip
 def test_more_in_flight_than_the_nfc_session_memory_is_caught(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path
 ) -> None:

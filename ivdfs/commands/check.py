@@ -4,8 +4,9 @@ Steps: certificate (TLS verification or the pinned thumbprint), login, VDDK (loa
 optional symbols, InitEx), VDDK's vSphere plugin (libvddkVimAccess.so, which VDDK loads during
 InitEx and whose failure it only logs), VixMntapi (whether libvixMntapi.so.1 loads: it needs
 libfuse2), with ``--volumes guestfs`` libguestfs (KVM or TCG, as a mount would decide, and
-how long one appliance took to boot), and a test ConnectEx/Open/Read of one IVD snapshot if
-there is one.
+how long one appliance took to boot), a test ConnectEx/Open/Read of one IVD snapshot if
+there is one, and per ``--datastore-path NAME=DIR``: DIR a read-only directory, a snapshot's
+VMDK found under it with its chain, and its first 64 KiB read in VDDK's local-file mode.
 Each failure keeps the exit code `ivdfs mount` would give for it; the first failure's code is
 the result. VixMntapi is needed only for `--volumes vixmntapi`: otherwise its failure is a
 warning that leaves the exit code alone.
@@ -15,16 +16,28 @@ Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from ivdfs.commands.common import Report
 from ivdfs.config import ServerConfig, VddkOptions
-from ivdfs.errors import BackendError, IvdfsError, LoginRefused, Unreachable, UserError
+from ivdfs.datastore.access import DirectAccess, DirectFile, NotDirect, check_directory
+from ivdfs.datastore.identity import ChainChanged
+from ivdfs.errors import (
+    BackendError,
+    IvdfsError,
+    LoginRefused,
+    NotFound,
+    NotSupported,
+    Unreachable,
+    UserError,
+)
 from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import oneshot
-from ivdfs.vddk.connection import ServerTarget
+from ivdfs.vddk.connection import DiskHandle, ServerTarget
 from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.mntapi import Mntapi
@@ -33,10 +46,15 @@ TEST_READ_BYTES = 64 * 1024
 
 
 def check(
-    server: ServerConfig, vddk: VddkOptions | None, transport: str | None, volumes: str = "none"
+    server: ServerConfig,
+    vddk: VddkOptions | None,
+    transport: str | None,
+    volumes: str = "none",
+    datastore_paths: Sequence[tuple[str, Path]] = (),
 ) -> int:
     """`vddk` None: no VDDK directory was configured (reported as the vddk step's failure).
-    `volumes`: the --volumes mode the mount would use (VixMntapi must load for vixmntapi)."""
+    `volumes`: the --volumes mode the mount would use (VixMntapi must load for vixmntapi).
+    `datastore_paths`: --datastore-path NAME=DIR, each checked as a mount would use it."""
     report = Report()
     vs = VSphere(server)
     lib: VddkLibrary | None = None
@@ -90,6 +108,12 @@ def check(
             _test_read(report, vs, lib, server, vddk, transport)
         else:
             report.skip("needs a login and a VDDK library", "read")
+        for name, directory in datastore_paths:
+            step = f"datastore-path {name}"
+            if logged_in and lib is not None:
+                _direct_read(report, step, vs, lib, name, directory)
+            else:
+                report.skip("needs a login and a VDDK library", step)
     finally:
         if lib is not None:
             lib.exit()
@@ -181,3 +205,87 @@ def _test_read(
         report.ok(f"{n} bytes of IVD {ivd.name} ({ivd.id}) snapshot {snap.id} via {via}", "read")
     except BackendError as e:
         report.error(e, "read")
+
+
+# Snapshots `ivdfs check` tries per --datastore-path before it says none could be read: one
+# IVD's files may be missing or mid-consolidation without the datastore being unusable.
+DIRECT_TRIES = 10
+
+
+def _direct_read(
+    report: Report, step: str, vs: VSphere, lib: VddkLibrary, name: str, directory: Path
+) -> None:
+    """--datastore-path NAME=DIR as a mount would use it: DIR a read-only directory, NAME a
+    datastore, a snapshot's file found under DIR with its chain (the newest snapshot of each
+    IVD in turn, up to DIRECT_TRIES), and its first 64 KiB read through VDDK's local-file
+    mode."""
+    try:
+        root = check_directory(name, directory)
+    except UserError as e:
+        report.error(e, step)
+        return
+    access = DirectAccess({name: root})
+    first_failure = ""
+    tried = 0
+    try:
+        stores = [d for d in vs.datastores() if name in (d.name, d.moref)]
+        if not stores:
+            raise NotFound(f"vCenter has no datastore {name}")
+        ds = stores[0]
+        for ivd_id in vs.list_ivds(ds):
+            if tried >= DIRECT_TRIES:
+                break
+            ivd = vs.ivd(ds, ivd_id)
+            snaps = vs.snapshots(ivd)
+            if not snaps:
+                continue
+            tried += 1
+            snap = snaps[-1]
+            path = vs.snapshot_path(ivd.id, ds, snap.id)
+            try:
+                direct = access.locate(ds.name, ds.moref, path)
+            except (NotDirect, ChainChanged) as e:
+                first_failure = first_failure or f"{path} of IVD {ivd.name} ({ivd.id}): {e}"
+                continue
+            _read_directly(report, step, lib, directory, ivd, snap, direct)
+            return
+    except (BackendError, NotFound, NotSupported) as e:
+        report.error(e, step)
+        return
+    if not tried:
+        report.skip(f"{directory}: no IVD on datastore {ds.name} has a snapshot to test with",
+                    step)  # fmt: skip
+        return
+    report.error(UserError(f"{directory}: no snapshot of {tried} tried is readable here; "
+                           f"first: {first_failure}"), step)  # fmt: skip
+
+
+def _read_directly(
+    report: Report,
+    step: str,
+    lib: VddkLibrary,
+    directory: Path,
+    ivd: Ivd,
+    snap: Snapshot,
+    direct: DirectFile,
+) -> None:
+    handle = DiskHandle(lib, None, DiskTarget.of(ivd, snap), path=str(direct.file))
+    try:
+        handle.open()
+        n = min(TEST_READ_BYTES, handle.capacity_bytes) // SECTOR_SIZE * SECTOR_SIZE
+        if n:
+            handle.read_into(0, bytearray(n))
+    except BackendError as e:
+        report.error(e, step)
+        return
+    finally:
+        try:
+            handle.close()
+        except BackendError as e:
+            report.warn(f"closing {direct.file}: {e}", step)
+    links = len(direct.identity.links)
+    report.ok(
+        f"{directory}: {direct.file} ({links} link{'s' if links != 1 else ''}), snapshot "
+        f"{snap.id} of IVD {ivd.name}: {n} bytes read directly",
+        step,
+    )

@@ -43,6 +43,9 @@ def describe(rec: journal.Record) -> dict[str, Any]:
             stats = json.loads((rec.mountpoint / STATS_FILE).read_text())
             doc["open_disks"] = stats["disks"]["open_disks"]
             doc["connections"] = stats["disks"]["connections"]
+            if "direct" in stats:  # --datastore-path: the snapshots read past NFC
+                doc["read_directly"] = stats["direct"]["snapshots"]
+                doc["direct_changed"] = stats["direct"]["changed"]
             if "volumes" in stats:
                 doc["volumes"] = stats["volumes"]
         except (OSError, ValueError, KeyError):
@@ -76,11 +79,12 @@ def status(mountpoint: Path | None, as_json: bool) -> int:
             str(len(d["loop_devices"])),
             str(len(d["volume_mounts"])),
             str(len(rec.appliances)),
+            str(len(d.get("read_directly", ()))),
         ]
         for rec, d in zip(records, docs, strict=True)
     ]
     headers = ["MOUNTPOINT", "PID", "STATE", "SERVER", "PREPARED", "SNAPSHOTS", "LOOPS", "VOLUMES",
-               "APPLIANCES"]  # fmt: skip
+               "APPLIANCES", "DIRECT"]  # fmt: skip
     print(table(headers, rows))
     for rec, d in zip(records, docs, strict=True):
         if d["state"] == "dead":

@@ -29,6 +29,9 @@ class ChangedAreas:
     change_id: str
     covered: int
     extents: tuple[Extent, ...]
+    # "cbt": vCenter's changed block tracking; "delta-grains": the grains written in the newer
+    # snapshot's own VMDK link, read directly (a superset of the changed bytes, at grain size).
+    source: str = "cbt"
 
     @property
     def changed_bytes(self) -> int:
@@ -61,6 +64,7 @@ def changes_fields(
         doc["error"] = error or "not known yet"
         return doc
     doc.update(
+        source=areas.source,
         change_id=areas.change_id,
         covered_bytes=areas.covered,
         changed_bytes=areas.changed_bytes,

@@ -585,22 +585,38 @@ class VSphere:
 
     # --- changed block tracking (vCenter only) -------------------------------------------
 
+    def _snapshot_details(
+        self, ivd_id: str, datastore: Datastore, snapshot_id: str, name: str = ""
+    ) -> Any:
+        def run() -> Any:
+            return self._vsom.RetrieveSnapshotDetails(
+                id=vim.vslm.ID(id=ivd_id),
+                datastore=self._ds(datastore),
+                snapshotId=vim.vslm.ID(id=snapshot_id),
+            )
+
+        what = f"retrieving details of snapshot {snapshot_id} of IVD {name or ivd_id}"
+        return self._call(what, run)
+
     def snapshot_change_id(self, ivd: Ivd, snapshot_id: str) -> str | None:
         """The snapshot's changedBlockTrackingId (RetrieveSnapshotDetails); None when changed
         block tracking was off when it was taken. NotSupported on an ESXi host."""
         if self.is_host:
             raise NotSupported(HOST_HAS_NO_CBT)
+        details = self._snapshot_details(ivd.id, ivd.datastore, snapshot_id, ivd.name)
+        return str(getattr(details, "changedBlockTrackingId", None) or "") or None
 
-        def run() -> str | None:
-            details = self._vsom.RetrieveSnapshotDetails(
-                id=vim.vslm.ID(id=ivd.id),
-                datastore=self._ds(ivd.datastore),
-                snapshotId=vim.vslm.ID(id=snapshot_id),
-            )
-            return str(getattr(details, "changedBlockTrackingId", None) or "") or None
-
-        what = f"retrieving details of snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
-        return self._call(what, run)  # type: ignore[no-any-return]
+    def snapshot_path(self, ivd_id: str, datastore: Datastore, snapshot_id: str) -> str:
+        """The snapshot's file as a datastore path, "[DS1] fcd/x-000001.vmdk"
+        (RetrieveSnapshotDetails); NotSupported on an ESXi host, which has no such call, and
+        when vCenter names no file (a vSAN or vVol object)."""
+        if self.is_host:
+            raise NotSupported("an ESXi host does not say where a snapshot's file is")
+        details = self._snapshot_details(ivd_id, datastore, snapshot_id)
+        path = str(getattr(details, "path", None) or "")
+        if not path:
+            raise NotSupported(f"vCenter names no file for snapshot {snapshot_id}")
+        return path
 
     def changed_areas(self, ivd: Ivd, snapshot_id: str, change_id: str) -> ChangedAreas:
         """What changed in snapshot `snapshot_id` since `change_id` ("*": every allocated

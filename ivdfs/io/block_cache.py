@@ -192,6 +192,19 @@ class BlockCache:
                 self._unused_prefetch.discard(key)
                 self.stats.prefetch_hits += 1
 
+    def drop(self, owned: Callable[[Hashable], bool]) -> int:
+        """Forget every cached block whose key `owned` claims (a disk whose source changed);
+        reads in flight are left to finish. How many were dropped."""
+        dropped = 0
+        for segment in (self._main, self._scan):
+            for key in [k for k in segment if owned(k)]:
+                del segment[key]
+                self._referenced.pop(key, None)
+                self._unused_prefetch.discard(key)
+                dropped += 1
+        self._sizes_changed()
+        return dropped
+
     async def get(
         self, key: Hashable, fetch: Callable[[], Awaitable[Block]], scan: bool = False
     ) -> Block:

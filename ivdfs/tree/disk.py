@@ -63,6 +63,11 @@ class Disk(Protocol):
 
     def forget(self) -> None: ...
 
+    def origin(self) -> tuple[str, str | None] | None:
+        """How its bytes are read once known: ("direct", the VMDK file under a
+        --datastore-path) or ("network", None); None before the disk first opened."""
+        ...
+
 
 class DiskSource(Protocol):
     def disk(self, ivd: Ivd, snapshot: Snapshot) -> Disk:

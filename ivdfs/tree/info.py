@@ -66,6 +66,7 @@ def provenance_fields(
     source: Source | None,
     read_at: datetime | None,
     sector_size: int | None = None,
+    origin: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """What an examiner cites, in one flat block (some of it repeats `ivd` and `snapshot`).
     `capacity` and `read_at` come from the probe: the disk's own size (VixDiskLib_GetInfo)
@@ -86,6 +87,10 @@ def provenance_fields(
         "sector_size": SECTOR_SIZE,  # the unit of capacity_sectors (VDDK's, always 512)
         "logical_sector_size": sector_size,  # the guest's (4096: a 4Kn disk); None unprobed
         "read_at": _time(read_at),
+        # "direct": from the VMDK chain under a --datastore-path ("datastore_file", its top
+        # link), past NFC; "network": through VDDK's connection to vSphere; None: not yet read.
+        "read": origin[0] if origin else None,
+        "datastore_file": origin[1] if origin else None,
         "ivdfs_version": __version__,
     }
 
@@ -103,6 +108,7 @@ def snapshot_json(
     source: Source | None = None,
     read_at: datetime | None = None,
     digests: FileDigests | None = None,
+    origin: tuple[str, str | None] | None = None,
 ) -> bytes:
     """`capacity`: the snapshot's own size in bytes (what disk.raw has), None while unknown;
     the IVD's current size as vCenter reports it stays in `ivd.capacity_bytes`. `hashes`:
@@ -111,7 +117,9 @@ def snapshot_json(
         {
             "ivd": ivd_fields(ivd),
             "snapshot": {**snapshot_fields(snap), "capacity_bytes": capacity},
-            "provenance": provenance_fields(ivd, snap, capacity, source, read_at, sector_size),
+            "provenance": provenance_fields(
+                ivd, snap, capacity, source, read_at, sector_size, origin
+            ),
             "hashes": hashes_fields(digests or {}),
         }
     )

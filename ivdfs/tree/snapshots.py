@@ -230,7 +230,8 @@ def lv_file_name(lv: LogicalVolume) -> str:
 
 def snapshot_info_key(sd: SnapshotDisk) -> Hashable:
     # Everything snapshot_info shows that can change: the probe, and hashes as they complete.
-    return (sd.ivd, sd.snapshot, sd.probed, sd.size, sd.probed_at, tuple(sd.digests.items()))
+    return (sd.ivd, sd.snapshot, sd.probed, sd.size, sd.probed_at, tuple(sd.digests.items()),
+            sd.disk.origin())  # fmt: skip
 
 
 def snapshot_info(sd: SnapshotDisk) -> bytes:
@@ -242,4 +243,5 @@ def snapshot_info(sd: SnapshotDisk) -> bytes:
         source=sd.source,
         read_at=sd.probed_at,
         digests=sd.digests,
+        origin=sd.disk.origin(),
     )

@@ -86,12 +86,14 @@ class Tree:
         on_attrs: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         evidence: Evidence | None = None,
+        changes: ChangeSource | None = None,
     ) -> None:
         """`subset`: what a subset mount shows (--datastore, --ivd). `volumes` and
         `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
         tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
-        (st_blocks, as holes become known). `evidence`: hashes, audit log, provenance."""
+        (st_blocks, as holes become known). `evidence`: hashes, audit log, provenance.
+        `changes`: what answers changes/ (default: `inventory`, when it can)."""
         self._on_attrs = on_attrs or (lambda _ino: None)
         self.settings = settings
         self.evidence = evidence or Evidence()
@@ -111,7 +113,7 @@ class Tree:
             volumes,
             mountpoint,
             complete_ivd=self._complete_ivd,
-            changes=inventory if isinstance(inventory, ChangeSource) else None,
+            changes=changes or (inventory if isinstance(inventory, ChangeSource) else None),
             source=self.evidence.source,
         )
         self.catalog = Catalog(

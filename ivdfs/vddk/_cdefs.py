@@ -15,6 +15,9 @@ VIX_E_FAIL = 1
 VIX_E_INVALID_ARG = 3
 VIX_E_NOT_SUPPORTED = 6
 VIXDISKLIB_FLAG_OPEN_UNBUFFERED = 1
+# One link of a chain alone: its QueryAllocatedBlocks lists only the grains written in that link
+# (measured with VDDK 7.0.2).
+VIXDISKLIB_FLAG_OPEN_SINGLE_LINK = 2
 VIXDISKLIB_FLAG_OPEN_READ_ONLY = 4
 VIXDISKLIB_SPEC_VMX = 0
 VIXDISKLIB_SPEC_VSTORAGE_OBJECT = 1

@@ -54,6 +54,7 @@ class ConnectParams:
     """
 
     def __init__(self, lib: VddkLibrary, server: ServerTarget | None, target: DiskTarget) -> None:
+        """`server` None: VDDK's local-file mode, no server and no vStorageObject spec."""
         self._lib = lib
         self._keep: list[Any] = []
         p = lib.lib.VixDiskLib_AllocateConnectParams()
@@ -68,6 +69,10 @@ class ConnectParams:
             p.credType = _cdefs.VIXDISKLIB_CRED_UID
             p.creds.uid.userName = self._str(server.user)
             p.creds.uid.password = self._str(server.password.reveal())
+        else:
+            # VDDK's local-file mode: the parameters stay as AllocateConnectParams left them
+            # (measured with VDDK 7.0.2), and Open names the file.
+            return
         p.specType = _cdefs.VIXDISKLIB_SPEC_VSTORAGE_OBJECT
         spec = p.spec.vStorageObjSpec
         spec.id = self._str(target.ivd_id)
@@ -207,10 +212,16 @@ class DiskHandle:
         target: DiskTarget,
         transport_modes: str | None = None,
         path: str | None = None,
+        single_link: bool = False,
     ) -> None:
+        """`path`: the file to open (local-file mode, `server` None); `single_link`: that
+        link of its chain alone (VIXDISKLIB_FLAG_OPEN_SINGLE_LINK)."""
         self._lib = lib
         self.target = target
         self._path = path
+        self._flags = _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY | (
+            _cdefs.VIXDISKLIB_FLAG_OPEN_SINGLE_LINK if single_link else 0
+        )
         self._connection = Connection(lib, server, target, transport_modes)
         self._handle: Any = None
         self.capacity_sectors = 0
@@ -236,7 +247,7 @@ class DiskHandle:
             "VixDiskLib_Open",
             self._connection.conn,
             path,
-            _cdefs.VIXDISKLIB_FLAG_OPEN_READ_ONLY,
+            self._flags,
             handle,
             context=ctx,
         )

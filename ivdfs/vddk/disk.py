@@ -18,6 +18,7 @@ Concurrency: `read`/`allocated` on the trio thread; `stop_io` from a worker thre
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -68,9 +69,22 @@ class OpenDisk:
         # Set on the trio thread before the I/O threads stop: a reader that was waiting for a
         # slot must fail (and be retried on a new handle), never queue behind a dead thread.
         self.closed = False
+        # Run after every read and allocation query, before the result leaves: a disk read
+        # directly from a datastore confirms that its files did not change meanwhile
+        # (ivdfs.datastore.reads); raises to fail the read.
+        self.after_read: Callable[[], Awaitable[None]] | None = None
+        # Set by the disk service when it opens the disk, read when it closes it.
+        self.connections = 0  # counted against --max-connections
+        self.prepared = False  # its IVD's access taken (PrepareForAccess) for it
 
     async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
         """`background`: a read ahead of a reader, which waits while a demand read waits."""
+        data = await self._read(start_sector, nbytes, background)
+        if self.after_read is not None:
+            await self.after_read()
+        return data
+
+    async def _read(self, start_sector: int, nbytes: int, background: bool) -> bytearray:
         await self._slots.acquire(background)
         try:
             if self.closed:
@@ -128,7 +142,10 @@ class OpenDisk:
         `granularity` (`ivdfs.vddk.allocation`; AllocationUnsupported when the library
         cannot tell)."""
         query = self._query_allocated if self.handle.can_query_allocated else None
-        return await allocated_runs(query, self.capacity // SECTOR_SIZE, start, end, granularity)
+        runs = await allocated_runs(query, self.capacity // SECTOR_SIZE, start, end, granularity)
+        if self.after_read is not None:
+            await self.after_read()  # holes are served as zeros: they are data too
+        return runs
 
     async def _query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int

@@ -43,10 +43,12 @@ class RememberedFailure(BackendError):
 
 
 def is_permanent_error(error: BackendError) -> bool:
-    """Whether a new connection cannot fix this failure (a read is then not retried)."""
+    """Whether a new connection cannot fix this failure (a read is then not retried): a
+    permanent VDDK code, or an error that says so itself (`permanent`: a chain read directly
+    that changed, a snapshot --transport file may not read, a remembered permanent failure)."""
     if isinstance(error, VddkError):
         return is_permanent(error.code)
-    return isinstance(error, RememberedFailure) and error.permanent
+    return bool(getattr(error, "permanent", False))
 
 
 class FailureMemory:
@@ -74,13 +76,13 @@ class FailureMemory:
         """Remember a failed open; the error to raise (a permanent one is logged here, once,
         and raised quiet)."""
         code = error.code if isinstance(error, VddkError) else None
-        permanent = code is not None and is_permanent(code)
+        permanent = is_permanent_error(error)
         previous = slot.failure
         first = OPEN_RETRY_PERMANENT_FIRST if permanent else OPEN_RETRY_FIRST
         delay = first if previous is None else min(2 * previous.delay, OPEN_RETRY_MAX)
         if code in ACCOUNT_CODES:
             delay = OPEN_RETRY_MAX
-        if permanent:
+        if permanent and not error.quiet:
             log.error("%s; not reconnecting for %.0f s (a permanent error)", error, delay)
             error = BackendError(str(error), quiet=True)  # logged just now
         slot.failure = Failure(self._clock() + delay, delay, error, permanent)

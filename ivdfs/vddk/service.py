@@ -186,6 +186,10 @@ class DiskService:
             if permanent or attempt == READ_ATTEMPTS:
                 if disk is not None:  # the read itself failed, not the disk's open
                     self.failures.block_failed(slot, start_sector, error)
+                    if getattr(error, "reopen", False):
+                        # What the disk reads is no longer the snapshot (a directly read
+                        # chain changed): the next read opens it afresh, found anew.
+                        await self._discard(slot, disk)
                 raise error
             if disk is not None:
                 log.warning("%s; reopening and retrying (attempt %d of %d)", error, attempt + 1,
@@ -241,8 +245,10 @@ class DiskService:
     async def _open(self, slot: Slot) -> None:
         slot.opening = event = trio.Event()
         target = slot.target
-        n = self.opener.connections(target)
+        n = 0
         try:
+            await self.opener.choose(target)  # e.g. read directly, past NFC: no connection
+            n = self.opener.connections(target)
             # Shielded: readers waiting on `event` want the disk even if this caller left, and
             # a connection opened for nobody would never be counted back.
             with trio.CancelScope(shield=True):
@@ -253,12 +259,13 @@ class DiskService:
                     self.budget.release(n)
                     raise
             slot.disk, slot.connections = disk, n
+            disk.connections = n
             slot.capacity = disk.capacity
             slot.sector_size = disk.sector_size
             slot.held = slot.users > 0
             slot.last_used = slot.opened_at = self._clock()
             self.failures.opened(slot)
-            if self.opener.needs_access(target):
+            if disk.prepared:
                 self.ledger.prepared.add(target.ivd_id)
             self._counts.opens += 1
         except BackendError as e:
@@ -275,7 +282,9 @@ class DiskService:
         if access:
             self.ledger.take(target)
         try:
-            return self.opener.open(target)
+            disk = self.opener.open(target)
+            disk.prepared = access
+            return disk
         except BaseException:
             if access:
                 self.ledger.give_back(target.ivd_id, end=True)
@@ -329,7 +338,7 @@ class DiskService:
     def _closed_disk(self, slot: Slot, disk: OpenDisk) -> None:
         """The bookkeeping of every close: the disk's connections go back to the budget. (The
         count is the disk's, not the slot's: a reader may have reopened the slot meanwhile.)"""
-        self.budget.release(self.opener.connections(disk.target))
+        self.budget.release(disk.connections)
         if slot.disk is None and slot.opening is None:
             slot.connections = 0
         self._counts.closes += 1
@@ -341,7 +350,7 @@ class DiskService:
                 handle.close()
             except BackendError as e:
                 log.warning("closing %s: %s", handle.target.describe(), e)
-        if self.opener.needs_access(disk.target):
+        if disk.prepared:
             self.ledger.give_back(disk.target.ivd_id, end_access)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -489,6 +498,9 @@ class ServiceDisk:
 
     def forget(self) -> None:
         self._service.forget(self._slot.target)
+
+    def origin(self) -> tuple[str, str | None] | None:
+        return self._service.opener.origin(self._slot.target)
 
 
 class ServiceDisks:

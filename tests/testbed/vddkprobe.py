@@ -48,6 +48,8 @@ class Job:
     digest: bool = True  # read the whole disk, report its SHA-256
     queries: tuple[tuple[int, int, int], ...] = ()  # (start, sectors, chunk)
     reads: tuple[tuple[int, int], ...] = ()  # (start, sectors): error and SHA-256 of each
+    locks: bool = False  # list the lock files beside the disk while it is open
+    abandon: bool = False  # never Close it: the process ends with it open, as if killed
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Seen:
     read_error: int = 0  # of the whole-disk read
     queries: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
     reads: list[tuple[int, str | None]] = field(default_factory=list)
+    locks: list[str] = field(default_factory=list)  # "<file>.lck/M*.lck", sorted
 
 
 def vmware_library(vddk: Path) -> Path:
@@ -91,6 +94,7 @@ def probe(library: Path, jobs: Sequence[Job], env: dict[str, str] | None = None)
         raise RuntimeError(f"vddkprobe on {library} exited with {proc.returncode}: {proc.stderr}")
     out = []
     for r in json.loads(proc.stdout.splitlines()[-1]):
+        r["locks"] = list(r.get("locks", []))
         r["queries"] = [(e, [tuple(b) for b in blocks]) for e, blocks in r["queries"]]
         r["reads"] = [tuple(x) for x in r["reads"]]
         out.append(Seen(**r))
@@ -117,6 +121,9 @@ def _run(library: str, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if err:
         raise RuntimeError(f"ConnectEx: {err}")
     out = [_job(ffi, lib, conn[0], _from_json(j)) for j in jobs]
+    if any(j["abandon"] for j in jobs):
+        print(json.dumps(out), flush=True)
+        os._exit(0)  # no Close, Disconnect or Exit: what a killed process leaves
     lib.VixDiskLib_Disconnect(conn[0])
     lib.VixDiskLib_FreeConnectParams(params)
     lib.VixDiskLib_Exit()
@@ -130,6 +137,17 @@ def _from_json(j: dict[str, Any]) -> Job:
         digest=j["digest"],
         queries=tuple((a, b, c) for a, b, c in j["queries"]),
         reads=tuple((a, b) for a, b in j["reads"]),
+        locks=j["locks"],
+        abandon=j["abandon"],
+    )
+
+
+def lock_files(folder: Path) -> list[str]:
+    """The lock files in `folder`, as "<file>.lck/M*.lck" (the member's number is random)."""
+    return sorted(
+        f"{d.name}/{re.sub(r'^M[0-9]{5}[.]lck$', 'M*.lck', m.name)}" if m else f"{d.name}/"
+        for d in folder.glob("*.lck")
+        for m in (sorted(d.iterdir()) or [None])
     )
 
 
@@ -155,6 +173,7 @@ def _job(ffi: Any, lib: Any, conn: Any, job: Job) -> dict[str, Any]:
             "read_error": 0,
             "queries": [],
             "reads": [],
+            "locks": lock_files(Path(job.path).parent) if job.locks else [],
         }
         lib.VixDiskLib_FreeInfo(i)
         buf = ffi.new("uint8_t[]", REQUEST * SECTOR)
@@ -185,7 +204,8 @@ def _job(ffi: Any, lib: Any, conn: Any, job: Job) -> dict[str, Any]:
             seen["queries"].append((int(err) & 0xFFFF, blocks))
         return seen
     finally:
-        lib.VixDiskLib_Close(h)
+        if not job.abandon:
+            lib.VixDiskLib_Close(h)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ static const char *k_env[] = {
     "VDDK_STANDIN_FAIL_CONNECT_CODE", "VDDK_STANDIN_FAIL_CONNECT_FIRST",
     "VDDK_STANDIN_FAIL_CONNECT_AFTER", "VDDK_STANDIN_FAIL_OPEN_CODE",
     "VDDK_STANDIN_FAIL_OPEN_FIRST", "VDDK_STANDIN_FAIL_OPEN_AFTER",
-    "VDDK_STANDIN_LOG", "VDDK_STANDIN_LOG_READS", "VDDK_STANDIN_ASYNC_THREADS", NULL};
+    "VDDK_STANDIN_LOG", "VDDK_STANDIN_LOG_READS", "VDDK_STANDIN_ASYNC_THREADS",
+    "VDDK_STANDIN_NFC_SESSION_BYTES", "VDDK_STANDIN_NFC_HOST_BYTES", NULL};
 
 static char g_logpath[PATH_MAX];
 /* Clears every switch, then sets the images dir and a fresh call log named after the phase. */
@@ -652,6 +653,61 @@ static void phase_inline_bw(void) {
     free(rb.buf);
 }
 
+/* ESXi's host-wide NFC memory: two sessions of one host share it. A local file crosses no
+   network: latency and bandwidth caps do not slow it. */
+static void phase_nfc_host(void) {
+    env_reset("nfchost");
+    setenv("VDDK_STANDIN_NFC_HOST_BYTES", "3145728", 1); /* 3 MiB */
+    setenv("VDDK_STANDIN_LATENCY_US", "100000", 1);
+    init();
+    VixDiskLibConnection c1 = NULL, c2 = NULL;
+    CHECK_ERR(connect_server("ivd-1", NULL, "nbdssl", &c1), VIX_OK);
+    CHECK_ERR(connect_server("ivd-1", NULL, "nbdssl", &c2), VIX_OK);
+    VixDiskLibHandle h1 = open_ro(c1, NULL), h2 = open_ro(c2, NULL);
+    uint8_t *buf = malloc(3 * 4096 * SECTOR);
+    slot_t s[3];
+    memset(s, 0, sizeof(s));
+    CHECK_ERR(VixDiskLib_ReadAsync(h1, 0, 4096, buf, on_done, &s[0]), VIX_ASYNC);
+    CHECK_ERR(VixDiskLib_ReadAsync(h2, 0, 4096, buf + 4096 * SECTOR, on_done, &s[1]), VIX_ASYNC);
+    CHECK_ERR(VixDiskLib_Wait(h1), VIX_OK);
+    CHECK_ERR(VixDiskLib_Wait(h2), VIX_OK);
+    CHECK(s[0].err == VIX_OK, "the first 2 MiB fit the host: %llu", (unsigned long long)s[0].err);
+    CHECK(s[1].err == VIX_E_OUT_OF_MEMORY, "2 + 2 MiB exceed a 3 MiB host: %llu",
+          (unsigned long long)s[1].err);
+    /* Given back at completion: the host has room again. */
+    CHECK_ERR(VixDiskLib_ReadAsync(h2, 0, 4096, buf, on_done, &s[2]), VIX_ASYNC);
+    CHECK_ERR(VixDiskLib_Wait(h2), VIX_OK);
+    CHECK(s[2].err == VIX_OK, "room again: %llu", (unsigned long long)s[2].err);
+    CHECK_ERR(VixDiskLib_Close(h1), VIX_OK);
+    CHECK_ERR(VixDiskLib_Close(h2), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c1), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c2), VIX_OK);
+    VixDiskLib_Exit();
+    char *log = slurp(g_logpath);
+    CHECK(count(log, "VIOLATION nfc-host-memory func=ReadAsync") == 1, "one host violation");
+    CHECK(count(log, "VIOLATION nfc-session-memory") == 0, "no session violation");
+    free(log);
+
+    env_reset("localfast");
+    setenv("VDDK_STANDIN_LATENCY_US", "5000000", 1); /* 5 s a read, 1 byte/s: never local */
+    setenv("VDDK_STANDIN_HANDLE_BW", "1", 1);
+    setenv("VDDK_STANDIN_GLOBAL_BW", "1", 1);
+    init();
+    VixDiskLibConnectParams *p = VixDiskLib_AllocateConnectParams();
+    VixDiskLibConnection c = NULL;
+    CHECK_ERR(VixDiskLib_ConnectEx(p, 1, NULL, NULL, &c), VIX_OK);
+    VixDiskLib_FreeConnectParams(p);
+    VixDiskLibHandle h = open_ro(c, g_local);
+    double t0 = now_ms();
+    CHECK_ERR(VixDiskLib_Read(h, 0, 2048, buf), VIX_OK);
+    double dt = now_ms() - t0;
+    CHECK(dt < 2500, "a local read pays no network latency or bandwidth: %.0f ms", dt);
+    CHECK_ERR(VixDiskLib_Close(h), VIX_OK);
+    CHECK_ERR(VixDiskLib_Disconnect(c), VIX_OK);
+    VixDiskLib_Exit();
+    free(buf);
+}
+
 static void phase_faults(void) {
     VixDiskLibConnection c = NULL;
     VixDiskLibHandle h = NULL;
@@ -1111,6 +1167,7 @@ int main(int argc, char **argv) {
     phase_basic();
     phase_async();
     phase_inline_bw();
+    phase_nfc_host();
     phase_faults();
     phase_rules();
     phase_config();

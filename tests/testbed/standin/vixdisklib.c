@@ -7,8 +7,9 @@
  * mode VixDiskLib_Open names the file: a VMDK (descriptor or hosted sparse file, and its chain
  * of parents) is read through vmdk.c as real VDDK reads it, any other file as a raw disk.
  * Everything else (latency, bandwidth, faults, call log) is configured from VDDK_STANDIN_*
- * environment variables read at VixDiskLib_InitEx; see README.md. Files are only ever opened
- * O_RDONLY.
+ * environment variables read at VixDiskLib_InitEx; see README.md. Disks are only ever opened
+ * O_RDONLY; in local-file mode, like real VDDK, the stand-in makes a <link>.lck directory beside
+ * every VMDK link it opens, unless the filesystem is read-only (see lock_link).
  *
  * Handles and connections handed to the caller are tagged ids, not pointers, so that a stale
  * or foreign handle is detected (and logged as a VIOLATION) instead of being dereferenced.
@@ -21,11 +22,13 @@
  */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -87,6 +90,10 @@ _Static_assert(sizeof(VixDiskLibBlock) == 16, "block size");
    the stricter one issue 9 gives (16 x 2 MiB can exceed it, a default of 8 MiB in flight must
    not). */
 #define DEFAULT_NFC_SESSION_BYTES (8ULL << 20)
+/* ESXi also caps the NFC memory of all sessions of a host together: 48 MB on 6.x and 7.0,
+   96 MB on 8 (issue 24 quotes these figures; not verified here). The stand-in is one host
+   for every network handle of the process and takes the stricter figure. */
+#define DEFAULT_NFC_HOST_BYTES (48ULL << 20)
 /* Assumed, not verified against real VDDK: a request the NFC server cannot allocate for fails
    as "Memory allocation failed. Out of memory" (reports of real failures quote NFC error 5,
    "Failed to allocate the requested N bytes", but not the VixError VDDK makes of it). */
@@ -172,6 +179,7 @@ typedef struct {
     uint64_t short_nth;
     int async_threads;
     uint64_t nfc_session_bytes;
+    uint64_t nfc_host_bytes;
     char *hold_access;
 } config_t;
 
@@ -263,6 +271,8 @@ static void config_load(config_t *c) {
     if (c->async_threads > 64) c->async_threads = 64;
     c->nfc_session_bytes = env_u64("VDDK_STANDIN_NFC_SESSION_BYTES", 0);
     if (!c->nfc_session_bytes) c->nfc_session_bytes = DEFAULT_NFC_SESSION_BYTES;
+    c->nfc_host_bytes = env_u64("VDDK_STANDIN_NFC_HOST_BYTES", 0);
+    if (!c->nfc_host_bytes) c->nfc_host_bytes = DEFAULT_NFC_HOST_BYTES;
     c->hold_access = dup_or_null(env_str("VDDK_STANDIN_HOLD_ACCESS"));
 }
 
@@ -277,6 +287,7 @@ static _Atomic uint64_t g_prepares, g_endaccess, g_reads, g_read_bytes, g_read_e
 static uint64_t g_next_conn_id, g_next_handle_id;
 static pthread_mutex_t g_bw_mu = PTHREAD_MUTEX_INITIALIZER;
 static int64_t g_global_next_free;
+static uint64_t g_nfc_host_held; /* bytes all network sessions hold on the host, under g_bw_mu */
 static pthread_mutex_t g_rand_mu = PTHREAD_MUTEX_INITIALIZER;
 static unsigned g_rand_state;
 static _Atomic uint64_t g_connects, g_opens; /* injection counters, from InitEx */
@@ -435,6 +446,8 @@ typedef struct handle {
     int64_t next_free; /* per-handle bandwidth reservation, under mu */
     uint64_t nfc_bytes; /* bytes of this session's requests the NFC server holds, under mu */
     vmdk_disk_t *vmdk;  /* local-file mode on a VMDK: its chain (NULL: a raw file) */
+    char **locks;       /* the lock files this handle made (NULL entries: none made) */
+    int nlocks;
 } handle_t;
 
 static conn_t *g_conns;
@@ -454,8 +467,11 @@ static void conn_put(conn_t *c) {
     free(c);
 }
 
+static void unlock_links(char **locks, int n);
+
 static void handle_put(handle_t *h) {
     if (atomic_fetch_sub(&h->refs, 1) != 1) return;
+    unlock_links(h->locks, h->nlocks);
     if (h->fd >= 0) close(h->fd);
     vmdk_close(h->vmdk);
     pthread_mutex_destroy(&h->mu);
@@ -590,7 +606,12 @@ static void plan_request(req_t *r) {
     }
     if (r->fault == FAULT_NONE && g_cfg.short_nth == r->seq) r->fault = FAULT_SHORT;
     int64_t now = mono_ns();
-    r->due = reserve_transfer(r->h, r->n * SECTOR, now) + g_cfg.latency_ns;
+    r->due = now;
+    /* Latency and bandwidth model the way to the ESXi host (its NFC server, or the SAN and
+       HotAdd paths it arranges). A local-file connection reads a file this host can read
+       itself: none of it applies. */
+    if (r->h->conn->server)
+        r->due = reserve_transfer(r->h, r->n * SECTOR, now) + g_cfg.latency_ns;
     /* One slow disk among fast ones (a busy datastore): extra latency for one IVD's reads. */
     if (g_cfg.slow_ivd && r->h->conn->ivd_id && !strcmp(g_cfg.slow_ivd, r->h->conn->ivd_id))
         r->due += g_cfg.slow_ns;
@@ -613,11 +634,29 @@ static uint64_t nfc_reserve(req_t *r, const char *func) {
     int over = held + bytes > g_cfg.nfc_session_bytes;
     if (!over) h->nfc_bytes += bytes;
     pthread_mutex_unlock(&h->mu);
+    if (over) {
+        violation("nfc-session-memory",
+                  "func=%s handle=%llu start=%llu n=%llu held=%llu limit=%llu", func,
+                  (unsigned long long)h->id, (unsigned long long)r->start,
+                  (unsigned long long)r->n, (unsigned long long)held,
+                  (unsigned long long)g_cfg.nfc_session_bytes);
+        r->fault = FAULT_NFC_MEMORY;
+        return 0;
+    }
+    /* The host's cap over all its sessions: assumed to fail the same way as a session's. */
+    pthread_mutex_lock(&g_bw_mu);
+    uint64_t host = g_nfc_host_held;
+    over = host + bytes > g_cfg.nfc_host_bytes;
+    if (!over) g_nfc_host_held += bytes;
+    pthread_mutex_unlock(&g_bw_mu);
     if (!over) return bytes;
-    violation("nfc-session-memory", "func=%s handle=%llu start=%llu n=%llu held=%llu limit=%llu",
+    pthread_mutex_lock(&h->mu);
+    h->nfc_bytes -= bytes;
+    pthread_mutex_unlock(&h->mu);
+    violation("nfc-host-memory", "func=%s handle=%llu start=%llu n=%llu held=%llu limit=%llu",
               func, (unsigned long long)h->id, (unsigned long long)r->start,
-              (unsigned long long)r->n, (unsigned long long)held,
-              (unsigned long long)g_cfg.nfc_session_bytes);
+              (unsigned long long)r->n, (unsigned long long)host,
+              (unsigned long long)g_cfg.nfc_host_bytes);
     r->fault = FAULT_NFC_MEMORY;
     return 0;
 }
@@ -627,6 +666,9 @@ static void nfc_release(handle_t *h, uint64_t bytes) {
     pthread_mutex_lock(&h->mu);
     h->nfc_bytes -= bytes;
     pthread_mutex_unlock(&h->mu);
+    pthread_mutex_lock(&g_bw_mu);
+    g_nfc_host_held -= bytes;
+    pthread_mutex_unlock(&g_bw_mu);
 }
 
 static int pread_full(int fd, uint8_t *buf, size_t len, off_t off) {
@@ -654,6 +696,90 @@ static VixError read_image(handle_t *h, uint8_t *buf, uint64_t off, size_t len) 
     if (err == VIX_OK) memcpy(buf, tmp + off % SECTOR, len);
     free(tmp);
     return err;
+}
+
+/* ---- lock files (real VDDK's local-file mode) ------------------------------------------ */
+/* Measured with VDDK 7.0.2: opening a VMDK, read-only or not, makes "<link>.lck/" (mode 0777)
+   beside every link of the chain (the descriptor, not its extent files), holding one member
+   "M<5 digits>.lck" of 512 bytes that names the process ("<id> <pid>-<start>(<name>) 1 S ...",
+   S: shared). Close removes member and directory; a process that dies leaves them, and the
+   next opener removes a member whose process is gone. Where the directory cannot be made (a
+   read-only filesystem) it warns with the two lines below (through the warning callback,
+   twice per link) and takes an implicit shared lock, writing nothing. The stand-in does the
+   same, so that a test of "writes nothing" means something. */
+static void reap_stale_locks(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (e->d_name[0] != 'M' || n < 5 || strcmp(e->d_name + n - 4, ".lck") != 0) continue;
+        char member[PATH_MAX];
+        if (snprintf(member, sizeof(member), "%s/%s", dir, e->d_name) >= (int)sizeof(member))
+            continue;
+        char text[512] = "";
+        int fd = open(member, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t k = read(fd, text, sizeof(text) - 1);
+        close(fd);
+        if (k <= 0) continue;
+        text[k] = 0;
+        const char *sp = strchr(text, ' ');
+        long pid = sp ? strtol(sp + 1, NULL, 10) : 0;
+        if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH) unlink(member);
+    }
+    closedir(d);
+}
+
+static char *lock_link(const char *path) {
+    char dir[PATH_MAX - 16], member[PATH_MAX];
+    if (snprintf(dir, sizeof(dir), "%s.lck", path) >= (int)sizeof(dir)) return NULL;
+    int made = mkdir(dir, 0777) == 0;
+    if (!made && errno != EEXIST) {
+        /* VDDK 7.0.2 sends both through the warning callback, twice per link (measured). */
+        int e = errno;
+        for (int i = 0; i < 2; i++) {
+            WARN_MSG("FILE: FileLockCreateEntryDirectory creation failure on '%s': %s\n", dir,
+                     strerror(e));
+            WARN_MSG("FILE: FileLockIntrinsicPortable implicit S lock succeeded on '%s'.\n",
+                     path);
+        }
+        return NULL;
+    }
+    if (made) chmod(dir, 0777); /* as VDDK leaves it, whatever the umask */
+    reap_stale_locks(dir);
+    unsigned seed = (unsigned)getpid() ^ (unsigned)mono_ns();
+    for (int tries = 0; tries < 100; tries++) {
+        snprintf(member, sizeof(member), "%s/M%05u.lck", dir, (unsigned)rand_r(&seed) % 100000);
+        int fd = open(member, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0 && errno == EEXIST) continue;
+        if (fd < 0) break;
+        char text[512];
+        memset(text, 0, sizeof(text));
+        snprintf(text, sizeof(text), "standin %d-0(vddk-standin) 1 S 0 lc=0", (int)getpid());
+        ssize_t k = write(fd, text, sizeof(text));
+        close(fd);
+        if (k == (ssize_t)sizeof(text)) return strdup(member);
+        unlink(member);
+        break;
+    }
+    rmdir(dir); /* only if empty: another opener's lock stays */
+    return NULL;
+}
+
+static void unlock_links(char **locks, int n) {
+    if (!locks) return;
+    for (int i = 0; i < n; i++) {
+        if (!locks[i]) continue;
+        unlink(locks[i]);
+        char *slash = strrchr(locks[i], '/');
+        if (slash) {
+            *slash = 0;
+            rmdir(locks[i]); /* fails, as it should, while another opener holds a lock */
+        }
+        free(locks[i]);
+    }
+    free(locks);
 }
 
 /* Opens the VMDK chain of a local-file handle when `fd` holds a VMDK or its name ends in
@@ -689,10 +815,11 @@ static VixError execute_request(req_t *r) {
     } else if (r->fault == FAULT_NFC_MEMORY) {
         memset(r->buf, 0xA5, bytes);
         err = NFC_MEMORY_CODE;
-        WARN_MSG("VixDiskLib stand-in: read #%llu (handle %llu) exceeds the NFC session's "
-                 "memory (%llu bytes): error %llu.\n",
+        WARN_MSG("VixDiskLib stand-in: read #%llu (handle %llu) exceeds the NFC memory of its "
+                 "session (%llu bytes) or of the host (%llu bytes): error %llu.\n",
                  (unsigned long long)r->seq, (unsigned long long)h->id,
-                 (unsigned long long)g_cfg.nfc_session_bytes, (unsigned long long)err);
+                 (unsigned long long)g_cfg.nfc_session_bytes,
+                 (unsigned long long)g_cfg.nfc_host_bytes, (unsigned long long)err);
     } else if (r->fault == FAULT_FAIL) {
         memset(r->buf, 0xA5, bytes); /* poison: a caller that uses the data anyway notices */
         err = g_cfg.fail_code;
@@ -1580,6 +1707,12 @@ EXPORT VixError VixDiskLib_Open(const VixDiskLibConnection connection, const cha
     fd = -1;
     h->vmdk = vmdk;
     vmdk = NULL;
+    if (h->vmdk) {
+        h->nlocks = vmdk_num_links(h->vmdk);
+        h->locks = calloc((size_t)h->nlocks, sizeof(char *));
+        for (int i = 0; h->locks && i < h->nlocks; i++)
+            h->locks[i] = lock_link(vmdk_link_path(h->vmdk, i));
+    }
     h->capacity = size / SECTOR;
     h->path = strdup(file);
     h->transport = transport;
@@ -2064,7 +2197,7 @@ EXPORT VixError VixDiskLib_QueryAllocatedBlocks(VixDiskLibHandle diskHandle,
         err = CONN_LOST_CODE;
         goto out;
     }
-    sleep_ns(g_cfg.latency_ns);
+    if (h->conn->server) sleep_ns(g_cfg.latency_ns); /* a local file crosses no network */
     if (h->vmdk) {
         err = vmdk_query_allocated(h->vmdk, startSector, numSectors, chunkSize, &runs, &nruns);
         if (err != VIX_OK) goto out;

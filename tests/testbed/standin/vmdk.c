@@ -9,9 +9,9 @@
  * is more lenient than the specification (a descriptor size of "2x48", a zero-sized extent),
  * this reader is the stricter one, and says so where it decides.
  *
- * Nothing here writes: every file is opened O_RDONLY | O_CLOEXEC, and no lock file is made next
- * to the disk (real VDDK makes <file>.lck directories when it can, and falls back to an
- * implicit shared lock on a read-only filesystem).
+ * Nothing here writes: every file is opened O_RDONLY | O_CLOEXEC. The <link>.lck directories
+ * real VDDK makes beside each link it opens (when the filesystem lets it) are made by
+ * vixdisklib.c, from vmdk_link_path.
  *
  * Errors are the VixErrors real VDDK gives: 16063 for a file that is not a virtual disk,
  * 16006 (needs repair) for an unclean shutdown or a bad grain size, 16011 for an unknown
@@ -790,6 +790,10 @@ fail:
 uint64_t vmdk_capacity(const vmdk_disk_t *d) { return d->links[0].capacity; }
 
 int vmdk_num_links(const vmdk_disk_t *d) { return d->nlinks; }
+
+const char *vmdk_link_path(const vmdk_disk_t *d, int i) {
+    return i >= 0 && i < d->nlinks ? d->links[i].path : NULL;
+}
 
 const char *vmdk_parent_hint(const vmdk_disk_t *d) { return d->links[d->nlinks - 1].hint; }
 

@@ -4,7 +4,8 @@
  * Written from VMware's "Virtual Disk Format 1.1" specification and from the behaviour of the
  * real VDDK 7.0.2 measured on the files it writes (see vmdk.c and README.md). A disk is a chain
  * of links: the file that Open names, then its parents through parentFileNameHint. Every file
- * is opened O_RDONLY and nothing is ever written, created or locked.
+ * is opened O_RDONLY and nothing is ever written; the lock files real VDDK makes beside each
+ * link are the caller's business (vixdisklib.c, vmdk_link_path).
  *
  * Concurrency: one vmdk_disk_t may be read from several threads at once (grain tables are
  * loaded under a per-extent lock); open and close belong to one thread.
@@ -35,6 +36,8 @@ void vmdk_close(vmdk_disk_t *d);
 
 uint64_t vmdk_capacity(const vmdk_disk_t *d); /* sectors, from the top link's descriptor */
 int vmdk_num_links(const vmdk_disk_t *d);
+/* The file of link `i` (0: the one Open named, then its parents), as opened. */
+const char *vmdk_link_path(const vmdk_disk_t *d, int i);
 /* What GetInfo reports: the bottom link's parentFileNameHint (NULL for a complete chain; the
    opened link's own hint with single_link). */
 const char *vmdk_parent_hint(const vmdk_disk_t *d);
