@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from ivdfs import __version__, settings
 from ivdfs.config import (
@@ -25,16 +25,15 @@ from ivdfs.config import (
     MountConfig,
     Secret,
     ServerConfig,
+    VddkOptions,
     load_config_file,
     normalize_thumbprint,
     parse_server,
     read_password_file,
 )
-from ivdfs.errors import ExitCode, IvdfsError, UserError, exit_code_of
+from ivdfs.errors import ExitCode, IvdfsError, TlsProblem, UsageError, UserError, exit_code_of
 from ivdfs.settings import Values
-
-if TYPE_CHECKING:
-    from ivdfs.commands.admin import VddkOptions
+from ivdfs.vddk.errors import VddkLoadError
 
 log = logging.getLogger("ivdfs")
 
@@ -227,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         "that tool's own '<hex>  <file>' line",
     )
 
-    audit = sub.add_parser("audit", help="check an --audit-log journal")
+    audit = sub.add_parser("audit", help="check an --audit-log audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     audit_sub.required = True
     av = _command(
         audit_sub,
         "verify",
         "audit verify",
-        "verify a journal's hash chain and summarise who read what",
-        "Check every line of FILE (an ivdfs mount --audit-log journal): its own hash, its "
+        "verify an audit log's hash chain and summarise who read what",
+        "Check every line of FILE (an ivdfs mount --audit-log FILE): its own hash, its "
         "number and its link to the line before. Prints the mount sessions, each process's "
         "reads per file and the evidence hashes recorded, and the head (last line and its "
         "hash): note it, and pass it later with --head to show that nothing was cut off or "
@@ -277,7 +276,7 @@ def server_config(v: Values) -> ServerConfig:
     # Absolute: the detached daemon changes to / before it connects.
     ca_file = v.ca_file.expanduser().absolute() if v.ca_file else None
     if ca_file is not None and not ca_file.is_file():
-        raise UserError(f"CA file {ca_file} does not exist", ExitCode.TLS)
+        raise TlsProblem(f"CA file {ca_file} does not exist")
     return ServerConfig(
         host=host,
         port=port,
@@ -293,57 +292,18 @@ def server_config(v: Values) -> ServerConfig:
 
 def vddk_libdir(v: Values) -> Path:
     if v.vddk_libdir is None:
-        raise UserError(
-            "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
-        )
-    return Path(v.vddk_libdir).expanduser().absolute()
-
-
-def _options(values: tuple[str, ...]) -> tuple[str, ...]:
-    # config=FILE is ours (fstab lines can only pass -o options), not a FUSE option.
-    return tuple(
-        o.strip()
-        for opt in values
-        for o in opt.split(",")
-        if o.strip() and not o.strip().startswith("config=")
-    )
+        raise VddkLoadError("no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR")
+    libdir: Path = v.vddk_libdir
+    return libdir
 
 
 def mount_config(v: Values, mountpoint: Path) -> MountConfig:
-    libdir = vddk_libdir(v)
+    vddk_libdir(v)
     if v.cache_size < 2 * v.block_size:
         raise UserError(f"--cache-size: must hold at least two blocks ({2 * v.block_size} bytes)")
     if v.max_connections < v.vddk_handles:
         raise UserError("--max-connections must be at least --vddk-handles")
-    return MountConfig(
-        server=server_config(v),
-        vddk_libdir=libdir,
-        mountpoint=mountpoint.expanduser().absolute(),
-        foreground=v.foreground,
-        fuse_options=_options(v.options),
-        cache_size=v.cache_size,
-        block_size=v.block_size,
-        debug=v.debug,
-        log_file=v.log.expanduser().absolute() if v.log else None,
-        transport_modes=v.transport,
-        vddk_config=_vddk_config(v),
-        nfc_host_port=v.nfc_host_port,
-        prefetch=v.prefetch,
-        vddk_handles=v.vddk_handles,
-        use_async=v.use_async,
-        in_flight_bytes=v.max_in_flight,
-        max_connections=v.max_connections,
-        idle_timeout=v.idle_timeout,
-        refresh=v.refresh,
-        snapshot_now=v.snapshot_now,
-        datastores=v.datastores,
-        ivds=v.ivds,
-        volumes=v.volumes,
-        guestfs_memory=v.guestfs_memory,
-        vcenter_connections=v.vcenter_connections,
-        audit_log=v.audit_log.expanduser().absolute() if v.audit_log else None,
-        hashes=v.hashes,
-    )
+    return MountConfig.of(v, server_config(v), mountpoint)
 
 
 def setup_logging(debug: bool, log_file: Path | None) -> IO[str] | None:
@@ -393,7 +353,7 @@ def _mount(args: argparse.Namespace, v: Values) -> int:
     from ivdfs import mount
 
     cfg = mount_config(v, args.mountpoint)
-    stream = setup_logging(cfg.debug, cfg.log_file)
+    stream = setup_logging(cfg.debug, cfg.log)
     mount.enable_crash_traces(stream)
     mount.quiet_aborted_replies()
     if cfg.foreground:
@@ -406,7 +366,7 @@ def _ls(args: argparse.Namespace, v: Values) -> int:
 
     if args.all:
         if args.datastore is not None:
-            raise UserError("ls --all takes no DATASTORE", ExitCode.USAGE)
+            raise UsageError("ls --all takes no DATASTORE")
         return inventory.ls_all(server_config(v), args.json, v.vcenter_connections)
     return inventory.ls(
         server_config(v), args.datastore, args.ivd, args.json, v.vcenter_connections
@@ -433,14 +393,7 @@ def _changes(args: argparse.Namespace, v: Values) -> int:
 
 def vddk_options(v: Values, libdir: Path) -> VddkOptions:
     """The VDDK settings of a command that loads VDDK outside a mount, as mount takes them."""
-    from ivdfs.commands.admin import VddkOptions
-
-    return VddkOptions(libdir, _vddk_config(v), v.nfc_host_port)
-
-
-def _vddk_config(v: Values) -> Path | None:
-    # Absolute: the detached daemon changes to / before VDDK reads it.
-    return v.vddk_config.expanduser().absolute() if v.vddk_config else None
+    return VddkOptions(libdir, v.vddk_config, v.nfc_host_port)
 
 
 def _check(args: argparse.Namespace, v: Values) -> int:
@@ -448,7 +401,7 @@ def _check(args: argparse.Namespace, v: Values) -> int:
 
     try:
         vddk: VddkOptions | None = vddk_options(v, vddk_libdir(v))
-    except UserError:
+    except VddkLoadError:
         vddk = None  # reported by the check itself, after the vCenter steps
     # --volumes decides whether VixMntapi must load; a command without it mounts none.
     return check.check(server_config(v), vddk, v.transport, v.get("volumes", "none"))
@@ -494,10 +447,8 @@ def _hash(args: argparse.Namespace, v: Values) -> int:
 
     return hash_cmd.hash_snapshot(
         server_config(v),
-        vddk_libdir(v),
-        v.vddk_config.expanduser().absolute() if v.vddk_config else None,
+        vddk_options(v, vddk_libdir(v)),
         v.transport,
-        v.nfc_host_port,
         args.ivd,
         args.snapshot,
         args.partition,
@@ -523,7 +474,7 @@ def _vddk_search_path(v: Values, fallback: Path | None = None) -> None:
 
     try:
         libdir = vddk_libdir(v)
-    except UserError:
+    except VddkLoadError:
         if fallback is None:
             return  # the command reports it
         libdir = fallback

@@ -1,5 +1,11 @@
 """Immutable configuration, built once from flags, environment, a config file and prompts.
 
+`MountConfig` has a field for each setting of `ivdfs mount`, named as the settings table
+(`ivdfs.settings`) names it, and no default of its own: it is built from the resolved values
+(`MountConfig.of`). The views that the layers take (`Limits` for the disk service,
+`TreeSettings`, `VolumeSettings`) are derived from it here, and take their defaults from the
+table when a test builds one by hand.
+
 Precedence is flag > environment > config file > built-in default. The config file
 (`~/.config/ivdfs/config.toml`, `--config FILE` or IVDFS_CONFIG) is TOML with the long option
 names as keys (`server`, `user`, `password_file`, `ca_file`, `thumbprint`, `insecure`,
@@ -12,7 +18,7 @@ Nothing here is shared between threads after start-up.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
 import stat
 import tomllib
@@ -20,18 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import UserError
+from ivdfs.settings import default, env
 
 DEFAULT_PORT = 443
-DEFAULT_CACHE_SIZE = 256 * 1024 * 1024
-DEFAULT_BLOCK_SIZE = 1024 * 1024
-# Seconds vCenter/ESXi gets to answer each step (connect, handshake, call, task poll).
-DEFAULT_VCENTER_TIMEOUT = 30.0
 # Shown to VDDK and vCenter as who holds the disk; VDDK caps identities at 50 characters.
 ACCESS_IDENTITY = "ivdfs read-only snapshot access"
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class Secret:
@@ -55,16 +55,6 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """'256M' -> 268435456. Binary units; a bare number is bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise UserError(
-            f"invalid {what} {text!r}: use a number with an optional K, M, G or T suffix"
-        )
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -103,8 +93,7 @@ def read_password_file(path: Path) -> str:
         st = path.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
             raise UserError(
-                f"password file {path} is readable by group or others; run: chmod 600 {path}",
-                ExitCode.CONFIG,
+                f"password file {path} is readable by group or others; run: chmod 600 {path}"
             )
         text = path.read_text(encoding="utf-8")
     except UserError:
@@ -132,45 +121,145 @@ class ServerConfig:
     # Where the password came from, if a file: named in printed advice (never the password).
     password_file: Path | None = None
     # --vcenter-timeout: the deadline of each connect, handshake, call and task poll.
-    timeout: float = DEFAULT_VCENTER_TIMEOUT
+    timeout: float = default("vcenter_timeout")
+
+
+@dataclass(frozen=True)
+class VddkOptions:
+    """Where VDDK is and how to start it, for the commands that load it outside a mount as a
+    mount does: `--vddk-libdir`, `--vddk-config` (InitEx's config file; None: ivdfs's private
+    one) and `--nfc-host-port` (0: VDDK's default)."""
+
+    libdir: Path
+    config_file: Path | None
+    nfc_host_port: int
+
+    def options(self) -> list[str]:
+        """These settings as command-line options, for printed advice."""
+        out = ["--vddk-libdir", str(self.libdir)]
+        if self.config_file is not None:
+            out += ["--vddk-config", str(self.config_file)]
+        if self.nfc_host_port:
+            out += ["--nfc-host-port", str(self.nfc_host_port)]
+        return out
+
+
+# --- the views the layers take ----------------------------------------------------------------
+
+# Not options: the connection cap's policy (ivdfs.vddk.service). A disk in use is closed for
+# another only once it has been open MIN_OPEN seconds, and a held disk nobody has read for
+# IN_USE_GAP counts as unused.
+MIN_OPEN = 3.0
+IN_USE_GAP = 0.25
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds the disk service (ivdfs.vddk.service)."""
+
+    max_connections: int = default("max_connections")
+    idle_timeout: float = default("idle_timeout")
+    handles_per_disk: int = default("vddk_handles")
+    use_async: bool = default("use_async")
+    in_flight_bytes: int = default("max_in_flight")
+    block_size: int = default("block_size")
+    min_open: float = MIN_OPEN
+    in_use_gap: float = IN_USE_GAP
+    legacy: bool = False  # the cap and access policy before issue 28 (benchmarks only)
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """How the tree (ivdfs.tree) reads and refreshes."""
+
+    block_size: int = default("block_size")
+    # Seconds after which a directory listing re-queries vCenter; 0: load once, never again.
+    refresh: float = default("refresh")
+    # Largest read-ahead window of a sequential reader, in blocks (0: none).
+    max_prefetch: int = default("prefetch")
+    # Inventory queries at once (the vCenter session's pool).
+    inventory_threads: int = default("vcenter_connections")
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """Which volume backend, and what bounds it (ivdfs.volumes.setup)."""
+
+    mode: str = default("volumes")
+    idle_timeout: float = default("idle_timeout")  # guestfs: stop an appliance unused this long
+    guestfs_memory: int = default("guestfs_memory")  # guestfs: all running appliances together
 
 
 @dataclass(frozen=True)
 class MountConfig:
-    """What `ivdfs mount` needs, resolved and validated (see ivdfs.settings for each one)."""
+    """What `ivdfs mount` needs, resolved and validated: a field per setting (see
+    ivdfs.settings for each one), besides the server's (in `server`) and the mountpoint."""
 
     server: ServerConfig
-    vddk_libdir: Path
     mountpoint: Path
-    foreground: bool = False
-    fuse_options: tuple[str, ...] = ()
-    cache_size: int = DEFAULT_CACHE_SIZE
-    block_size: int = DEFAULT_BLOCK_SIZE
-    debug: bool = False
-    log_file: Path | None = None
-    transport_modes: str | None = None
-    vddk_config: Path | None = None
-    nfc_host_port: int = 0
-    prefetch: int = 16
-    vddk_handles: int = 1
-    use_async: bool = True
-    in_flight_bytes: int = 8 << 20
-    max_connections: int = 8
-    idle_timeout: float = 60.0
-    refresh: float = 60.0
-    snapshot_now: tuple[str, ...] = ()
-    datastores: tuple[str, ...] = ()
-    ivds: tuple[str, ...] = ()
-    volumes: str = "none"
-    guestfs_memory: int = 2 << 30
-    vcenter_connections: int = 8
-    audit_log: Path | None = None
-    hashes: bool = False
+    vddk_libdir: Path
+    vddk_config: Path | None
+    transport: str | None
+    nfc_host_port: int
+    cache_size: int
+    block_size: int
+    prefetch: int
+    vddk_handles: int
+    use_async: bool
+    max_in_flight: int
+    max_connections: int
+    idle_timeout: float
+    volumes: str
+    guestfs_memory: int
+    refresh: float
+    snapshot_now: tuple[str, ...]
+    datastores: tuple[str, ...]
+    ivds: tuple[str, ...]
+    vcenter_connections: int
+    foreground: bool
+    options: tuple[str, ...]  # FUSE options, one a word (config=FILE taken out)
+    debug: bool
+    log: Path | None
+    audit_log: Path | None
+    hashes: bool
+
+    @classmethod
+    def of(cls, values: dict[str, Any], server: ServerConfig, mountpoint: Path) -> MountConfig:
+        """From the resolved settings of `ivdfs mount` (`ivdfs.settings.resolve`)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"server", "mountpoint"}
+        given = {name: values[name] for name in fields}
+        given["options"] = option_words(values["options"])
+        return cls(server=server, mountpoint=mountpoint.expanduser().absolute(), **given)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_connections=self.max_connections,
+            idle_timeout=self.idle_timeout,
+            handles_per_disk=self.vddk_handles,
+            use_async=self.use_async,
+            in_flight_bytes=self.max_in_flight,
+            block_size=self.block_size,
+        )
+
+    @property
+    def tree(self) -> TreeSettings:
+        return TreeSettings(self.block_size, self.refresh, self.prefetch, self.vcenter_connections)
+
+    @property
+    def volume_settings(self) -> VolumeSettings:
+        return VolumeSettings(self.volumes, self.idle_timeout, self.guestfs_memory)
 
 
-def env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value if value else None
+def option_words(values: tuple[str, ...]) -> tuple[str, ...]:
+    """-o values as single options; config=FILE is ours (fstab lines can only pass -o
+    options), not a FUSE option."""
+    return tuple(
+        o.strip()
+        for opt in values
+        for o in opt.split(",")
+        if o.strip() and not o.strip().startswith("config=")
+    )
 
 
 # --- the config file ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Exception types shared by every layer.
+"""Exception types shared by every layer, each carrying the exit code it ends a command with.
 
 A `UserError` is a failure the user can fix: the CLI prints its one-line message without a
-traceback and exits with its code. Exit codes are distinct per failure class so scripts can tell
-them apart.
+traceback. Every error type names its exit code once (`exit_code`), and `exit_code_of` reads
+it, so no call site wraps an error only to choose a code. Exit codes are distinct per failure
+class so scripts can tell them apart.
 """
 
 from __future__ import annotations
@@ -30,19 +31,45 @@ class ExitCode(enum.IntEnum):
 class IvdfsError(Exception):
     """Base of every error ivdfs raises on purpose."""
 
+    exit_code: int = ExitCode.INTERNAL
+
 
 class UserError(IvdfsError):
-    def __init__(self, message: str, exit_code: ExitCode = ExitCode.CONFIG) -> None:
+    """A bad setting or input, said in one line (exit 3); subclasses for other classes."""
+
+    exit_code: int = ExitCode.CONFIG
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.exit_code = exit_code
 
     def __str__(self) -> str:
         return self.message
 
 
+class UsageError(UserError):
+    """Arguments that do not go together (exit 2, as argparse's own errors)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class MountpointError(UserError):
+    """The mountpoint cannot take a mount (missing, busy, not empty), or one cannot be
+    unmounted."""
+
+    exit_code = ExitCode.MOUNTPOINT
+
+
+class FuseError(UserError):
+    """The kernel's FUSE refused or ended the mount."""
+
+    exit_code = ExitCode.FUSE
+
+
 class NotFound(IvdfsError):
     """A name or object that does not exist (ENOENT at the FUSE boundary)."""
+
+    exit_code = ExitCode.NOT_FOUND
 
 
 class BackendError(IvdfsError):
@@ -51,6 +78,8 @@ class BackendError(IvdfsError):
     `quiet`: the failure was already logged (a remembered failure answered again without a new
     attempt), so the FUSE boundary turns it into EIO without another log line.
     """
+
+    exit_code = ExitCode.VSPHERE
 
     def __init__(self, message: str = "", *, quiet: bool = False) -> None:
         super().__init__(message)
@@ -61,27 +90,40 @@ class TaskFailed(BackendError):
     """A vCenter task (creating or deleting a snapshot) ended in error or never ended; the
     message names the task and vCenter's reason. A BackendError, so EIO at the FUSE boundary."""
 
+    exit_code = ExitCode.VSPHERE
+
 
 class NotSupported(IvdfsError):
     """The server cannot answer, and asking again will not change that: changed block
     tracking was off for the IVD or its snapshot, the server refuses the change id, or the
     server (an ESXi host) has no such query. The message says which, in one line."""
 
+    exit_code = ExitCode.NOT_SUPPORTED
+
 
 class LoginRefused(IvdfsError):
     """vCenter/ESXi refused the user, its password or its privileges."""
+
+    exit_code = ExitCode.AUTH
 
 
 class Unreachable(IvdfsError):
     """The server cannot be reached, or does not answer as vSphere."""
 
+    exit_code = ExitCode.CONNECT
+
 
 class TlsProblem(IvdfsError):
-    """The server's certificate failed verification or did not match the pinned thumbprint."""
+    """The server's certificate failed verification or did not match the pinned thumbprint
+    (or the CA file to verify it with is missing)."""
+
+    exit_code = ExitCode.TLS
 
 
 class Ambiguous(IvdfsError):
     """A name the user typed matches several objects; the message lists them."""
+
+    exit_code = ExitCode.USAGE
 
 
 class Interrupted(IvdfsError):
@@ -89,29 +131,10 @@ class Interrupted(IvdfsError):
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
+        self.exit_code = 128 + signum  # as a shell reports a process ended by that signal
         super().__init__(f"received {signal.Signals(signum).name} during start-up; nothing mounted")
 
 
 def exit_code_of(e: BaseException) -> int:
     """The one mapping from a failure to the process exit code (CLI and detached start-up)."""
-    if isinstance(e, UserError):
-        return e.exit_code
-    if isinstance(e, Interrupted):
-        return 128 + e.signum  # as a shell reports a process ended by that signal
-    if isinstance(e, NotFound):
-        return ExitCode.NOT_FOUND
-    if isinstance(e, LoginRefused):
-        return ExitCode.AUTH
-    if isinstance(e, Unreachable):
-        return ExitCode.CONNECT
-    if isinstance(e, TlsProblem):
-        return ExitCode.TLS
-    if isinstance(e, Ambiguous):
-        return ExitCode.USAGE
-    if isinstance(e, TaskFailed):  # vCenter's refusal, whatever other backend failures map to
-        return ExitCode.VSPHERE
-    if isinstance(e, BackendError):
-        return ExitCode.VSPHERE
-    if isinstance(e, NotSupported):
-        return ExitCode.NOT_SUPPORTED
-    return ExitCode.INTERNAL
+    return e.exit_code if isinstance(e, IvdfsError) else ExitCode.INTERNAL

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ivdfs import __version__
-from ivdfs.config import DEFAULT_VCENTER_TIMEOUT, ServerConfig
+from ivdfs.config import ServerConfig
+from ivdfs.settings import default
 
 FORMAT = 1
 # What a journal holds: each kind is undone by `ivdfs umount` (commands/recover.py).
@@ -99,7 +100,7 @@ def connection_options(server: ServerConfig) -> list[str]:
         out.append("--insecure")
     if server.password_file is not None:
         out += ["--password-file", str(server.password_file)]
-    if server.timeout != DEFAULT_VCENTER_TIMEOUT:
+    if server.timeout != default("vcenter_timeout"):
         out += ["--vcenter-timeout", f"{server.timeout:g}"]
     return out
 

@@ -17,6 +17,7 @@ mount is ready, so start-up errors still reach the terminal with a non-zero exit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import faulthandler
 import logging
@@ -37,12 +38,20 @@ import trio
 from ivdfs import journal as journal_mod
 from ivdfs import mountinfo
 from ivdfs.config import ACCESS_IDENTITY, MountConfig
-from ivdfs.errors import ExitCode, Interrupted, IvdfsError, UserError, exit_code_of
-from ivdfs.forensics.audit import AuditLog, start_fields
+from ivdfs.errors import (
+    ExitCode,
+    FuseError,
+    Interrupted,
+    IvdfsError,
+    MountpointError,
+    UserError,
+    exit_code_of,
+)
 from ivdfs.forensics.evidence import Evidence, Source
+from ivdfs.forensics.writer import AuditLog, start_fields
 from ivdfs.fs.connection import tune_connection
 from ivdfs.fs.operations import FILE_TIMEOUT, Operations, Presentation
-from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.snapshot_now import TemporarySnapshots
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.io import stats as io_stats
@@ -52,11 +61,10 @@ from ivdfs.io.prefetch import Prefetcher
 from ivdfs.io.readahead import raise_read_ahead
 from ivdfs.journal import Journal
 from ivdfs.tree.catalog import STATS_DIR, Subset
-from ivdfs.tree.tree import Tree, TreeSettings
-from ivdfs.vddk.connection import DiskTarget, ServerTarget
-from ivdfs.vddk.errors import VddkLoadError
+from ivdfs.tree.tree import Tree
+from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.service import DiskService, Limits, Slot
+from ivdfs.vddk.service import DiskService, Slot
 from ivdfs.volumes import setup as volumes_setup
 from ivdfs.volumes.base import Background
 
@@ -171,39 +179,35 @@ def check_mountpoint(mp: Path) -> None:
     stale = journal_mod.find(mp)
     if stale is not None:
         if stale.alive:
-            raise UserError(
-                f"{mp} is already served by ivdfs (pid {stale.pid})", ExitCode.MOUNTPOINT
-            )
-        raise UserError(
+            raise MountpointError(f"{mp} is already served by ivdfs (pid {stale.pid})")
+        raise MountpointError(
             f"{mp} has the leftovers of an ivdfs mount whose process (pid {stale.pid}) died; "
-            f"run `{stale.umount_advice()}` first, which undoes them",
-            ExitCode.MOUNTPOINT,
+            f"run `{stale.umount_advice()}` first, which undoes them"
         )
     try:
         st = mp.stat()
     except FileNotFoundError:
-        raise UserError(f"mountpoint {mp} does not exist", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp} does not exist") from None
     except OSError as e:
         hint = (
             "; a FUSE mount there has died: clear it with fusermount3 -u"
             if e.errno == errno.ENOTCONN
             else ""
         )
-        raise UserError(f"mountpoint {mp}: {e.strerror}{hint}", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp}: {e.strerror}{hint}") from None
     if mountinfo.find(mp) is not None or os.path.ismount(mp):
-        raise UserError(f"mountpoint {mp} is already a mount point", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"mountpoint {mp} is already a mount point")
     if not stat.S_ISDIR(st.st_mode):
-        raise UserError(f"mountpoint {mp} is not a directory", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"mountpoint {mp} is not a directory")
     try:
         if any(os.scandir(mp)):
-            raise UserError(f"mountpoint {mp} is not empty", ExitCode.MOUNTPOINT)
+            raise MountpointError(f"mountpoint {mp} is not empty")
     except PermissionError:
-        raise UserError(f"mountpoint {mp}: permission denied", ExitCode.MOUNTPOINT) from None
+        raise MountpointError(f"mountpoint {mp}: permission denied") from None
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UserError(
+        raise FuseError(
             "no permission to use /dev/fuse (is the fuse3 package installed and "
-            "are you allowed to use it?)",
-            ExitCode.FUSE,
+            "are you allowed to use it?)"
         )
 
 
@@ -220,15 +224,11 @@ class ServiceDisk:
     async def sector_size(self) -> int:
         return await self._service.sector_size(self._slot)
 
-    async def read(self, start_sector: int, nbytes: int) -> bytearray:
-        return await self._service.read(self._slot, start_sector, nbytes)
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
+        return await self._service.read(self._slot, start_sector, nbytes, background)
 
-    async def query_allocated(
-        self, start_sector: int, num_sectors: int, chunk_sectors: int
-    ) -> list[tuple[int, int]]:
-        return await self._service.query_allocated(
-            self._slot, start_sector, num_sectors, chunk_sectors
-        )
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+        return await self._service.allocated(self._slot, start, end, granularity)
 
     def hold(self) -> None:
         self._service.hold(self._slot)
@@ -245,7 +245,7 @@ class ServiceDisks:
         self.service = service
 
     def disk(self, ivd: Ivd, snapshot: Snapshot) -> ServiceDisk:
-        target = DiskTarget(ivd.id, ivd.datastore.moref, snapshot.id)
+        target = DiskTarget.of(ivd, snapshot)
         return ServiceDisk(self.service, self.service.slot(target))
 
 
@@ -315,15 +315,10 @@ def _run(
 ) -> int:
     check_mountpoint(cfg.mountpoint)
     options = fuse_options(
-        cfg.fuse_options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
+        cfg.options, cfg.refresh if cfg.refresh > 0 else FILE_TIMEOUT, cfg.block_size
     )
-    try:
-        lib = VddkLibrary(cfg.vddk_libdir)
-    except VddkLoadError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
-    volumes_factory = volumes_setup.prepare(
-        volumes_setup.VolumeSettings(cfg.volumes, cfg.idle_timeout, cfg.guestfs_memory), lib
-    )
+    lib = VddkLibrary(cfg.vddk_libdir)
+    volumes_factory = volumes_setup.prepare(cfg.volume_settings, lib)
     audit = _open_audit(cfg, signals, stack)
     s = cfg.server
     record = Journal(
@@ -333,7 +328,7 @@ def _run(
         user=s.user,
         identity=ACCESS_IDENTITY,
         vddk_libdir=str(cfg.vddk_libdir),
-        log=str(cfg.log_file) if cfg.log_file else None,
+        log=str(cfg.log) if cfg.log else None,
     )
     journal.append(record)
     signals.check()
@@ -346,10 +341,7 @@ def _run(
         audit.start(**start_fields(server=f"{s.host}:{s.port}", user=s.user,
                                    thumbprint=thumbprint, mountpoint=cfg.mountpoint))  # fmt: skip
     signals.check()
-    try:
-        lib.init(cfg.vddk_config)
-    except Exception as e:
-        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
+    lib.init(cfg.vddk_config)
     private_dir = lib.private_dir
     if private_dir is not None:
         # VDDK's (and VixMntapi's) tmpDirectory: VixMntapi mounts guest volumes in it.
@@ -365,17 +357,9 @@ def _run(
         lib,
         ServerTarget(s.host, s.port, s.user, s.password, thumbprint, cfg.nfc_host_port),
         ACCESS_IDENTITY,
-        cfg.transport_modes,
-        Limits(
-            max_connections=cfg.max_connections,
-            idle_timeout=cfg.idle_timeout,
-            handles_per_disk=cfg.vddk_handles,
-            use_async=cfg.use_async,
-            in_flight_bytes=cfg.in_flight_bytes,
-            block_size=cfg.block_size,
-            # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
-            legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1",
-        ),
+        cfg.transport,
+        # Not an option: the policy before issue 28, for scripts/bench's side-by-side row.
+        dataclasses.replace(cfg.limits, legacy=os.environ.get(LEGACY_LIFETIME_ENV) == "1"),
         holdings=record,
     )
     # After every later step's release: handles, then EndAccess of whatever is still prepared.
@@ -404,7 +388,8 @@ def _run(
         vs,
         ServiceDisks(service),
         cache,
-        TreeSettings(cfg.block_size, cfg.refresh, cfg.prefetch, subset, cfg.vcenter_connections),
+        cfg.tree,
+        subset=subset,
         prefetcher=prefetcher,
         volumes=volumes,
         mountpoint=cfg.mountpoint,
@@ -431,7 +416,7 @@ def _run(
         # A list, not a set: the order is ours, and a set's would change with the hash seed.
         pyfuse3.init(ops, str(cfg.mountpoint), list(options.libfuse))  # type: ignore[arg-type]
     except RuntimeError as e:
-        raise UserError(f"cannot mount on {cfg.mountpoint}: {e}", ExitCode.FUSE) from None
+        raise FuseError(f"cannot mount on {cfg.mountpoint}: {e}") from None
     served = _Served()
     stack.callback(_step("unmounting", lambda: _close_fuse(cfg.mountpoint, served)))
     record.set("state", "serving")
@@ -443,21 +428,19 @@ def _run(
     try:
         trio.run(_serve, signals, service, tree, prefetcher, volumes, lambda: _after_init(cfg))
     except Exception as e:
-        raise UserError(f"the FUSE session failed: {e}", ExitCode.FUSE) from None
+        raise FuseError(f"the FUSE session failed: {e}") from None
     if not ops.initialized:
-        raise UserError(
+        raise FuseError(
             f"the kernel ended the FUSE session of {cfg.mountpoint} before it started "
-            "(libfuse refused it; see the log)",
-            ExitCode.FUSE,
+            "(libfuse refused it; see the log)"
         )
     if signals.received is None and mountinfo.find(cfg.mountpoint) is not None:
         # Nobody unmounted it and no stop signal came: the kernel ended the connection (an
         # abort through /sys/fs/fuse/connections/N/abort). Readers already see ENOTCONN; take
         # the dead mount away rather than leave it behind, and say so.
         served.clean = True
-        raise UserError(
-            f"the FUSE connection of {cfg.mountpoint} was aborted while mounted; unmounted it",
-            ExitCode.FUSE,
+        raise FuseError(
+            f"the FUSE connection of {cfg.mountpoint} was aborted while mounted; unmounted it"
         )
     served.clean = True
     record.set("state", "stopping")
@@ -469,7 +452,7 @@ def _run(
 
 
 def _open_audit(cfg: MountConfig, signals: Signals, stack: contextlib.ExitStack) -> AuditLog | None:
-    """The access journal, verified and locked; it ends (with `stop`) after the unmount, which
+    """The audit log, verified and locked; it ends (with `stop`) after the unmount, which
     is registered later, so every close is in it."""
     if cfg.audit_log is None:
         return None

@@ -3,10 +3,12 @@ help, and which commands take it.
 
 Role: the one table (as nbdkit's vddk_config switch and s3ql's shared option declarations)
 from which the argument parser, the config file's accepted keys and the validation are all
-derived, so a default lives in one place. `resolve` applies the precedence flag > environment
-> config file > default to one command's settings and returns typed, validated values. Argparse
-defaults are left unset (None), so "given on the command line" is always knowable, and
-abbreviated long options are refused (an abbreviation would slip past the config override).
+derived, so a default lives in one place: the help texts render it (`help_text`), and the
+configs of `ivdfs.config` take theirs from it (`default`). `resolve` applies the precedence
+flag > environment > config file > default to one command's settings and returns typed,
+validated values. Argparse defaults are left unset (None), so "given on the command line" is
+always knowable, and abbreviated long options are refused (an abbreviation would slip past
+the config override).
 
 Concurrency: pure; main thread only.
 """
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ivdfs.config import env, parse_size
 from ivdfs.errors import UserError
 
 # Commands that talk to vCenter (and read the config file).
@@ -41,6 +43,32 @@ SERVER_COMMANDS = frozenset(
 VDDK_COMMANDS = frozenset({"mount", "check", "end-access", "umount", "hash"})
 TRANSPORTS = ("file", "san", "hotadd", "nbdssl", "nbd")
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'256M' -> 268435456. Binary units; a bare number is bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UserError(
+            f"invalid {what} {text!r}: use a number with an optional K, M, G or T suffix"
+        )
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def size_text(n: int) -> str:
+    """268435456 -> '256M': the largest unit that divides it, as parse_size reads it."""
+    for unit in "tgmk":
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit.upper()}"
+    return str(n)
+
 
 def _transport(text: str) -> str:
     modes = text.split(":")
@@ -48,6 +76,11 @@ def _transport(text: str) -> str:
     if bad or not text:
         raise ValueError(f"use modes from {', '.join(TRANSPORTS)} separated by ':'")
     return text
+
+
+def _absolute(text: str) -> Path:
+    # Absolute: the detached daemon changes to / before it reads the file.
+    return Path(text).expanduser().absolute()
 
 
 def _size(text: str) -> int:
@@ -93,7 +126,7 @@ def _seconds(text: str) -> float:
 
 @dataclass(frozen=True)
 class Setting:
-    name: str  # the dest, and the config-file key
+    name: str  # the dest, the config-file key, and the field of ivdfs.config.MountConfig
     flags: tuple[str, ...]
     help: str
     commands: frozenset[str]
@@ -111,6 +144,10 @@ class Setting:
     shadowed_by: str | None = None
     group: str = "options"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The help text ends with "(default <value>[; note])" when the default is a value worth
+    # showing; `show_default` False when the help says what the default means instead.
+    note: str = ""
+    show_default: bool = True
 
     def check_range(self, value: Any) -> None:
         if self.minimum is not None and value < self.minimum:
@@ -195,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "vcenter_connections",
         ("--vcenter-connections",),
-        "inventory queries to vCenter/ESXi at once, on one login (default 8)",
+        "inventory queries to vCenter/ESXi at once, on one login",
         frozenset({"mount", "ls"}),
         int,
         default=8,
@@ -209,7 +246,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--vcenter-timeout",),
         "seconds to wait for vCenter/ESXi at each step: connecting, the TLS handshake, each "
         "call and each poll of a task; a server that does not answer in time counts as "
-        "unreachable (default 30)",
+        "unreachable",
         SERVER_COMMANDS,
         _seconds,
         default=30.0,
@@ -223,7 +260,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--vddk-libdir",),
         "VDDK root; the library is DIR/lib64/libvixDiskLib.so.N [IVDFS_VDDK_LIBDIR]",
         VDDK_COMMANDS,
-        Path,
+        _absolute,
         env="IVDFS_VDDK_LIBDIR",
         metavar="DIR",
         group=_VDDK,
@@ -234,7 +271,7 @@ SETTINGS: tuple[Setting, ...] = (
         "VDDK configuration file handed to "
         "VixDiskLib_InitEx (default: one of ivdfs's with a private tmpDirectory)",
         VDDK_COMMANDS,
-        Path,
+        _absolute,
         metavar="FILE",
         group=_VDDK,
     ),
@@ -255,6 +292,7 @@ SETTINGS: tuple[Setting, ...] = (
         VDDK_COMMANDS,
         int,
         default=0,
+        show_default=False,
         metavar="PORT",
         minimum=0,
         maximum=65535,
@@ -263,17 +301,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cache_size",
         ("--cache-size",),
-        "block cache size (default 256M; at most half of the RAM)",
+        "block cache size",
         frozenset({"mount"}),
         _cache_size,
         default=256 << 20,
+        note="at most half of the RAM",
         metavar="SIZE",
         group=_VDDK,
     ),
     Setting(
         "block_size",
         ("--block-size",),
-        "cache block and VDDK request size, a power of two from 64K to 2M (default 1M)",
+        "cache block and VDDK request size, a power of two from 64K to 2M",
         frozenset({"mount"}),
         _block_size,
         default=1 << 20,
@@ -285,10 +324,11 @@ SETTINGS: tuple[Setting, ...] = (
         ("--prefetch",),
         "read up to N blocks ahead of a sequential reader, in "
         "the background; the window starts at 1 block, doubles while reads stay in order "
-        "and collapses on a random jump (default 16; 0: off)",
+        "and collapses on a random jump",
         frozenset({"mount"}),
         int,
         default=16,
+        note="0: off",
         metavar="N",
         minimum=0,
         maximum=256,
@@ -299,7 +339,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--vddk-handles",),
         "VDDK handles per open snapshot, each its own "
         "connection and I/O thread; more than 1 gives parallel reads on transports without "
-        "asynchronous reads (SAN, HotAdd) (default 1)",
+        "asynchronous reads (SAN, HotAdd)",
         frozenset({"mount"}),
         int,
         default=1,
@@ -323,9 +363,11 @@ SETTINGS: tuple[Setting, ...] = (
         "max_in_flight",
         ("--max-in-flight",),
         "bytes of ReadAsync requests in flight per "
-        "VDDK handle; ESXi's NFC server limits each session's memory (default 8M)",
+        "VDDK handle; ESXi's NFC server limits each session's memory",
         frozenset({"mount"}),
         _size,
+        # Below what ESXi's NFC server accepts per session (16 x 2 MiB can exceed it), and
+        # enough for an 8-block prefetch window.
         default=8 << 20,
         metavar="SIZE",
         minimum=64 << 10,
@@ -336,7 +378,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections",
         ("--max-connections",),
         "VDDK connections (NFC sessions) open at "
-        "once across the mount; idle disks close first, then reads wait (default 8)",
+        "once across the mount; idle disks close first, then reads wait",
         frozenset({"mount"}),
         int,
         default=8,
@@ -350,7 +392,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("--idle-timeout",),
         "close a snapshot's VDDK connection this long "
         "after its last file closed (and EndAccess its IVD when none is open); with "
-        "--volumes guestfs, also stop an appliance unused this long (default 60)",
+        "--volumes guestfs, also stop an appliance unused this long",
         frozenset({"mount"}),
         _seconds,
         default=60.0,
@@ -365,7 +407,7 @@ SETTINGS: tuple[Setting, ...] = (
         "filesystem with the host kernel from a read-only loop device (trusts the snapshot), "
         "'fuse' with userspace drivers only (fuse2fs, ntfs-3g, fusefat), 'guestfs' inside a "
         "libguestfs appliance (a small VM per snapshot: for untrusted or damaged disks), "
-        "'vixmntapi' asks VDDK's libvixMntapi (needs libfuse2); root only (default none)",
+        "'vixmntapi' asks VDDK's libvixMntapi (needs libfuse2); root only",
         frozenset({"mount", "check"}),
         str,
         default="none",
@@ -376,7 +418,7 @@ SETTINGS: tuple[Setting, ...] = (
         "guestfs_memory",
         ("--guestfs-memory",),
         "memory of all running --volumes guestfs appliances together (512M each); past "
-        "it, the appliance idle longest stops first (default 2G)",
+        "it, the appliance idle longest stops first",
         frozenset({"mount"}),
         _size,
         default=2 << 30,
@@ -388,11 +430,11 @@ SETTINGS: tuple[Setting, ...] = (
         "refresh",
         ("--refresh",),
         "list a directory again from vCenter when its listing is "
-        "older than this, so new IVDs and snapshots appear and deleted ones go (default "
-        "60; 0: never)",
+        "older than this, so new IVDs and snapshots appear and deleted ones go",
         frozenset({"mount"}),
         _seconds,
         default=60.0,
+        note="0: never",
         metavar="SECONDS",
         group=_TREE,
     ),
@@ -466,19 +508,20 @@ SETTINGS: tuple[Setting, ...] = (
         ("--log",),
         "append log lines to FILE (default: standard error)",
         frozenset({"mount"}),
-        Path,
+        _absolute,
         metavar="FILE",
         group=_PROC,
     ),
     Setting(
         "audit_log",
         ("--audit-log",),
-        "journal every open and the byte ranges read (who, what, "
-        "when) to FILE, one hash-chained JSON line per event; an existing journal is verified "
+        "record every open and the byte ranges read (who, what, "
+        "when) in the audit log FILE, one hash-chained JSON line per event; an existing one is "
+        "verified "
         "and continued; reads fail if it cannot be written; disk files are then read without "
         "the page cache (check it with ivdfs audit verify)",
         frozenset({"mount"}),
-        Path,
+        _absolute,
         metavar="FILE",
         group=_FORENSICS,
     ),
@@ -499,7 +542,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_NAME = {s.name: s for s in SETTINGS}
 # Keys holding paths: `~` expands, and a relative path is relative to the config file.
-PATH_KEYS = frozenset(s.name for s in SETTINGS if s.parse is Path)
+PATH_KEYS = frozenset(s.name for s in SETTINGS if s.parse in (Path, _absolute))
 # The TLS trust settings go together: any of them on the command line replaces all of the file's.
 TLS_KEYS = ("ca_file", "thumbprint", "insecure")
 
@@ -508,13 +551,37 @@ def settings_of(command: str) -> list[Setting]:
     return [s for s in SETTINGS if command in s.commands]
 
 
+def default(name: str) -> Any:
+    """The table's default of one setting: what every config record takes as its own."""
+    return BY_NAME[name].default
+
+
+def defaults(command: str) -> Values:
+    """Every setting of `command` at its default (what `resolve` gives when nothing is set)."""
+    return Values({s.name: s.default for s in settings_of(command)})
+
+
+def help_text(s: Setting) -> str:
+    """The help, ending with the default as a user would write it (sizes as 256M)."""
+    if s.kind != "value" or s.default is None or not s.show_default:
+        return s.help
+    value = s.default
+    if isinstance(value, float):
+        shown = f"{value:g}"
+    elif isinstance(value, int) and s.parse not in (int, None):
+        shown = size_text(value)  # a size: the only other parse that yields an int
+    else:
+        shown = str(value)
+    return f"{s.help} (default {shown}{'; ' + s.note if s.note else ''})"
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     groups: dict[str, Any] = {}
     for s in settings_of(command):
         target = parser if s.group == "options" else groups.get(s.group)
         if target is None:
             target = groups[s.group] = parser.add_argument_group(s.group)
-        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
+        kw: dict[str, Any] = {"dest": s.name, "help": help_text(s), "default": None}
         if s.kind == "flag":
             kw["action"] = s.extra.get("action", "store_true")
         elif s.kind == "list":

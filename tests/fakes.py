@@ -91,9 +91,7 @@ class FakeDisk:
     async def sector_size(self) -> int:
         return self.logical_sector_size
 
-    async def query_allocated(
-        self, start_sector: int, num_sectors: int, chunk_sectors: int
-    ) -> list[tuple[int, int]]:
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
         raise BackendError("no allocation map")
 
     def hold(self) -> None:
@@ -105,7 +103,7 @@ class FakeDisk:
     def forget(self) -> None:
         self.forgotten = True
 
-    async def read(self, start_sector: int, nbytes: int) -> bytes:
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytes:
         self.reads.append((start_sector, nbytes))
         if self.delay:
             await trio.sleep(self.delay)

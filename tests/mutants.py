@@ -172,37 +172,37 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # --- partitions --------------------------------------------------------------------------
     Mutant(
-        "ebr-link-relative-to-ebr", "partitions", "ivdfs/io/partitions.py",
+        "ebr-link-relative-to-ebr", "partitions", "ivdfs/formats/partitions.py",
         "ebr_lba = base + link.start_lba",
         "ebr_lba = ebr_lba + link.start_lba",
         PARTS, "logical partitions after the second are lost or misplaced",
     ),
     Mutant(
-        "ebr-data-relative-to-container", "partitions", "ivdfs/io/partitions.py",
+        "ebr-data-relative-to-container", "partitions", "ivdfs/formats/partitions.py",
         "start, length = (ebr_lba + e.start_lba) * ss, e.sectors * ss",
         "start, length = (base + e.start_lba) * ss, e.sectors * ss",
         PARTS, "logical partitions after the first point at the wrong bytes",
     ),
     Mutant(
-        "gpt-numbers-skip-empty-entries", "partitions", "ivdfs/io/partitions.py",
+        "gpt-numbers-skip-empty-entries", "partitions", "ivdfs/formats/partitions.py",
         "number = index + 1\n",
         "number = len(parts) + 1\n",
         PARTS, "partN.raw is not /dev/sdaN on a GPT with an empty slot",
     ),
     Mutant(
-        "gpt-sectors-always-512", "partitions", "ivdfs/io/partitions.py",
+        "gpt-sectors-always-512", "partitions", "ivdfs/formats/partitions.py",
         "start, length = first * ss, (last - first + 1) * ss",
         "start, length = first * 512, (last - first + 1) * 512",
         PARTS, "a 4Kn GPT disk's partitions point at an eighth of their offsets",
     ),
     Mutant(
-        "mbr-sectors-always-512", "partitions", "ivdfs/io/partitions.py",
+        "mbr-sectors-always-512", "partitions", "ivdfs/formats/partitions.py",
         "start, length = e.start_lba * ss, e.sectors * ss",
         "start, length = e.start_lba * 512, e.sectors * 512",
         PARTS, "a 4Kn MBR disk's primary partitions point at the wrong bytes",
     ),
     Mutant(
-        "lba-extended-type-unknown", "partitions", "ivdfs/io/partitions.py",
+        "lba-extended-type-unknown", "partitions", "ivdfs/formats/partitions.py",
         "_MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})",
         "_MBR_EXTENDED_TYPES = frozenset({0x05, 0x85})",
         PARTS, "logical partitions in a 0x0F (LBA) extended partition are not listed",
@@ -251,9 +251,9 @@ MUTANTS: tuple[Mutant, ...] = (
         MOUNT, "the connection asks for write access",
     ),
     Mutant(
-        "query-ignores-chunk-cap", "vddk", "ivdfs/io/holes.py",
-        "n = min(end - pos, MAX_CHUNKS_PER_QUERY * chunk)",
-        "n = end - pos",
+        "query-ignores-chunk-cap", "vddk", "ivdfs/vddk/allocation.py",
+        "n = min(stop - pos, MAX_CHUNKS_PER_QUERY * chunk)",
+        "n = stop - pos",
         HOLES, "a query over more than 512 Ki chunks, which VDDK refuses",
     ),
     Mutant(
@@ -263,9 +263,9 @@ MUTANTS: tuple[Mutant, ...] = (
         HOLES, "issue 16 #3: allocated blocks beyond the first region read as zeros",
     ),
     Mutant(
-        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/io/holes.py",
-        "allocated = {i for i in range(first, last) if (i + 1) * bs > end}",
-        "allocated: set[int] = set()",
+        "partial-last-chunk-is-a-hole", "vddk", "ivdfs/vddk/allocation.py",
+        "runs = [(tail, end - tail)] if end > tail else []",
+        "runs: list[tuple[int, int]] = []",
         HOLES, "the tail of a disk past its last whole chunk reads as zeros",
     ),
     Mutant(

@@ -17,18 +17,12 @@ from pathlib import Path
 import pytest
 
 from ivdfs.commands import audit as audit_command
+from ivdfs.commands.audit import Summary
 from ivdfs.errors import UserError
-from ivdfs.forensics.audit import (
-    GENESIS,
-    AuditLog,
-    Caller,
-    ChainBroken,
-    RangeSet,
-    Summary,
-    seal,
-    verify,
-)
+from ivdfs.forensics.access import Caller, RangeSet
+from ivdfs.forensics.chain import GENESIS, ChainBroken, seal, verify
 from ivdfs.forensics.hashing import MAX_GAP, Digester, InOrder, SequentialHash
+from ivdfs.forensics.writer import AuditLog
 
 KiB = 1024
 MiB = 1 << 20
@@ -300,7 +294,7 @@ def test_verify_refuses_what_is_not_a_journal_and_names_lines_it_cannot_summaris
 ) -> None:
     # An empty file (or /dev/null) vouches for nothing: not "intact, 0 lines".
     assert audit_command.verify(Path("/dev/null"), None, False) == audit_command.BROKEN
-    assert "not an ivdfs audit journal (empty)" in capsys.readouterr().err
+    assert "not an ivdfs audit log (empty)" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     assert audit_command.verify(empty, None, True) == audit_command.BROKEN

@@ -1,4 +1,5 @@
-"""Unit tests of ivdfs.io.lvm against disks laid out by lvm2 itself, and against hostile bytes.
+"""Unit tests of ivdfs.formats' LVM parsers (lvm_text, lvm_disk, lvm_map) against disks laid
+out by lvm2 itself, and against hostile bytes.
 
 Role: check `scan` against what ``lvs --segments`` and ``pvs`` reported for images built by the
 real tools (tests/testbed/images.py: PVs on a partition, on the whole disk, two PVs with a
@@ -26,19 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ivdfs.io.lvm import (
-    LABEL_SCAN_BYTES,
-    MAX_DEPTH,
-    ConfigError,
-    Extent,
-    LogicalVolume,
-    LvmScan,
-    label_sector,
-    lvm_crc,
-    parse_config,
-    scan,
-)
-from ivdfs.io.partitions import FS_PROBE_SIZE, detect_filesystem
+from ivdfs.formats.filesystems import FS_PROBE_SIZE, detect_filesystem
+from ivdfs.formats.lvm_disk import LABEL_SCAN_BYTES, label_sector, lvm_crc
+from ivdfs.formats.lvm_map import Extent, LogicalVolume, LvmScan, scan
+from ivdfs.formats.lvm_text import MAX_DEPTH, ConfigError, parse_config
 from tests.mounting import host_vgs
 from tests.testbed import images
 

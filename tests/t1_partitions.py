@@ -1,4 +1,4 @@
-"""Unit tests of ivdfs.io.partitions against real images and hostile bytes.
+"""Unit tests of ivdfs.formats.partitions and .filesystems against real images and hostile bytes.
 
 Role: check the parser against what parted and sgdisk report for images built by the real tools
 (tests/testbed/images.py), check filesystem sniffing on real mkfs output, check that the files the
@@ -24,13 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ivdfs.io.partitions import (
-    FS_PROBE_SIZE,
+from ivdfs.formats.filesystems import FS_PROBE_SIZE, detect_filesystem
+from ivdfs.formats.partitions import (
     MAX_GPT_ARRAY_BYTES,
     MAX_LOGICAL,
     Partition,
     PartitionTable,
-    detect_filesystem,
     parse,
 )
 from tests.testbed import images

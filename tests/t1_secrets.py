@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ivdfs import settings
 from ivdfs.config import MountConfig, Secret, ServerConfig
 from ivdfs.vddk.connection import ServerTarget
 
@@ -19,7 +20,11 @@ def holders() -> list[object]:
     return [
         secret,
         server,
-        MountConfig(server, Path("/opt/vddk"), Path("/mnt/ivdfs")),
+        MountConfig.of(
+            {**settings.defaults("mount"), "vddk_libdir": Path("/opt/vddk")},
+            server,
+            Path("/mnt/ivdfs"),
+        ),
         ServerTarget("vc.example.com", 443, "backup@vsphere.local", secret, "AA:BB"),
     ]
 

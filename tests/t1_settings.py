@@ -9,14 +9,26 @@ No vCenter, no mount: runs under `pytest -m "not mount"`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
 
 from ivdfs import cli, settings
-from ivdfs.config import load_config_file
+from ivdfs.config import (
+    Limits,
+    MountConfig,
+    Secret,
+    ServerConfig,
+    TreeSettings,
+    VolumeSettings,
+    load_config_file,
+)
 from ivdfs.errors import ExitCode, UserError, exit_code_of
 from ivdfs.settings import Values
 
@@ -205,3 +217,39 @@ def test_argparse_errors_are_one_line(
     assert e.value.code == ExitCode.USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ivdfs") and "usage:" not in err
+
+
+def test_every_default_is_written_once_in_the_table(tmp_path: Path) -> None:
+    """MountConfig has no default of its own; the views the layers take (and the help
+    texts) get theirs from the table, so a default changed there changes everywhere."""
+    d = settings.default
+    fields = dataclasses.fields(MountConfig)
+    assert all(f.default is MISSING and f.default_factory is MISSING for f in fields)
+    names = {s.name for s in settings.settings_of("mount")}
+    assert {f.name for f in fields} - {"server", "mountpoint"} <= names
+    cfg = MountConfig.of(
+        {**settings.defaults("mount"), "vddk_libdir": tmp_path},
+        ServerConfig("vc.example", 443, "u", Secret("pw")),
+        tmp_path,
+    )
+    assert cfg.limits == Limits() and cfg.tree == TreeSettings()
+    assert cfg.volume_settings == VolumeSettings()
+    assert (Limits().max_connections, Limits().in_flight_bytes, Limits().handles_per_disk) == (
+        d("max_connections"), d("max_in_flight"), d("vddk_handles"),
+    )  # fmt: skip
+    assert (TreeSettings().inventory_threads, TreeSettings().refresh) == (
+        d("vcenter_connections"), d("refresh"),
+    )  # fmt: skip
+    assert ServerConfig("vc.example", 443, "u", Secret("pw")).timeout == d("vcenter_timeout")
+
+    def help_of(name: str) -> str:
+        return settings.help_text(settings.BY_NAME[name])
+
+    assert help_of("cache_size").endswith("(default 256M; at most half of the RAM)")
+    assert help_of("idle_timeout").endswith("(default 60)")
+    mount_help = subprocess.run([sys.executable, "-m", "ivdfs", "mount", "--help"],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "(default 2G)" in " ".join(mount_help.split())  # --guestfs-memory, as rendered
+    for s in settings.SETTINGS:
+        if s.kind == "value" and s.default is not None and s.show_default:
+            assert "(default" not in s.help, f"{s.name}: the table renders its default"

@@ -226,11 +226,11 @@ def _scenario(argv: list[str]) -> dict[str, Any]:
         return slot, await service.capacity(slot)
 
     def reader_of(slot: Any, capacity: int, block: int, cache: Any) -> Any:
-        async def read(start: int, n: int) -> bytearray:
-            return await service.read(slot, start, n)
+        async def read(start: int, n: int, background: bool = False) -> bytearray:
+            return await service.read(slot, start, n, background)
 
-        async def query(start: int, n: int, chunk: int) -> list[tuple[int, int]]:
-            return await service.query_allocated(slot, start, n, chunk)
+        async def query(start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+            return await service.allocated(slot, start, end, granularity)
 
         return DiskReader("d", capacity, block, cache, read, query)
 

@@ -167,7 +167,7 @@ class FailsOnce(FakeDisk):
     fail_once: set[int]
     fail_delay: float = 0.0
 
-    async def read(self, start_sector: int, nbytes: int) -> bytes:
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytes:
         if start_sector in self.fail_once:
             self.fail_once.discard(start_sector)
             self.reads.append((start_sector, nbytes))

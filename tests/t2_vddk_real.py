@@ -12,6 +12,7 @@ are checked against the same rules over made-up disks of any size, in this proce
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ivdfs.io import holes
-from ivdfs.io.holes import AllocationMap
+from ivdfs.io.holes import Allocated, AllocationMap
+from ivdfs.vddk.allocation import allocated_runs, chunk_sectors
 from ivdfs.vddk.errors import VddkError, is_permanent
 from tests.mounting import REPO, VDDK_LIBDIR, call_lines
 from tests.testbed.vsphere import https_server, record_ivd
@@ -206,10 +208,14 @@ class RulesQuery:
         runs = sorted({s // chunk * chunk for s in self.allocated if start <= s < start + n})
         return [(r, chunk) for r in runs]
 
+    def ruled(self) -> Allocated:
+        """This query behind ivdfs's one keeper of VDDK's rules, as a disk gives it the map."""
+        return functools.partial(allocated_runs, self, self.capacity)
+
 
 async def test_queries_never_cover_more_than_512_ki_chunks() -> None:
     q = RulesQuery(capacity=600_000 * 128)
-    m = AllocationMap(q, 600_000 * 64 * 1024, 64 * 1024, region_blocks=600_000)
+    m = AllocationMap(q.ruled(), 600_000 * 64 * 1024, 64 * 1024, region_blocks=600_000)
     assert await m.is_allocated(0)
     assert q.calls == [(0, 524288 * 128, 128), (524288 * 128, 75712 * 128, 128)]
 
@@ -217,22 +223,24 @@ async def test_queries_never_cover_more_than_512_ki_chunks() -> None:
 async def test_a_block_that_is_not_a_power_of_two_is_queried_in_chunks_that_divide_it() -> None:
     # 192 KiB = 3 chunks of 128 sectors; data in the third chunk of block 1 only.
     q = RulesQuery(capacity=10 * 384 + 17, allocated={384 + 300})
-    m = AllocationMap(q, (10 * 384 + 17) * 512, 192 * 1024)
+    m = AllocationMap(q.ruled(), (10 * 384 + 17) * 512, 192 * 1024)
     assert [await m.is_allocated(i) for i in range(11)] == [False, True] + [False] * 8 + [True]
     assert q.calls == [(0, 3840, 128)]  # stops at the last whole chunk, before the tail
 
 
 async def test_a_disk_smaller_than_a_block_is_queried_with_a_smaller_chunk() -> None:
     q = RulesQuery(capacity=300, allocated=set())
-    m = AllocationMap(q, 300 * 512, 1 << 20)
+    m = AllocationMap(q.ruled(), 300 * 512, 1 << 20)
     assert await m.is_allocated(0)  # the only block reaches past the last whole chunk
     assert q.calls == [(0, 256, 256)]
 
 
 async def test_no_chunk_within_the_rules_means_reading_everything() -> None:
     q = RulesQuery(capacity=4096)
-    m = AllocationMap(q, 4096 * 512, 96 * 1024)  # 96 KiB: no power of two >= 64 KiB divides it
-    assert not m.enabled and await m.is_allocated(3) and q.calls == []
+    m = AllocationMap(
+        q.ruled(), 4096 * 512, 96 * 1024
+    )  # 96 KiB: no power of two >= 64 KiB divides it
+    assert await m.is_allocated(3) and not m.enabled and q.calls == []
 
 
 async def test_a_failed_region_costs_only_that_region_until_it_is_asked_again(
@@ -240,7 +248,7 @@ async def test_a_failed_region_costs_only_that_region_until_it_is_asked_again(
 ) -> None:
     q = RulesQuery(capacity=4 * 2048 * 8, allocated=set())
     q.fail[0] = 36
-    m = AllocationMap(q, 4 * 2048 * 8 * 512, 1 << 20, region_blocks=8)
+    m = AllocationMap(q.ruled(), 4 * 2048 * 8 * 512, 1 << 20, region_blocks=8)
     assert await m.is_allocated(0) and m.known(7) is True  # region 0: read, not skipped
     assert await m.is_allocated(8) is False  # region 1 still answers holes
     assert m.enabled and len(q.calls) == 2
@@ -257,7 +265,7 @@ async def test_a_failed_region_costs_only_that_region_until_it_is_asked_again(
 async def test_a_library_that_cannot_query_turns_the_map_off() -> None:
     q = RulesQuery(capacity=2048 * 8)
     q.fail[0] = 6  # VIX_E_NOT_SUPPORTED
-    m = AllocationMap(q, 2048 * 8 * 512, 1 << 20, region_blocks=4)
+    m = AllocationMap(q.ruled(), 2048 * 8 * 512, 1 << 20, region_blocks=4)
     assert await m.is_allocated(0)
     assert not m.enabled and await m.is_allocated(5) and len(q.calls) == 1
 
@@ -278,8 +286,8 @@ def test_every_region_answers_for_its_own_blocks(
     is one. Every query keeps VDDK's rules (a refused one would log a warning)."""
     allocated = {int(f * capacity) for f in seeds}
     q = RulesQuery(capacity, allocated)
-    m = AllocationMap(q, capacity * 512, block_sectors * 512, region_blocks=region_blocks)
-    chunk = m.chunk_sectors
+    m = AllocationMap(q.ruled(), capacity * 512, block_sectors * 512, region_blocks=region_blocks)
+    chunk = chunk_sectors(block_sectors, capacity)
     queryable = capacity // chunk * chunk if chunk else 0
 
     async def answers() -> list[bool]:
@@ -315,7 +323,7 @@ def test_hole_bytes_count_exactly_the_known_holes_in_any_range(
     """What st_blocks leaves out, against a count block by block: only regions already
     known, only blocks known to be holes, only their bytes inside the range."""
     q = RulesQuery(capacity, {int(f * capacity) for f in seeds})
-    m = AllocationMap(q, capacity * 512, block_sectors * 512, region_blocks=region_blocks)
+    m = AllocationMap(q.ruled(), capacity * 512, block_sectors * 512, region_blocks=region_blocks)
 
     async def learn() -> None:  # some regions known, the others not
         for f in asked:

@@ -546,7 +546,7 @@ def test_a_damaged_journal_stops_the_mount(
         capture_output=True, text=True, env=bed.env(), timeout=60,
     )  # fmt: skip
     assert r.returncode == 3, r.stderr
-    assert f"--audit-log {log}: the journal is damaged at line 2:" in r.stderr
+    assert f"--audit-log {log}: the audit log is damaged at line 2:" in r.stderr
     assert not mounted_at(mountpoint)
     link = tmp_path / "link.jsonl"
     link.symlink_to(log)

@@ -471,7 +471,7 @@ def test_a_run_directory_that_cannot_be_removed_stays_journaled(tmp_path: Path) 
     rec.path.write_text(json.dumps(doc))
     report = rc.Report()
     rc.undo_local(rec, report)
-    assert report.failed and not gone.exists() and stuck.exists()
+    assert report.failures and not gone.exists() and stuck.exists()
     assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]
     # A journal that cannot be written (its temporary name is taken by a directory, which
     # root cannot write through either): the failure is reported, not hidden.
@@ -479,5 +479,6 @@ def test_a_run_directory_that_cannot_be_removed_stays_journaled(tmp_path: Path) 
     rec.path.with_name(f".{rec.path.name}.{os.getpid()}.tmp").mkdir()
     report = rc.Report()
     rc.undo_local(rec, report)
-    assert not stuck.exists() and report.failed and "cannot update the journal" in report.failed[0]
+    failed = [text for _step, text, _code in report.failures]
+    assert not stuck.exists() and failed and "cannot update the journal" in failed[0]
     assert json.loads(rec.path.read_text())["run_dirs"] == [str(stuck)]

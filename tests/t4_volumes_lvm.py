@@ -1,6 +1,6 @@
 """LVM2 inside guest disks through real mounts (issue 19): lv-<vg>-<lv>.raw and volumes/<vg>-<lv>.
 
-Waits for the tree's integration of ivdfs.io.lvm (see the lead's patch): every supported
+Waits for the tree's integration of ivdfs.formats.lvm_map (see the lead's patch): every supported
 logical volume of a snapshot appears as ``lv-<dm_name>.raw`` beside ``partN.raw`` (dm_name:
 ``<vg>-<lv>`` with hyphens inside either doubled, as /dev/mapper spells it), read through the
 disk's cache; with ``--volumes kernel`` its filesystem is mounted as ``volumes/<dm_name>``, and
@@ -136,7 +136,7 @@ def test_lv_windows_read_exactly_what_lvm_placed(
 
 
 def _lv_read(fd: int, lv: imgs.LvManifest, offset: int, length: int) -> bytes:
-    """Read LV bytes from the source image as lvs placed them (independent of ivdfs.io.lvm)."""
+    """Read LV bytes from the source image as lvs placed them (independent of ivdfs.formats)."""
     out = bytearray()
     end = min(offset + length, lv.size)
     while offset < end:

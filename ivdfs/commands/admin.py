@@ -1,5 +1,4 @@
-"""`ivdfs end-access`: EndAccess for one IVD, after a crash that no journal recorded; and the
-VDDK settings that every command loading VDDK outside a mount honours as `ivdfs mount` does.
+"""`ivdfs end-access`: EndAccess for one IVD, after a crash that no journal recorded.
 
 Main thread only; blocks on vCenter and VDDK.
 """
@@ -8,71 +7,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-from ivdfs.config import ACCESS_IDENTITY, ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
-from ivdfs.inventory.vsphere import VSphere
-from ivdfs.vddk.connection import Access, DiskTarget, ServerTarget
-from ivdfs.vddk.library import VddkLibrary
+from ivdfs.commands.common import session
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig, VddkOptions
+from ivdfs.errors import ExitCode
+from ivdfs.inventory.model import DiskTarget
+from ivdfs.vddk import oneshot
+from ivdfs.vddk.connection import ServerTarget
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class VddkOptions:
-    """Where VDDK is and how to start it: `--vddk-libdir`, `--vddk-config` (InitEx's config
-    file; None: ivdfs's private one) and `--nfc-host-port` (0: VDDK's default)."""
-
-    libdir: Path
-    config_file: Path | None = None
-    nfc_host_port: int = 0
-
-    def load(self) -> VddkLibrary:
-        """The library, initialised; BackendError (VddkPluginError among them) on failure."""
-        lib = VddkLibrary(self.libdir)
-        lib.init(self.config_file)
-        return lib
-
-    def options(self) -> list[str]:
-        """These settings as command-line options, for printed advice."""
-        out = ["--vddk-libdir", str(self.libdir)]
-        if self.config_file is not None:
-            out += ["--vddk-config", str(self.config_file)]
-        if self.nfc_host_port:
-            out += ["--nfc-host-port", str(self.nfc_host_port)]
-        return out
-
-    def server(self, s: ServerConfig, thumbprint: str) -> ServerTarget:
-        return ServerTarget(s.host, s.port, s.user, s.password, thumbprint, self.nfc_host_port)
-
-
 def end_access(server: ServerConfig, vddk: VddkOptions, ivd_text: str) -> int:
-    vs = VSphere(server)
-    try:
-        thumbprint = vs.connect()
+    with session(server) as vs:
         ivd = vs.find_ivd(ivd_text)
-        try:
-            lib = vddk.load()
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
-        try:
-            access = Access(
-                lib,
-                vddk.server(server, thumbprint),
-                DiskTarget(ivd.id, ivd.datastore.moref),
-                ACCESS_IDENTITY,
-            )
-            try:
-                access.recover()
-            except BackendError as e:
-                raise UserError(str(e), ExitCode.VDDK) from None
-        finally:
-            lib.exit()
+        where = ServerTarget.of(server, vs.thumbprint, vddk.nfc_host_port)
+        with oneshot.library(vddk) as lib:
+            oneshot.end_access(lib, where, DiskTarget.of(ivd), ACCESS_IDENTITY)
         print(f"ended VDDK access to IVD {ivd.name} ({ivd.id}) on {ivd.datastore.name}")
         log.info("EndAccess for IVD %s done", ivd.id)
-        return ExitCode.OK
-    finally:
-        vs.close()
-        sys.stdout.flush()
+    sys.stdout.flush()
+    return ExitCode.OK

@@ -13,10 +13,9 @@ import sys
 
 from ivdfs.commands.common import human_size, session, table
 from ivdfs.config import ServerConfig
-from ivdfs.errors import ExitCode, NotSupported, UserError
-from ivdfs.inventory.changes import ChangedAreas
+from ivdfs.errors import ExitCode, NotSupported, UsageError
+from ivdfs.inventory.changes import ChangedAreas, changes_json
 from ivdfs.inventory.model import creation_order
-from ivdfs.tree.changes import changes_json
 
 
 def changes(
@@ -27,10 +26,7 @@ def changes(
         older = vs.find_snapshot(ivd, older_id)
         newer = vs.find_snapshot(ivd, newer_id)
         if creation_order(older) >= creation_order(newer):
-            raise UserError(
-                f"snapshot {older_id} is not older than {newer_id}: give OLDER first",
-                ExitCode.USAGE,
-            )
+            raise UsageError(f"snapshot {older_id} is not older than {newer_id}: give OLDER first")
         try:
             areas = vs.changes_between(ivd, older.id, newer.id)
         except NotSupported as e:

@@ -15,39 +15,21 @@ Main thread only (VDDK's InitEx and Open/Close want one thread; this is it).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
-from ivdfs.commands.admin import VddkOptions
-from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, IvdfsError, UserError, exit_code_of
-from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.commands.common import Report
+from ivdfs.config import ServerConfig, VddkOptions
+from ivdfs.errors import BackendError, IvdfsError, LoginRefused, Unreachable, UserError
+from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.tls import probe_certificate, tls_context
 from ivdfs.inventory.vsphere import VSphere
-from ivdfs.vddk import _cdefs
-from ivdfs.vddk.connection import DiskHandle, DiskTarget
+from ivdfs.units import SECTOR_SIZE
+from ivdfs.vddk import oneshot
+from ivdfs.vddk.connection import ServerTarget
 from ivdfs.vddk.errors import VddkLoadError, VddkPluginError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.mntapi import Mntapi
 
 TEST_READ_BYTES = 64 * 1024
-
-
-@dataclass
-class Report:
-    failures: list[tuple[str, UserError]] = field(default_factory=list)
-
-    def ok(self, step: str, text: str) -> None:
-        print(f"ok    {step:<12} {text}", flush=True)
-
-    def fail(self, step: str, error: UserError) -> None:
-        print(f"FAIL  {step:<12} {error.message}", flush=True)
-        self.failures.append((step, error))
-
-    def skip(self, step: str, text: str) -> None:
-        print(f"skip  {step:<12} {text}", flush=True)
-
-    def warn(self, step: str, text: str) -> None:
-        print(f"warn  {step:<12} {text}", flush=True)
 
 
 def check(
@@ -71,39 +53,35 @@ def check(
                 if server.thumbprint
                 else "verified"
             )
-            report.ok("certificate", f"{server.host}:{server.port} {how}; SHA-1 {thumbprint}")
+            report.ok(f"{server.host}:{server.port} {how}; SHA-1 {thumbprint}", "certificate")
             vs.connect()
             logged_in = True
-            report.ok("login", f"{server.user} on {vs.about}")
+            report.ok(f"{server.user} on {vs.about}", "login")
         except IvdfsError as e:
-            code = ExitCode(exit_code_of(e))
-            report.fail(
-                "login" if code == ExitCode.AUTH else "certificate", UserError(str(e), code)
-            )
+            report.error(e, "login" if isinstance(e, LoginRefused) else "certificate")
 
         try:
             if vddk is None:
-                raise UserError(
-                    "no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR", ExitCode.VDDK
-                )
-            lib, plugin_error = _load(vddk)
-            loaded = lib
-            missing = sorted(set(_cdefs.OPTIONAL) - lib.optional)
+                raise VddkLoadError("no VDDK directory: use --vddk-libdir DIR or IVDFS_VDDK_LIBDIR")
+            try:
+                lib = loaded = oneshot.load(vddk)
+            except VddkPluginError as e:
+                # InitEx was undone; the library still says where VixMntapi lies.
+                plugin_error, loaded = e, VddkLibrary(vddk.libdir)
+            missing = loaded.missing_optional
             report.ok(
-                "vddk",
-                f"{lib.path} (VDDK {lib.soversion}); optional functions "
+                f"{loaded.path} (VDDK {loaded.soversion}); optional functions "
                 + (f"missing: {', '.join(missing)}" if missing else "all present"),
+                "vddk",
             )
-        except UserError as e:
-            report.fail("vddk", e)
-            lib = None
+        except VddkLoadError as e:
+            report.error(e, "vddk")
         if plugin_error is not None:
-            report.fail("plugin", UserError(str(plugin_error), ExitCode.VDDK))
-            lib = None  # InitEx was undone: nothing that talks to vSphere can work
+            report.error(plugin_error, "plugin")  # nothing that talks to vSphere can work
         elif lib is not None:
-            report.ok("plugin", _plugin_text())
+            report.ok(_plugin_text(), "plugin")
         else:
-            report.skip("plugin", "needs the VDDK library")
+            report.skip("needs the VDDK library", "plugin")
         _vixmntapi(report, loaded, needed=volumes == "vixmntapi")
         if volumes == "guestfs":
             _guestfs(report)
@@ -111,46 +89,30 @@ def check(
         if logged_in and lib is not None and vddk is not None:
             _test_read(report, vs, lib, server, vddk, transport)
         else:
-            report.skip("read", "needs a login and a VDDK library")
+            report.skip("needs a login and a VDDK library", "read")
     finally:
         if lib is not None:
             lib.exit()
         vs.close()
     if report.failures:
-        step, first = report.failures[0]
-        print(f"ivdfs: check failed at {step}: {first.message}", file=sys.stderr)
-        return first.exit_code
-    return ExitCode.OK
-
-
-def _load(vddk: VddkOptions) -> tuple[VddkLibrary, VddkPluginError | None]:
-    """The initialised library, or the library and its plugin failure (InitEx undone)."""
-    try:
-        lib = VddkLibrary(vddk.libdir)
-    except BackendError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
-    try:
-        lib.init(vddk.config_file)
-    except VddkPluginError as e:
-        return lib, e
-    except BackendError as e:
-        raise UserError(f"VDDK initialisation failed: {e}", ExitCode.VDDK) from None
-    return lib, None
+        step, first, _ = report.failures[0]
+        print(f"ivdfs: check failed at {step}: {first}", file=sys.stderr)
+    return report.code
 
 
 def _vixmntapi(report: Report, lib: VddkLibrary | None, needed: bool) -> None:
     if lib is None:
-        report.skip("vixmntapi", "needs the VDDK library")
+        report.skip("needs the VDDK library", "vixmntapi")
         return
     try:
         mntapi = Mntapi(lib)
     except VddkLoadError as e:
         if needed:
-            report.fail("vixmntapi", UserError(str(e), ExitCode.VDDK))
+            report.error(e, "vixmntapi")
         else:
-            report.warn("vixmntapi", f"{e} (needed only for --volumes vixmntapi)")
+            report.warn(f"{e} (needed only for --volumes vixmntapi)", "vixmntapi")
         return
-    report.ok("vixmntapi", f"{mntapi.path} loads: --volumes vixmntapi can use it")
+    report.ok(f"{mntapi.path} loads: --volumes vixmntapi can use it", "vixmntapi")
 
 
 def _guestfs(report: Report) -> None:
@@ -159,18 +121,17 @@ def _guestfs(report: Report) -> None:
 
     missing = guestfs.missing_prerequisites()
     if missing is not None:
-        report.fail("guestfs", UserError(f"{missing}; install {guestfs.PACKAGES}"))
+        report.error(UserError(f"{missing}; install {guestfs.PACKAGES}"), "guestfs")
         return
     accelerator = guestfs.probe_accelerator()
     try:
         seconds = guestfs.boot_test(accelerator)
     except RuntimeError as e:
-        report.fail(
-            "guestfs",
-            UserError(f"an appliance did not boot under {accelerator.describe()}: {e}"),
-        )
+        failure = UserError(f"an appliance did not boot under {accelerator.describe()}: {e}")
+        report.error(failure, "guestfs")
         return
-    report.ok("guestfs", f"an appliance booted in {seconds:.1f} s under {accelerator.describe()}")
+    text = f"an appliance booted in {seconds:.1f} s under {accelerator.describe()}"
+    report.ok(text, "guestfs")
 
 
 def _plugin_text() -> str:
@@ -204,28 +165,19 @@ def _test_read(
     try:
         found = _first_snapshot(vs)
     except BackendError as e:
-        report.fail("read", UserError(f"listing IVDs: {e}", ExitCode.CONNECT))
+        report.error(Unreachable(f"listing IVDs: {e}"), "read")
         return
     if found is None:
-        report.skip("read", "no IVD has a snapshot to test with")
+        report.skip("no IVD has a snapshot to test with", "read")
         return
     ivd, snap = found
-    target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
-    handle = DiskHandle(lib, vddk.server(server, vs.thumbprint), target, transport)
+    where = ServerTarget.of(server, vs.thumbprint, vddk.nfc_host_port)
     try:
-        handle.open()
-        n = min(TEST_READ_BYTES, handle.capacity_bytes) // _cdefs.SECTOR_SIZE * _cdefs.SECTOR_SIZE
-        if n:
-            handle.read_into(0, bytearray(n))
-        report.ok(
-            "read",
-            f"{n} bytes of IVD {ivd.name} ({ivd.id}) snapshot {snap.id} "
-            f"via {handle.transport or 'VDDK'}",
-        )
+        with oneshot.handle(lib, where, DiskTarget.of(ivd, snap), transport) as handle:
+            n = min(TEST_READ_BYTES, handle.capacity_bytes) // SECTOR_SIZE * SECTOR_SIZE
+            if n:
+                handle.read_into(0, bytearray(n))
+        via = handle.transport or "VDDK"
+        report.ok(f"{n} bytes of IVD {ivd.name} ({ivd.id}) snapshot {snap.id} via {via}", "read")
     except BackendError as e:
-        report.fail("read", UserError(str(e), ExitCode.VDDK))
-    finally:
-        try:
-            handle.close()
-        except BackendError:
-            pass  # the read's own failure is the one to report
+        report.error(e, "read")

@@ -1,4 +1,5 @@
-"""Helpers shared by the subcommands: a logged-in session, tables, progress on a terminal.
+"""Helpers shared by the subcommands: a logged-in session, tables, progress on a terminal,
+the one-line-per-step report of `check` and of the recovery of a dead mount.
 
 Main thread only; every call blocks.
 """
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from ivdfs.config import ServerConfig
+from ivdfs.errors import ExitCode, IvdfsError
 from ivdfs.inventory.vsphere import Progress, VSphere
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -26,6 +28,41 @@ def session(server: ServerConfig, pool: int = 1) -> Iterator[VSphere]:
         yield vs
     finally:
         vs.close()
+
+
+class Report:
+    """One line per step, as a command goes: `ok`, `FAIL` (with what would undo it, when the
+    user can), `skip`, `warn`; `step` names a column of its own. The first failure's exit code
+    is the command's (`code`)."""
+
+    def __init__(self, default_code: int = ExitCode.INTERNAL) -> None:
+        self.failures: list[tuple[str, str, int]] = []  # (step, text, exit code)
+        self._default_code = default_code
+
+    def _line(self, mark: str, step: str, text: str) -> None:
+        where = f"{step:<12} " if step else ""
+        print(f"{mark:<5} {where}{text}", flush=True)
+
+    def ok(self, text: str, step: str = "") -> None:
+        self._line("ok", step, text)
+
+    def skip(self, text: str, step: str = "") -> None:
+        self._line("skip", step, text)
+
+    def warn(self, text: str, step: str = "") -> None:
+        self._line("warn", step, text)
+
+    def fail(self, text: str, remedy: str = "", code: int | None = None, step: str = "") -> None:
+        self._line("FAIL", step, f"{text}; to undo it: {remedy}" if remedy else text)
+        self.failures.append((step, text, self._default_code if code is None else code))
+
+    def error(self, e: IvdfsError, step: str = "") -> None:
+        """A step that failed with `e`, and so with its exit code."""
+        self.fail(str(e), code=e.exit_code, step=step)
+
+    @property
+    def code(self) -> int:
+        return self.failures[0][2] if self.failures else ExitCode.OK
 
 
 def cell(text: str) -> str:

@@ -1,57 +1,54 @@
 """`ivdfs hash`: SHA-256 and MD5 of a snapshot's disk (or one partition), read through VDDK.
 
-Reads as `check` does, in this process, between PrepareForAccess and EndAccess (always paired,
-even when Prepare fails or the read is interrupted; SIGTERM and SIGHUP stop it like Ctrl-C).
-Regions that QueryAllocatedBlocks reports unallocated are not read: they hash as the zeros
-disk.raw shows for them. Over NBD/NBDSSL up to IN_FLIGHT reads are in flight; hashing runs on
-pool threads (ivdfs.forensics.hashing) meanwhile. The lines name the file as a mount shows it,
-relative to the mount root (`<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw` or
-`.../partN.raw`), so `sha256sum -c` and `md5sum -c` run in the root of an ivdfs mount check
-them against the mount.
+Reads in this process through the mount's own read path: VDDK opened as a mount opens it
+(`ivdfs.vddk.oneshot`: between PrepareForAccess and EndAccess, always paired, even when Prepare
+fails or the read is interrupted; SIGTERM and SIGHUP stop it like Ctrl-C), and a `DiskReader`
+over it with the mount's allocation map, block cache and read-ahead at their defaults: regions
+that QueryAllocatedBlocks reports unallocated are not read (they hash as the zeros disk.raw
+shows for them), and reads overlap as far as the transport allows. A partition is found in the
+table the mount reads. Hashing runs on pool threads (ivdfs.forensics.hashing) meanwhile. The
+lines name the file as a mount shows it, relative to the mount root
+(`<datastore>/<ivd-uuid>/<snapshot-id>/disk.raw` or `.../partN.raw`), so `sha256sum -c` and
+`md5sum -c` run in the root of an ivdfs mount check them against the mount.
 
-Main thread only: VDDK's Open, Read and Close happen on it.
+Concurrency: main thread; the reading runs in trio on it (VDDK's Open and Close happen on it,
+reads on the disk's I/O thread).
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from types import FrameType
 
+import trio
+
+from ivdfs import signals
 from ivdfs.commands.common import human_size, session
-from ivdfs.config import ACCESS_IDENTITY, ServerConfig
-from ivdfs.errors import BackendError, ExitCode, UserError
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig, VddkOptions
+from ivdfs.errors import ExitCode, NotFound
 from ivdfs.forensics.hashing import Digester
-from ivdfs.io.holes import MAX_CHUNKS_PER_QUERY, query_chunk_sectors
-from ivdfs.io.partitions import parse
-from ivdfs.vddk._cdefs import SECTOR_SIZE
-from ivdfs.vddk.connection import Access, AsyncRead, DiskHandle, DiskTarget, ServerTarget
-from ivdfs.vddk.errors import VddkError
-from ivdfs.vddk.library import VddkLibrary
+from ivdfs.inventory.model import DiskTarget
+from ivdfs.io.block_cache import BlockCache
+from ivdfs.io.prefetch import DEFAULT_IN_FLIGHT as PREFETCH_IN_FLIGHT
+from ivdfs.io.prefetch import Prefetcher
+from ivdfs.io.probe import read_table
+from ivdfs.io.reader import DiskReader
+from ivdfs.settings import default
+from ivdfs.vddk import oneshot
+from ivdfs.vddk.connection import ServerTarget
+from ivdfs.vddk.disk import OpenDisk
 
-log = logging.getLogger(__name__)
-
-BLOCK = 1 << 20  # bytes per VDDK read (at most 2 MiB per request)
 BACKLOG = 32 << 20  # bytes read but not hashed yet before reading waits
-IN_FLIGHT = 8  # ReadAsync requests of BLOCK bytes, as a mount's default --max-in-flight
-_VIX_E_NOT_SUPPORTED = 6
 ALGORITHMS = {"both": ("sha256", "md5"), "sha256": ("sha256",), "md5": ("md5",)}
 _TAGS = {"sha256": "SHA256", "md5": "MD5"}
 
 
 def hash_snapshot(
     server: ServerConfig,
-    libdir: Path,
-    vddk_config: Path | None,
+    vddk: VddkOptions,
     transport: str | None,
-    nfc_host_port: int,
     ivd_text: str,
     snapshot_id: str,
     partition: int | None,
@@ -63,20 +60,15 @@ def hash_snapshot(
         name = f"{ivd.datastore.name}/{ivd.id}/{snap.id}/" + (
             f"part{partition}.raw" if partition is not None else "disk.raw"
         )
-        try:
-            lib = VddkLibrary(libdir)
-            lib.init(vddk_config)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
-        s = server
-        target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
-        where = ServerTarget(s.host, s.port, s.user, s.password, vs.thumbprint, nfc_host_port)
-        try:
-            with _stop_signals_interrupt():
-                digests = _hash_target(lib, where, target, transport, partition, algorithm, name)
-        finally:
-            with _signals_deferred():
-                lib.exit()
+        where = ServerTarget.of(server, vs.thumbprint, vddk.nfc_host_port)
+        target = DiskTarget.of(ivd, snap)
+        with (
+            signals.interruptible(),
+            oneshot.library(vddk) as lib,
+            oneshot.access(lib, where, target, ACCESS_IDENTITY),
+            oneshot.disk(lib, where, target, transport) as disk,
+        ):
+            digests = _run(disk, partition, ALGORITHMS[algorithm], name)
     for line in format_lines(name, digests):
         print(line)
     sys.stdout.flush()
@@ -95,212 +87,85 @@ def format_lines(name: str, digests: dict[str, str]) -> list[str]:
     return [f"{mark}{_TAGS[a]} ({escaped}) = {digests[a]}" for a in ("sha256", "md5")]
 
 
-def _hash_target(
-    lib: VddkLibrary,
-    where: ServerTarget,
-    target: DiskTarget,
-    transport: str | None,
-    partition: int | None,
-    algorithm: str,
-    name: str,
+def _run(
+    disk: OpenDisk, partition: int | None, algorithms: tuple[str, ...], name: str
 ) -> dict[str, str]:
-    access = Access(lib, where, target, ACCESS_IDENTITY)
+    """Hash in trio; a stop signal meanwhile ends it as Ctrl-C does."""
+    stopped: list[int] = []
+
+    async def main() -> dict[str, str] | None:
+        result = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, stopped)
+            result = await _hash_disk(disk, partition, algorithms, name, nursery)
+            nursery.cancel_scope.cancel()
+        return result
+
     try:
-        try:
-            access.prepare()
-        except BackendError as e:
-            # Prepare only keeps vMotion off while we read; the snapshot stays readable.
-            log.warning("%s (reading anyway)", e)
-        handle = DiskHandle(lib, where, target, transport)
-        try:
-            handle.open()
-            return _hash_disk(handle, partition, ALGORITHMS[algorithm], name)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VDDK) from None
-        finally:
-            with _signals_deferred():
-                try:
-                    handle.close()
-                except BackendError as e:
-                    log.warning("closing %s: %s", target.describe(), e)
-    finally:
-        with _signals_deferred():
-            try:
-                access.end()
-            except BackendError as e:
-                log.warning("EndAccess for %s: %s (ivdfs end-access retries it)", target.ivd_id, e)
-
-
-def _hash_disk(
-    handle: DiskHandle, partition: int | None, algorithms: tuple[str, ...], name: str
-) -> dict[str, str]:
-    size = handle.capacity_bytes
-    start, end = 0, size
-    if partition is not None:
-        table = parse(lambda off, n: _read_bytes(handle, off, n), size, handle.sector_size)
-        found = {p.number: p for p in table.partitions}
-        if partition not in found:
-            have = ", ".join(str(n) for n in sorted(found)) or "none"
-            raise UserError(
-                f"{target_text(handle)} has no partition {partition} (partitions: {have})",
-                ExitCode.NOT_FOUND,
-            )
-        p = found[partition]
-        start, end = p.start, p.start + p.length
-    allocated = _Allocated(_allocated_runs(handle, start, end))
-    digester = Digester(algorithms)
-    reader = _Pipeline(handle, IN_FLIGHT if handle.truly_async else 1)
-    read_bytes = 0
-    with _progress(name, end - start) as progress:
-        try:
-            pos = start
-            while pos < end:
-                # Whole blocks of the disk, so holes and reads line up with the allocation map.
-                piece_end = min(end, (pos // BLOCK + 1) * BLOCK)
-                if allocated.any(pos, piece_end):
-                    reader.read(pos, piece_end - pos)
-                    read_bytes += piece_end - pos
-                else:
-                    reader.zeros(piece_end - pos)
-                pos = piece_end
-                for data in reader.ready():
-                    digester.update(data)
-                if digester.backlog > BACKLOG:
-                    digester.wait_below(BACKLOG // 2)
-                progress(pos - start)
-            for data in reader.rest():
-                digester.update(data)
-        finally:
-            reader.drain()
-        result = digester.result()
-    log.debug("%s: read %d of %d bytes (the rest unallocated)", name, read_bytes, end - start)
+        result = trio.run(main)
+    except BaseExceptionGroup as group:
+        # The nursery wraps what ended it: one error (a VDDK failure, no such partition) is
+        # the command's, with its own message and exit code.
+        while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+            group = group.exceptions[0]
+        raise group from None
+    if stopped or result is None:
+        raise KeyboardInterrupt
     return result
 
 
-class _Pipeline:
-    """Reads in order with up to `depth` ReadAsync requests in flight (only NBD/NBDSSL
-    overlap them; other transports read one block at a time), zeros for holes in between."""
-
-    def __init__(self, handle: DiskHandle, depth: int) -> None:
-        self._handle = handle
-        self._depth = depth
-        self._queue: deque[tuple[AsyncRead, threading.Event] | int] = deque()
-        self._zeros = bytes(BLOCK)
-
-    def read(self, offset: int, n: int) -> None:
-        if self._depth == 1:
-            buf = bytearray(n)
-            self._handle.read_into(offset // SECTOR_SIZE, buf)
-            done = threading.Event()
-            done.set()
-            self._queue.append((AsyncRead(offset // SECTOR_SIZE, buf, lambda _r: None), done))
+async def _stop_on_signal(scope: trio.CancelScope, stopped: list[int]) -> None:
+    with trio.open_signal_receiver(*signals.STOP_SIGNALS) as received:
+        async for signum in received:
+            stopped.append(signum)
+            scope.cancel()
             return
-        done = threading.Event()
-        req = AsyncRead(offset // SECTOR_SIZE, bytearray(n), lambda _r: done.set())
-        self._handle.read_async(req)  # never raises: a failure comes back through `req`
-        self._queue.append((req, done))
-
-    def zeros(self, n: int) -> None:
-        self._queue.append(n)
-
-    def _pop(self) -> memoryview:
-        item = self._queue.popleft()
-        if isinstance(item, int):
-            return memoryview(self._zeros)[:item]
-        req, done = item
-        done.wait()
-        if req.error is not None:
-            raise req.error
-        return memoryview(req.buf)
-
-    def ready(self) -> Iterator[memoryview]:
-        """Blocks in order, leaving fewer than `depth` requests in flight: the next `read`
-        makes `depth` at most (ESXi's NFC server bounds each session's memory)."""
-        while self._queue and (len(self._queue) >= self._depth or isinstance(self._queue[0], int)):
-            yield self._pop()
-
-    def rest(self) -> Iterator[memoryview]:
-        while self._queue:
-            yield self._pop()
-
-    def drain(self) -> None:
-        """Every request the library holds has called back (before Close)."""
-        if self._queue and self._depth > 1:
-            with _signals_deferred():
-                self._handle.wait()
-        self._queue.clear()
 
 
-def target_text(handle: DiskHandle) -> str:
-    t = handle.target
-    return f"IVD {t.ivd_id} snapshot {t.snapshot_id}"
-
-
-def _read_bytes(handle: DiskHandle, offset: int, length: int) -> bytes:
-    """Bytes [offset, offset + length) of the disk, clipped to it, read in whole sectors."""
-    end = min(offset + length, handle.capacity_bytes)
-    if offset >= end:
-        return b""
-    first = offset // SECTOR_SIZE
-    last = (end + SECTOR_SIZE - 1) // SECTOR_SIZE
-    buf = bytearray((last - first) * SECTOR_SIZE)
-    view = memoryview(buf)
-    step = 2 * BLOCK // SECTOR_SIZE  # VDDK's largest request
-    for s in range(first, last, step):
-        n = min(step, last - s)
-        handle.read_into(s, view[(s - first) * SECTOR_SIZE : (s - first + n) * SECTOR_SIZE])
-    skip = offset - first * SECTOR_SIZE
-    return bytes(view[skip : skip + end - offset])
-
-
-def _allocated_runs(handle: DiskHandle, start: int, end: int) -> list[tuple[int, int]]:
-    """Allocated [start, end) byte runs covering the window, sorted and disjoint; the whole
-    window when the library cannot tell. VDDK's rules: a power-of-two chunk, whole chunks
-    inside the disk, at most MAX_CHUNKS_PER_QUERY per call (see ivdfs.io.holes)."""
-    capacity = handle.capacity_sectors
-    chunk = query_chunk_sectors(BLOCK // SECTOR_SIZE, capacity)
-    whole = [(start, end)]
-    if not chunk or not handle.can_query_allocated:
-        return whole
-    queryable_end = capacity // chunk * chunk
-    first = start // SECTOR_SIZE // chunk * chunk
-    last = min(-(-end // SECTOR_SIZE // chunk) * chunk, queryable_end)
-    runs: list[tuple[int, int]] = []
+async def _hash_disk(
+    disk: OpenDisk,
+    partition: int | None,
+    algorithms: tuple[str, ...],
+    name: str,
+    nursery: trio.Nursery,
+) -> dict[str, str]:
+    block, ahead = default("block_size"), default("prefetch")
+    prefetcher = Prefetcher(min(ahead, PREFETCH_IN_FLIGHT))
+    await nursery.start(prefetcher.run)
+    # Room for the read-ahead window twice over: each block is read once.
+    cache = BlockCache((2 * ahead + 2) * block)
+    reader = DiskReader(
+        "hash", disk.capacity, block, cache, disk.read, disk.allocated, prefetcher, ahead
+    )
+    start, end = 0, disk.capacity
+    if partition is not None:
+        table = await read_table(reader, disk.sector_size)
+        found = {p.number: p for p in table.partitions}
+        if partition not in found:
+            have = ", ".join(str(n) for n in sorted(found)) or "none"
+            t = disk.target
+            raise NotFound(
+                f"IVD {t.ivd_id} snapshot {t.snapshot_id} has no partition {partition} "
+                f"(partitions: {have})"
+            )
+        start, end = found[partition].start, found[partition].start + found[partition].length
+    digester = Digester(algorithms)
+    stream = reader.open_stream()
     try:
-        pos = first
-        while pos < last:
-            n = min(last - pos, MAX_CHUNKS_PER_QUERY * chunk)
-            for s, length in handle.query_allocated(pos, n, chunk):
-                runs.append((s * SECTOR_SIZE, (s + length) * SECTOR_SIZE))
-            pos += n
-    except VddkError as e:
-        if e.code != _VIX_E_NOT_SUPPORTED:
-            log.warning("QueryAllocatedBlocks failed; reading every block: %s", e)
-        return whole
-    # Past the last whole chunk nothing can be asked: read it.
-    if queryable_end * SECTOR_SIZE < end:
-        runs.append((queryable_end * SECTOR_SIZE, end))
-    runs.sort()
-    merged: list[tuple[int, int]] = []
-    for lo, hi in runs:
-        if merged and lo <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-class _Allocated:
-    """Whether a piece holds allocated bytes, for pieces asked in increasing order."""
-
-    def __init__(self, runs: list[tuple[int, int]]) -> None:
-        self._runs = runs
-        self._i = 0
-
-    def any(self, start: int, end: int) -> bool:
-        while self._i < len(self._runs) and self._runs[self._i][1] <= start:
-            self._i += 1
-        return self._i < len(self._runs) and self._runs[self._i][0] < end
+        with _progress(name, end - start) as progress:
+            pos = start
+            while pos < end:
+                # Whole blocks of the disk, as the reader and its allocation map count them.
+                piece_end = min(end, (pos // block + 1) * block)
+                digester.update(await reader.read(pos, piece_end - pos, stream))
+                pos = piece_end
+                if digester.backlog > BACKLOG:
+                    await trio.to_thread.run_sync(digester.wait_below, BACKLOG // 2)
+                progress(pos - start)
+            return await trio.to_thread.run_sync(digester.result)
+    except BaseException:
+        digester.cancel()
+        raise
 
 
 @contextmanager
@@ -329,29 +194,3 @@ def _progress(name: str, total: int) -> Iterator[Callable[[int], None]]:
         if tty:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-@contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the read like Ctrl-C, so the handle closes and EndAccess runs."""
-
-    def stop(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Clean-up that a second Ctrl-C must not cut short (EndAccess above all)."""
-    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

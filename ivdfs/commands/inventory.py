@@ -11,7 +11,7 @@ from typing import Any
 
 from ivdfs.commands.common import human_size, progress, progress_count, session, table
 from ivdfs.config import ServerConfig
-from ivdfs.errors import BackendError, ExitCode, NotFound, UserError
+from ivdfs.errors import ExitCode, NotFound
 from ivdfs.inventory.model import Ivd, IvdSummary, Snapshot, creation_order
 from ivdfs.tree import info
 from ivdfs.tree.naming import time_label
@@ -22,7 +22,7 @@ def _print_json(doc: Any) -> None:
 
 
 def ls(
-    server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool, pool: int = 8
+    server: ServerConfig, datastore: str | None, ivd: str | None, as_json: bool, pool: int
 ) -> int:
     with session(server, pool) as vs:
         if datastore is None:
@@ -89,11 +89,8 @@ def snapshot_create(server: ServerConfig, ivd_text: str, description: str) -> in
     with session(server) as vs:
         ivd = vs.find_ivd(ivd_text)
         what = f"creating a snapshot of IVD {ivd.name or ivd.id}"
-        try:
-            with progress(what) as update:
-                snap = vs.create_snapshot(ivd, description, update)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VSPHERE) from None
+        with progress(what) as update:
+            snap = vs.create_snapshot(ivd, description, update)
         print(snap.id)  # alone on stdout, for scripts: id=$(ivdfs snapshot create ...)
         if sys.stderr.isatty():
             print(f"created snapshot {snap.id} of IVD {ivd.name} ({ivd.id})", file=sys.stderr)
@@ -105,16 +102,13 @@ def snapshot_delete(server: ServerConfig, ivd_text: str, snapshot_id: str) -> in
         ivd = vs.find_ivd(ivd_text)
         vs.find_snapshot(ivd, snapshot_id)  # a clear "no such snapshot" before any task
         what = f"deleting snapshot {snapshot_id} of IVD {ivd.name or ivd.id}"
-        try:
-            with progress(what) as update:
-                vs.delete_snapshot(ivd, snapshot_id, update)
-        except BackendError as e:
-            raise UserError(str(e), ExitCode.VSPHERE) from None
+        with progress(what) as update:
+            vs.delete_snapshot(ivd, snapshot_id, update)
         print(f"deleted snapshot {snapshot_id} of IVD {ivd.name} ({ivd.id})")
         return ExitCode.OK
 
 
-def ls_all(server: ServerConfig, as_json: bool, pool: int = 8) -> int:
+def ls_all(server: ServerConfig, as_json: bool, pool: int) -> int:
     """Every datastore's IVDs with their snapshots, in one command: one listing per
     datastore, then the snapshots of every IVD that has any, on the session's pool."""
     with session(server, pool) as vs:

@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ivdfs import journal, mountinfo
-from ivdfs.commands.admin import VddkOptions
-from ivdfs.config import ACCESS_IDENTITY, ServerConfig
+from ivdfs.commands.common import Report
+from ivdfs.config import ACCESS_IDENTITY, ServerConfig, VddkOptions
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
-from ivdfs.inventory.model import Datastore, Ivd
+from ivdfs.inventory.model import Datastore, DiskTarget, Ivd
 from ivdfs.inventory.vsphere import VSphere
 from ivdfs.processes import under
 from ivdfs.rundirs import remove_tree
-from ivdfs.vddk import mntapi
-from ivdfs.vddk.connection import Access, DiskTarget
+from ivdfs.vddk import mntapi, oneshot
+from ivdfs.vddk.connection import ServerTarget
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Leftovers:
     fuse_mounted: bool = False
 
 
-def _run_dirs(rec: journal.Record) -> list[str]:
+def run_dirs(rec: journal.Record) -> list[str]:
     dirs = set(rec.run_dirs)
     # A crash between mkdtemp and the journal write: the name says whose it is.
     for base in (Path("/run"), Path("/tmp")):
@@ -111,7 +111,7 @@ def appliance_processes(rec: journal.Record) -> list[int]:
 
 def leftovers(rec: journal.Record) -> Leftovers:
     found = Leftovers()
-    roots = _run_dirs(rec)
+    roots = run_dirs(rec)
     mounts = [
         e.mountpoint for e in mountinfo.entries() if any(under(e.mountpoint, r) for r in roots)
     ]
@@ -161,21 +161,6 @@ def _cmd(argv: list[str]) -> str | None:
     if r.returncode == 0:
         return None
     return (r.stderr.strip().splitlines() or [f"status {r.returncode}"])[-1]
-
-
-class Report:
-    def __init__(self) -> None:
-        self.failed: list[str] = []
-        self.code: int = ExitCode.OK  # of the first failure: why the job is not done
-
-    def ok(self, text: str) -> None:
-        print(f"ok    {text}", flush=True)
-
-    def fail(self, text: str, remedy: str, code: int = ExitCode.MOUNTPOINT) -> None:
-        print(f"FAIL  {text}; to undo it: {remedy}", flush=True)
-        self.failed.append(text)
-        if self.code == ExitCode.OK:
-            self.code = code
 
 
 def undo_local(rec: journal.Record, report: Report) -> None:
@@ -228,7 +213,7 @@ def undo_local(rec: journal.Record, report: Report) -> None:
                 continue
             report.ok(f"removed the appliance's temporary files {tmp}")
         _journal_drop(rec, "appliances", a, report)
-    for d in _run_dirs(rec):
+    for d in run_dirs(rec):
         existed = os.path.lexists(d)
         err = remove_tree(d)
         if err is not None:
@@ -377,8 +362,8 @@ def _end_access(
     identity = str(rec.doc.get("identity") or ACCESS_IDENTITY)
     options = [*journal.connection_options(server), *vddk.options()]
     try:
-        lib = vddk.load()
-    except (BackendError, OSError) as e:
+        lib = oneshot.load(vddk)
+    except BackendError as e:
         for p in rec.prepared:
             report.fail(
                 f"IVD {p['ivd']} left prepared: VDDK: {e}",
@@ -386,10 +371,10 @@ def _end_access(
             )
         return
     try:
-        target_server = vddk.server(server, thumbprint)
+        where = ServerTarget.of(server, thumbprint, vddk.nfc_host_port)
         for p in rec.prepared:
             try:
-                Access(lib, target_server, DiskTarget(p["ivd"], p["datastore"]), identity).recover()
+                oneshot.end_access(lib, where, DiskTarget(p["ivd"], p["datastore"]), identity)
             except BackendError as e:
                 remedy = journal.advice("end-access", p["ivd"], options=options)
                 report.fail(f"EndAccess for IVD {p['ivd']}: {e}", remedy)
@@ -402,13 +387,13 @@ def _end_access(
 
 def recover(rec: journal.Record, connection: Connection) -> int:
     """Undo everything a dead mount holds; 0 only when nothing is left."""
-    report = Report()
+    report = Report(default_code=ExitCode.MOUNTPOINT)
     undo_local(rec, report)
     try:
         undo_remote(rec, connection, report)
     except IvdfsError as e:  # the server went away half way: what is left is named
         left_behind(rec, report, e, rec.connection_options())
-    if report.failed:
+    if report.failures:
         return report.code
     with contextlib.suppress(FileNotFoundError):
         rec.path.unlink()

@@ -14,7 +14,7 @@ from typing import Any
 from ivdfs import journal
 from ivdfs.commands import recover
 from ivdfs.commands.common import table
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import BackendError, ExitCode, MountpointError, UsageError
 from ivdfs.tree.tree import REFRESH_XATTR
 
 STATS_FILE = ".ivdfs/stats"
@@ -54,7 +54,7 @@ def status(mountpoint: Path | None, as_json: bool) -> int:
     if mountpoint is not None:
         rec = journal.find(Path(os.path.abspath(mountpoint.expanduser())))
         if rec is None:
-            raise UserError(f"{mountpoint} is not an ivdfs mount", ExitCode.MOUNTPOINT)
+            raise MountpointError(f"{mountpoint} is not an ivdfs mount")
         records = [rec]
     else:
         records = list(journal.every())
@@ -94,11 +94,9 @@ def refresh(path: Path) -> int:
         os.getxattr(path, REFRESH_XATTR)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise UserError(
-                f"{path} is not a directory of an ivdfs mount", ExitCode.USAGE
-            ) from None
+            raise UsageError(f"{path} is not a directory of an ivdfs mount") from None
         if e.errno == errno.ENOTDIR:
-            raise UserError(f"{path} is not a directory", ExitCode.USAGE) from None
-        raise UserError(f"refreshing {path}: {e.strerror}", ExitCode.VSPHERE) from None
+            raise UsageError(f"{path} is not a directory") from None
+        raise BackendError(f"refreshing {path}: {e.strerror}") from None
     print(f"refreshed {path}")
     return ExitCode.OK

@@ -23,12 +23,18 @@ from pathlib import Path
 
 from ivdfs import journal, mountinfo
 from ivdfs.commands import recover
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.errors import ExitCode, MountpointError, UserError
 from ivdfs.processes import holders
 
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.ivdfs"
+
+
+class StillRunning(UserError):
+    """The mount is gone but its process is not: its teardown hangs (exit 1)."""
+
+    exit_code = ExitCode.INTERNAL
 
 
 def _fusermount(mp: Path, lazy: bool) -> str | None:
@@ -56,17 +62,16 @@ def umount(
         err = _fusermount(mp, lazy)
         if err is not None:
             if "busy" not in err.lower():
-                raise UserError(f"cannot unmount {mp}: {err}", ExitCode.MOUNTPOINT)
-            roots = [str(mp), *recover._run_dirs(rec)]
+                raise MountpointError(f"cannot unmount {mp}: {err}")
+            roots = [str(mp), *recover.run_dirs(rec)]
             own = {rec.pid, *recover.leftovers(rec).helpers}
             users = holders(roots, own | {os.getpid()})
             if users and not force:
                 names = "; ".join(str(h) for h in users[:5])
                 more = f" and {len(users) - 5} more" if len(users) > 5 else ""
-                raise UserError(
+                raise MountpointError(
                     f"{mp} is busy: {names}{more}; stop them first, or use --force (they get "
-                    "I/O errors) or --lazy (the mount ends when they are done)",
-                    ExitCode.MOUNTPOINT,
+                    "I/O errors) or --lazy (the mount ends when they are done)"
                 )
             # Only ivdfs's own guest volumes (or --force): the daemon detaches them first.
             log.info(
@@ -77,10 +82,9 @@ def umount(
             print(f"detached {mp}; ivdfs (pid {rec.pid}) ends when its last file is closed")
             return ExitCode.OK
     if not recover.wait_gone(rec.pid, start, timeout):
-        raise UserError(
+        raise StillRunning(
             f"{mp} is unmounted, but its ivdfs process {rec.pid} is still running after "
-            f"{timeout:.0f} s",
-            ExitCode.INTERNAL,
+            f"{timeout:.0f} s"
         )
     return _outcome(mp, rec, connection)
 
@@ -90,7 +94,7 @@ def _outcome(mp: Path, rec: journal.Record, connection: recover.Connection) -> i
     after = journal.find(mp)
     if after is None:
         if mountinfo.find(mp) is not None:
-            raise UserError(f"cannot unmount {mp}: it is still busy", ExitCode.MOUNTPOINT)
+            raise MountpointError(f"cannot unmount {mp}: it is still busy")
         return ExitCode.OK
     where = f"; see its log {after.doc['log']}" if after.doc.get("log") else ""
     if after.doc.get("state") == "exited":
@@ -116,17 +120,16 @@ def _without_journal(mp: Path) -> int:
             os.stat(mp)
         except OSError as e:
             if e.errno == errno.ENOTCONN:
-                raise UserError(
+                raise MountpointError(
                     f"{mp} is a dead FUSE mount that ivdfs has no journal of; "
-                    f"clear it with fusermount3 -u -z {mp}",
-                    ExitCode.MOUNTPOINT,
+                    f"clear it with fusermount3 -u -z {mp}"
                 ) from None
-        raise UserError(f"{mp} is not mounted", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"{mp} is not mounted")
     if entry.fstype != FSTYPE:
-        raise UserError(f"{mp} is not an ivdfs mount (it is {entry.fstype})", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"{mp} is not an ivdfs mount (it is {entry.fstype})")
     # An ivdfs mount without a journal (another mount namespace, or another user's runtime
     # directory): unmount it; its own process finishes the teardown.
     err = _fusermount(mp, False)
     if err is not None:
-        raise UserError(f"cannot unmount {mp}: {err}", ExitCode.MOUNTPOINT)
+        raise MountpointError(f"cannot unmount {mp}: {err}")
     return ExitCode.OK

@@ -20,7 +20,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.forensics.audit import Caller
+from ivdfs.forensics.access import Caller
+from ivdfs.settings import default
 from ivdfs.tree.info import XATTR_PREFIX
 from ivdfs.tree.nodes import DirNode, GeneratedFile, Node, SymlinkNode
 from ivdfs.tree.tree import REFRESH_XATTR, Tree
@@ -74,8 +75,8 @@ class Presentation:
     uid: int
     gid: int
     umask: int = 0o022
-    dir_timeout: float = 60.0
-    block_size: int = 1 << 20
+    dir_timeout: float = default("refresh")
+    block_size: int = default("block_size")
 
 
 class Operations(pyfuse3.Operations):
@@ -206,14 +207,14 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "read-only")
         audited = self.tree.evidence.audit is not None
-        # The journal names the caller of the open; reads carry no context of their own.
+        # The audit log names the caller of the open; reads carry no context of their own.
         caller = Caller.of(ctx.uid, ctx.gid, ctx.pid) if audited else None
         fh, node = await self.tree.open(inode, caller)
         if isinstance(node, GeneratedFile):
             # direct_io: reads are not bounded by a size the kernel cached earlier.
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
         if audited:
-            # The journal records what each open was served: pages the kernel kept from another
+            # The audit log records what each open was served: pages the kernel kept from another
             # open would be read without ivdfs seeing it. So no page cache for disk files.
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
         if self.tree.hashing(fh):

@@ -40,6 +40,23 @@ def creation_order(obj: Ivd | Snapshot) -> tuple[float, str]:
 
 
 @dataclass(frozen=True)
+class DiskTarget:
+    """What a VDDK call names: an IVD (on its datastore) and, to read, one of its snapshots."""
+
+    ivd_id: str
+    datastore_moref: str
+    snapshot_id: str | None = None
+
+    @classmethod
+    def of(cls, ivd: Ivd, snapshot: Snapshot | None = None) -> DiskTarget:
+        return cls(ivd.id, ivd.datastore.moref, snapshot.id if snapshot is not None else None)
+
+    def describe(self) -> str:
+        snap = f" snapshot {self.snapshot_id}" if self.snapshot_id else ""
+        return f"IVD {self.ivd_id}{snap} on {self.datastore_moref}"
+
+
+@dataclass(frozen=True)
 class IvdSummary:
     """An IVD as a listing of many shows it: its record (possibly without backing details),
     and how many snapshots it has when the server said (None: unknown)."""

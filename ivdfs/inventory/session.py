@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-DEFAULT_POOL = 8
 # pyVmomi's VSLM versions by the vCenter API version that serves them, newest first.
 VSLM_VERSIONS = (
     ((7, 0, 2, 0), "vslm.version.v7_0_2_0"),
@@ -82,7 +81,8 @@ def vslm_version(api_version: str) -> str | None:
 
 
 class Session:
-    def __init__(self, server: ServerConfig, pool: int = DEFAULT_POOL) -> None:
+    def __init__(self, server: ServerConfig, pool: int = 1) -> None:
+        """`pool`: queries at once on the one login (the mount's --vcenter-connections)."""
         self.server = server
         self.pool = max(1, pool)
         self._lock = threading.Lock()

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 from ivdfs import journal
 from ivdfs.errors import BackendError, NotFound, TaskFailed
-from ivdfs.inventory.model import Ivd, Snapshot
+from ivdfs.inventory.model import DiskTarget, Ivd, Snapshot
 from ivdfs.inventory.vsphere import OutcomeUnknown, VSphere
-from ivdfs.vddk.connection import DiskTarget
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class TemporarySnapshots:
         created before a failure is in `created` and still gets deleted by `delete_all`."""
         description = description_for(where, os.getpid())
         for ivd in ivds:
-            target = DiskTarget(ivd.id, ivd.datastore.moref)
+            target = DiskTarget.of(ivd)
             self._pins.pin_access_blocking(target)
             self._pinned.append(target)
             entry = {
@@ -100,9 +99,7 @@ class TemporarySnapshots:
     def delete_all(self) -> None:
         """Close their handles, delete every snapshot `create` made, then end the access.
         Failures are logged with what to do by hand and stay in the journal."""
-        self._pins.close_targets_blocking(
-            [DiskTarget(ivd.id, ivd.datastore.moref, snap.id) for ivd, snap in self.created]
-        )
+        self._pins.close_targets_blocking([DiskTarget.of(ivd, snap) for ivd, snap in self.created])
         self._find_unknown()
         while self.created:
             ivd, snap = self.created.pop()

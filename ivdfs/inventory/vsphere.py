@@ -35,7 +35,7 @@ from ivdfs.config import ServerConfig
 from ivdfs.errors import Ambiguous, BackendError, NotFound, NotSupported
 from ivdfs.inventory.changes import ChangedAreas, Extent, merge
 from ivdfs.inventory.model import Datastore, Ivd, IvdSummary, Snapshot, creation_order
-from ivdfs.inventory.session import DEFAULT_POOL, ReplyLost, Session
+from ivdfs.inventory.session import ReplyLost, Session
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ HOST_HAS_NO_CBT = (
 class VSphere:
     """A logged-in session to vCenter or ESXi and the IVD queries over it."""
 
-    def __init__(
-        self, server: ServerConfig, pool: int = DEFAULT_POOL, use_vslm: bool = True
-    ) -> None:
+    def __init__(self, server: ServerConfig, pool: int = 1, use_vslm: bool = True) -> None:
         self.server = server
         self.session = Session(server, pool)
         self._use_vslm = use_vslm

@@ -1,19 +1,14 @@
-"""Which blocks of a disk hold data, learned lazily with VixDiskLib_QueryAllocatedBlocks.
+"""Which blocks of a disk hold data, learned lazily from the disk (QueryAllocatedBlocks).
 
 The disk is split into regions (1024 blocks: 1 GiB at the default block size); the first read
-in a region asks the backend once for that region's allocated chunks. Every query keeps VDDK's
-rules, which the real library enforces with VIX_E_INVALID_ARG: the chunk is a power of two from
-128 to 131072 sectors and no larger than the disk; start and length are whole chunks inside the
-disk; at most 524288 chunks per call. The chunk is the largest power of two that divides the
-block size, so a block is whole chunks and counts as allocated when any of them is; with a
-power-of-two block size the chunk is the block. A disk whose size is not a whole number of
-chunks ends in a partial chunk that no query may cover: as in VMware's sample, the queries stop
-at the last whole chunk, and every block reaching past it counts as allocated (it is read).
+in a region asks the backend once which sectors of that region may hold data
+(`ivdfs.vddk.allocation.allocated_runs`, which keeps VDDK's rules), in units of the block
+size; a block counts as allocated when any run touches it.
 
 Reading is always correct; skipping holes is only an optimisation. No query function, or a
-library answering VIX_E_NOT_SUPPORTED, turns the map off: every block is read. Any other failed
-query costs only its region, whose blocks count as allocated until the region is asked again,
-`RETRY_SECONDS` later.
+backend that says it cannot answer (`AllocationUnsupported`), turns the map off: every block is
+read. Any other failed query costs only its region, whose blocks count as allocated until the
+region is asked again, `RETRY_SECONDS` later.
 
 Concurrency: trio thread only. Concurrent first reads in one region share one query.
 """
@@ -29,60 +24,42 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ivdfs.errors import BackendError
-from ivdfs.vddk._cdefs import SECTOR_SIZE, VIXDISKLIB_MIN_CHUNK_SIZE
-from ivdfs.vddk.errors import VddkError
+from ivdfs.units import SECTOR_SIZE
+from ivdfs.vddk.allocation import AllocationUnsupported
 
 log = logging.getLogger(__name__)
 
 REGION_BLOCKS = 1024
-# VDDK's limits for QueryAllocatedBlocks besides VIXDISKLIB_MIN_CHUNK_SIZE (sectors, chunks).
-MAX_CHUNK_SECTORS = 131072
-MAX_CHUNKS_PER_QUERY = 524288
 RETRY_SECONDS = 30.0
-_VIX_E_INVALID_ARG = 3
-_VIX_E_NOT_SUPPORTED = 6
 
-QueryAllocated = Callable[[int, int, int], Awaitable[list[tuple[int, int]]]]
-
-
-def query_chunk_sectors(block_sectors: int, capacity_sectors: int) -> int:
-    """The chunk for querying a disk in blocks of `block_sectors`: the largest power of two
-    that divides the block, within VDDK's limits and the disk; 0 when there is none."""
-    chunk = min(block_sectors & -block_sectors, MAX_CHUNK_SECTORS)
-    while chunk > capacity_sectors:
-        chunk //= 2
-    return chunk if chunk >= VIXDISKLIB_MIN_CHUNK_SIZE else 0
+# (start sector, end sector, granularity in sectors) -> runs (start, length) of sectors in the
+# range that may hold data; AllocationUnsupported when the disk cannot tell.
+Allocated = Callable[[int, int, int], Awaitable[list[tuple[int, int]]]]
 
 
 class AllocationMap:
     def __init__(
         self,
-        query: QueryAllocated | None,
+        allocated: Allocated | None,
         disk_size: int,
         block_size: int,
         region_blocks: int = REGION_BLOCKS,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         """`on_change` is called when a region becomes known (holes may now be shown)."""
-        self._query = query
+        self._allocated = allocated
         self._on_change = on_change
         self.block_size = block_size
         self.block_sectors = block_size // SECTOR_SIZE
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.region_blocks = region_blocks
-        capacity_sectors = disk_size // SECTOR_SIZE
-        self.chunk_sectors = query_chunk_sectors(self.block_sectors, capacity_sectors)
-        # Queries end here: the last whole chunk of the disk.
-        self._queryable_end = (
-            capacity_sectors // self.chunk_sectors * self.chunk_sectors if self.chunk_sectors else 0
-        )
-        self.enabled = query is not None and self.chunk_sectors > 0
+        self._capacity_sectors = disk_size // SECTOR_SIZE
+        self.enabled = allocated is not None
         # region -> its allocated block indexes, sorted: 8 bytes a block (a set took ~60), for
         # maps of multi-TiB disks kept for a mount's life; bisection answers both questions.
         self._regions: dict[int, array[int]] = {}
         self._failed: dict[int, float] = {}  # region -> monotonic time to ask again
         self._loading: dict[int, trio.Event] = {}
-        self.queries = 0
         self.version = 0  # counts regions learned: what was derived from the map may be stale
 
     def known(self, index: int) -> bool | None:
@@ -113,43 +90,30 @@ class AllocationMap:
         return True if answer is None else answer
 
     async def _load(self, region: int) -> None:
-        assert self._query is not None
+        assert self._allocated is not None
         event = self._loading[region] = trio.Event()
-        bs, chunk = self.block_sectors, self.chunk_sectors
+        bs = self.block_sectors
         first = region * self.region_blocks
         last = min(first + self.region_blocks, self.nblocks)  # exclusive
-        start = first * bs
-        end = min(last * bs, self._queryable_end)
-        # Blocks reaching past the last whole chunk cannot be asked about: read them.
-        allocated = {i for i in range(first, last) if (i + 1) * bs > end}
+        start, end = first * bs, min(last * bs, self._capacity_sectors)
+        allocated: set[int] = set()
         try:
-            pos = start
-            while pos < end:
-                n = min(end - pos, MAX_CHUNKS_PER_QUERY * chunk)
-                self.queries += 1
-                for run_start, length in await self._query(pos, n, chunk):
-                    lo = max(run_start, pos)
-                    hi = min(run_start + length, pos + n)
-                    if hi > lo:
-                        allocated.update(range(lo // bs, (hi - 1) // bs + 1))
-                pos += n
+            for lo, length in await self._allocated(start, end, bs):
+                hi = lo + length
+                if hi > lo:
+                    allocated.update(range(lo // bs, (hi - 1) // bs + 1))
             self._regions[region] = array("q", sorted(allocated))
             self.version += 1
             self._failed.pop(region, None)
             if self._on_change is not None and len(allocated) < last - first:
                 self._on_change()
+        except AllocationUnsupported as e:
+            log.debug("the disk cannot say which blocks hold data; reading every block: %s", e)
+            self.enabled = False
+            self.version += 1
         except BackendError as e:
-            code = e.code if isinstance(e, VddkError) else None
-            if code == _VIX_E_NOT_SUPPORTED:
-                log.debug("QueryAllocatedBlocks unsupported, reading every block: %s", e)
-                self.enabled = False
-                self.version += 1
-            else:
-                # Invalid arguments would be our bug against VDDK's rules: say so.
-                level = logging.WARNING if code == _VIX_E_INVALID_ARG else logging.DEBUG
-                log.log(level, "QueryAllocatedBlocks for blocks %d-%d failed; reading them: %s",
-                        first, last - 1, e)  # fmt: skip
-                self._failed[region] = time.monotonic() + RETRY_SECONDS
+            log.debug("allocated blocks %d-%d unknown; reading them: %s", first, last - 1, e)
+            self._failed[region] = time.monotonic() + RETRY_SECONDS
         finally:
             del self._loading[region]
             event.set()

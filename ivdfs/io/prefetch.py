@@ -2,9 +2,9 @@
 
 A `Prefetcher` owns one nursery, started inside the mount's main nursery, so unmounting
 cancels every outstanding prefetch with it. Readers hand it zero-argument coroutine functions
-(each reads one block into the cache's scan segment); at most `max_in_flight` run at once, and
-their VDDK reads are marked as background (`ivdfs.vddk.threads.BACKGROUND`), so a demand read
-waiting for a VDDK slot always goes first.
+(each reads one block into the cache's scan segment); at most `max_in_flight` run at once. Their
+reads say they are background reads (`DiskReader.start_prefetch`), so a demand read waiting for
+a VDDK slot always goes first.
 
 Concurrency: trio thread only. Without a running nursery (tests that build a reader directly,
 or before the mount runs) `submit` declines and nothing is prefetched.
@@ -17,8 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
-
-from ivdfs.vddk.threads import BACKGROUND
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +60,6 @@ class Prefetcher:
         return True
 
     async def _one(self, job: Callable[[], Awaitable[bool]]) -> None:
-        # Reads made by this task yield to demand reads waiting for the same VDDK handles.
-        BACKGROUND.set(True)
         try:
             async with self._limiter:
                 if time.monotonic() >= self._paused_until and not await job():

@@ -13,15 +13,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 
 from ivdfs.io.block_cache import Block, BlockCache
-from ivdfs.io.holes import AllocationMap, QueryAllocated
+from ivdfs.io.holes import Allocated, AllocationMap
 from ivdfs.io.prefetch import Prefetcher
-from ivdfs.vddk._cdefs import SECTOR_SIZE
+from ivdfs.units import SECTOR_SIZE
 
 # Reads this many blocks behind the last one still count as in order: the kernel's concurrent
 # read-ahead requests can reach us slightly out of order.
 SEQ_SLACK = 2
 
-FetchBlock = Callable[[int, int], Awaitable[Block]]
+# (start sector, bytes, background) -> the block; background: read ahead of a reader.
+FetchBlock = Callable[[int, int, bool], Awaitable[Block]]
 
 
 def block_span(offset: int, size: int, disk_size: int, block_size: int) -> tuple[int, int, int]:
@@ -75,7 +76,7 @@ class DiskReader:
         block_size: int,
         cache: BlockCache,
         fetch_block: FetchBlock,
-        query_allocated: QueryAllocated | None = None,
+        allocated: Allocated | None = None,
         prefetcher: Prefetcher | None = None,
         max_prefetch: int = 0,
         on_map_change: Callable[[], None] | None = None,
@@ -88,7 +89,7 @@ class DiskReader:
         self.nblocks = (disk_size + block_size - 1) // block_size
         self.cache = cache
         self._fetch = fetch_block
-        self.holes = AllocationMap(query_allocated, disk_size, block_size, on_change=on_map_change)
+        self.holes = AllocationMap(allocated, disk_size, block_size, on_change=on_map_change)
         self.prefetcher = prefetcher
         self.max_prefetch = max_prefetch if prefetcher is not None else 0
         self._zeros = bytes(block_size)  # shared by every hole of this disk
@@ -100,10 +101,10 @@ class DiskReader:
         # The last block is short when the capacity is not a multiple of the block size.
         return min(self.block_size, self.size - index * self.block_size)
 
-    def _fetcher(self, index: int) -> Callable[[], Awaitable[Block]]:
+    def _fetcher(self, index: int, background: bool = False) -> Callable[[], Awaitable[Block]]:
         nbytes = self._block_bytes(index)
         start_sector = index * self.block_size // SECTOR_SIZE
-        return lambda: self._fetch(start_sector, nbytes)
+        return lambda: self._fetch(start_sector, nbytes, background)
 
     def _zero_block(self, index: int) -> Block:
         self.cache.stats.zero_blocks += 1
@@ -125,7 +126,8 @@ class DiskReader:
 
         async def job() -> bool:
             if await self.holes.is_allocated(index):
-                return await self.cache.prefetch((self.key, index), self._fetcher(index))
+                fetch = self._fetcher(index, background=True)
+                return await self.cache.prefetch((self.key, index), fetch)
             return True
 
         return self.prefetcher.submit(job)

@@ -15,7 +15,6 @@ import logging
 import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import trio
@@ -26,27 +25,25 @@ from ivdfs.tree import info, naming
 from ivdfs.tree.inodes import InodeTable
 from ivdfs.tree.listing import Listings, Make
 from ivdfs.tree.nodes import (
+    INFO_NAME,
+    AddGenerated,
     ByNameDir,
     DatastoreDir,
     DirNode,
-    GeneratedFile,
     IvdDir,
     Loader,
     SnapshotDir,
     SymlinkNode,
+    to_ns,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 D = TypeVar("D", bound=DirNode)
-AddGenerated = Callable[
-    [DirNode, str, Callable[[], bytes], int | None, Callable[[], Hashable] | None], GeneratedFile
-]
 
 BY_NAME = "by-name"
 STATS_DIR = ".ivdfs"  # the mount's own statistics, beside the datastores
-INFO_NAME = "info.json"
 # Directory read-ahead starts after this many IVD directories of one datastore were listed
 # within this many seconds.
 SCAN_LENGTH = 3
@@ -88,19 +85,6 @@ IvdData = tuple[Ivd, list[Snapshot], bool]
 _Job = tuple[Datastore, str, _Ahead]
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def to_ns(t: datetime | None, default: int) -> int:
-    """Nanoseconds since the epoch, exactly: `timestamp() * 1e9` in floats lands a nanosecond
-    off for most microsecond times."""
-    if t is None:
-        return default
-    if t.tzinfo is None:
-        t = t.astimezone(UTC)  # a naive time is local, as timestamp() takes it
-    return (t - _EPOCH) // timedelta(microseconds=1) * 1000
-
-
 @dataclass(frozen=True)
 class Subset:
     """What a subset mount shows: datastore names or morefs, IVD UUIDs (None: all)."""
@@ -124,8 +108,8 @@ class Catalog:
         mount_time_ns: int,
         make_snapshot_dir: Callable[[Ivd, Snapshot], SnapshotDir],
         add_generated: AddGenerated,
-        subset: Subset = Subset(),
-        inventory_threads: int = 4,
+        subset: Subset,
+        inventory_threads: int,
         on_attrs: Callable[[int], None] = lambda _ino: None,
     ) -> None:
         """`on_attrs(ino)` tells the kernel a directory's attributes changed (its mtime

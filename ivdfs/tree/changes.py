@@ -21,23 +21,25 @@ one per pair at a time (concurrent opens wait for the same answer).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Hashable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import trio
 
 from ivdfs.errors import BackendError, NotSupported
-from ivdfs.inventory.changes import ChangedAreas
-from ivdfs.inventory.model import Ivd, Snapshot, creation_order
-from ivdfs.tree.catalog import AddGenerated
+from ivdfs.inventory.changes import ChangedAreas, changes_json
+from ivdfs.inventory.model import Ivd, creation_order
+from ivdfs.tree.disk import ChangePair, SnapshotDisk
 from ivdfs.tree.inodes import InodeTable
-from ivdfs.tree.nodes import ChangesDir, DirNode, SnapshotDir, SparseFile, SparseSpan
-
-if TYPE_CHECKING:
-    from ivdfs.tree.snapshots import SnapshotDisk
+from ivdfs.tree.nodes import (
+    AddGenerated,
+    ChangesDir,
+    DirNode,
+    SnapshotDir,
+    SparseFile,
+    SparseSpan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,60 +55,12 @@ class ChangeSource(Protocol):
         ...
 
 
-def changes_fields(
-    ivd: Ivd, older_id: str, newer_id: str, areas: ChangedAreas | None, error: str | None
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "ivd": ivd.id,
-        "ivd_name": ivd.name,
-        "datastore": ivd.datastore.name,
-        "older_snapshot": older_id,
-        "snapshot": newer_id,
-    }
-    if error is not None or areas is None:
-        doc["error"] = error or "not known yet"
-        return doc
-    doc.update(
-        change_id=areas.change_id,
-        covered_bytes=areas.covered,
-        changed_bytes=areas.changed_bytes,
-        extent_count=len(areas.extents),
-        extents=[{"offset": s, "length": n} for s, n in areas.extents],
-    )
-    return doc
-
-
-def changes_json(
-    ivd: Ivd, older_id: str, newer_id: str, areas: ChangedAreas | None, error: str | None = None
-) -> bytes:
-    """The document of changes/<older>.json and of `ivdfs changes --json`, byte for byte."""
-    doc = changes_fields(ivd, older_id, newer_id, areas, error)
-    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-@dataclass(eq=False)
-class ChangePair:
-    """The changes from `older` to the snapshot of `disk`, shared by the .json and the .raw."""
-
-    disk: SnapshotDisk  # the newer snapshot's
-    older: Snapshot
-    areas: ChangedAreas | None = None
-    refusal: str | None = None
-    logged: bool = False
-    lock: trio.Lock = field(default_factory=trio.Lock)
-
-    @property
-    def known(self) -> bool:
-        return self.areas is not None or self.refusal is not None
-
-    def where(self) -> str:
-        return f"{self.disk.where()} changes since snapshot {self.older.id}"
-
-    def render(self) -> bytes:
-        if not self.known:
-            return b""  # stat before the first open: nothing asked yet
-        sd = self.disk
-        return changes_json(sd.ivd, self.older.id, sd.snapshot.id, self.areas, self.refusal)
+def render(pair: ChangePair) -> bytes:
+    """changes/<older>.json: empty until asked, then the document (or the refusal)."""
+    if not pair.known:
+        return b""  # stat before the first open: nothing asked yet
+    sd = pair.disk
+    return changes_json(sd.ivd, pair.older.id, sd.snapshot.id, pair.areas, pair.refusal)
 
 
 class Changes:
@@ -162,7 +116,9 @@ class Changes:
         def state() -> Hashable:
             return pair.known
 
-        doc = self.add_generated(d, f"{pair.older.id}.json", pair.render, d.mtime_ns, state)
+        doc = self.add_generated(
+            d, f"{pair.older.id}.json", lambda: render(pair), d.mtime_ns, state
+        )
         doc.prepare = lambda: self.fetch(pair)
         raw = SparseFile(
             self.inodes.new_ino(),

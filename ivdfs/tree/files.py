@@ -3,7 +3,7 @@
 Role: a disk or window open gets its own sequential-read stream (read-ahead is per reader) and
 keeps its snapshot's disk in use until released; a generated file (statistics, info.json) gets
 the content rendered at its open, so two opens never read a document spliced from two renders.
-An open may also carry its evidence hashes in progress and its audit journal record
+An open may also carry its evidence hashes in progress and its audit log record
 (ivdfs.forensics).
 Handles are numbered on their own, apart from inode numbers.
 
@@ -16,11 +16,11 @@ import errno
 from dataclasses import dataclass
 from typing import NewType
 
-from ivdfs.forensics.audit import OpenAccess
+from ivdfs.forensics.access import OpenAccess
 from ivdfs.forensics.hashing import SequentialHash
 from ivdfs.io.reader import ReadStream
+from ivdfs.tree.disk import SnapshotDisk
 from ivdfs.tree.nodes import Node
-from ivdfs.tree.snapshots import SnapshotDisk
 
 FileHandle = NewType("FileHandle", int)
 
@@ -32,7 +32,7 @@ class OpenFile:
     stream: ReadStream | None = None  # disk.raw and windows
     disk: SnapshotDisk | None = None  # held while open
     digest: SequentialHash | None = None  # evidence hashes while the reads are in order
-    access: OpenAccess | None = None  # the audit journal's record of this open
+    access: OpenAccess | None = None  # the audit log's record of this open
 
 
 class OpenFiles:

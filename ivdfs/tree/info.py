@@ -17,7 +17,7 @@ from ivdfs import __version__
 from ivdfs.forensics.evidence import Source
 from ivdfs.forensics.hashing import Digests
 from ivdfs.inventory.model import Ivd, Snapshot
-from ivdfs.vddk._cdefs import SECTOR_SIZE
+from ivdfs.units import SECTOR_SIZE
 
 XATTR_PREFIX = "user.ivdfs."
 # The evidence hashes of a file by its name in the snapshot directory; None: two complete

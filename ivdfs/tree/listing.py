@@ -12,7 +12,10 @@ the first success after it says that vCenter answers again. `reload` (a lookup o
 refresh the user asked for) waits and reports a failure. `sync` makes a directory's children
 of one kind those a loader wants: a child whose identity (datastore moref, IVD or snapshot id,
 link target) is unchanged keeps its node and inode; the others are removed through the inode
-table, which frees them once the kernel forgets them.
+table, which frees them once the kernel forgets them. `may_relist` rate-limits the reloads
+that lookups of names missing from a listing ask for, so a scanner trying random names cannot
+flood vCenter: the same missing name is not asked again for a while, and a directory lists
+again at most RELIST_BURST times per RELIST_WINDOW.
 
 Concurrency: trio thread only; a directory loads under its own lock.
 """
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 Make = Callable[[], Node]
 # Background refreshes at once: the rest of the inventory threads stay for lookups.
 REFRESH_WORKERS = 2
+MISSING_NAME_TTL = 2.0
+RELIST_BURST = 5
+RELIST_WINDOW = 10.0
 
 
 class Listings:
@@ -49,7 +55,24 @@ class Listings:
         # a stale listing is refreshed in the caller's task, failures kept the same way.
         self._send: trio.MemorySendChannel[DirNode] | None = None
         self.outage = False  # the last refresh failed: vCenter does not answer
+        # Lookups of names missing from a listing (see may_relist).
+        self._missing: dict[tuple[int, str], float] = {}
+        self._relists: dict[int, list[float]] = {}
         self.stats = {"refresh_failures": 0, "refresh_outages": 0, "background_refreshes": 0}
+
+    def may_relist(self, d: DirNode, name: str) -> bool:
+        """Whether a lookup of `name`, missing from `d`'s listing, may list `d` again now."""
+        now = self.clock()
+        asked = self._missing.get((d.ino, name))
+        if asked is not None and now - asked < MISSING_NAME_TTL:
+            return False
+        recent = [t for t in self._relists.get(d.ino, []) if now - t < RELIST_WINDOW]
+        if len(recent) >= RELIST_BURST:
+            return False
+        self._relists[d.ino] = [*recent, now]
+        self._missing = {k: t for k, t in self._missing.items() if now - t < MISSING_NAME_TTL}
+        self._missing[(d.ino, name)] = now
+        return True
 
     def stale(self, d: DirNode) -> bool:
         return d.refresh_due is not None and self.refresh > 0 and self.clock() >= d.refresh_due

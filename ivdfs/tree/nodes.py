@@ -1,8 +1,10 @@
 """Tree nodes: directories that load their children lazily, read-only files and links.
 
-Role: plain records. Behaviour lives in the tree modules (`catalog`, `snapshots`, `files`);
-a node knows its name, inode, times and what its content comes from. `identity` is what a
-refreshed listing compares to keep a node (and its inode) or replace it.
+Role: plain records, and the names every module of the tree shares (`AddGenerated`,
+`INFO_NAME`, `to_ns`). Behaviour lives in the tree modules (`catalog`, `snapshots`, `files`);
+a node knows its name, inode, times and what its content comes from (a snapshot's disk state,
+`ivdfs.tree.disk`, the one module of the tree this imports). `identity` is what a refreshed
+listing compares to keep a node (and its inode) or replace it.
 
 Concurrency: trio thread only. A directory loads its children under its own lock, so
 concurrent lookups cause one inventory query.
@@ -14,20 +16,33 @@ import bisect
 import stat
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar, Protocol
 
 import trio
 
 from ivdfs.errors import BackendError
 from ivdfs.inventory.model import Datastore, Ivd
-
-if TYPE_CHECKING:
-    from ivdfs.tree.changes import ChangePair
-    from ivdfs.tree.snapshots import SnapshotDisk
+from ivdfs.tree.disk import ChangePair, SnapshotDisk
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
+# Every IVD and snapshot directory has one (ivdfs.tree.info renders it).
+INFO_NAME = "info.json"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_ns(t: datetime | None, default: int) -> int:
+    """Nanoseconds since the epoch, exactly: `timestamp() * 1e9` in floats lands a nanosecond
+    off for most microsecond times."""
+    if t is None:
+        return default
+    if t.tzinfo is None:
+        t = t.astimezone(UTC)  # a naive time is local, as timestamp() takes it
+    return (t - _EPOCH) // timedelta(microseconds=1) * 1000
+
 
 # A loader fills a directory; it returns False when the listing is incomplete (a disk that
 # could not be probed yet), so the next lookup or listing runs it again.
@@ -320,3 +335,10 @@ class GeneratedFile(Node):
     @property
     def stable(self) -> bool:
         return False
+
+
+# Adds a generated file to a directory: (parent, name, render, mtime_ns, key) -> the file
+# (`Tree.add_generated`).
+AddGenerated = Callable[
+    [DirNode, str, Callable[[], bytes], int | None, Callable[[], Hashable] | None], GeneratedFile
+]

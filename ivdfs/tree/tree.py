@@ -10,7 +10,7 @@ one change meaning; a node removed by a refresh lives until the kernel forgets i
 file keeps reading its own data (or fails with EIO once VDDK refuses), never another disk's.
 
 Concurrency: trio thread only. Evidence hashes are computed on pool threads and finished on a
-short-lived thread that hands them back through the trio token (`_collect`).
+short-lived thread that hands them back through the trio token (`ivdfs.forensics.evidence`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from __future__ import annotations
 import errno
 import logging
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ivdfs.config import TreeSettings
 from ivdfs.errors import BackendError, NotFound
-from ivdfs.forensics.audit import AuditLog, Caller
-from ivdfs.forensics.evidence import Evidence
-from ivdfs.forensics.hashing import Digests, SequentialHash
+from ivdfs.forensics.access import Caller
+from ivdfs.forensics.evidence import Evidence, EvidenceHashes, HashTarget
+from ivdfs.forensics.hashing import SequentialHash
+from ivdfs.forensics.writer import AuditLog
 from ivdfs.inventory.model import Inventory
 from ivdfs.io.block_cache import BlockCache
 from ivdfs.io.prefetch import Prefetcher
@@ -38,6 +38,7 @@ from ivdfs.io.reader import DiskReader
 from ivdfs.tree import info
 from ivdfs.tree.catalog import Catalog, Subset
 from ivdfs.tree.changes import ChangeSource
+from ivdfs.tree.disk import DiskSource, SnapshotDisk
 from ivdfs.tree.files import FileHandle, OpenFile, OpenFiles
 from ivdfs.tree.inodes import ROOT_INO, InodeTable
 from ivdfs.tree.listing import Listings
@@ -53,7 +54,7 @@ from ivdfs.tree.nodes import (
     SymlinkNode,
     WindowFile,
 )
-from ivdfs.tree.snapshots import DiskSource, SnapshotDirs, SnapshotDisk
+from ivdfs.tree.snapshots import SnapshotDirs
 from ivdfs.volumes.base import VolumeBackend
 
 log = logging.getLogger(__name__)
@@ -61,30 +62,12 @@ log = logging.getLogger(__name__)
 __all__ = ["ROOT_INO", "Tree", "TreeSettings"]
 
 # IVD and snapshot ids are UUIDs: a lookup of one the cached listing lacks asks vCenter again
-# (an object created since the listing: "create, then read"). Rate-limited: the same missing
-# name is not asked again for a while, and a directory lists again at most RELIST_BURST times
-# per RELIST_WINDOW, so a scanner trying random names cannot flood vCenter.
+# (an object created since the listing: "create, then read"), as often as the listings allow
+# (`Listings.may_relist`).
 UUID_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", re.IGNORECASE)
-MISSING_NAME_TTL = 2.0
-RELIST_BURST = 5
-RELIST_WINDOW = 10.0
 # getxattr of this name on a directory lists it again now (`ivdfs refresh`): reads are all a
 # read-only mount offers, and a name nobody lists is never read by `getfattr -d` or backups.
 REFRESH_XATTR = "user.ivdfs.refresh"
-# A reader whose evidence hashing falls this far behind waits for it (bounded memory).
-HASH_BACKLOG = 32 << 20
-
-
-@dataclass(frozen=True)
-class TreeSettings:
-    block_size: int = 1 << 20
-    # Seconds after which a directory listing re-queries vCenter; 0: load once, never again.
-    refresh: float = 0.0
-    # Largest read-ahead window of a sequential reader, in blocks (0: none).
-    max_prefetch: int = 0
-    subset: Subset = field(default_factory=Subset)
-    # Inventory queries at once (the vCenter session's pool).
-    inventory_threads: int = 4
 
 
 class Tree:
@@ -95,6 +78,7 @@ class Tree:
         cache: BlockCache,
         settings: TreeSettings = TreeSettings(),
         *,
+        subset: Subset = Subset(),
         prefetcher: Prefetcher | None = None,
         volumes: VolumeBackend | None = None,
         mountpoint: Path | None = None,
@@ -103,10 +87,11 @@ class Tree:
         clock: Callable[[], float] = time.monotonic,
         evidence: Evidence | None = None,
     ) -> None:
-        """`volumes` and `mountpoint`: the guest-volume backend, and where this tree is
+        """`subset`: what a subset mount shows (--datastore, --ivd). `volumes` and
+        `mountpoint`: the guest-volume backend, and where this tree is
         mounted (loop devices read our own disk.raw through it). `on_detach(parent ino, name)`
         tells the kernel an entry is gone; `on_attrs(ino)` that an inode's attributes changed
-        (st_blocks, as holes become known). `evidence`: hashes, audit journal, provenance."""
+        (st_blocks, as holes become known). `evidence`: hashes, audit log, provenance."""
         self._on_attrs = on_attrs or (lambda _ino: None)
         self.settings = settings
         self.evidence = evidence or Evidence()
@@ -136,17 +121,13 @@ class Tree:
             self.mount_time_ns,
             self.snapshots.make,
             self.add_generated,
-            settings.subset,
+            subset,
             settings.inventory_threads,
             self._on_attrs,
         )
         root.loader = self.catalog.load_root
         self.files = OpenFiles()
-        # Lookups of ids missing from a listing (see _may_relist).
-        self._missing: dict[tuple[int, str], float] = {}
-        self._relists: dict[int, list[float]] = {}
-        # Evidence hashes being finished on a thread, by snapshot (see `_collect`).
-        self._hashing: dict[tuple[str, str], list[trio.Event]] = {}
+        self.hashes = EvidenceHashes(self.evidence.audit)
 
     @property
     def root(self) -> DirNode:
@@ -170,7 +151,7 @@ class Tree:
             self.settings.block_size,
             self.cache,
             sd.disk.read,
-            query_allocated=sd.disk.query_allocated,
+            allocated=sd.disk.allocated,
             prefetcher=self.prefetcher,
             max_prefetch=self.settings.max_prefetch,
             on_map_change=holes_known,
@@ -194,7 +175,7 @@ class Tree:
             raise OSError(errno.ENOTDIR, parent.name)
         node = (await self.children(parent)).get(name)
         if node is None and isinstance(parent, DatastoreDir | IvdDir) and UUID_RE.match(name):
-            if self._may_relist(parent, name):
+            if self.listings.may_relist(parent, name):
                 # "Create, then read": a snapshot or IVD made after the last listing. Only
                 # this waits on vCenter (and fails after its deadline when it does not answer).
                 await self.listings.reload(parent)
@@ -210,19 +191,6 @@ class Tree:
         if node is None:
             raise NotFound(name)
         return node
-
-    def _may_relist(self, parent: DirNode, name: str) -> bool:
-        now = self.clock()
-        asked = self._missing.get((parent.ino, name))
-        if asked is not None and now - asked < MISSING_NAME_TTL:
-            return False
-        recent = [t for t in self._relists.get(parent.ino, []) if now - t < RELIST_WINDOW]
-        if len(recent) >= RELIST_BURST:
-            return False
-        self._relists[parent.ino] = [*recent, now]
-        self._missing = {k: t for k, t in self._missing.items() if now - t < MISSING_NAME_TTL}
-        self._missing[(parent.ino, name)] = now
-        return True
 
     def remember(self, ino: int) -> None:
         self.inodes.remember(ino)
@@ -268,7 +236,7 @@ class Tree:
     # --- files ---------------------------------------------------------------------------
 
     async def open(self, ino: int, caller: Caller | None = None) -> tuple[FileHandle, Node]:
-        """`caller`: who opens, for the audit journal (which must hold the open before it
+        """`caller`: who opens, for the audit log (which must hold the open before it
         succeeds)."""
         audit = self.evidence.audit
         if audit is not None:
@@ -283,7 +251,7 @@ class Tree:
                 await node.prepare()
             parent = self.inodes.parent_of(node)
             if isinstance(parent, SnapshotDir) and parent.disk is not None:
-                await self._settled(parent.disk)  # info.json shows hashes just completed
+                await self.hashes.settled(parent.disk.key)  # info.json shows hashes just completed
             f = OpenFile(node, content=node.content())
         else:
             assert isinstance(node, DiskFile | WindowFile) and node.disk is not None
@@ -301,7 +269,7 @@ class Tree:
                 if self.evidence.hashes:
                     # A hash just completed by another open counts as known (no second pass,
                     # and this open keeps the kernel's pages).
-                    await self._settled(sd)
+                    await self.hashes.settled(sd.key)
             except BaseException:
                 sd.disk.release()
                 raise
@@ -315,13 +283,13 @@ class Tree:
         fh = self.files.add(f)
         if audit is not None:
             try:
-                await self._journal_open(audit, fh, f, caller)
+                await self._audit_open(audit, fh, f, caller)
             except BaseException:
                 self.release(fh)
                 raise
         return fh, node
 
-    async def _journal_open(
+    async def _audit_open(
         self, audit: AuditLog, fh: FileHandle, f: OpenFile, caller: Caller | None
     ) -> None:
         who = caller or Caller(-1, -1, -1, -1, "")
@@ -338,12 +306,14 @@ class Tree:
             raise OSError(errno.EINVAL, "negative offset or size")
         audit = self.evidence.audit
         if audit is not None:
-            audit.check()  # fail closed: nothing is served that the journal cannot record
+            audit.check()  # fail closed: nothing is served that the audit log cannot record
         data = await self._read(f, offset, size)
         if audit is not None and f.access is not None:
             audit.read(f.access, offset, len(data))
-        if f.digest is not None:
-            await self._hash(f, offset, data)
+        if f.digest is not None and not await self.hashes.feed(
+            f.digest, offset, data, lambda: self._hash_target(f)
+        ):
+            f.digest = None  # not read in order: this open yields no hash
         return data
 
     async def _read(self, f: OpenFile, offset: int, size: int) -> bytes | memoryview:
@@ -362,78 +332,11 @@ class Tree:
             return b"".join(parts)
         return await reader.read(offset, size, f.stream)
 
-    async def _hash(self, f: OpenFile, offset: int, data: bytes | memoryview) -> None:
-        h = f.digest
-        assert h is not None
-        h.feed(offset, data)
-        if h.abandoned:
-            f.digest = None  # not read in order: this open yields no hash
-            return
-        if h.complete:
-            if not h.collected:
-                h.collected = True
-                self._collect(f, h)
-            return
-        if h.digester.backlog > HASH_BACKLOG:
-            await trio.to_thread.run_sync(h.digester.wait_below, HASH_BACKLOG // 2)
-
-    def _collect(self, f: OpenFile, h: SequentialHash) -> None:
-        """Store the hashes once the pool has hashed the last bytes, without holding up the
-        reply to this read (an unmount meanwhile would abort it). Whoever asks for them
-        (attributes, info.json) waits until then: `_settled`."""
-        sd, node = f.disk, f.node
+    def _hash_target(self, f: OpenFile) -> HashTarget:
+        sd = f.disk
         assert sd is not None
         fh = f.access.fh if f.access is not None else None
-        done = trio.Event()
-        self._hashing.setdefault(sd.key, []).append(done)
-        token = trio.lowlevel.current_trio_token()
-
-        def finish(digests: Digests | None) -> None:  # trio thread
-            try:
-                if digests is not None:
-                    self._store_digests(sd, node, fh, digests)
-            except Exception:
-                log.exception("storing the hashes of %s", node.name)
-            finally:
-                pending = self._hashing[sd.key]
-                pending.remove(done)
-                if not pending:
-                    del self._hashing[sd.key]
-                done.set()
-
-        def wait() -> None:  # its own short-lived thread: the pool may be busy hashing
-            digests: Digests | None = None
-            try:
-                digests = h.result()
-            except Exception as e:
-                log.error("hashing %s failed: %s", node.name, e)
-            try:
-                token.run_sync_soon(finish, digests)
-            except trio.RunFinishedError:
-                pass  # unmounted meanwhile: nobody can ask any more
-
-        threading.Thread(target=wait, name="ivdfs-hash-done", daemon=True).start()
-
-    async def _settled(self, sd: SnapshotDisk) -> None:
-        """Wait for hashes still being finished for files of this snapshot."""
-        for done in list(self._hashing.get(sd.key, ())):
-            await done.wait()
-
-    def _store_digests(
-        self, sd: SnapshotDisk, node: Node, fh: int | None, digests: Digests
-    ) -> None:
-        name = node.name
-        path = str(self.inodes.path_of(node))
-        if name not in sd.digests:
-            sd.digests[name] = digests
-            log.info("%s: sha256 %s md5 %s", path, digests.sha256, digests.md5)
-        elif sd.digests[name] not in (None, digests):
-            # The same snapshot read twice gave different bytes: neither hash can be trusted.
-            log.error("%s: two complete reads hashed differently (%s, then %s); no hash is shown",
-                      path, sd.digests[name], digests)  # fmt: skip
-            sd.digests[name] = None
-        if self.evidence.audit is not None and fh is not None:
-            self.evidence.audit.record("hash", path=path, fh=fh, **digests.as_dict())
+        return HashTarget(sd.key, sd.digests, f.node.name, str(self.inodes.path_of(f.node)), fh)
 
     def release(self, fh: int) -> None:
         f = self.files.pop(fh)
@@ -453,14 +356,14 @@ class Tree:
         hashes of disk.raw and windows once known."""
         node = self.get(ino)
         if isinstance(node, WindowFile) and node.disk is not None:
-            await self._settled(node.disk)
+            await self.hashes.settled(node.disk.key)
             return info.digest_xattrs(node.disk.digests.get(node.name))
         if not isinstance(node, DiskFile) or node.disk is None:
             return {}
         sd: SnapshotDisk = node.disk
         await self.catalog.complete_parent(self.inodes.parent_of(node))
         await self.snapshots.probe(sd)
-        await self._settled(sd)
+        await self.hashes.settled(sd.key)
         return info.disk_xattrs(
             sd.ivd,
             sd.snapshot,

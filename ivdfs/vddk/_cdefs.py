@@ -7,10 +7,13 @@ VMware's public vixDiskLib.h (VDDK 6.7 and later on LP64 Linux).
 
 from __future__ import annotations
 
+# VDDK's sector (VIXDISKLIB_SECTOR_SIZE) is ivdfs.units.SECTOR_SIZE: 512 bytes, whatever the
+# disk's logical sector size.
 VIX_OK = 0
 VIX_ASYNC = 25000
 VIX_E_FAIL = 1
-SECTOR_SIZE = 512
+VIX_E_INVALID_ARG = 3
+VIX_E_NOT_SUPPORTED = 6
 VIXDISKLIB_FLAG_OPEN_UNBUFFERED = 1
 VIXDISKLIB_FLAG_OPEN_READ_ONLY = 4
 VIXDISKLIB_SPEC_VMX = 0

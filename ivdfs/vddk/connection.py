@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ivdfs.config import Secret
+from ivdfs.config import Secret, ServerConfig
+from ivdfs.inventory.model import DiskTarget as DiskTarget  # where VDDK's calls point
+from ivdfs.units import SECTOR_SIZE
 from ivdfs.vddk import _cdefs
 from ivdfs.vddk.errors import VddkError
 from ivdfs.vddk.library import VddkLibrary, ffi
@@ -37,16 +39,11 @@ class ServerTarget:
     thumbprint: str  # SHA-1 of the certificate ivdfs saw, 'AA:BB:...'
     nfc_host_port: int = 0  # ESXi's NFC port for NBD/NBDSSL; 0: VDDK's default (902)
 
-
-@dataclass(frozen=True)
-class DiskTarget:
-    ivd_id: str
-    datastore_moref: str
-    snapshot_id: str | None = None
-
-    def describe(self) -> str:
-        snap = f" snapshot {self.snapshot_id}" if self.snapshot_id else ""
-        return f"IVD {self.ivd_id}{snap} on {self.datastore_moref}"
+    @classmethod
+    def of(cls, server: ServerConfig, thumbprint: str, nfc_host_port: int) -> ServerTarget:
+        """The server ivdfs logged in to, with the certificate it saw there."""
+        s = server
+        return cls(s.host, s.port, s.user, s.password, thumbprint, nfc_host_port)
 
 
 class ConnectParams:
@@ -219,7 +216,7 @@ class DiskHandle:
         self.capacity_sectors = 0
         # The disk's logical sector size as the guest sees it (4096: a 4Kn disk). VDDK's own
         # unit stays VIXDISKLIB_SECTOR_SIZE (512) for capacity and every read whatever this is.
-        self.sector_size = _cdefs.SECTOR_SIZE
+        self.sector_size = SECTOR_SIZE
         self.transport = ""
         # ReadAsync bookkeeping: cbData is a small integer naming the request, so no Python
         # object has to be kept alive through a void pointer.
@@ -262,11 +259,11 @@ class DiskHandle:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.capacity_sectors * _cdefs.SECTOR_SIZE
+        return self.capacity_sectors * SECTOR_SIZE
 
     def read_into(self, start_sector: int, buf: bytearray | memoryview) -> None:
         """Fill `buf` (a whole number of sectors, at most 2 MiB) from `start_sector`."""
-        n = len(buf) // _cdefs.SECTOR_SIZE
+        n = len(buf) // SECTOR_SIZE
         cbuf = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         self._lib.call(
             "VixDiskLib_Read",
@@ -301,7 +298,7 @@ class DiskHandle:
             err = self._lib.lib.VixDiskLib_ReadAsync(
                 self._handle,
                 req.start_sector,
-                len(req.buf) // _cdefs.SECTOR_SIZE,
+                len(req.buf) // SECTOR_SIZE,
                 req.cbuf,
                 self._callback,
                 ffi.cast("void *", token),

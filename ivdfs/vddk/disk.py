@@ -11,7 +11,7 @@ than the bound is read as requests of at most the bound, one after another, so t
 for every block size. Opening and closing are the service's job (`vddk.service`), on its control
 thread.
 
-Concurrency: `read`/`query_allocated` on the trio thread; `stop_io` from a worker thread
+Concurrency: `read`/`allocated` on the trio thread; `stop_io` from a worker thread
 (it joins threads); the handles' blocking calls only on their own I/O thread.
 """
 
@@ -22,15 +22,12 @@ import logging
 import trio
 
 from ivdfs.errors import BackendError
-from ivdfs.vddk import _cdefs
+from ivdfs.units import SECTOR_SIZE
+from ivdfs.vddk.allocation import allocated_runs
 from ivdfs.vddk.connection import AsyncRead, DiskHandle
-from ivdfs.vddk.threads import BACKGROUND, PrioritySlots, ThreadWorker
+from ivdfs.vddk.threads import PrioritySlots, ThreadWorker
 
 log = logging.getLogger(__name__)
-
-# Bytes one handle keeps in flight with ReadAsync: the default stays below what ESXi's NFC
-# server accepts per session (16 x 2 MiB can exceed it), and covers a 8-block prefetch window.
-DEFAULT_IN_FLIGHT_BYTES = 8 << 20
 
 
 class _HandleIO:
@@ -48,10 +45,12 @@ class OpenDisk:
     def __init__(
         self,
         handles: list[DiskHandle],
-        use_async: bool = True,
-        in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES,
-        block_size: int = 1 << 20,
+        use_async: bool,
+        in_flight_bytes: int,
+        block_size: int,
     ) -> None:
+        """`in_flight_bytes`: what one handle keeps in flight with ReadAsync (--max-in-flight;
+        ESXi's NFC server bounds each session's memory)."""
         self.handles = handles
         self.handle = handles[0]
         self.target = handles[0].target
@@ -59,7 +58,7 @@ class OpenDisk:
         self.sector_size = handles[0].sector_size
         self._ios = [_HandleIO(h, i) for i, h in enumerate(handles)]
         self.use_async = use_async and handles[0].truly_async
-        sector = _cdefs.SECTOR_SIZE
+        sector = SECTOR_SIZE
         # A read larger than the bound (a block larger than --max-in-flight) goes in parts.
         self.max_request = max(sector, in_flight_bytes // sector * sector)
         per_handle = in_flight_bytes // min(block_size, self.max_request)
@@ -70,8 +69,9 @@ class OpenDisk:
         # slot must fail (and be retried on a new handle), never queue behind a dead thread.
         self.closed = False
 
-    async def read(self, start_sector: int, nbytes: int) -> bytearray:
-        await self._slots.acquire(BACKGROUND.get())
+    async def read(self, start_sector: int, nbytes: int, background: bool = False) -> bytearray:
+        """`background`: a read ahead of a reader, which waits while a demand read waits."""
+        await self._slots.acquire(background)
         try:
             if self.closed:
                 raise BackendError(f"{self.target.describe()}: the handle was closed")
@@ -85,7 +85,7 @@ class OpenDisk:
                 step = self.max_request
                 for off in range(0, nbytes, step):
                     n = min(step, nbytes - off)
-                    part = await self._read_one(io, start_sector + off // _cdefs.SECTOR_SIZE, n)
+                    part = await self._read_one(io, start_sector + off // SECTOR_SIZE, n)
                     buf[off : off + n] = part
                 return buf
             finally:
@@ -123,12 +123,17 @@ class OpenDisk:
             raise req.error
         return req.buf
 
-    async def query_allocated(
+    async def allocated(self, start: int, end: int, granularity: int) -> list[tuple[int, int]]:
+        """Runs of sectors in [start, end) that may hold data, asked in chunks dividing
+        `granularity` (`ivdfs.vddk.allocation`; AllocationUnsupported when the library
+        cannot tell)."""
+        query = self._query_allocated if self.handle.can_query_allocated else None
+        return await allocated_runs(query, self.capacity // SECTOR_SIZE, start, end, granularity)
+
+    async def _query_allocated(
         self, start_sector: int, num_sectors: int, chunk_sectors: int
     ) -> list[tuple[int, int]]:
         """QueryAllocatedBlocks on the first handle's I/O thread (it counts as a read there)."""
-        if not self.handle.can_query_allocated:
-            raise BackendError("VixDiskLib_QueryAllocatedBlocks is not available")
         io = self._ios[0]
         return await io.worker.run(
             lambda: io.handle.query_allocated(start_sector, num_sectors, chunk_sectors)

@@ -6,7 +6,7 @@ that knows which codes a new connection cannot fix (`is_permanent`).
 
 from __future__ import annotations
 
-from ivdfs.errors import BackendError
+from ivdfs.errors import BackendError, ExitCode
 
 # Low 16 bits of a VixError are the code; the rest are flags.
 _CODE_MASK = 0xFFFF
@@ -71,6 +71,8 @@ def is_permanent(err: int) -> bool:
 
 
 class VddkError(BackendError):
+    exit_code = ExitCode.VDDK
+
     def __init__(self, err: int, function: str, text: str, context: str = "") -> None:
         self.err = err
         self.code = code_of(err)
@@ -91,7 +93,10 @@ class VddkError(BackendError):
 
 
 class VddkLoadError(BackendError):
-    """The library could not be found, loaded or is too old."""
+    """The library could not be found (or no directory was given), loaded, initialised, or is
+    too old."""
+
+    exit_code = ExitCode.VDDK
 
 
 class VddkPluginError(VddkLoadError):

@@ -160,6 +160,11 @@ class VddkLibrary:
         return has_symbol(self.lib, name)
 
     @property
+    def missing_optional(self) -> list[str]:
+        """The optional functions this library lacks (each only disables a feature)."""
+        return sorted(set(_cdefs.OPTIONAL) - self.optional)
+
+    @property
     def has_async(self) -> bool:
         return {"VixDiskLib_ReadAsync", "VixDiskLib_Wait"} <= self.optional
 
@@ -169,8 +174,8 @@ class VddkLibrary:
 
     def init(self, config_file: Path | None = None) -> None:
         """InitEx with `config_file` (VDDK's `key = value` format), or by default with a
-        private tmpDirectory. Raises VddkPluginError when VDDK reports that its vSphere
-        plugin did not load."""
+        private tmpDirectory. Raises VddkLoadError when it fails, VddkPluginError (one) when
+        VDDK reports that its vSphere plugin did not load."""
         if self._initialised:
             return
 
@@ -179,17 +184,20 @@ class VddkLibrary:
                 self._plugin_messages.append(msg)
             return logging.DEBUG if _NOISE_RE.search(msg) else level
 
-        if config_file is None:
-            config_file = self._private_config()
-        self.config_file = config_file
         # The library may call these at any time until Exit: keep them alive.
         self._callbacks = log_callbacks(vddk_log, seen)
         self._plugin_messages.clear()
         try:
+            if config_file is None:
+                config_file = self._private_config()
+            self.config_file = config_file
             err = self.lib.VixDiskLib_InitEx(
                 6, 7, *self._callbacks, str(self.libdir).encode(), str(config_file).encode()
             )
             self.check(err, "VixDiskLib_InitEx", f"{self.libdir}, config {config_file}")
+        except (VddkError, VddkLoadError, OSError) as e:
+            self._remove_private_dir()
+            raise VddkLoadError(f"VDDK initialisation failed: {e}") from None
         except BaseException:
             self._remove_private_dir()
             raise

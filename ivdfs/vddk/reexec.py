@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.vddk.errors import VddkLoadError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def ensure_library_path(libdir: Path, argv: Sequence[str] | None = None) -> None
     (`argv`, default the interpreter's own command line) if not. Returns in the process that
     may load VDDK, with `os.environ` restored for its children. An exec that fails is logged
     and ignored, as by nbdkit: VDDK then reports its plugin failure when it is initialised.
-    Raises UserError when Python's ssl cannot use the OpenSSL that VDDK bundles."""
+    Raises VddkLoadError when Python's ssl cannot use the OpenSSL that VDDK bundles."""
     lib64 = libdir / "lib64"
     old = os.environ.pop(MARKER, None)
     if old is not None:
@@ -141,9 +141,8 @@ def _restore(lib64: Path, old: str) -> None:
         import _hashlib  # noqa: F401
         import _ssl  # noqa: F401
     except ImportError as e:
-        raise UserError(
-            f"Python's ssl module cannot use the OpenSSL that VDDK bundles in {lib64}: {e}",
-            ExitCode.VDDK,
+        raise VddkLoadError(
+            f"Python's ssl module cannot use the OpenSSL that VDDK bundles in {lib64}: {e}"
         ) from None
 
 

@@ -50,12 +50,15 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from ivdfs.config import MIN_OPEN as MIN_OPEN  # under the cap (see the module doc)
+from ivdfs.config import Limits as Limits
 from ivdfs.errors import BackendError
-from ivdfs.vddk.connection import Access, DiskHandle, DiskTarget, ServerTarget
-from ivdfs.vddk.disk import DEFAULT_IN_FLIGHT_BYTES, OpenDisk
+from ivdfs.inventory.model import DiskTarget
+from ivdfs.vddk.connection import Access, DiskHandle, ServerTarget
+from ivdfs.vddk.disk import OpenDisk
 from ivdfs.vddk.errors import ACCOUNT_CODES, VddkError, is_permanent
 from ivdfs.vddk.library import VddkLibrary
-from ivdfs.vddk.threads import BACKGROUND, ThreadWorker
+from ivdfs.vddk.threads import ThreadWorker
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +75,11 @@ PROBE_LINGER = 5.0
 OPEN_RETRY_FIRST = 0.1
 OPEN_RETRY_PERMANENT_FIRST = 1.0
 OPEN_RETRY_MAX = 60.0
-# Under the cap (see the module doc): a disk in use is closed for another only once it has
-# been open this long, and a held disk nobody has read for `IN_USE_GAP` counts as unused.
-MIN_OPEN = 3.0
-IN_USE_GAP = 0.25
 # Reads: attempts per block and the backoff before the first retry (doubling).
 READ_ATTEMPTS = 4
 READ_BACKOFF = 0.2
 # A block that failed every attempt fails fast for this long.
 REMEMBER_FAILED_BLOCK = 30.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 8
-    idle_timeout: float = 60.0
-    handles_per_disk: int = 1
-    use_async: bool = True
-    in_flight_bytes: int = DEFAULT_IN_FLIGHT_BYTES
-    block_size: int = 1 << 20
-    min_open: float = MIN_OPEN
-    in_use_gap: float = IN_USE_GAP
-    legacy: bool = False  # the cap and access policy before issue 28 (benchmarks only)
 
 
 class Holdings(Protocol):
@@ -255,8 +241,11 @@ class DiskService:
         await self.capacity(slot)
         return slot.sector_size
 
-    async def read(self, slot: Slot, start_sector: int, nbytes: int) -> bytearray:
-        background = BACKGROUND.get()
+    async def read(
+        self, slot: Slot, start_sector: int, nbytes: int, background: bool = False
+    ) -> bytearray:
+        """`background`: read-ahead, which is tried once, waits while a demand read waits, and
+        never opens a disk or evicts another one to get a connection."""
         if not background:
             failed = slot.failed_blocks.get(start_sector)
             if failed is not None:
@@ -268,7 +257,7 @@ class DiskService:
             try:
                 disk = await self._acquire(slot, background)
                 try:
-                    return await disk.read(start_sector, nbytes)
+                    return await disk.read(start_sector, nbytes, background)
                 finally:
                     self._done(slot)
             except BackendError as e:
@@ -292,13 +281,14 @@ class DiskService:
             await trio.sleep(READ_BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 
-    async def query_allocated(
-        self, slot: Slot, start_sector: int, num_sectors: int, chunk_sectors: int
+    async def allocated(
+        self, slot: Slot, start: int, end: int, granularity: int
     ) -> list[tuple[int, int]]:
-        """Allocated runs from the disk; not retried (callers treat a failure as 'allocated')."""
+        """Runs of sectors in [start, end) that may hold data (`OpenDisk.allocated`); not
+        retried (callers treat a failure as 'allocated')."""
         disk = await self._acquire(slot, background=False)
         try:
-            return await disk.query_allocated(start_sector, num_sectors, chunk_sectors)
+            return await disk.allocated(start, end, granularity)
         finally:
             self._done(slot)
 

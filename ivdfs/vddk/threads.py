@@ -7,8 +7,8 @@ trio token. `PrioritySlots` bounds the requests waiting for a handle and hands f
 demand reads before read-ahead.
 
 Concurrency: `ThreadWorker.run`/`post` are called from the trio thread, `run_blocking` from
-outside trio (teardown); the worker thread touches only the job it runs. `PrioritySlots` and
-`BACKGROUND` are trio-thread only.
+outside trio (teardown); the worker thread touches only the job it runs. `PrioritySlots` is
+trio-thread only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -26,10 +25,6 @@ import trio
 from ivdfs.errors import BackendError
 
 T = TypeVar("T")
-
-# Set in a task that reads ahead (the prefetcher's): its reads wait while a demand read waits,
-# are tried once, and never open a disk or evict another one to get a connection.
-BACKGROUND: ContextVar[bool] = ContextVar("ivdfs_vddk_background", default=False)
 
 
 @dataclass

@@ -8,7 +8,7 @@ helpers' events, idle appliances) also has `run`, which the mount starts in its 
 
 A volume is named by `Candidate.volume_name`: the partition number (0: a filesystem spanning the
 whole disk), or for an LVM logical volume its device-mapper style name ``<vg>-<lv>`` (hyphens
-inside either doubled, `ivdfs.io.lvm.LogicalVolume.dm_name`), read from ``lv-<name>.raw``.
+inside either doubled, `ivdfs.formats.lvm_map.LogicalVolume.dm_name`), read from ``lv-<name>.raw``.
 `VolumeAnswer` says, for every candidate, where it is mounted or why it is not: the tree shows
 the first as the symlink ``volumes/<name>`` and the second as ``volumes/<name>.error`` (one line
 of text), so no volume is ever silently absent.
@@ -48,7 +48,7 @@ class Candidate:
     number: int
     start: int  # byte offset in `path` (default: the request's disk_path)
     length: int
-    fs: str | None  # as io.partitions.detect_filesystem names it; None = not recognised
+    fs: str | None  # as formats.filesystems.detect_filesystem names it; None = not recognised
     name: str = ""  # volumes/<name>; "" means str(number)
     path: Path | None = None  # the file to attach, inside the ivdfs mount
 

@@ -12,11 +12,10 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ivdfs.errors import ExitCode, UserError
+from ivdfs.config import VolumeSettings
+from ivdfs.errors import UserError
 from ivdfs.journal import Journal
-from ivdfs.vddk.errors import VddkLoadError
 from ivdfs.vddk.library import VddkLibrary
 from ivdfs.vddk.service import DiskService
 from ivdfs.volumes.base import VolumeBackend
@@ -27,13 +26,6 @@ MODES = ("none", "kernel", "fuse", "guestfs", "vixmntapi")
 
 # Called with the disk service and the mount's journal (what a backend holds is journaled).
 Factory = Callable[[DiskService, Journal], VolumeBackend]
-
-
-@dataclass(frozen=True)
-class VolumeSettings:
-    mode: str = "none"
-    idle_timeout: float = 60.0  # guestfs: stop an appliance unused this long
-    guestfs_memory: int = 2 << 30  # guestfs: memory of all running appliances together
 
 
 def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
@@ -62,10 +54,7 @@ def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
     from ivdfs.vddk.mntapi import Mntapi
     from ivdfs.volumes.vixmntapi import MntapiVolumes
 
-    try:
-        mntapi = Mntapi(lib)
-    except VddkLoadError as e:
-        raise UserError(str(e), ExitCode.VDDK) from None
+    mntapi = Mntapi(lib)  # VddkLoadError (exit 7) when it does not load
     return lambda service, journal: MntapiVolumes(mntapi, service, journal)
 
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ivdfs.errors import BackendError
+from ivdfs.inventory.model import DiskTarget
 from ivdfs.vddk import mntapi as mntapi_mod
-from ivdfs.vddk.connection import Connection, DiskTarget
+from ivdfs.vddk.connection import Connection
 from ivdfs.vddk.mntapi import DiskSet, Mntapi
 from ivdfs.vddk.service import DiskService
 from ivdfs.volumes.base import DISK_ERROR_NAME, VolumeAnswer, VolumeRequest
@@ -83,7 +84,7 @@ class MntapiVolumes:
         if self._closed:
             raise BackendError("shutting down")
         ivd, snap = request.ivd, request.snapshot
-        target = DiskTarget(ivd.id, ivd.datastore.moref, snap.id)
+        target = DiskTarget.of(ivd, snap)
         ctx = target.describe()
         self.mntapi.init()
         # PrepareForAccess for the IVD while its volumes are mounted (EndAccess at close).

@@ -59,7 +59,7 @@ class PartitionManifest:
     number: int
     start: int  # bytes
     length: int  # bytes
-    fs: str | None  # as ivdfs.io.partitions.detect_filesystem names it
+    fs: str | None  # as ivdfs.formats.filesystems.detect_filesystem names it
     name: str = ""  # GPT partition name
     bootable: bool = False
     files: dict[str, str] = field(default_factory=dict)  # POSIX relative path -> sha256 hex

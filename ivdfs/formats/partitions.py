@@ -1,4 +1,4 @@
-"""Partition-table parsing (MBR, extended/logical, GPT) and filesystem sniffing.
+"""Partition-table parsing (MBR, extended/logical, GPT).
 
 Role: turn the table sectors of a disk into byte windows (`Partition`) that the tree exposes as
 ``partN.raw`` beside ``disk.raw``. Pure: every byte comes through the caller's
@@ -28,16 +28,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ivdfs.io.lvm import label_sector
+from ivdfs.formats.filesystems import detect_filesystem
 
 __all__ = [
-    "FS_PROBE_SIZE",
     "MAX_GPT_ARRAY_BYTES",
     "MAX_LOGICAL",
     "Partition",
     "PartitionTable",
     "Reader",
-    "detect_filesystem",
     "parse",
 ]
 
@@ -48,8 +46,6 @@ MAX_LOGICAL = 128
 # 128 entries x 128 bytes is the norm (16 KiB); 1 MiB leaves room for odd but honest tables while
 # keeping a hostile header from making us read gigabytes.
 MAX_GPT_ARRAY_BYTES = 1 << 20
-# btrfs keeps its superblock at 64 KiB, so "the first 64 KiB" is not quite enough to see it.
-FS_PROBE_SIZE = 0x10000 + 0x1000
 
 _MBR_SIGNATURE = b"\x55\xaa"
 _MBR_TABLE_OFFSET = 446
@@ -473,100 +469,3 @@ def _finish(scheme: str, parts: list[Partition], warnings: list[str]) -> Partiti
         if reach is None or p.start + p.length > reach.start + reach.length:
             reach = p
     return PartitionTable(scheme, tuple(parts), tuple(warnings))
-
-
-# --------------------------------------------------------------------------------------------
-# Filesystem sniffing
-
-# ext feature bits that ext3 does not know (what blkid uses to tell ext4 from ext3).
-_EXT3_INCOMPAT_KNOWN = 0x0002 | 0x0004 | 0x0010  # FILETYPE | RECOVER | META_BG
-_EXT3_RO_COMPAT_KNOWN = 0x0001 | 0x0002 | 0x0004  # SPARSE_SUPER | LARGE_FILE | BTREE_DIR
-_EXT_COMPAT_HAS_JOURNAL = 0x0004
-_EXT_INCOMPAT_JOURNAL_DEV = 0x0008
-
-
-def _u16(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 2], "little")
-
-
-def _u32(b: bytes, off: int) -> int:
-    return int.from_bytes(b[off : off + 4], "little")
-
-
-def _ext_kind(head: bytes) -> str | None:
-    sb = head[1024:2048]
-    if len(sb) < 0x68 or sb[0x38:0x3A] != b"\x53\xef":
-        return None
-    compat, incompat, ro_compat = _u32(sb, 0x5C), _u32(sb, 0x60), _u32(sb, 0x64)
-    if incompat & _EXT_INCOMPAT_JOURNAL_DEV:
-        return None  # an external journal holds no files
-    if incompat & ~_EXT3_INCOMPAT_KNOWN or ro_compat & ~_EXT3_RO_COMPAT_KNOWN:
-        return "ext4"
-    if compat & _EXT_COMPAT_HAS_JOURNAL:
-        return "ext3"
-    return "ext2"
-
-
-def _is_fat(b: bytes) -> bool:
-    if len(b) < 512 or b[510:512] != _MBR_SIGNATURE or b[0] not in (0xEB, 0xE9):
-        return False
-    bytes_per_sector, per_cluster = _u16(b, 11), b[13]
-    reserved, fats, media = _u16(b, 14), b[16], b[21]
-    if bytes_per_sector not in (512, 1024, 2048, 4096):
-        return False
-    if per_cluster == 0 or per_cluster & (per_cluster - 1):
-        return False
-    if reserved == 0 or fats not in (1, 2) or not (media == 0xF0 or media >= 0xF8):
-        return False
-    labelled = b[0x36:0x39] == b"FAT" or b[0x52:0x5A] == b"FAT32   "
-    return labelled or bool(_u16(b, 19) or _u32(b, 32))
-
-
-def _is_xfs(sb: bytes) -> bool:
-    """The sanity checks blkid makes on an XFS superblock beyond its magic (big-endian)."""
-    if len(sb) < 0x70:
-        return False
-
-    def be(off: int, n: int) -> int:
-        return int.from_bytes(sb[off : off + n], "big")
-
-    block, sector, inode = be(4, 4), be(0x66, 2), be(0x68, 2)
-    agblocks, agcount = be(0x54, 4), be(0x58, 4)
-    return (
-        block in (512 << i for i in range(8))  # 512 B .. 64 KiB
-        and sector in (512, 1024, 2048, 4096, 8192, 16384, 32768)
-        and inode in (256, 512, 1024, 2048)
-        and agblocks > 0
-        and agcount > 0
-    )
-
-
-def detect_filesystem(head: bytes) -> str | None:
-    """Name the filesystem whose first bytes are `head`, or None.
-
-    Returns "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs", "swap" or
-    "LVM2_member" (an LVM2 physical volume, named as blkid names it). Pass `FS_PROBE_SIZE` bytes
-    to see btrfs, whose superblock is at 64 KiB; less only loses that.
-    """
-    # A label with a valid CRC in the first four sectors is what lvm2 itself goes by; pvcreate
-    # wipes other signatures, so a stale one beside it is not the answer.
-    if label_sector(head) is not None:
-        return "LVM2_member"
-    if head[3:11] == b"NTFS    ":
-        return "ntfs"
-    if head[3:11] == b"EXFAT   ":
-        return "exfat"
-    if head[:4] == b"XFSB" and _is_xfs(head):
-        return "xfs"
-    ext = _ext_kind(head)
-    if ext is not None:
-        return ext
-    if head[0x10040:0x10048] == b"_BHRfS_M":
-        return "btrfs"
-    # The swap signature ends the first page, whose size depends on the architecture.
-    for page in (4096, 8192, 16384, 65536):
-        if head[page - 10 : page] in (b"SWAPSPACE2", b"SWAP-SPACE"):
-            return "swap"
-    if _is_fat(head):
-        return "vfat"
-    return None
