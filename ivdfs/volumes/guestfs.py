@@ -3,9 +3,10 @@
 Role: the host kernel never parses guest data in this mode. A snapshot's first access to
 ``volumes/`` starts one appliance (a small VM that libguestfs boots with qemu) reading that
 snapshot's ``disk.raw`` read-only *through our own FUSE mount*; inside it every filesystem that
-libguestfs finds (partitions, LVM, md RAID, Windows dynamic disks) is mounted read-only without
-journal replay, and the whole tree is exposed on the host through libguestfs's ``mount_local``
-(FUSE) at a directory of our private run directory. ``volumes/<name>`` links there.
+libguestfs finds (partitions, LVM, md RAID, Windows dynamic disks, and LUKS or BitLocker
+volumes that the --volume-key-file passphrase opens) is mounted read-only without journal
+replay, and the whole tree is exposed on the host through libguestfs's ``mount_local`` (FUSE)
+at a directory of our private run directory. ``volumes/<name>`` links there.
 
 Each appliance runs in a helper process (`guestfs_helper`, started with the system's
 python3 because Debian's python3-guestfs is built for it, not for our virtual environment);
@@ -53,6 +54,7 @@ from typing import Any
 import trio
 
 from ivdfs import mountinfo
+from ivdfs.config import Secret
 from ivdfs.errors import BackendError
 from ivdfs.journal import Journal, process_start
 from ivdfs.processes import holders
@@ -82,10 +84,11 @@ OPTIONS = {
     "xfs": "ro,norecovery",
     "btrfs": "ro,rescue=nologreplay",
 }
+# Encrypted volumes are the helper's: it opens them with --volume-key-file or says why not.
 REFUSALS = {
-    **NOT_MOUNTED,
-    "crypto_LUKS": "an encrypted (LUKS) volume: ivdfs does not open encrypted volumes",
-    "BitLocker": "an encrypted (BitLocker) volume: ivdfs does not open encrypted volumes",
+    **{k: v for k, v in NOT_MOUNTED.items() if k not in ("crypto_LUKS", "BitLocker")},
+    "linux_raid_member": "an md RAID member whose array the appliance did not assemble "
+    "(is a member missing?)",
 }
 PACKAGES = "libguestfs-tools, python3-guestfs and a kernel image (linux-image-amd64)"
 
@@ -206,12 +209,14 @@ class GuestfsVolumes:
         holdings: Journal | None = None,
         run_root: Path | None = None,
         appliance_mib: int = APPLIANCE_MIB,
+        key: Secret | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.idle_timeout = idle_timeout
         self.memory_budget = memory_budget
         self.appliance_bytes = appliance_mib << 20
         self._appliance_mib = appliance_mib
+        self._key = key
         self._holdings = holdings
         self.run_dir = run_directory(run_root)
         self._apps: dict[tuple[str, str], _Appliance] = {}
@@ -343,7 +348,8 @@ class GuestfsVolumes:
             })  # fmt: skip
         request = {"disk": str(app.disk), "mountpoint": str(app.mount_dir),
                    "memsize_mib": self._appliance_mib, "options": OPTIONS,
-                   "refusals": REFUSALS}  # fmt: skip
+                   "refusals": REFUSALS,
+                   "key": self._key.reveal() if self._key is not None else None}  # fmt: skip
         await proc.stdin.send_all(json.dumps(request).encode() + b"\n")
         with trio.fail_after(START_TIMEOUT):
             launched = await self._expect(app, "launched")
