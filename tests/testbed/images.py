@@ -729,10 +729,12 @@ def lvm_disk(path: Path, layout: str = "partition") -> DiskManifest:
 
 
 # Guest-volume matrix (issue 27): partition number -> (filesystem, MiB); 6 is an LVM PV, 7 an
-# ext4 whose superblock claims more blocks than its partition has.
+# ext4 whose superblock claims more blocks than its partition has, 8 a LUKS2 volume (an ext4
+# inside) whose passphrase the matrix tests never give.
 MATRIX = {1: ("ext4", 16), 2: ("xfs", 300), 3: ("btrfs", 128), 4: ("ntfs", 16), 5: ("vfat", 40),
-          6: ("LVM2_member", 48), 7: ("ext4", 8)}  # fmt: skip
+          6: ("LVM2_member", 48), 7: ("ext4", 8), 8: ("crypto_LUKS", 24)}  # fmt: skip
 MATRIX_DAMAGED = 7
+MATRIX_ENCRYPTED = 8
 
 
 def matrix_disk(path: Path) -> DiskManifest:
@@ -740,19 +742,22 @@ def matrix_disk(path: Path) -> DiskManifest:
     btrfs, NTFS (top-level files only), FAT32, an LVM PV holding VG ``mxvg`` with LV ``data``
     (ext4, files of payload 16), and an ext4 with a damaged superblock: its block count is set
     far past its partition with ``debugfs`` (which keeps the checksum valid, so blkid still
-    says ext4 and only a mount finds the lie). 560 MiB, sparse. Needs root (LVM)."""
+    says ext4 and only a mount finds the lie), and a LUKS2 volume (cryptsetup; its manifest
+    lists the files inside). 584 MiB, sparse but for the encrypted volume. Needs root (LVM)."""
     path = Path(path)
-    size = 560 * MiB
+    size = 584 * MiB
     _blank(path, size)
     commands = ["mklabel", "gpt"]
     at = 1
     for number, (fs, mb) in MATRIX.items():
-        kind = {"vfat": "fat32", "LVM2_member": "ext4"}.get(fs, fs)
+        kind = {"vfat": "fat32", "LVM2_member": "ext4", "crypto_LUKS": "ext4"}.get(fs, fs)
         commands += ["mkpart", f"p{number}", kind, f"{at}MiB", f"{at + mb}MiB"]
         at += mb
     _parted(path, *commands, "set", "6", "lvm", "on")
     specs = [
-        _Spec(n, fs, flat=fs == "ntfs") for n, (fs, _mb) in MATRIX.items() if fs != "LVM2_member"
+        _Spec(n, fs, flat=fs == "ntfs")
+        for n, (fs, _mb) in MATRIX.items()
+        if fs not in ("LVM2_member", "crypto_LUKS")
     ]
     layout = _parted_layout(path)
     parts = list(_populate(path, specs, layout))
@@ -773,6 +778,16 @@ def matrix_disk(path: Path) -> DiskManifest:
         _run("debugfs", "-w", "-R", "ssv blocks_count 999999999", image)
         with open(image, "rb") as src, open(path, "r+b") as dst:
             _copy_span(src.fileno(), dst.fileno(), 0, 2 * MiB, bad[0])
+        enc_start, enc_length, enc_name, _flags = layout[MATRIX_ENCRYPTED]
+        files = _payload(MATRIX_ENCRYPTED, flat=False)
+        image = scratch / "luks.img"
+        _mkfs_ext4(image, enc_length - LUKS_REDUCE, files, scratch)
+        os.truncate(image, enc_length)
+        _luks2(image, "the matrix never gives this passphrase", scratch)
+        _copy_sparse(image, path, enc_start)
+        digests = {rel: _sha256(data) for rel, data in files.items()}
+        parts.append(PartitionManifest(MATRIX_ENCRYPTED, enc_start, enc_length, "crypto_LUKS",
+                                       enc_name, files=digests))  # fmt: skip
     return DiskManifest(path, size, "gpt", tuple(parts), pvs=((start, length),), lvs=lvs,
                         damage=f"partition {MATRIX_DAMAGED}: superblock block count")  # fmt: skip
 
