@@ -66,11 +66,10 @@ async def volume_candidates(sd: SnapshotDisk, lv_paths: dict[str, Path]) -> tupl
     for number, start, length, ldm in windows:
         # An LDM partition's first volume may well start with a filesystem, but what it holds
         # is the dynamic disk's to say (guestfs mode assembles it); its type is enough here.
-        fs = (
-            "LDM_member"
-            if ldm
-            else await filesystem_at(reader, [(start, min(FS_PROBE_SIZE, length))])
-        )
+        if ldm:
+            fs: str | None = "LDM_member"
+        else:
+            fs = await filesystem_at(reader, [(start, min(FS_PROBE_SIZE, length))])
         out.append(Candidate(number, start, length, fs))
     for lv in sd.logical_volumes:
         path = lv_paths.get(lv.dm_name)
