@@ -91,6 +91,24 @@ REFUSALS = {
     "(is a member missing?)",
 }
 PACKAGES = "libguestfs-tools, python3-guestfs and a kernel image (linux-image-amd64)"
+# What an appliance can do only when the host has the tool libguestfs copies into it.
+FEATURES = {
+    "mdadm": ("md RAID", "mdadm"),
+    "ldm": ("Windows dynamic disks", "ldmtool"),
+    "luks": ("LUKS/BitLocker", "cryptsetup-bin"),
+}
+
+
+def describe_features(features: dict[str, bool]) -> tuple[str, str | None]:
+    """What the appliance supports, and what it lacks with the packages to install (or None)."""
+    have = [FEATURES[f][0] for f in FEATURES if features.get(f)]
+    lack = [f for f in FEATURES if not features.get(f)]
+    supported = f"{', '.join(have) or 'no md RAID, dynamic disks or encryption'} supported"
+    if not lack:
+        return supported, None
+    missing = ", ".join(FEATURES[f][0] for f in lack)
+    packages = " ".join(FEATURES[f][1] for f in lack)
+    return supported, f"appliances cannot open {missing}: install {packages} on this machine"
 
 
 @dataclass(frozen=True)
@@ -217,6 +235,7 @@ class GuestfsVolumes:
         self.appliance_bytes = appliance_mib << 20
         self._appliance_mib = appliance_mib
         self._key = key
+        self._features_told = False  # what appliances lack is logged once, at the first boot
         self._holdings = holdings
         self.run_dir = run_directory(run_root)
         self._apps: dict[tuple[str, str], _Appliance] = {}
@@ -353,6 +372,11 @@ class GuestfsVolumes:
         await proc.stdin.send_all(json.dumps(request).encode() + b"\n")
         with trio.fail_after(START_TIMEOUT):
             launched = await self._expect(app, "launched")
+            if not self._features_told:
+                self._features_told = True
+                _supported, lacking = describe_features(launched.get("features") or {})
+                if lacking is not None:
+                    log.warning("volumes: %s", lacking)
             app.qemu_pid = int(launched["qemu_pid"])
             app.qemu_start = process_start(app.qemu_pid)
             if self._holdings is not None:
@@ -557,9 +581,12 @@ async def _gone(pid: int, start: str | None) -> None:
         delay = min(delay * 2, 0.2)
 
 
-def boot_test(accelerator: Accelerator, timeout: float = START_TIMEOUT) -> float:
+def boot_test(
+    accelerator: Accelerator, timeout: float = START_TIMEOUT
+) -> tuple[float, dict[str, bool]]:
     """Boot one appliance on a scratch disk and stop it (`ivdfs check`): its boot time in
-    seconds, or RuntimeError saying why it did not boot. Blocking."""
+    seconds and its optional features (FEATURES), or RuntimeError saying why it did not boot.
+    Blocking."""
     with tempfile.TemporaryDirectory(prefix="ivdfs-check-") as tmp:
         env = {**os.environ, **accelerator.env(), "TMPDIR": tmp, "XDG_RUNTIME_DIR": tmp,
                "LIBGUESTFS_CACHEDIR": CACHE_DIR}  # fmt: skip
@@ -573,7 +600,8 @@ def boot_test(accelerator: Accelerator, timeout: float = START_TIMEOUT) -> float
         for line in r.stdout.splitlines():
             msg = json.loads(line)
             if msg.get("event") == "launched":
-                return float(msg["seconds"])
+                features = {str(k): bool(v) for k, v in (msg.get("features") or {}).items()}
+                return float(msg["seconds"]), features
             if msg.get("event") == "error":
                 raise RuntimeError(str(msg.get("message")))
         last = r.stderr.strip().splitlines()[-1:] or [f"status {r.returncode}"]

@@ -9,7 +9,10 @@ Protocol (stdin: one request line, then commands; stdout: events):
 - request ``{"disk", "mountpoint", "memsize_mib", "options": {fs: mount options},
   "refusals": {type: reason}, "key": passphrase or null}``; with ``"disk": null`` (``ivdfs
   check``) the appliance boots on a scratch disk, reports ``launched`` and stops.
-- ``{"event": "launched", "qemu_pid", "seconds"}`` once qemu runs the appliance;
+- ``{"event": "launched", "qemu_pid", "seconds", "features": {name: bool}}`` once qemu runs
+  the appliance; `features`: whether it can assemble md arrays and dynamic disks and open
+  encrypted volumes (libguestfs builds the appliance from the host's mdadm, ldmtool and
+  cryptsetup, and leaves out what is not installed);
 - ``{"event": "ready", "mounted": {name: path}, "refused": {name: reason}}`` once every
   filesystem the appliance found is mounted read-only inside it (or refused with one line) and
   the whole tree is exposed at ``mountpoint`` through libguestfs's ``mount_local`` (FUSE);
@@ -58,6 +61,7 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+FEATURES = ("mdadm", "ldm", "luks")  # libguestfs's names of the optional groups we rely on
 CRYPT_PREFIX = "ivdfs-crypt-"  # device-mapper name of an opened encrypted volume, + its name
 ENCRYPTED = {"crypto_LUKS": "LUKS", "BitLocker": "BitLocker"}  # blkid's type -> what to call it
 
@@ -202,7 +206,9 @@ def main() -> int:
         t0 = time.monotonic()
         h.launch()
         qemu = h.get_pid()
-        send({"event": "launched", "qemu_pid": qemu, "seconds": time.monotonic() - t0})
+        seconds = time.monotonic() - t0
+        features = {f: bool(h.feature_available([f])) for f in FEATURES}
+        send({"event": "launched", "qemu_pid": qemu, "seconds": seconds, "features": features})
         if not req.get("disk"):
             h.shutdown()
             h.close()
