@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from ivdfs import journal
-from tests.mounting import Bed, Mount, mounted_at, mounts_under, sha256_file
+from tests.mounting import Bed, Mount, mounted_at, mounts_under, sha256_file, wait_for
 from tests.testbed import images as imgs
 from tests.testbed import ldm
 from tests.testbed.vsphere import Ivd, place_image
@@ -273,12 +273,21 @@ def test_key_file_refused(
     else:
         key_file.chmod(extra)
     mountpoint.mkdir(exist_ok=True)
-    r = subprocess.run(
+    proc = subprocess.Popen(
         bed.mount_args(mountpoint, "--foreground", "--volumes", mode, "--volume-key-file",
                        str(key_file)),
-        env=bed.env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=bed.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert r.returncode != 0 and not mounted_at(mountpoint)
+    try:
+        wait_for(lambda: proc.poll() is not None or mounted_at(mountpoint), timeout=60,
+                 what="the mount to be refused")  # fmt: skip
+    finally:
+        if proc.poll() is None:  # it mounted: the refusal is missing
+            proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert r.returncode != 0 and not mounted_at(mountpoint), r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message.format(key=key_file) in lines[0], r.stderr
     assert PASSPHRASE not in r.stdout + r.stderr
