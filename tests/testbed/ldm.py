@@ -9,14 +9,17 @@ and the Linux kernel's block/partitions/ldm.h, as Windows lays out an MBR dynami
 - MBR: one partition of type 0x42 from `DATA_START` to the end of the disk;
 - PRIVHEAD in sector 6 (and its copies in the database, as the kernel's parser wants them),
   every number big-endian, GUIDs as text;
-- the LDM database in the last `DB_SECTORS` (1 MiB) of the disk: TOCBLOCKs in its sectors 1 and
-  2 (the "config" bitmap at sector 17, the "log" one after it), the VMDB at sector 17 and its
-  VBLKs from 512 bytes after it, 128 bytes each: disk group, disk, partition, component
-  (spanned, one partition) and volume (type "gen"), numbers as length-prefixed big-endian
-  integers;
+- the LDM database in the last `DB_SECTORS` (1 MiB) of the disk: TOCBLOCKs in its sectors 1,
+  2, 2045 and 2046 (the "config" bitmap at sector 17, the "log" one after it), the VMDB at
+  sector 17 and its VBLKs from 512 bytes after it, 128 bytes each: disk group, disk, partition,
+  component (spanned, one partition) and volume (type "gen"), numbers as length-prefixed
+  big-endian integers, the last sector filled with empty VBLKs;
 - the volume's bytes at DATA_START + the partition's start.
 
-`ldmtool scan`/`show` on the image (reading metadata only) is the check that it is valid.
+`ldmtool scan`/`show` on the image (reading metadata only) is the check that libldm takes it;
+the Linux kernel's own LDM partition parser (block/partitions/ldm.c, stricter: record sizes,
+every slot a VBLK, TOCBLOCK and PRIVHEAD copies) takes it too: inside a libguestfs appliance
+the disk's sda1 is then the volume's partition, not the whole 0x42 partition.
 
 Concurrency: pure functions over one target file.
 """
@@ -36,6 +39,7 @@ CONFIG_SECTORS = 1472  # Windows' sizes of the config and log areas, in sectors
 LOG_SECTORS = 224
 VBLK_SIZE = 128
 PRIVHEAD_COPIES = (1856, 2047)  # further PRIVHEADs, in sectors of the database (the kernel's)
+TOCBLOCKS = (1, 2, 2045, 2046)  # in sectors of the database
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,15 @@ def write_ldm(path: Path, disk_size: int, volume_size: int, volume_image: Path |
 
     # Object ids as Windows numbers them; the disk group VBLK is not counted in the VMDB.
     dg_id, disk_id, part_id, comp_id, vol_id = 1, 2, 3, 4, 5
+    # After its variable-length fields each record has a fixed part whose size the kernel
+    # checks against the record's size field (ldm.h's VBLK_SIZE_*): 44 bytes for a disk group
+    # (v4), 45 for a disk (v4: its GUID first), 28 for a partition, 22 for a component, 58
+    # for a volume.
     vblks = [
         _vblk(nextseq(), dg_id, 5, 4,
-              _var_int(dg_id) + _var_str(group) + _var_str(group_guid) + b"\0" * 8),
+              _var_int(dg_id) + _var_str(group) + uuid.UUID(group_guid).bytes + b"\0" * 28),
         _vblk(nextseq(), disk_id, 4, 4,
-              _var_int(disk_id) + _var_str("Disk1") + uuid.UUID(disk_guid).bytes),
+              _var_int(disk_id) + _var_str("Disk1") + uuid.UUID(disk_guid).bytes + b"\0" * 29),
         _vblk(nextseq(), part_id, 3, 3,
               _var_int(part_id) + _var_str("Disk1-01") + b"\0" * 4 + b"\0" * 8
               + struct.pack(">QQ", 0, 0) + _var_int(vol_sectors) + _var_int(comp_id)
@@ -149,8 +157,15 @@ def write_ldm(path: Path, disk_size: int, volume_size: int, volume_image: Path |
               + _var_int(vol_sectors) + b"\0" * 4 + b"\x07" + uuid.UUID(vol_guid).bytes),
     ]  # fmt: skip
 
+    # The kernel reads whole sectors of VBLKs, each slot must say VBLK: fill the last sector
+    # with empty ones (no entries: "not in use"). The VMDB's own sector counts as 4 slots, and
+    # the kernel reads up to slot last_vblk_seq.
+    per_sector = SECTOR // VBLK_SIZE
+    while len(vblks) % per_sector:
+        vblks.append(struct.pack(">4sIIHH", b"VBLK", nextseq(), 0, 0, 0).ljust(VBLK_SIZE, b"\0"))
+    last_slot = per_sector + len(vblks)
     vmdb = bytearray(SECTOR)
-    struct.pack_into(">4sIIIHHH31s64sQQIIII", vmdb, 0, b"VMDB", len(vblks) + 4, VBLK_SIZE,
+    struct.pack_into(">4sIIIHHH31s64sQQIIII", vmdb, 0, b"VMDB", last_slot, VBLK_SIZE,
                      SECTOR, 1, 4, 10, group.encode(), group_guid.encode(), seq, seq,
                      1, 1, 1, 1)  # fmt: skip
 
@@ -162,7 +177,7 @@ def write_ldm(path: Path, disk_size: int, volume_size: int, volume_image: Path |
         os.pwrite(fd, privhead, 6 * SECTOR)
         for at in PRIVHEAD_COPIES:
             os.pwrite(fd, privhead, (config + at) * SECTOR)
-        for at in (1, 2):
+        for at in TOCBLOCKS:
             os.pwrite(fd, _tocblock(seq), (config + at) * SECTOR)
         vmdb_at = (config + VMDB_SECTOR) * SECTOR
         os.pwrite(fd, bytes(vmdb), vmdb_at)
