@@ -17,9 +17,9 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from ivdfs import __version__, settings
+from ivdfs import __version__, logs, settings
 from ivdfs.config import (
     CONFIG_ENV,
     MountConfig,
@@ -306,25 +306,6 @@ def mount_config(v: Values, mountpoint: Path) -> MountConfig:
     return MountConfig.of(v, server_config(v), mountpoint)
 
 
-def setup_logging(debug: bool, log_file: Path | None) -> IO[str] | None:
-    """Returns the log file's stream, for crash traces."""
-    handler: logging.Handler
-    stream: IO[str] | None = None
-    if log_file is not None:
-        fh = logging.FileHandler(log_file, encoding="utf-8")
-        stream = fh.stream
-        handler = fh
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("pyVmomi", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return stream
-
-
 def _config_path(args: argparse.Namespace) -> Path | None:
     given = getattr(args, "config", None)
     path = Path(given) if given else None
@@ -350,15 +331,13 @@ def resolve(args: argparse.Namespace) -> Values:
 
 
 def _mount(args: argparse.Namespace, v: Values) -> int:
-    from ivdfs import mount
+    from ivdfs import daemon, mount
 
     cfg = mount_config(v, args.mountpoint)
-    stream = setup_logging(cfg.debug, cfg.log)
-    mount.enable_crash_traces(stream)
-    mount.quiet_aborted_replies()
+    logs.for_mount(cfg.debug, cfg.log)
     if cfg.foreground:
         return mount.run(cfg)
-    return mount.daemonize_and_run(cfg)
+    return daemon.detached(lambda ready: mount.run(cfg, ready))
 
 
 def _ls(args: argparse.Namespace, v: Values) -> int:
@@ -508,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         values = resolve(args)
         if args._command != "mount":
             # Commands report on stdout/stderr themselves; the log says only what went wrong.
-            setup_logging(False, None)
+            logs.setup(False, None)
             logging.getLogger().setLevel(logging.WARNING)
         if args._command in LOADS_VDDK:
             _vddk_search_path(values)

@@ -1,5 +1,6 @@
 """Which processes use a directory tree: what `ivdfs umount` names when a mount is busy, and
-what keeps a guest-volume appliance from stopping when idle.
+what keeps a guest-volume appliance from stopping when idle; and which name a path on their
+command line (the FUSE driver serving a volume).
 
 Pure reads of /proc; blocking (one pass over every process), so async callers use a thread.
 """
@@ -7,6 +8,7 @@ Pure reads of /proc; blocking (one pass over every process), so async callers us
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,4 +71,21 @@ def holders(roots: list[str], exclude: set[int]) -> list[Holder]:
                 pass
         if found is not None:
             out.append(Holder(int(entry), name, found))
+    return out
+
+
+def naming(paths: Iterable[str]) -> list[int]:
+    """Processes (but this one) whose command line names one of `paths` as a word of its own:
+    the FUSE driver serving a target, or holding a device."""
+    me, wanted = os.getpid(), {os.fsencode(p) for p in paths}
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted.intersection(argv):
+            out.append(int(entry))
     return out

@@ -361,6 +361,55 @@ def mounts_under(*dirs: Path | str) -> list[str]:
     ]
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# Where VixMntapi (the real one and the stand-in) FUSE-mounts the disks it opens: <root>/<n>.
+VIXMNTAPI_FUSE_ROOT = "/run/vmware/fuse"
+
+
+def vixmntapi_mounts() -> set[str]:
+    """VixMntapi's FUSE mounts, one per disk it opened (not the volumes mounted inside)."""
+    root = VIXMNTAPI_FUSE_ROOT + "/"
+    return {p for p in mounts_under(root) if "/" not in p[len(root) :]}
+
+
+def fuse_servers(daemon: int) -> set[int]:
+    """Copies of `daemon` (the same command line: forked, never exec'd) other than itself that
+    hold /dev/fuse: VixMntapi's servers (the real one forks twice, so they are not children)."""
+    cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes()
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == daemon:
+            continue
+        try:
+            if Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline and any(
+                os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse"
+                for fd in os.listdir(f"/proc/{entry}/fd")
+            ):
+                out.add(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+def umount(bed: Bed, mp: Path, *extra: str, server: str | None = None,
+           **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`ivdfs umount` of a mount whose process died: the recovery, against the bed."""
+    v = bed.vcsim
+    return subprocess.run(
+        [*IVDFS, "umount", str(mp), "--server", server or v.server, "--user", v.user,
+         "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), *extra],
+        env=bed.env(**env), capture_output=True, text=True, timeout=180,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def host_vgs() -> str:
     """What the host's own LVM sees (its configuration, not the image builders' sandbox)."""
     env = {k: v for k, v in os.environ.items() if k != "LVM_SYSTEM_DIR"}

@@ -220,9 +220,9 @@ MUTANTS: tuple[Mutant, ...] = (
         ACCESS, "issue 16 #2: vMotion stays disabled after a Prepare that failed",
     ),
     Mutant(
-        "failed-prepare-forgets-access", "vddk", "ivdfs/vddk/service.py",
+        "failed-prepare-forgets-access", "vddk", "ivdfs/vddk/ledger.py",
         'log.warning("%s (reading anyway)", e)',
-        "del self._access[target.ivd_id]\n                raise",
+        "del self._states[target.ivd_id]\n                raise",
         ACCESS, "a failed Prepare fails the open and drops the IVD without EndAccess",
     ),
     Mutant(
@@ -233,9 +233,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "unmount-close-on-main-thread", "vddk", "ivdfs/vddk/service.py",
-        "self._control.run_blocking(lambda: self._close_blocking(disk, True))\n"
-        "        self._connections -= len(disk.handles)",
-        "self._close_blocking(disk, True)\n        self._connections -= len(disk.handles)",
+        "self._control.run_blocking(lambda: self._close_blocking(disk, True))",
+        "self._close_blocking(disk, True)",
         MOUNT, "VixDiskLib_Close at unmount on the main thread, not the Open thread",
     ),
     Mutant(
@@ -293,13 +292,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ERRORS, "a read failing with a permanent code reconnects (logs in) again and again",
     ),
     Mutant(
-        "connection-cap-off-by-one", "vddk", "ivdfs/vddk/service.py",
-        "if self._connections + n <= self.limits.max_connections:",
-        "if self._connections <= self.limits.max_connections:",
+        "connection-cap-off-by-one", "vddk", "ivdfs/vddk/budget.py",
+        "if self.connections + n <= self.limits.max_connections:",
+        "if self.connections <= self.limits.max_connections:",
         SERVICE, "one NFC connection more than --max-connections",
     ),
     Mutant(
-        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/service.py",
+        "busy-disk-closed-before-its-turn", "vddk", "ivdfs/vddk/budget.py",
         "if now - s.opened_at >= lim.min_open:",
         "if True:",
         (TURNS, *SERVICE), "issue 28: under the cap a busy disk gives up its connection at "
@@ -307,7 +306,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "access-ends-with-its-connection", "vddk", "ivdfs/vddk/service.py",
-        "end = self.limits.legacy or self._access_until(ivd_id, self._clock()) <= self._clock()",
+        "end = self.limits.legacy or self._access_until(ivd_id) <= self._clock()",
         "end = True",
         (TURNS, *SERVICE), "issue 28: a PrepareForAccess/EndAccess pair (vCenter tasks on "
         "every attached VM) for each connection the cap takes away",

@@ -28,10 +28,12 @@ from tests.mounting import (
     VDDK_LIBDIR,
     Bed,
     Mount,
+    alive,
     call_lines,
     loop_devices_of,
     mounted_at,
     mounts_under,
+    umount,
     wait_for,
 )
 from tests.testbed import images as imgs
@@ -52,17 +54,6 @@ def disk(bed: Bed) -> tuple[Ivd, str]:
     return ivd, snap
 
 
-def umount(bed: Bed, mp: Path, *extra: str, server: str | None = None,
-           **env: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    v = bed.vcsim
-    return subprocess.run(
-        [*IVDFS, "umount", str(mp), "--server", server or v.server, "--user", v.user,
-         "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR), *extra],
-        env=bed.env(**env), capture_output=True, text=True, timeout=120,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
 def advice(text: str, marker: str) -> list[list[str]]:
     """The commands printed after `marker` (to the end of each line), split as a shell would."""
     return [shlex.split(ln.split(marker, 1)[1]) for ln in text.splitlines() if marker in ln]
@@ -80,15 +71,6 @@ def has_options(command: Sequence[str], given: Sequence[Sequence[str]]) -> bool:
     """Each of `given` (a flag, or a flag and its value) appears in `command` as given."""
     pairs = list(itertools.pairwise(command))
     return all(g[0] in command if len(g) == 1 else (g[0], g[1]) in pairs for g in given)
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaped is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def processes_naming(prefix: str) -> dict[int, str]:

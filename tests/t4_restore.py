@@ -47,6 +47,11 @@ class Disk:
     def snapdir(self, mp: Path) -> Path:
         return mp / self.ivd.datastore_name / self.ivd.id / self.snapshot
 
+    @property
+    def parts(self) -> list[imgs.PartitionManifest]:
+        """The partitions with a filesystem, in table order (VixMntapi numbers them 1, 2 ...)."""
+        return sorted((p for p in self.manifest.partitions if p.fs), key=lambda p: p.number)
+
 
 @pytest.fixture(scope="module")
 def disks(bed: Bed) -> dict[str, Disk]:

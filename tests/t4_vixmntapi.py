@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,39 +25,24 @@ import pytest
 from ivdfs import journal
 from tests.mounting import (
     IVDFS,
-    VDDK_LIBDIR,
     Bed,
     Mount,
+    alive,
     call_lines,
+    fuse_servers,
     loop_devices_of,
     mounted_at,
     mounts_under,
     sha256_file,
+    umount,
+    vixmntapi_mounts,
     wait_for,
 )
-from tests.t4_restore import check_volume
+from tests.t4_restore import Disk, check_volume
 from tests.testbed import images as imgs
-from tests.testbed.vsphere import Ivd, place_image
+from tests.testbed.vsphere import place_image
 
-FUSE_ROOT = "/run/vmware/fuse"
 killed = pytest.mark.killed_mount
-
-
-@dataclass(frozen=True)
-class Disk:
-    kind: str
-    ivd: Ivd
-    snapshot: str
-    manifest: imgs.DiskManifest
-    sha256: str
-
-    def snapdir(self, mp: Path) -> Path:
-        return mp / self.ivd.datastore_name / self.ivd.id / self.snapshot
-
-    @property
-    def parts(self) -> list[imgs.PartitionManifest]:
-        """The partitions with a filesystem, in table order (VixMntapi numbers them 1, 2 ...)."""
-        return sorted((p for p in self.manifest.partitions if p.fs), key=lambda p: p.number)
 
 
 @pytest.fixture(scope="module")
@@ -75,42 +59,9 @@ def disks(bed: Bed) -> dict[str, Disk]:
     return out
 
 
-def fuse_mounts() -> set[str]:
-    return {p for p in mounts_under(FUSE_ROOT + "/") if "/" not in p[len(FUSE_ROOT) + 1 :]}
-
-
 def ours(lines: list[str]) -> set[str]:
     """The FUSE mounts the stand-in's OpenDisks made for this test (its call log names them)."""
     return {o["fuse"] for o in call_lines(lines, "Mntapi_OpenDisks") if o["err"] == "0"}
-
-
-def fuse_servers(daemon: int) -> set[int]:
-    """Children of the ivdfs daemon that hold /dev/fuse open: VixMntapi's forked servers."""
-    kids = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            fds = os.listdir(f"/proc/{entry}/fd") if ppid == daemon else []
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse":
-                    kids.add(int(entry))
-                    break
-            except OSError:
-                continue
-    return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def private_dir(lines: list[str]) -> Path:
@@ -143,7 +94,7 @@ def test_volumes_mounted_and_vixmntapis_own_mounts_undone(
     bed: Bed, disks: dict[str, Disk], mountpoint: Path, tmp_path: Path, how: str
 ) -> None:
     bed.standin_log.unlink(missing_ok=True)
-    before = fuse_mounts()
+    before = vixmntapi_mounts()
     with Mount(bed, mountpoint, "--volumes", "vixmntapi") as m:
         tmp = check_disks(bed, mountpoint, disks, tmp_path)
         lines = bed.log_lines()
@@ -152,7 +103,7 @@ def test_volumes_mounted_and_vixmntapis_own_mounts_undone(
         assert init["configFile"] == initex["configFile"] != "(null)"
         assert tmp.parent.name.startswith(f"ivdfs-{m.proc.pid}-vddk-")
         made = ours(bed.log_lines())
-        assert len(made) == 2 and made <= fuse_mounts() - before
+        assert len(made) == 2 and made <= vixmntapi_mounts() - before
         rec = journal.find(mountpoint)
         assert rec is not None
         assert {p for e in rec.vixmntapi for p in e["fuse"]} == made
@@ -167,7 +118,7 @@ def test_volumes_mounted_and_vixmntapis_own_mounts_undone(
     (exit_line,) = call_lines(lines, "Mntapi_Exit")
     assert exit_line["fuse_left"] == "2"
     assert m.log().count("which VixMntapi left mounted") == 2
-    assert not made & fuse_mounts()
+    assert not made & vixmntapi_mounts()
     wait_for(lambda: not [p for p in served_by if alive(p)], what="the forked servers to end")
     assert not [p for p in made if Path(p).exists() or Path(p + ".info").exists()]
     assert not tmp.parent.exists()
@@ -198,7 +149,7 @@ def test_a_volume_vixmntapi_cannot_mount_says_why(
         assert sha256_file(gpt.snapdir(mountpoint) / "disk.raw") == gpt.sha256
         made = ours(bed.log_lines())
         assert m.unmount("ivdfs") == 0, m.log()
-    assert not made & fuse_mounts()
+    assert not made & vixmntapi_mounts()
     failed = [v for v in call_lines(bed.log_lines(), "Mntapi_MountVolume") if v["err"] != "0"]
     assert len(failed) == len(gpt.parts) and {v["err"] for v in failed} == {"24010"}
 
@@ -212,21 +163,12 @@ def test_a_vixmntapi_that_unmounts_its_disks_itself(
                VDDK_STANDIN_MNTAPI_UMOUNT="works") as m:  # fmt: skip
         check_disks(bed, mountpoint, disks, tmp_path)
         made = ours(bed.log_lines())
-        assert made <= fuse_mounts()
+        assert made <= vixmntapi_mounts()
         assert m.unmount("ivdfs") == 0, m.log()
     closes = call_lines(bed.log_lines(), "Mntapi_CloseDiskSet")
     assert {c["err"] for c in closes} == {"0"}
     assert "which VixMntapi left mounted" not in m.log()
-    assert not made & fuse_mounts()
-
-
-def umount(bed: Bed, mp: Path) -> subprocess.CompletedProcess[str]:
-    v = bed.vcsim
-    return subprocess.run(
-        [*IVDFS, "umount", str(mp), "--server", v.server, "--user", v.user,
-         "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR)],
-        env=bed.env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    assert not made & vixmntapi_mounts()
 
 
 def assert_recovered(
@@ -241,7 +183,7 @@ def assert_recovered(
     assert "FAIL" not in r.stdout and "Traceback" not in r.stderr
     for path in made:
         assert f"unmounted VixMntapi's disk mount {path}" in r.stdout
-    assert not made & fuse_mounts()
+    assert not made & vixmntapi_mounts()
     wait_for(lambda: not [p for p in served_by if alive(p)], what="the forked servers to end")
     assert not mounted_at(mp) and os.listdir(mp) == []
     assert loop_devices_of(mp, bed.images) == [] and mounts_under(tmp_root) == []
@@ -262,7 +204,7 @@ def test_killed_with_vixmntapi_volumes_mounted(
     pid = m.proc.pid
     m.proc.send_signal(signal.SIGKILL)
     m.proc.wait(timeout=30)
-    assert made <= fuse_mounts() and mounts_under(tmp)  # what the kill left
+    assert made <= vixmntapi_mounts() and mounts_under(tmp)  # what the kill left
     assert_recovered(bed, mountpoint, pid, made, served_by, tmp.parent)
 
 
@@ -292,7 +234,7 @@ def test_killed_in_the_middle_of_open_disks(
     m.proc.send_signal(signal.SIGKILL)
     m.proc.wait(timeout=30)
     release.touch()
-    assert made <= fuse_mounts()
+    assert made <= vixmntapi_mounts()
     assert_recovered(bed, mountpoint, pid, made, served_by, private_dir(bed.log_lines()))
     # The forked server held a copy of the dead daemon's /dev/fuse: the listing waited for it
     # (not ENOTCONN at once, as without VixMntapi) until recovery ended the server.

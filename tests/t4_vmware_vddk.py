@@ -36,9 +36,12 @@ from tests.mounting import (
     REPO,
     Bed,
     Mount,
+    alive,
     call_lines,
+    fuse_servers,
     mounted_at,
     sha256_file,
+    vixmntapi_mounts,
 )
 from tests.realvddk import GRAIN, ChainDisk
 from tests.testbed import images as imgs
@@ -362,7 +365,7 @@ def test_volumes_of_the_real_vixmntapi_are_mounted_or_explained_and_nothing_is_l
         assert rec is not None
         made = {p for e in rec.vixmntapi for p in e["fuse"]}
         assert len(made) == 1 and made <= vixmntapi_mounts()
-        servers = fuse_children(m.proc.pid)
+        servers = fuse_servers(m.proc.pid)
         assert servers, "VixMntapi serves its mount from a forked copy of ivdfs"
         assert m.unmount(how) == 0, m.log()
     assert not made & vixmntapi_mounts()
@@ -372,39 +375,6 @@ def test_volumes_of_the_real_vixmntapi_are_mounted_or_explained_and_nothing_is_l
     assert not [p for p in servers if alive(p)], "VixMntapi's server outlived the mount"
     assert journal.find(mountpoint) is None
     assert m.unexpected_log_records() == []
-
-
-def vixmntapi_mounts() -> set[str]:
-    root = "/run/vmware/fuse/"
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        points = [ln.split()[4] for ln in f]
-    return {p for p in points if p.startswith(root) and "/" not in p[len(root) :]}
-
-
-def fuse_children(daemon: int) -> set[int]:
-    """Copies of `daemon` (the same command line: forked, never exec'd) other than itself that
-    hold /dev/fuse: VixMntapi's servers (the real one forks twice, so they are not children)."""
-    cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes()
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == daemon:
-            continue
-        try:
-            if Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline and any(
-                os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse"
-                for fd in os.listdir(f"/proc/{entry}/fd")
-            ):
-                out.add(int(entry))
-        except OSError:
-            continue
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # --- the real VixMntapi on a bridged connection, below ivdfs (what it does by itself) -------

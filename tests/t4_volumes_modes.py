@@ -38,11 +38,13 @@ from tests.mounting import (
     VDDK_LIBDIR,
     Bed,
     Mount,
+    alive,
     host_vgs,
     loop_devices_of,
     mounted_at,
     mounts_under,
     sha256_file,
+    umount,
     wait_for,
 )
 from tests.testbed import images as imgs
@@ -137,13 +139,6 @@ def processes_with(text: str, but: int = 0) -> list[int]:
         if os.fsencode(text) in argv and state != "Z":
             out.append(int(entry))
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def open_files(pid: int) -> list[str]:
@@ -333,15 +328,6 @@ def check_files(vol: Path, manifest: imgs.DiskManifest) -> None:
         assert sha256_file(vol / rel) == digest, rel
 
 
-def recover(bed: Bed, mp: Path) -> subprocess.CompletedProcess[str]:
-    v = bed.vcsim
-    return subprocess.run(
-        [*IVDFS, "umount", str(mp), "--server", v.server, "--user", v.user,
-         "--ca-file", str(v.ca_file), "--vddk-libdir", str(VDDK_LIBDIR)],
-        env=bed.env(), capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-
-
 @pytest.mark.guestfs
 @pytest.mark.killed_mount
 def test_guestfs_lifetime_and_recovery(bed: Bed, small: Small, mountpoint: Path) -> None:
@@ -396,7 +382,7 @@ def test_guestfs_lifetime_and_recovery(bed: Bed, small: Small, mountpoint: Path)
         pid = m.proc.pid
         m.proc.send_signal(signal.SIGKILL)
         m.proc.wait(timeout=30)
-        r = recover(bed, mp)  # also after a failure above: no dead mount or qemu left behind
+        r = umount(bed, mp)  # also after a failure above: no dead mount or qemu left behind
         for p in running:
             if alive(p):  # the recovery failed: do not leave a frozen helper to later tests
                 os.kill(p, signal.SIGKILL)

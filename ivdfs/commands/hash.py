@@ -96,7 +96,7 @@ def _run(
     async def main() -> dict[str, str] | None:
         result = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, stopped)
+            nursery.start_soon(signals.cancel_on_stop, nursery.cancel_scope, stopped)
             result = await _hash_disk(disk, partition, algorithms, name, nursery)
             nursery.cancel_scope.cancel()
         return result
@@ -112,14 +112,6 @@ def _run(
     if stopped or result is None:
         raise KeyboardInterrupt
     return result
-
-
-async def _stop_on_signal(scope: trio.CancelScope, stopped: list[int]) -> None:
-    with trio.open_signal_receiver(*signals.STOP_SIGNALS) as received:
-        async for signum in received:
-            stopped.append(signum)
-            scope.cancel()
-            return
 
 
 async def _hash_disk(

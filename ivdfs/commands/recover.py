@@ -34,7 +34,7 @@ from ivdfs.config import ACCESS_IDENTITY, ServerConfig, VddkOptions
 from ivdfs.errors import BackendError, ExitCode, IvdfsError, NotFound, UserError, exit_code_of
 from ivdfs.inventory.model import Datastore, DiskTarget, Ivd
 from ivdfs.inventory.vsphere import VSphere
-from ivdfs.processes import under
+from ivdfs.processes import naming, under
 from ivdfs.rundirs import remove_tree
 from ivdfs.vddk import mntapi, oneshot
 from ivdfs.vddk.connection import ServerTarget
@@ -80,23 +80,6 @@ def loop_devices_under(root: str) -> list[str]:
     return out
 
 
-def _helpers(paths: list[str]) -> list[int]:
-    """Processes whose command line names one of `paths` (a FUSE driver's device or target)."""
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = {os.fsdecode(a) for a in argv if a}
-        if args & set(paths):
-            out.append(int(entry))
-    return out
-
-
 def appliance_processes(rec: journal.Record) -> list[int]:
     """The --volumes guestfs helpers and their qemu processes that the journal names and that
     still run (the same pid and start time: a pid the system reused is not ours)."""
@@ -124,7 +107,7 @@ def leftovers(rec: journal.Record) -> Leftovers:
     # volume mount; then FUSE drivers of volumes (ntfs-3g, fusefat, fuse2fs).
     found.helpers = appliance_processes(rec)
     found.helpers += [
-        p for p in _helpers(found.volume_mounts + found.loops) if p not in found.helpers
+        p for p in naming(found.volume_mounts + found.loops) if p not in found.helpers
     ]
     entry = mountinfo.find(rec.mountpoint)
     found.fuse_mounted = entry is not None and entry.fstype.startswith("fuse")

@@ -24,17 +24,16 @@ teardown; nothing is attached after teardown began.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ivdfs import mountinfo
-from ivdfs.volumes.base import WHOLE_DISK, Candidate, VolumeAnswer, VolumeRequest
-from ivdfs.volumes.kernel import _SAFE, COMMAND_TIMEOUT, NOT_MOUNTED, _run, run_directory
+from ivdfs.processes import naming
+from ivdfs.volumes import host
+from ivdfs.volumes.base import NOT_MOUNTED, WHOLE_DISK, Candidate, VolumeAnswer, VolumeRequest
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class _Mounted:
 
 class FuseVolumes:
     def __init__(self, run_root: Path | None = None) -> None:
-        self.run_dir = run_directory(run_root)
+        self.run_dir = host.run_directory(run_root)
         have = sorted({d for d, _ in DRIVERS.values() if shutil.which(d)})
         log.info("volumes: userspace drivers %s", ", ".join(have) or "none installed")
         self._mounted: list[_Mounted] = []
@@ -104,13 +103,11 @@ class FuseVolumes:
                     refused[name] = "not mounted: ivdfs is shutting down"
                     continue
                 driver, opts = DRIVERS[c.fs]
-                target = self.run_dir / _SAFE.sub(
-                    "_", f"{request.ivd.id}-{request.snapshot.id}-{name}"
-                )
+                target = self.run_dir / host.mount_point_name(request, name)
                 target.mkdir(mode=0o700)
                 source = source_file(request, c)
                 try:
-                    await _run([driver, "-o", opts, str(source), str(target)])
+                    await host.run_command([driver, "-o", opts, str(source), str(target)])
                 except (OSError, RuntimeError, trio.TooSlowError) as e:
                     # A driver that died half way may leave its mount behind.
                     with trio.CancelScope(shield=True):
@@ -126,11 +123,11 @@ class FuseVolumes:
 
     async def _unmount(self, m: _Mounted) -> None:
         if _is_mount(m.target):
-            await _run(["fusermount3", "-u", str(m.target)])
+            await host.run_command(["fusermount3", "-u", str(m.target)])
         # The driver keeps its image (a file of our mount) open until it has exited.
-        with trio.fail_after(COMMAND_TIMEOUT):
+        with trio.fail_after(host.COMMAND_TIMEOUT):
             delay = 0.005
-            while await trio.to_thread.run_sync(_drivers_of, m.target):
+            while await trio.to_thread.run_sync(naming, [str(m.target)]):
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.1)
         m.target.rmdir()
@@ -146,49 +143,18 @@ class FuseVolumes:
                         log.error("cannot unmount %s (%s): %s", m.target, m.driver, e)
                     else:
                         self._mounted.remove(m)
-                self._remove_run_dir()
+                host.remove_run_directory(self.run_dir)
 
     def close_blocking(self) -> None:
         """After the FUSE loop ended (error paths): lazy unmounts; the drivers then end."""
         self._closed = True
         for m in reversed(list(self._mounted)):
             if _is_mount(m.target):
-                argv = ["fusermount3", "-u", "-z", str(m.target)]
-                r = subprocess.run(argv, check=False, capture_output=True, text=True,
-                                   timeout=COMMAND_TIMEOUT)  # fmt: skip
-                if r.returncode != 0:
-                    log.error("fusermount3 -u -z %s failed: %s", m.target, r.stderr.strip())
+                host.run_blocking(["fusermount3", "-u", "-z", str(m.target)])
             self._mounted.remove(m)
-            try:
-                m.target.rmdir()
-            except OSError as e:
-                log.error("cannot remove %s: %s", m.target, e)
-        self._remove_run_dir()
-
-    def _remove_run_dir(self) -> None:
-        try:
-            self.run_dir.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("cannot remove the run directory %s: %s", self.run_dir, e)
+            host.remove_mount_point(m.target)
+        host.remove_run_directory(self.run_dir)
 
 
 def _is_mount(path: Path) -> bool:
     return mountinfo.find(path) is not None
-
-
-def _drivers_of(target: Path) -> list[int]:
-    """Processes with `target` on their command line: the driver serving it."""
-    me, wanted = os.getpid(), os.fsencode(str(target))
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if wanted in argv:
-            out.append(int(entry))
-    return out

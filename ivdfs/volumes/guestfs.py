@@ -58,8 +58,8 @@ from ivdfs.config import Secret
 from ivdfs.errors import BackendError
 from ivdfs.journal import Journal, process_start
 from ivdfs.processes import holders
-from ivdfs.volumes.base import VolumeAnswer, VolumeRequest
-from ivdfs.volumes.kernel import NOT_MOUNTED, run_directory
+from ivdfs.volumes.base import NOT_MOUNTED, VolumeAnswer, VolumeRequest
+from ivdfs.volumes.host import remove_mount_point, remove_run_directory, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class GuestfsVolumes:
             for app in list(self._apps.values()):
                 async with app.lock:
                     await self._stop(app, "unmounting")
-            self._remove_run_dir()
+            remove_run_directory(self.run_dir)
 
     def close_blocking(self) -> None:
         """After trio ended (an error path): kill what is left, undo its mounts and files."""
@@ -308,7 +308,7 @@ class GuestfsVolumes:
                 app.proc.kill()
             self._kill_qemu(app)
             self._cleanup(app)
-        self._remove_run_dir()
+        remove_run_directory(self.run_dir)
 
     def report(self) -> dict[str, Any]:
         states = [a.state for a in self._apps.values()]
@@ -485,25 +485,13 @@ class GuestfsVolumes:
             subprocess.run(["fusermount3", "-u", "-z", str(app.mount_dir)], check=False,
                            capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
         shutil.rmtree(app.tmp_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                app.mount_dir.rmdir()
-            except OSError as e:
-                log.error("cannot remove %s: %s", app.mount_dir, e)
+        remove_mount_point(app.mount_dir)
         if self._holdings is not None and app.proc is not None:
             self._holdings.drop("appliances", {"helper": app.proc.pid})
         app.proc = None
         app.lines = None
         app.qemu_pid = 0
         app.state = "stopped"
-
-    def _remove_run_dir(self) -> None:
-        try:
-            self.run_dir.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("cannot remove the run directory %s: %s", self.run_dir, e)
 
     # --- idleness and the memory budget -----------------------------------------------------
 

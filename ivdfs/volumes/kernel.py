@@ -48,18 +48,15 @@ import errno
 import logging
 import os
 import platform
-import re
 import shutil
-import subprocess
-import tempfile
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from ivdfs.volumes.base import Candidate, VolumeAnswer, VolumeRequest
+from ivdfs.volumes import host
+from ivdfs.volumes.base import NOT_MOUNTED, Candidate, VolumeAnswer, VolumeRequest
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +71,8 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "vfat": ("ro",),
     "exfat": ("ro",),
 }
-# Why some recognised things are not mounted at all.
-NOT_MOUNTED = {
-    "LVM2_member": "an LVM2 physical volume: its logical volumes are lv-<vg>-<lv>.raw and "
-    "volumes/<vg>-<lv>",
-    "swap": "swap space holds no files",
-    # The host never assembles guest arrays or opens guest encryption: libguestfs's appliance
-    # does both, with its own kernel.
-    "linux_raid_member": "an md RAID member: its array is assembled only by --volumes guestfs",
-    "LDM_member": "a Windows dynamic disk (LDM) partition: its volumes are assembled only by "
-    "--volumes guestfs",
-    "crypto_LUKS": "an encrypted (LUKS) volume: only --volumes guestfs opens it "
-    "(with --volume-key-file)",
-    "BitLocker": "an encrypted (BitLocker) volume: only --volumes guestfs opens it "
-    "(with --volume-key-file)",
-}
-COMMAND_TIMEOUT = 120.0
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _BTRFS_FEATURES = Path("/sys/fs/btrfs/features")
 _BTRFS_FSID_OFFSET = 0x10000 + 0x20  # superblock at 64 KiB, fsid 32 bytes into it
-
-
-def run_directory(run_root: Path | None = None) -> Path:
-    """A private directory (0700) for a backend's mounts, named ``ivdfs-<pid>-*`` so that the
-    recovery of a killed mount finds it even when the journal missed it."""
-    if run_root is None:
-        run_root = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
-    run_dir = Path(tempfile.mkdtemp(prefix=f"ivdfs-{os.getpid()}-", dir=run_root))
-    run_dir.chmod(0o700)
-    return run_dir
 
 
 def kernel_filesystems() -> set[str]:
@@ -272,7 +242,7 @@ class KernelVolumes:
     def __init__(self, run_root: Path | None = None, profile: KernelProfile | None = None) -> None:
         self.profile = profile or KernelProfile.probe()
         log.info("volumes: %s", self.profile.describe())
-        self.run_dir = run_directory(run_root)
+        self.run_dir = host.run_directory(run_root)
         self._attached: list[_Attached] = []
         self._btrfs_fsids: dict[str, str] = {}  # fsid -> which volume holds it (old kernels)
         self._lock = trio.Lock()
@@ -337,11 +307,10 @@ class KernelVolumes:
                     f"btrfs {fsid} is already mounted from {self._btrfs_fsids[fsid]}; this "
                     "kernel (no temp-fsid, before Linux 6.7) cannot mount a clone beside it"
                 )
-        name = _SAFE.sub("_", f"{request.ivd.id}-{request.snapshot.id}-{c.volume_name}")
-        mount_dir = self.run_dir / name
+        mount_dir = self.run_dir / host.mount_point_name(request, c.volume_name)
         mount_dir.mkdir(mode=0o700)
         try:
-            out = await _run(
+            out = await host.run_command(
                 ["losetup", "--read-only", "--find", "--show", "--offset", str(c.start),
                  "--sizelimit", str(c.length), str(source)],
                 capture=True,
@@ -353,7 +322,7 @@ class KernelVolumes:
         self._attached.append(a)
         try:
             plan = self.plan(c.fs, a.loop, mount_dir)
-            await _run(plan.argv)
+            await host.run_command(plan.argv)
             a.mounted = True
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -366,10 +335,10 @@ class KernelVolumes:
 
     async def _detach(self, a: _Attached) -> None:
         if a.mounted:
-            await _run(["umount", str(a.mount_dir)])
+            await host.run_command(["umount", str(a.mount_dir)])
             a.mounted = False
             self._btrfs_fsids.pop(a.btrfs_fsid, None)
-        await _run(["losetup", "--detach", a.loop])
+        await host.run_command(["losetup", "--detach", a.loop])
         # A FUSE driver (ntfs-3g, fusefat) may still hold the device for a moment after its
         # unmount; the kernel then detaches it when that last user closes it (autoclear).
         # Wait for that, or our FUSE mount would still be busy when we unmount it.
@@ -386,35 +355,20 @@ class KernelVolumes:
                         await self._detach(a)
                     except (OSError, RuntimeError, trio.TooSlowError) as e:
                         log.error("cannot detach %s (%s): %s", a.loop, a.mount_dir, e)
-                self._remove_run_dir()
+                host.remove_run_directory(self.run_dir)
 
     def close_blocking(self) -> None:
         """After the FUSE loop ended (error paths): lazy unmounts, then detach."""
         self._closed = True
         for a in reversed(list(self._attached)):
-            for argv in (["umount", "--lazy", str(a.mount_dir)], ["losetup", "--detach", a.loop]):
-                if argv[0] == "umount" and not a.mounted:
-                    continue
-                proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                                      timeout=COMMAND_TIMEOUT)  # fmt: skip
-                if proc.returncode != 0:
-                    log.error("%s failed: %s", " ".join(argv), proc.stderr.strip())
+            if a.mounted:
+                host.run_blocking(["umount", "--lazy", str(a.mount_dir)])
+            host.run_blocking(["losetup", "--detach", a.loop])
             a.mounted = False
             self._attached.remove(a)
-            try:
-                a.mount_dir.rmdir()
-            except OSError as e:
-                log.error("cannot remove %s: %s", a.mount_dir, e)
+            host.remove_mount_point(a.mount_dir)
         self._btrfs_fsids.clear()
-        self._remove_run_dir()
-
-    def _remove_run_dir(self) -> None:
-        try:
-            self.run_dir.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("cannot remove the run directory %s: %s", self.run_dir, e)
+        host.remove_run_directory(self.run_dir)
 
 
 def _btrfs_fsid(path: Path, start: int) -> str:
@@ -424,31 +378,6 @@ def _btrfs_fsid(path: Path, start: int) -> str:
     if len(raw) != 16:
         raise OSError(errno.EIO, f"short read of the btrfs superblock of {path}")
     return str(uuid.UUID(bytes=raw))
-
-
-async def _run(argv: Sequence[str], capture: bool = False) -> str:
-    """Run a command without blocking trio; RuntimeError with its stderr if it fails.
-
-    stdout is captured only for commands that do not daemonise (losetup): a FUSE driver's
-    daemon would inherit the pipe and keep it open for as long as the volume is mounted.
-    """
-    with tempfile.TemporaryFile() as err:
-        with trio.fail_after(COMMAND_TIMEOUT):
-            if capture:
-                proc = await trio.run_process(
-                    list(argv), stdin=subprocess.DEVNULL, stderr=err.fileno(), check=False,
-                    capture_stdout=True,
-                )  # fmt: skip
-            else:
-                proc = await trio.run_process(
-                    list(argv), stdin=subprocess.DEVNULL, stderr=err.fileno(), check=False,
-                    stdout=subprocess.DEVNULL,
-                )  # fmt: skip
-        if proc.returncode != 0:
-            err.seek(0)
-            text = err.read().decode("utf-8", "replace").strip().replace("\n", " ")
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {text}")
-    return proc.stdout.decode() if capture and proc.stdout else ""
 
 
 async def _wait_detached(loop: str, timeout: float = 30.0) -> None:

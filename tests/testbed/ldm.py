@@ -26,6 +26,7 @@ Concurrency: pure functions over one target file.
 
 from __future__ import annotations
 
+import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -169,10 +170,8 @@ def write_ldm(path: Path, disk_size: int, volume_size: int, volume_image: Path |
                      SECTOR, 1, 4, 10, group.encode(), group_guid.encode(), seq, seq,
                      1, 1, 1, 1)  # fmt: skip
 
-    with open(path, "r+b") as f:
-        fd = f.fileno()
-        import os
-
+    with open(path, "r+b") as disk:
+        fd = disk.fileno()
         os.pwrite(fd, bytes(mbr), 0)
         os.pwrite(fd, privhead, 6 * SECTOR)
         for at in PRIVHEAD_COPIES:
