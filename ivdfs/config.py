@@ -88,24 +88,24 @@ def normalize_thumbprint(text: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 40, 2))
 
 
-def read_password_file(path: Path) -> str:
+def read_password_file(path: Path, what: str = "password file") -> str:
+    """The first line of a secret's file (`what` names it in errors), which must be the
+    owner's alone."""
     try:
         st = path.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
-            raise UserError(
-                f"password file {path} is readable by group or others; run: chmod 600 {path}"
-            )
+            raise UserError(f"{what} {path} is readable by group or others; run: chmod 600 {path}")
         text = path.read_text(encoding="utf-8")
     except UserError:
         raise
     except UnicodeDecodeError as e:
-        raise UserError(f"password file {path} is not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
-        raise UserError(f"cannot read password file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
     # Only the first line counts; a trailing newline from `echo pw > file` is not part of it.
     password = text.splitlines()[0] if text else ""
     if not password:
-        raise UserError(f"password file {path} is empty")
+        raise UserError(f"{what} {path} is empty")
     return password
 
 
@@ -188,6 +188,7 @@ class VolumeSettings:
     mode: str = default("volumes")
     idle_timeout: float = default("idle_timeout")  # guestfs: stop an appliance unused this long
     guestfs_memory: int = default("guestfs_memory")  # guestfs: all running appliances together
+    key_file: Path | None = None  # guestfs: --volume-key-file (LUKS/BitLocker passphrase)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ class MountConfig:
     idle_timeout: float
     volumes: str
     guestfs_memory: int
+    volume_key_file: Path | None
     refresh: float
     snapshot_now: tuple[str, ...]
     datastores: tuple[str, ...]
@@ -249,7 +251,9 @@ class MountConfig:
 
     @property
     def volume_settings(self) -> VolumeSettings:
-        return VolumeSettings(self.volumes, self.idle_timeout, self.guestfs_memory)
+        return VolumeSettings(
+            self.volumes, self.idle_timeout, self.guestfs_memory, self.volume_key_file
+        )
 
 
 def option_words(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -451,6 +451,17 @@ SETTINGS: tuple[Setting, ...] = (
         group=_TREE,
     ),
     Setting(
+        "volume_key_file",
+        ("--volume-key-file",),
+        "file whose first line is the passphrase of the guests' LUKS and BitLocker volumes: "
+        "--volumes guestfs opens them read-only inside the appliance "
+        "(must not be group/other readable)",
+        frozenset({"mount"}),
+        _absolute,
+        metavar="FILE",
+        group=_TREE,
+    ),
+    Setting(
         "refresh",
         ("--refresh",),
         "list a directory again from vCenter when its listing is "

@@ -384,6 +384,27 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/t4_volumes_modes.py::test_guestfs_lifetime_and_recovery",),
         "issue 27: qemu of a killed mount keeps running, holding the dead mount's disk.raw",
     ),
+    Mutant(
+        "ldm-partition-probed-as-a-filesystem", "volumes", "ivdfs/tree/snapshots.py",
+        "        if ldm:\n",
+        "        if False:\n",
+        ("tests/t4_volumes_guestvol.py::test_kernel_mode_leaves_them_alone",),
+        "issue 27: the host mounts a dynamic disk's first volume as if the partition held it",
+    ),
+    Mutant(
+        "volume-key-file-taken-by-any-mode", "volumes", "ivdfs/volumes/setup.py",
+        '    if settings.key_file is not None and mode != "guestfs":\n',
+        "    if False:\n",
+        ("tests/t4_volumes_guestvol.py::test_key_file_refused",),
+        "issue 27: --volume-key-file with --volumes kernel is silently ignored",
+    ),
+    Mutant(
+        "md-named-by-its-number", "volumes", "ivdfs/volumes/guestfs_helper.py",
+        '            out[md] = f"md-{name}"\n',
+        "            pass\n",
+        ("tests/t4_volumes_guestvol.py::test_guestfs_md_luks_and_ldm",),
+        "issue 27: volumes/md127, a name mdadm picks per boot, instead of the array's own",
+    ),
     # --- vCenter: outages and lost replies (issues 25 #6, 28) ---------------------------------
     Mutant(
         "task-start-re-sent", "vcenter", "ivdfs/inventory/session.py",

@@ -30,6 +30,7 @@ from ivdfs.formats.partitions import (
     MAX_LOGICAL,
     Partition,
     PartitionTable,
+    is_ldm,
     parse,
 )
 from tests.testbed import images
@@ -886,3 +887,29 @@ def test_sparse_and_random_disks(tmp_path: Path) -> None:
     assert hashlib.sha256(data).hexdigest() == r.sha256 and r.allocated == tuple(range(8))
     assert data[:MiB] != data[MiB : 2 * MiB]
     assert parse(lambda o, n: data[o : o + n], len(data)).partitions == ()
+
+
+def test_detect_md_members_and_encrypted_volumes(tmp_path: Path) -> None:
+    """md 1.2 members and LUKS2 volumes (images.guestvol_disk: our superblocks, cryptsetup's
+    LUKS) are named as blkid names them, so that every mode can say what they are."""
+    m = images.guestvol_disk(tmp_path / "g.img", "one", "two")
+    table = parse_file(m.path)
+    for p, expect in zip(table.partitions, m.partitions, strict=True):
+        assert detect_filesystem(pread(m.path, p.start, FS_PROBE_SIZE)) == expect.fs
+    assert [p.fs for p in m.partitions] == ["linux_raid_member"] * 2 + ["crypto_LUKS"] * 2
+    # Metadata 1.1 keeps the superblock at the very start.
+    md = pread(m.path, m.partitions[0].start + 4096, 512)
+    assert detect_filesystem(md + bytes(FS_PROBE_SIZE - 512)) == "linux_raid_member"
+    luks1 = tmp_path / "luks1.img"
+    luks1.write_bytes(bytes(4 * MiB))
+    subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations",
+                    "1000", "--key-file", "-", str(luks1)], input=b"k", check=True)  # fmt: skip
+    assert detect_filesystem(pread(luks1, 0, FS_PROBE_SIZE)) == "crypto_LUKS"
+
+
+def test_ldm_partitions_are_known(tmp_path: Path) -> None:
+    dyn, _layout = images.ldm_disk(tmp_path / "ldm.img")
+    table = parse_file(dyn.path)
+    assert [(p.type_id, is_ldm(p)) for p in table.partitions] == [("0x42", True)]
+    gpt = parse_file(images.gpt_disk(tmp_path / "gpt.img").path)
+    assert not any(is_ldm(p) for p in gpt.partitions)

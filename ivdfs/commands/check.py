@@ -149,13 +149,17 @@ def _guestfs(report: Report) -> None:
         return
     accelerator = guestfs.probe_accelerator()
     try:
-        seconds = guestfs.boot_test(accelerator)
+        seconds, features = guestfs.boot_test(accelerator)
     except RuntimeError as e:
         failure = UserError(f"an appliance did not boot under {accelerator.describe()}: {e}")
         report.error(failure, "guestfs")
         return
-    text = f"an appliance booted in {seconds:.1f} s under {accelerator.describe()}"
-    report.ok(text, "guestfs")
+    supported, lacking = guestfs.describe_features(features)
+    text = f"an appliance booted in {seconds:.1f} s under {accelerator.describe()}; {supported}"
+    if lacking is None:
+        report.ok(text, "guestfs")
+    else:
+        report.warn(f"{text}; {lacking}", "guestfs")
 
 
 def _plugin_text() -> str:

@@ -82,17 +82,31 @@ def _is_xfs(sb: bytes) -> bool:
     )
 
 
+MD_MAGIC = bytes.fromhex("fc4e2ba9") + (1).to_bytes(4, "little")  # 0xa92b4efc LE, version 1
+
+
 def detect_filesystem(head: bytes) -> str | None:
     """Name the filesystem whose first bytes are `head`, or None.
 
-    Returns "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs", "swap" or
-    "LVM2_member" (an LVM2 physical volume, named as blkid names it). Pass `FS_PROBE_SIZE` bytes
-    to see btrfs, whose superblock is at 64 KiB; less only loses that.
+    Returns "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs", "swap", or as
+    blkid names them "LVM2_member" (an LVM2 physical volume), "linux_raid_member" (a member of
+    an md array with metadata 1.1 or 1.2, whose superblock is at the start), "crypto_LUKS" or
+    "BitLocker". Pass `FS_PROBE_SIZE` bytes to see btrfs, whose superblock is at 64 KiB; less
+    only loses that.
     """
     # A label with a valid CRC in the first four sectors is what lvm2 itself goes by; pvcreate
     # wipes other signatures, so a stale one beside it is not the answer.
     if label_sector(head) is not None:
         return "LVM2_member"
+    # md superblock 1.x: magic, then major version 1; at 0 (1.1) or 4 KiB (1.2). Metadata 0.90
+    # and 1.0 sit at the end: their RAID1 members show their filesystem at the start.
+    for at in (0, 4096):
+        if head[at : at + 8] == MD_MAGIC:
+            return "linux_raid_member"
+    if head[:6] == b"LUKS\xba\xbe":
+        return "crypto_LUKS"
+    if head[3:11] == b"-FVE-FS-":
+        return "BitLocker"
     if head[3:11] == b"NTFS    ":
         return "ntfs"
     if head[3:11] == b"EXFAT   ":

@@ -56,6 +56,11 @@ _GPT_MIN_HEADER = 92
 _GPT_MIN_ENTRY = 128
 _GPT_ATTR_LEGACY_BOOTABLE = 1 << 2
 _SUPPORTED_SECTOR_SIZES = frozenset({512, 1024, 2048, 4096})
+# Windows dynamic disks (LDM): the MBR type, and GPT's LDM metadata and LDM data types. Such a
+# partition holds an LDM database or pieces of the volumes it describes, not a filesystem.
+LDM_TYPES = frozenset(
+    {"0x42", "5808c8aa-7e8f-42e0-85d2-e1e90434cfb3", "af9b60a0-1431-4f62-bc68-3311714a69ad"}
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ class Partition:
     name: str
     guid: str
     bootable: bool
+
+
+def is_ldm(p: Partition) -> bool:
+    """Is `p` a partition of a Windows dynamic disk (LDM)?"""
+    return p.type_id in LDM_TYPES
 
 
 @dataclass(frozen=True)

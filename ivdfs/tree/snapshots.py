@@ -18,6 +18,7 @@ from ivdfs.errors import BackendError
 from ivdfs.forensics.evidence import Source
 from ivdfs.formats.filesystems import FS_PROBE_SIZE
 from ivdfs.formats.lvm_map import LogicalVolume
+from ivdfs.formats.partitions import is_ldm
 from ivdfs.inventory.model import Ivd, Snapshot
 from ivdfs.io.probe import filesystem_at
 from ivdfs.tree import info
@@ -58,12 +59,17 @@ async def volume_candidates(sd: SnapshotDisk, lv_paths: dict[str, Path]) -> tupl
     `lv_paths[dm_name]`), with the filesystem its first bytes show."""
     reader = sd.reader
     assert reader is not None
-    windows = [(p.number, p.start, p.length) for p in sd.partitions]
+    windows = [(p.number, p.start, p.length, is_ldm(p)) for p in sd.partitions]
     if not windows:
-        windows = [(WHOLE_DISK, 0, reader.size)]
+        windows = [(WHOLE_DISK, 0, reader.size, False)]
     out = []
-    for number, start, length in windows:
-        fs = await filesystem_at(reader, [(start, min(FS_PROBE_SIZE, length))])
+    for number, start, length, ldm in windows:
+        # An LDM partition's first volume may well start with a filesystem, but what it holds
+        # is the dynamic disk's to say (guestfs mode assembles it); its type is enough here.
+        if ldm:
+            fs: str | None = "LDM_member"
+        else:
+            fs = await filesystem_at(reader, [(start, min(FS_PROBE_SIZE, length))])
         out.append(Candidate(number, start, length, fs))
     for lv in sd.logical_volumes:
         path = lv_paths.get(lv.dm_name)

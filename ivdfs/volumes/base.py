@@ -43,6 +43,15 @@ NOT_MOUNTED = {
     "LVM2_member": "an LVM2 physical volume: its logical volumes are lv-<vg>-<lv>.raw and "
     "volumes/<vg>-<lv>",
     "swap": "swap space holds no files",
+    # The host never assembles guest arrays or opens guest encryption: libguestfs's appliance
+    # does both, with its own kernel (--volumes guestfs keeps its own words for these).
+    "linux_raid_member": "an md RAID member: its array is assembled only by --volumes guestfs",
+    "LDM_member": "a Windows dynamic disk (LDM) partition: its volumes are assembled only by "
+    "--volumes guestfs",
+    "crypto_LUKS": "an encrypted (LUKS) volume: only --volumes guestfs opens it "
+    "(with --volume-key-file)",
+    "BitLocker": "an encrypted (BitLocker) volume: only --volumes guestfs opens it "
+    "(with --volume-key-file)",
 }
 
 

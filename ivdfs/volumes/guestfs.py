@@ -3,9 +3,10 @@
 Role: the host kernel never parses guest data in this mode. A snapshot's first access to
 ``volumes/`` starts one appliance (a small VM that libguestfs boots with qemu) reading that
 snapshot's ``disk.raw`` read-only *through our own FUSE mount*; inside it every filesystem that
-libguestfs finds (partitions, LVM, md RAID, Windows dynamic disks) is mounted read-only without
-journal replay, and the whole tree is exposed on the host through libguestfs's ``mount_local``
-(FUSE) at a directory of our private run directory. ``volumes/<name>`` links there.
+libguestfs finds (partitions, LVM, md RAID, Windows dynamic disks, and LUKS or BitLocker
+volumes that the --volume-key-file passphrase opens) is mounted read-only without journal
+replay, and the whole tree is exposed on the host through libguestfs's ``mount_local`` (FUSE)
+at a directory of our private run directory. ``volumes/<name>`` links there.
 
 Each appliance runs in a helper process (`guestfs_helper`, started with the system's
 python3 because Debian's python3-guestfs is built for it, not for our virtual environment);
@@ -53,6 +54,7 @@ from typing import Any
 import trio
 
 from ivdfs import mountinfo
+from ivdfs.config import Secret
 from ivdfs.errors import BackendError
 from ivdfs.journal import Journal, process_start
 from ivdfs.processes import holders
@@ -82,12 +84,31 @@ OPTIONS = {
     "xfs": "ro,norecovery",
     "btrfs": "ro,rescue=nologreplay",
 }
+# Encrypted volumes are the helper's: it opens them with --volume-key-file or says why not.
 REFUSALS = {
-    **NOT_MOUNTED,
-    "crypto_LUKS": "an encrypted (LUKS) volume: ivdfs does not open encrypted volumes",
-    "BitLocker": "an encrypted (BitLocker) volume: ivdfs does not open encrypted volumes",
+    **{k: v for k, v in NOT_MOUNTED.items() if k not in ("crypto_LUKS", "BitLocker")},
+    "linux_raid_member": "an md RAID member whose array the appliance did not assemble "
+    "(is a member missing?)",
 }
 PACKAGES = "libguestfs-tools, python3-guestfs and a kernel image (linux-image-amd64)"
+# What an appliance can do only when the host has the tool libguestfs copies into it.
+FEATURES = {
+    "mdadm": ("md RAID", "mdadm"),
+    "ldm": ("Windows dynamic disks", "ldmtool"),
+    "luks": ("LUKS/BitLocker", "cryptsetup-bin"),
+}
+
+
+def describe_features(features: dict[str, bool]) -> tuple[str, str | None]:
+    """What the appliance supports, and what it lacks with the packages to install (or None)."""
+    have = [FEATURES[f][0] for f in FEATURES if features.get(f)]
+    lack = [f for f in FEATURES if not features.get(f)]
+    supported = f"{', '.join(have) or 'no md RAID, dynamic disks or encryption'} supported"
+    if not lack:
+        return supported, None
+    missing = ", ".join(FEATURES[f][0] for f in lack)
+    packages = " ".join(FEATURES[f][1] for f in lack)
+    return supported, f"appliances cannot open {missing}: install {packages} on this machine"
 
 
 @dataclass(frozen=True)
@@ -206,12 +227,15 @@ class GuestfsVolumes:
         holdings: Journal | None = None,
         run_root: Path | None = None,
         appliance_mib: int = APPLIANCE_MIB,
+        key: Secret | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.idle_timeout = idle_timeout
         self.memory_budget = memory_budget
         self.appliance_bytes = appliance_mib << 20
         self._appliance_mib = appliance_mib
+        self._key = key
+        self._features_told = False  # what appliances lack is logged once, at the first boot
         self._holdings = holdings
         self.run_dir = run_directory(run_root)
         self._apps: dict[tuple[str, str], _Appliance] = {}
@@ -343,10 +367,16 @@ class GuestfsVolumes:
             })  # fmt: skip
         request = {"disk": str(app.disk), "mountpoint": str(app.mount_dir),
                    "memsize_mib": self._appliance_mib, "options": OPTIONS,
-                   "refusals": REFUSALS}  # fmt: skip
+                   "refusals": REFUSALS,
+                   "key": self._key.reveal() if self._key is not None else None}  # fmt: skip
         await proc.stdin.send_all(json.dumps(request).encode() + b"\n")
         with trio.fail_after(START_TIMEOUT):
             launched = await self._expect(app, "launched")
+            if not self._features_told:
+                self._features_told = True
+                _supported, lacking = describe_features(launched.get("features") or {})
+                if lacking is not None:
+                    log.warning("volumes: %s", lacking)
             app.qemu_pid = int(launched["qemu_pid"])
             app.qemu_start = process_start(app.qemu_pid)
             if self._holdings is not None:
@@ -539,9 +569,12 @@ async def _gone(pid: int, start: str | None) -> None:
         delay = min(delay * 2, 0.2)
 
 
-def boot_test(accelerator: Accelerator, timeout: float = START_TIMEOUT) -> float:
+def boot_test(
+    accelerator: Accelerator, timeout: float = START_TIMEOUT
+) -> tuple[float, dict[str, bool]]:
     """Boot one appliance on a scratch disk and stop it (`ivdfs check`): its boot time in
-    seconds, or RuntimeError saying why it did not boot. Blocking."""
+    seconds and its optional features (FEATURES), or RuntimeError saying why it did not boot.
+    Blocking."""
     with tempfile.TemporaryDirectory(prefix="ivdfs-check-") as tmp:
         env = {**os.environ, **accelerator.env(), "TMPDIR": tmp, "XDG_RUNTIME_DIR": tmp,
                "LIBGUESTFS_CACHEDIR": CACHE_DIR}  # fmt: skip
@@ -555,7 +588,8 @@ def boot_test(accelerator: Accelerator, timeout: float = START_TIMEOUT) -> float
         for line in r.stdout.splitlines():
             msg = json.loads(line)
             if msg.get("event") == "launched":
-                return float(msg["seconds"])
+                features = {str(k): bool(v) for k, v in (msg.get("features") or {}).items()}
+                return float(msg["seconds"]), features
             if msg.get("event") == "error":
                 raise RuntimeError(str(msg.get("message")))
         last = r.stderr.strip().splitlines()[-1:] or [f"status {r.returncode}"]

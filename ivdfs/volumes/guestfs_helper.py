@@ -7,9 +7,12 @@ ivdfs, only the standard library and guestfs.
 
 Protocol (stdin: one request line, then commands; stdout: events):
 - request ``{"disk", "mountpoint", "memsize_mib", "options": {fs: mount options},
-  "refusals": {type: reason}}``; with ``"disk": null`` (``ivdfs check``) the appliance boots
-  on a scratch disk, reports ``launched`` and stops.
-- ``{"event": "launched", "qemu_pid", "seconds"}`` once qemu runs the appliance;
+  "refusals": {type: reason}, "key": passphrase or null}``; with ``"disk": null`` (``ivdfs
+  check``) the appliance boots on a scratch disk, reports ``launched`` and stops.
+- ``{"event": "launched", "qemu_pid", "seconds", "features": {name: bool}}`` once qemu runs
+  the appliance; `features`: whether it can assemble md arrays and dynamic disks and open
+  encrypted volumes (libguestfs builds the appliance from the host's mdadm, ldmtool and
+  cryptsetup, and leaves out what is not installed);
 - ``{"event": "ready", "mounted": {name: path}, "refused": {name: reason}}`` once every
   filesystem the appliance found is mounted read-only inside it (or refused with one line) and
   the whole tree is exposed at ``mountpoint`` through libguestfs's ``mount_local`` (FUSE);
@@ -23,7 +26,10 @@ fails because a program still holds it), shuts the appliance down, says ``stoppe
 The disk is added read-only: libguestfs puts a qcow2 overlay (in $TMPDIR, which ivdfs makes
 private to this helper) in front of it, so neither the appliance nor qemu can write it, and our
 FUSE mount refuses writes anyway. Filesystems are mounted with the options ivdfs gives (no
-journal replay), as the kernel mode does.
+journal replay), as the kernel mode does. md arrays and Windows dynamic disks (LDM) are
+assembled by the appliance itself when it boots (mdadm, ldmtool); LUKS and BitLocker volumes are
+opened read-only with the request's key (``cryptsetup_open``), which is never written anywhere:
+libguestfs's call trace, which would show it, is turned off.
 
 Threads: ``mount_local_run`` serves FUSE on a thread of its own (the binding releases the GIL
 there); one thread reads commands, one watches qemu; the main thread waits for either and
@@ -55,35 +61,101 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def volume_name(device: str) -> str | None:
+FEATURES = ("mdadm", "ldm", "luks")  # libguestfs's names of the optional groups we rely on
+CRYPT_PREFIX = "ivdfs-crypt-"  # device-mapper name of an opened encrypted volume, + its name
+ENCRYPTED = {"crypto_LUKS": "LUKS", "BitLocker": "BitLocker"}  # blkid's type -> what to call it
+
+
+def volume_name(device: str, md_names: dict[str, str]) -> str | None:
     """The name ivdfs shows in volumes/: the partition number as Linux numbers it, 0 for a
     filesystem on the whole disk, ``<vg>-<lv>`` (hyphens doubled, as /dev/mapper spells it)
-    for LVM, the md or device-mapper name otherwise. None: not a volume of its own (btrfs
+    for LVM, ``md-<name>`` for an md array with a name (its set name without the home host,
+    as /dev/md/<name>; the number mdadm picks inside the appliance can change between boots),
+    for an opened encrypted volume the name of what holds it, the device-mapper name
+    otherwise (LDM: ``ldm_vol_<group>_<volume>``). None: not a volume of its own (btrfs
     subvolumes appear inside their filesystem)."""
     if device.startswith("btrfsvol:"):
         return None
+    if device in md_names:
+        return md_names[device]
     parts = device.split("/")
     if len(parts) == 3 and parts[1] == "dev":
         dev = parts[2]
         if dev.startswith(("sd", "vd", "hd")):
             digits = dev.lstrip("shvd").lstrip("abcdefghijklmnopqrstuvwxyz")
             return digits or "0"
-        return dev  # md127, ...
+        return dev  # md127 (no name), ...
     if len(parts) == 4 and parts[1] == "dev" and parts[2] == "mapper":
-        return parts[3]
+        return parts[3].removeprefix(CRYPT_PREFIX)
     if len(parts) == 4 and parts[1] == "dev":
         vg, lv = parts[2], parts[3]
         return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
     return device.replace("/", "_").strip("_")
 
 
+def md_names(h: Any) -> dict[str, str]:
+    """md device -> ``md-<name>`` for every array the appliance assembled that has a name."""
+    out: dict[str, str] = {}
+    for md in h.list_md_devices():
+        try:
+            name = h.md_detail(md).get("name", "")
+        except RuntimeError:
+            continue
+        name = name.rpartition(":")[2]  # "<homehost>:<name>" in metadata 1.x
+        if name and all(c.isalnum() or c in "-_." for c in name):
+            out[md] = f"md-{name}"
+    return out
+
+
+def open_encrypted(h: Any, key: str | None, names: dict[str, str]) -> dict[str, str]:
+    """Open every LUKS or BitLocker volume with `key` (read-only) as /dev/mapper/<CRYPT_PREFIX
+    + its name); returns the name -> one-line reason of those that stay closed. The key never
+    appears in a reason."""
+    refused: dict[str, str] = {}
+    devices = [*h.list_devices(), *h.list_partitions(), *h.list_md_devices(), *h.lvs()]
+    opened = False
+    for device in sorted(set(devices)):
+        try:
+            kind = ENCRYPTED.get(h.vfs_type(device))
+        except RuntimeError:
+            continue
+        name = volume_name(device, names)
+        if kind is None or name is None:
+            continue
+        if key is None:
+            refused[name] = (
+                f"an encrypted ({kind}) volume: give its passphrase with --volume-key-file"
+            )
+            continue
+        try:
+            h.cryptsetup_open(device, key, CRYPT_PREFIX + name, readonly=True)
+            opened = True
+        except RuntimeError as e:
+            text = one_line(e).replace(key, "***") if key else one_line(e)
+            # cryptsetup's exit status 2: no key slot opens with this passphrase.
+            if "status 2" in text:
+                refused[name] = f"the --volume-key-file passphrase does not open this {kind} volume"
+            else:
+                refused[name] = f"cannot open this {kind} volume: {text}"
+    if opened:
+        # An encrypted volume often holds an LVM physical volume (Debian's "guided, encrypted
+        # LVM"): activate what appeared.
+        try:
+            h.lvm_scan(True)
+        except RuntimeError:
+            pass
+    return refused
+
+
 def mount_all(h: Any, req: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     options: dict[str, str] = req["options"]
     refusals: dict[str, str] = req["refusals"]
     mounted: dict[str, str] = {}
-    refused: dict[str, str] = {}
+    names = md_names(h)
+    # list_filesystems leaves out encrypted volumes: their reasons, or what opening them shows.
+    refused = open_encrypted(h, req.get("key"), names)
     for device, fstype in sorted(h.list_filesystems().items()):
-        name = volume_name(device)
+        name = volume_name(device, names)
         if name is None:
             continue
         if fstype in refusals:
@@ -125,6 +197,7 @@ def main() -> int:
 
     h = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
     try:
+        h.set_trace(False)  # LIBGUESTFS_TRACE in the environment would print the key
         h.set_memsize(int(req["memsize_mib"]))
         if req.get("disk"):
             h.add_drive_opts(req["disk"], readonly=True, format="raw")
@@ -133,7 +206,9 @@ def main() -> int:
         t0 = time.monotonic()
         h.launch()
         qemu = h.get_pid()
-        send({"event": "launched", "qemu_pid": qemu, "seconds": time.monotonic() - t0})
+        seconds = time.monotonic() - t0
+        features = {f: bool(h.feature_available([f])) for f in FEATURES}
+        send({"event": "launched", "qemu_pid": qemu, "seconds": seconds, "features": features})
         if not req.get("disk"):
             h.shutdown()
             h.close()

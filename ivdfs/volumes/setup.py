@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from ivdfs.config import VolumeSettings
+from ivdfs.config import Secret, VolumeSettings, read_password_file
 from ivdfs.errors import UserError
 from ivdfs.journal import Journal
 from ivdfs.vddk.library import VddkLibrary
@@ -34,6 +34,8 @@ def prepare(settings: VolumeSettings, lib: VddkLibrary) -> Factory | None:
         return None
     if mode not in MODES:
         raise UserError(f"--volumes {mode}: choose one of {', '.join(MODES)}")
+    if settings.key_file is not None and mode != "guestfs":
+        raise UserError("--volume-key-file: only --volumes guestfs opens encrypted volumes")
     if os.geteuid() != 0:
         raise UserError(f"--volumes {mode} mounts filesystems and needs root")
     if mode == "kernel":
@@ -68,8 +70,12 @@ def _guestfs(settings: VolumeSettings) -> Factory:
         raise UserError(
             f"--guestfs-memory must hold one appliance ({guestfs.APPLIANCE_MIB} MiB) at least"
         )
+    key = None
+    if settings.key_file is not None:
+        # Read once, here: a bad file fails the mount at once, not the first appliance.
+        key = Secret(read_password_file(settings.key_file, "volume key file"))
     accelerator = guestfs.probe_accelerator()  # once per mount: every appliance runs alike
     log.info("volumes: guestfs appliances run under %s", accelerator.describe())
     return lambda _service, journal: guestfs.GuestfsVolumes(
-        accelerator, settings.idle_timeout, settings.guestfs_memory, holdings=journal
+        accelerator, settings.idle_timeout, settings.guestfs_memory, holdings=journal, key=key
     )

@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.testbed import ldm
+
 MiB = 1 << 20
 SECTOR = 512
 BLOB_SIZE = MiB
@@ -727,10 +729,12 @@ def lvm_disk(path: Path, layout: str = "partition") -> DiskManifest:
 
 
 # Guest-volume matrix (issue 27): partition number -> (filesystem, MiB); 6 is an LVM PV, 7 an
-# ext4 whose superblock claims more blocks than its partition has.
+# ext4 whose superblock claims more blocks than its partition has, 8 a LUKS2 volume (an ext4
+# inside) whose passphrase the matrix tests never give.
 MATRIX = {1: ("ext4", 16), 2: ("xfs", 300), 3: ("btrfs", 128), 4: ("ntfs", 16), 5: ("vfat", 40),
-          6: ("LVM2_member", 48), 7: ("ext4", 8)}  # fmt: skip
+          6: ("LVM2_member", 48), 7: ("ext4", 8), 8: ("crypto_LUKS", 24)}  # fmt: skip
 MATRIX_DAMAGED = 7
+MATRIX_ENCRYPTED = 8
 
 
 def matrix_disk(path: Path) -> DiskManifest:
@@ -739,19 +743,22 @@ def matrix_disk(path: Path) -> DiskManifest:
     btrfs, NTFS (top-level files only), FAT32, an LVM PV holding VG ``mxvg`` with LV ``data``
     (ext4, files of payload 16), and an ext4 with a damaged superblock: its block count is set
     far past its partition with ``debugfs`` (which keeps the checksum valid, so blkid still
-    says ext4 and only a mount finds the lie). 560 MiB, sparse. Needs root (LVM)."""
+    says ext4 and only a mount finds the lie), and a LUKS2 volume (cryptsetup; its manifest
+    lists the files inside). 584 MiB, sparse but for the encrypted volume. Needs root (LVM)."""
     path = Path(path)
-    size = 560 * MiB
+    size = 584 * MiB
     _blank(path, size)
     commands = ["mklabel", "gpt"]
     at = 1
     for number, (fs, mb) in MATRIX.items():
-        kind = {"vfat": "fat32", "LVM2_member": "ext4"}.get(fs, fs)
+        kind = {"vfat": "fat32", "LVM2_member": "ext4", "crypto_LUKS": "ext4"}.get(fs, fs)
         commands += ["mkpart", f"p{number}", kind, f"{at}MiB", f"{at + mb}MiB"]
         at += mb
     _parted(path, *commands, "set", "6", "lvm", "on")
     specs = [
-        _Spec(n, fs, flat=fs == "ntfs") for n, (fs, _mb) in MATRIX.items() if fs != "LVM2_member"
+        _Spec(n, fs, flat=fs == "ntfs")
+        for n, (fs, _mb) in MATRIX.items()
+        if fs not in ("LVM2_member", "crypto_LUKS")
     ]
     layout = _parted_layout(path)
     parts = list(_populate(path, specs, layout))
@@ -790,6 +797,16 @@ def matrix_disk(path: Path) -> DiskManifest:
         _run("debugfs", "-w", "-f", scratch / "journal.cmds", image)
         with open(image, "rb") as src, open(path, "r+b") as dst:
             _copy_span(src.fileno(), dst.fileno(), 0, live[1], live[0])
+        enc_start, enc_length, enc_name, _flags = layout[MATRIX_ENCRYPTED]
+        files = _payload(MATRIX_ENCRYPTED, flat=False)
+        image = scratch / "luks.img"
+        _mkfs_ext4(image, enc_length - LUKS_REDUCE, files, scratch)
+        os.truncate(image, enc_length)
+        _luks2(image, "the matrix never gives this passphrase", scratch)
+        _copy_sparse(image, path, enc_start)
+        digests = {rel: _sha256(data) for rel, data in files.items()}
+        parts.append(PartitionManifest(MATRIX_ENCRYPTED, enc_start, enc_length, "crypto_LUKS",
+                                       enc_name, files=digests))  # fmt: skip
     return DiskManifest(path, size, "gpt", tuple(parts), pvs=((start, length),), lvs=lvs,
                         damage=f"partition {MATRIX_DAMAGED}: superblock block count")  # fmt: skip
 
@@ -850,6 +867,143 @@ def corrupt_lvm_disk(path: Path, damage: str = "all-copies") -> DiskManifest:
             byte = os.pread(f.fileno(), 1, off)
             os.pwrite(f.fileno(), bytes([byte[0] ^ 0x5A]), off)
     return dataclasses.replace(m, damage=damage)
+
+
+# --------------------------------------------------------------------------------------------
+# md RAID and LUKS (issue 27: what only --volumes guestfs opens)
+
+MD_MAGIC = 0xA92B4EFC
+MD_SB_OFFSET = 8  # sectors: metadata 1.2 puts its superblock 4 KiB into each member
+MD_DATA_OFFSET = 2048  # sectors: where mdadm 4.2 starts the data of a small 1.2 member
+MD_MAX_DEV = 128
+
+
+def md_superblock(
+    set_uuid: bytes,
+    name: str,
+    dev_number: int,
+    raid_disks: int,
+    member_sectors: int,
+    when: int = 1_700_000_000,
+) -> bytes:
+    """A clean md metadata 1.2 superblock (struct mdp_superblock_1 of the kernel's
+    include/uapi/linux/raid/md_p.h) of member `dev_number` of a RAID1 of `raid_disks` equal
+    members, no bitmap: what ``mdadm --create --metadata=1.2 --level=1 --bitmap=none`` writes.
+    This machine's kernel has no md driver, so mdadm cannot create an array here; ``mdadm
+    --examine`` reads what this writes (test_images checks it)."""
+    import struct
+
+    data_size = member_sectors - MD_DATA_OFFSET
+    device_uuid = hashlib.sha256(set_uuid + bytes([dev_number])).digest()[:16]
+    sb = bytearray(256 + 2 * MD_MAX_DEV)
+    struct.pack_into("<IIII16s32sQIIQII", sb, 0, MD_MAGIC, 1, 0, 0, set_uuid,
+                     name.encode()[:32], when, 1, 0, data_size, 0, raid_disks)  # fmt: skip
+    struct.pack_into("<QQQQII16sBBHI", sb, 128, MD_DATA_OFFSET, data_size, MD_SB_OFFSET, 0,
+                     dev_number, 0, device_uuid, 0, 0, 0, 0)  # fmt: skip
+    # utime, events, resync_offset (all ones: in sync), sb_csum (below), max_dev
+    struct.pack_into("<QQQII", sb, 192, when, 1, (1 << 64) - 1, 0, MD_MAX_DEV)
+    sb[256:] = b"\xff" * (2 * MD_MAX_DEV)  # unused roles: 0xffff
+    for role in range(raid_disks):
+        struct.pack_into("<H", sb, 256 + 2 * role, role)
+    # mdadm's calc_sb_1_csum: 32-bit little-endian words summed, the carry folded in once.
+    total = sum(struct.unpack_from(f"<{len(sb) // 4}I", sb))
+    struct.pack_into("<I", sb, 216, (total & 0xFFFFFFFF) + (total >> 32) & 0xFFFFFFFF)
+    return bytes(sb)
+
+
+def _md_raid1(path: Path, members: list[tuple[int, int]], name: str, fs_image: Path) -> None:
+    """Write a RAID1 over the partitions `members` (start, length in bytes; equal lengths) of
+    `path`, holding `fs_image` (at most the data size)."""
+    length = members[0][1]
+    set_uuid = hashlib.sha256(f"ivdfs-md:{name}".encode()).digest()[:16]
+    with open(path, "r+b") as d, open(fs_image, "rb") as s:
+        for number, (start, _len) in enumerate(members):
+            sb = md_superblock(set_uuid, name, number, len(members), length // SECTOR)
+            os.pwrite(d.fileno(), sb, start + MD_SB_OFFSET * SECTOR)
+            size = os.fstat(s.fileno()).st_size
+            _copy_span(s.fileno(), d.fileno(), 0, size, start + MD_DATA_OFFSET * SECTOR)
+
+
+LUKS_REDUCE = 16 * MiB  # room cryptsetup takes for a LUKS2 header when it encrypts in place
+
+
+def _luks2(image: Path, passphrase: str, scratch: Path) -> None:
+    """Encrypt `image` (a filesystem in its first len - LUKS_REDUCE bytes) in place as LUKS2
+    with `passphrase`: cryptsetup's offline encryption runs in userspace, no dm-crypt needed.
+    The KDF is cheap (PBKDF2, 1000 iterations) so that an appliance opens it at once."""
+    key = scratch / f"{image.name}.key"
+    key.write_text(passphrase)
+    key.chmod(0o600)
+    _run(
+        "cryptsetup", "reencrypt", "-q", "--encrypt", "--type", "luks2",
+        "--force-offline-reencrypt", "--reduce-device-size", f"{LUKS_REDUCE >> 20}M",
+        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", key, image,
+    )  # fmt: skip
+    key.unlink()
+
+
+# name -> payload number of what the guest-volume disk holds besides its table.
+GUESTVOL_MD = "ivdfs:mirror"  # md set name: <homehost>:<name>, as mdadm writes it
+GUESTVOL = {"md": 31, "luks": 32, "luks-other": 33, "ldm": 41}
+
+
+def guestvol_disk(path: Path, passphrase: str, other_passphrase: str) -> DiskManifest:
+    """GPT: 1 and 2 the two members of an md RAID1 (metadata 1.2, set name ivdfs:mirror)
+    holding an ext4 (payload 31); 3 a LUKS2 volume opened by `passphrase` holding an ext4
+    (payload 32); 4 one opened only by `other_passphrase` (payload 33). The manifest's
+    partitions 3 and 4 list the files inside; partition 1 those of the array (2 none).
+    64 MiB + 2 x 24 MiB, sparse where nothing is encrypted."""
+    path = Path(path)
+    size = 128 * MiB
+    _blank(path, size)
+    _parted(
+        path, "mklabel", "gpt",
+        "mkpart", "md-a", "1MiB", "17MiB", "mkpart", "md-b", "17MiB", "33MiB",
+        "mkpart", "luks", "33MiB", "57MiB", "mkpart", "luks-other", "57MiB", "81MiB",
+        "set", "1", "raid", "on", "set", "2", "raid", "on",
+    )  # fmt: skip
+    layout = _parted_layout(path)
+    files: dict[int, dict[str, bytes]] = {2: {}}
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        scratch = Path(tmp)
+        files[1] = _payload(GUESTVOL["md"], flat=False)
+        fs = scratch / "md.img"
+        _mkfs_ext4(fs, layout[1][1] - MD_DATA_OFFSET * SECTOR, files[1], scratch)
+        _md_raid1(path, [layout[1][:2], layout[2][:2]], GUESTVOL_MD, fs)
+        for number, key, payload in ((3, passphrase, GUESTVOL["luks"]),
+                                     (4, other_passphrase, GUESTVOL["luks-other"])):  # fmt: skip
+            files[number] = _payload(payload, flat=False)
+            image = scratch / f"luks{number}.img"
+            _mkfs_ext4(image, layout[number][1] - LUKS_REDUCE, files[number], scratch)
+            os.truncate(image, layout[number][1])
+            _luks2(image, key, scratch)
+            _copy_sparse(image, path, layout[number][0])
+    parts = tuple(
+        PartitionManifest(
+            n, layout[n][0], layout[n][1], "linux_raid_member" if n < 3 else "crypto_LUKS",
+            layout[n][2], files={rel: _sha256(data) for rel, data in files[n].items()},
+        )
+        for n in (1, 2, 3, 4)
+    )  # fmt: skip
+    return DiskManifest(path, size, "gpt", parts)
+
+
+def ldm_disk(path: Path) -> tuple[DiskManifest, ldm.LdmLayout]:
+    """A Windows dynamic disk (tests.testbed.ldm): MBR type 0x42, the LDM database in its last
+    MiB, one simple volume ``Volume1`` of disk group ``IvdfsDg0`` (16 MiB at 1 MiB) holding an
+    NTFS with payload 41 (top-level files only). The manifest's partition 1 is the volume.
+    64 MiB, sparse."""
+    path = Path(path)
+    size = 64 * MiB
+    volume = 16 * MiB
+    files = _payload(GUESTVOL["ldm"], flat=True)
+    with tempfile.TemporaryDirectory(prefix=".ivdfs-img-", dir=path.parent) as tmp:
+        image = Path(tmp) / "volume.img"
+        _mkfs_ntfs(image, volume, files, Path(tmp), ldm.DATA_START)
+        layout = ldm.write_ldm(path, size, volume, image)
+    part = PartitionManifest(1, layout.volume_offset, layout.volume_size, "ntfs", layout.volume,
+                             files={rel: _sha256(data) for rel, data in files.items()})  # fmt: skip
+    return DiskManifest(path, size, "mbr", (part,)), layout
 
 
 def sparse_disk(
