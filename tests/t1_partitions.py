@@ -698,7 +698,18 @@ def test_truncated_disk_and_lying_reader(built: Built) -> None:
 @FUZZ
 @given(
     data=st.binary(max_size=FS_PROBE_SIZE),
-    steer=st.sampled_from([b"", b"LABELONE", b"XFSB", b"_BHRfS_M", b"\x53\xef", b"NTFS    "]),
+    steer=st.sampled_from(
+        [
+            b"",
+            b"LABELONE",
+            b"XFSB",
+            b"_BHRfS_M",
+            b"\x53\xef",
+            b"NTFS    ",
+            b"LUKS\xba\xbe",
+            b"-FVE-FS-",
+        ]
+    ),
     at=st.sampled_from([0, 3, 512, 1024 + 0x38, 1536, 0x10040]),
 )
 def test_detect_filesystem_never_raises(data: bytes, steer: bytes, at: int) -> None:
@@ -706,7 +717,7 @@ def test_detect_filesystem_never_raises(data: bytes, steer: bytes, at: int) -> N
     head[at : at + len(steer)] = steer
     assert detect_filesystem(bytes(head)) in {
         None, "ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs", "swap",
-        "LVM2_member",
+        "LVM2_member", "linux_raid_member", "crypto_LUKS", "BitLocker",
     }  # fmt: skip
 
 
