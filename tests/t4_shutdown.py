@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounting import Bed, Mount, assert_standin_log_clean, mounted_at, wait_for
+from ivdfs import journal
+from tests.mounting import Bed, Mount, assert_standin_log_clean, mounted_at, umount, wait_for
 from tests.testbed.vsphere import place_image
 
 MiB = 1 << 20
@@ -100,6 +101,7 @@ def test_stop_with_reads_in_flight(
     assert m.unmount(how) == 0, m.log()
     assert_ended_cleanly(readers)
     assert not mounted_at(m.mountpoint)
+    assert journal.find(m.mountpoint) is None
     assert_standin_log_clean(bed, {ivd for ivd, _, _ in disks})
 
 
@@ -128,4 +130,8 @@ def test_crash_leaves_the_mountpoint_visibly_broken(
             os.listdir(m.mountpoint)
         assert e.value.errno == errno.ENOTCONN
     finally:
-        subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True)
+        # The recovery command, not a bare fusermount3: it also ends the dead mount's journal,
+        # which would otherwise stay in /run/ivdfs after every run of the suite.
+        r = umount(bed, m.mountpoint)
+    assert r.returncode == 0, r.stderr
+    assert not mounted_at(m.mountpoint)
