@@ -38,12 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount
+from tests.mounting import REPO, VDDK_LIBDIR, Bed, Mount, read_only_view
 from tests.testbed.images import random_disk
 from tests.testbed.vsphere import Ivd, Vcsim, place_chain, place_image
 
@@ -92,17 +90,6 @@ def successors(base: Path, folder: Path, count: int, seed: int) -> list[Path]:
                 os.pwrite(f.fileno(), rng.randbytes(GRAIN), g * GRAIN)
         out.append(dest)
     return out
-
-
-@contextmanager
-def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
-    mountpoint.mkdir(exist_ok=True)
-    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 class DirectBench:

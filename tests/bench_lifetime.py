@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ivdfs.mount import LEGACY_LIFETIME_ENV
-from tests.mounting import Bed, Mount, call_lines
+from tests.mounting import Bed, Mount, call_lines, most_connections
 from tests.testbed.images import random_disk
 from tests.testbed.vsphere import Vcsim, place_image
 
@@ -127,19 +127,6 @@ def run(
         "hung_readers": hung,
         "exit": code,
     }
-
-
-def most_connections(lines: list[str]) -> int:
-    """The most VDDK connections open at once, replayed from the log in its order."""
-    now = top = 0
-    for line in lines:
-        parts = line.split()
-        if parts[2:3] == ["ConnectEx"] and "err=0" in parts:
-            now += 1
-        elif parts[2:3] == ["Disconnect"]:
-            now -= 1
-        top = max(top, now)
-    return top
 
 
 def compare(seconds: float, readers: int = 16, count: int = 5, size_mb: int = 64) -> dict[str, Any]:

@@ -6,6 +6,7 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -461,3 +462,28 @@ def placed_disks(bed: Bed, *where: tuple[str, str]) -> dict[str, tuple[Ivd, str,
 def raw_path(ivd: Ivd, snap: str) -> Path:
     """A snapshot's disk.raw, relative to the mountpoint."""
     return Path(ivd.datastore_name) / ivd.id / snap / "disk.raw"
+
+
+@contextlib.contextmanager
+def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
+    """`folder` bind-mounted read-only at `mountpoint` (as an NFS datastore mounted ro)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def most_connections(lines: Iterable[str]) -> int:
+    """The most VDDK connections open at once, replayed from a stand-in log in its order."""
+    now = top = 0
+    for line in lines:
+        parts = line.split()
+        if parts[2:3] == ["ConnectEx"] and "err=0" in parts:
+            now += 1
+        elif parts[2:3] == ["Disconnect"]:
+            now -= 1
+        top = max(top, now)
+    return top

@@ -11,12 +11,9 @@ began before their read ended.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +32,7 @@ from ivdfs.datastore.identity import (
 from ivdfs.datastore.paths import NotOnDatastore, datastore_file, split_datastore_path
 from ivdfs.errors import UserError
 from ivdfs.settings import parse_datastore_path
+from tests.mounting import read_only_view
 from tests.testbed import vmdk
 from tests.testbed.vddkprobe import SINGLE_LINK, STANDIN_LIBRARY, Job, probe
 
@@ -337,18 +335,6 @@ def test_concurrent_reads_share_checks_that_began_after_them(tmp_path: Path) -> 
 
 
 # --- --datastore-path DIR and what is read directly ----------------------------------------------
-
-
-@contextlib.contextmanager
-def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
-    """`folder` bind-mounted read-only at `mountpoint`."""
-    mountpoint.mkdir()
-    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def test_a_datastore_directory_must_be_a_read_only_directory(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import REPO, VDDK_LIBDIR, call_lines, check_standin_lines
+from tests.mounting import REPO, VDDK_LIBDIR, call_lines, check_standin_lines, most_connections
 from tests.testbed.vsphere import record_ivd
 
 MiB = 1 << 20
@@ -265,15 +265,7 @@ class World:
                 sum(e["id"] == i for e in call_lines(lines, "EndAccess")))  # fmt: skip
 
     def most_connections(self) -> int:
-        now = top = 0
-        for line in self.lines():
-            parts = line.split()
-            if parts[2:3] == ["ConnectEx"] and "err=0" in parts:
-                now += 1
-            elif parts[2:3] == ["Disconnect"]:
-                now -= 1
-            top = max(top, now)
-        return top
+        return most_connections(self.lines())
 
     def result(self, **extra: Any) -> dict[str, Any]:
         return {"opens": self.calls("Open"), "prepares": self.calls("PrepareForAccess"),

@@ -16,20 +16,19 @@ proprietary: scripts/setup cannot install it); without it they are skipped, sayi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
 import re
 import shutil
 import struct
-import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.mounting import read_only_view
 from tests.testbed import vmdk
 from tests.testbed.vddkprobe import (
     SINGLE_LINK,
@@ -491,18 +490,6 @@ def _listing(folder: Path) -> dict[str, tuple[int, int, int]]:
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
         for p in sorted(folder.rglob("*"))
     }
-
-
-@contextlib.contextmanager
-def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
-    """`folder` bind-mounted read-only at `mountpoint` (as an NFS datastore exported ro)."""
-    mountpoint.mkdir()
-    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def _locks_of(chain: Chain, k: int) -> list[str]:

@@ -19,7 +19,6 @@ says per datastore what it found.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests import realvddk
-from tests.mounting import IVDFS, Bed, Mount, call_lines, mounted_at, wait_for
+from tests.mounting import IVDFS, Bed, Mount, call_lines, mounted_at, read_only_view, wait_for
 from tests.testbed import vmdk
 from tests.testbed.vsphere import Ivd, Vcsim, place_chain, place_image
 
@@ -73,18 +72,6 @@ def images(folder: Path, count: int, seed: int) -> list[Path]:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def read_only_view(folder: Path, mountpoint: Path) -> Iterator[Path]:
-    """`folder` bind-mounted read-only at `mountpoint` (as an NFS datastore mounted ro)."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "--bind", str(folder), str(mountpoint)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(mountpoint)], check=True)
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def listing(folder: Path) -> dict[str, tuple[int, int, int]]:

@@ -18,7 +18,7 @@ import pytest
 
 from ivdfs.vddk.service import MIN_OPEN
 from tests import bench_lifetime
-from tests.mounting import Bed, Mount, call_lines, wait_for
+from tests.mounting import Bed, Mount, call_lines, most_connections, wait_for
 from tests.testbed.vsphere import Ivd, place_image
 
 MiB = 1 << 20
@@ -56,16 +56,7 @@ def counts(bed: Bed) -> dict[str, int]:
 
 
 def max_connections(bed: Bed) -> int:
-    """The most VDDK connections open at once, replayed from the log in its order."""
-    now = top = 0
-    for line in bed.log_lines():
-        parts = line.split()
-        if parts[2:3] == ["ConnectEx"] and "err=0" in parts:
-            now += 1
-        elif parts[2:3] == ["Disconnect"]:
-            now -= 1
-        top = max(top, now)
-    return top
+    return most_connections(bed.log_lines())
 
 
 def stats(mp: Path) -> dict[str, dict[str, int]]:
